@@ -17,11 +17,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Adaptive computation in looped language models: accuracy versus FLOPs.")
 
 
+@app.callback()
+def _root() -> None:
+    """Adaptive computation in looped language models: accuracy versus FLOPs."""
+
+
 @app.command()
 def inspect(model_dir: Path = typer.Argument(..., help="checkpoint folder (config.json + model.safetensors)"),
             dtype: str = typer.Option(None, help="float32, bfloat16, ... (default: the checkpoint's)"),
             device: str = typer.Option("cpu", help="cpu, cuda or mps"),
-            text: str = typer.Option(None, help="also run this text (token ids if no tokenizer) through every step")):
+            text: str = typer.Option(None, help="run this text (ids if no tokenizer) through every step")):
     """Load a checkpoint, print its shape, parameters and per-step compute."""
     from ouro_lab.flops import ModelCost
     from ouro_lab.loading import load_model

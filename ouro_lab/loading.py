@@ -164,7 +164,8 @@ def load_tokenizer(path: str | Path, bos_token_id: int | None = None, eos_token_
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: no tokenizer loadable by AutoTokenizer ({str(e).splitlines()[0]})") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: no tokenizer loadable by AutoTokenizer ({first})") from None
     for name, value in (("bos", bos_token_id), ("eos", eos_token_id), ("pad", pad_token_id)):
         if value is not None:
             setattr(tok, f"{name}_token", tok.convert_ids_to_tokens(value))

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 from ouro_lab.errors import ConfigError
 
 

@@ -67,22 +67,30 @@ class Signals:
     `steps` is the model's full depth R (the last step always exits), `seed` a per-run
     seed for randomized rules, `index` (N,) the tokens' global indices (stable ids for
     deterministic randomness), `group` (N,) the sequence each token belongs to.
+    Optional, for rules with a FLOPs budget: `ctx` (N,) keys each token attends to and
+    `cost` (an `ouro_lab.flops.ModelCost`). `n` gives N even when `data` is empty.
     """
 
     def __init__(self, data: dict[str, Tensor], steps: int, index: Tensor | None = None,
-                 group: Tensor | None = None, seed: int = 0):
+                 group: Tensor | None = None, seed: int = 0, ctx: Tensor | None = None,
+                 cost=None, n: int | None = None):
         self._data = data
         self.steps = steps
-        n = next(iter(data.values())).shape[1]
+        if n is None:
+            n = (next(iter(data.values())).shape[1] if data else
+                 next(t.shape[0] for t in (index, group, ctx) if t is not None))
         self.index = torch.arange(n) if index is None else index
         self.group = self.index if group is None else group
         self.seed = seed
+        self.ctx = ctx
+        self.cost = cost
 
     def __getattr__(self, name: str) -> Tensor:
         data = self.__dict__.get("_data", {})
         if name in data:
             return data[name]
-        raise AttributeError(f"signal {name!r} not recorded; declare it in `needs` (known: {sorted(SIGNALS)})")
+        raise AttributeError(f"signal {name!r} not recorded; declare it in `needs` "
+                             f"(known: {sorted(SIGNALS)})")
 
     def __contains__(self, name: str) -> bool:
         return name in self._data
@@ -94,11 +102,12 @@ class Signals:
     def upto(self, r: int) -> Signals:
         """The view a causal decision at step r may read: steps 0..r."""
         return Signals({k: v[: r + 1] for k, v in self._data.items()}, self.steps,
-                       self.index, self.group, self.seed)
+                       self.index, self.group, self.seed, self.ctx, self.cost, self.n)
 
     def subset(self, rows: Tensor) -> Signals:
         return Signals({k: v[:, rows] for k, v in self._data.items()}, self.steps,
-                       self.index[rows], self.group[rows], self.seed)
+                       self.index[rows], self.group[rows], self.seed,
+                       None if self.ctx is None else self.ctx[rows], self.cost)
 
 
 @dataclass
