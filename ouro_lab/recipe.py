@@ -1,0 +1,446 @@
+"""Sweep recipes: one YAML file describes a whole experiment, validated before any compute.
+
+    # ouro-lab sweep recipes/demo.yaml
+    model: {path: ../ouro_lab/builtin/loop-demo, dtype: float32, device: cpu}
+    tasks: {names: [loop_demo_mc], include: [../tasks], limit: 200}
+    strategies:
+      - {name: threshold, grid: {q: [0.3, 0.5, 0.7, 0.9]}}
+      - {name: kl, grid: {eps: [0.01, 0.1], min_step: 1}}
+
+Relative paths in the file resolve against the recipe's folder; paths given as
+`key=value` overrides on the command line resolve against the working directory.
+Every error is reported at once, one line each: `file:line: field: problem (allowed: ...)`.
+Nothing here imports torch: `validate` and `--dry-run` stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ouro_lab.errors import OuroLabError
+
+
+class RecipeError(OuroLabError, ValueError):
+    """One or more mistakes in a recipe; `errors` holds one line per mistake."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# --------------------------------------------------------------------------- schema
+
+Scalar = int | float | str | bool | None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(_Strict):
+    """The checkpoint to evaluate."""
+
+    path: str = Field(description="checkpoint folder (config.json + model.safetensors)")
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field(
+        "float32", description="weights and activations dtype")
+    device: str = Field("cpu", pattern=r"^(cpu|auto|mps|cuda(:\d+)?)$",
+                        description="cpu, cuda, cuda:N, mps or auto")
+    steps: int | None = Field(None, ge=1, le=64,
+                              description="loop depth R (default: the checkpoint's total_ut_steps)")
+
+
+class TasksSpec(_Strict):
+    """lm-eval tasks to score (a bare list of names is accepted as `names`)."""
+
+    names: list[str] = Field(min_length=1, description="lm-eval task names")
+    include: list[str] = Field(default_factory=list, description="extra folders of task YAMLs")
+    limit: int | None = Field(None, ge=1, description="at most this many documents per task")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: the task's)")
+
+    @field_validator("names")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({n for n in v if v.count(n) > 1})
+        if dup:
+            raise ValueError(f"task(s) listed twice: {', '.join(dup)}")
+        return v
+
+
+class StrategySpec(_Strict):
+    """One exit strategy and the grid of parameter values to sweep."""
+
+    name: str = Field(description="a strategy file's stem (see `ouro-lab strategies`)")
+    grid: dict[str, Any] = Field(default_factory=dict,
+                                 description="parameter -> value or list of values (cartesian product)")
+    granularity: Literal["token", "sequence"] | None = Field(
+        None, description="exit per token or per sequence (default: the recipe's)")
+    live: bool = Field(False, description="also run these settings live (really stopping compute)")
+
+    @field_validator("grid")
+    @classmethod
+    def _scalars(cls, grid: dict[str, Any]) -> dict[str, Any]:
+        for k, v in grid.items():
+            values = v if isinstance(v, list) else [v]
+            if not values:
+                raise ValueError(f"grid.{k}: empty list; give at least one value")
+            for x in values:
+                if not isinstance(x, int | float | str | bool) and x is not None:
+                    raise ValueError(f"grid.{k}: {x!r} is not a number, string or boolean")
+        return grid
+
+
+class CalibrationSpec(_Strict):
+    """Held-out documents that calibrating strategies (`budget`) fit on; never reported."""
+
+    fraction: float = Field(0.3, gt=0, lt=1, description="fraction of each task's documents held out")
+    seed: int = Field(0, description="seed of the held-out split")
+
+
+class LiveSpec(_Strict):
+    """Live runs: decoding (generate_until tasks) and true early exit for loglikelihood tasks."""
+
+    kv_policy: Literal["full", "copy", "last"] = Field(
+        "copy", description="how an exited token's deeper KV slots are filled")
+    max_gen_toks: int | None = Field(None, ge=1, description="cap on generated tokens per request")
+
+
+class Recipe(_Strict):
+    """An ouro-lab sweep: one model, a task set, strategies with grids."""
+
+    model: ModelSpec
+    tasks: TasksSpec
+    strategies: list[StrategySpec] = Field(min_length=1)
+    strategies_dirs: list[str] = Field(default_factory=list,
+                                       description="extra folders of strategy files")
+    granularity: Literal["token", "sequence"] = "token"
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    live: LiveSpec = Field(default_factory=LiveSpec)
+    seed: int = Field(1234, description="seed for randomized strategies and the bootstrap")
+    bootstrap: int = Field(1000, ge=0, le=100_000, description="paired-bootstrap resamples (0: none)")
+    tolerance: float = Field(1.0, ge=0, description="accuracy loss (points) allowed for 'compute saved'")
+    batch_size: int = Field(8, ge=1)
+    output: str | None = Field(None, description="run folder (default results/<recipe>/<run-id>)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tasks_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("tasks"), list):
+            data = {**data, "tasks": {"names": data["tasks"]}}
+        return data
+
+
+TOP_KEYS = tuple(Recipe.model_fields)
+PATH_FIELDS = (("model", "path"), ("tasks", "include"), ("strategies_dirs",), ("output",))
+
+
+def json_schema() -> dict:
+    schema = Recipe.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://github.com/ouro-lab/ouro-lab/recipes/recipe.schema.json",
+            "title": "ouro-lab sweep recipe", **schema}
+
+
+def write_json_schema(path: str | Path) -> Path:
+    path = Path(path)
+    atomic_write_text(path, json.dumps(json_schema(), indent=2) + "\n")
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _lines(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Map every key path (('strategies', 0, 'grid', 'q')) to its 1-based line."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+            out[path + (key,)] = k.start_mark.line + 1
+            _lines(v, path + (key,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out[path + (i,)] = v.start_mark.line + 1
+            _lines(v, path + (i,), out)
+    return out
+
+
+def _fmt(loc: tuple) -> str:
+    s = ""
+    for p in loc:
+        s += f"[{p}]" if isinstance(p, int) else (f".{p}" if s else str(p))
+    return s or "(top level)"
+
+
+class RecipeSource:
+    """The raw data of a recipe with a way to name where each field came from."""
+
+    def __init__(self, file: Path, data: dict, lines: dict[tuple, int], overrides: dict[tuple, str]):
+        self.file, self.data, self.lines, self.overrides = file, data, lines, overrides
+
+    def where(self, loc: tuple) -> str:
+        loc = tuple(loc)
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in self.overrides:
+                return f"{self.file}: override {self.overrides[loc[:n]]}"
+            if loc[:n] in self.lines:
+                return f"{self.file}:{self.lines[loc[:n]]}"
+        return str(self.file)
+
+    def error(self, loc: tuple, problem: str) -> str:
+        return f"{self.where(loc)}: {_fmt(loc)}: {problem}"
+
+
+def parse_override(text: str) -> tuple[tuple, Any]:
+    if "=" not in text:
+        raise RecipeError([f"override {text!r}: expected key=value (e.g. tasks.limit=20)"])
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise RecipeError([f"override {text!r}: empty key"])
+    path = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _set(data: dict, path: tuple, value: Any, text: str) -> None:
+    cur: Any = data
+    for i, p in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(cur, list):
+            if not isinstance(p, int) or p >= len(cur):
+                raise RecipeError([f"override {text}: {_fmt(path[: i + 1])}: no such list item "
+                                   f"(the list has {len(cur)})"])
+            cur = cur[p]
+        else:
+            if not isinstance(cur.get(p), dict | list):
+                cur[p] = [] if isinstance(nxt, int) else {}
+            cur = cur[p]
+    last = path[-1]
+    if isinstance(cur, list):
+        if not isinstance(last, int) or last > len(cur):
+            raise RecipeError([f"override {text}: {_fmt(path)}: no such list item"])
+        if last == len(cur):
+            cur.append(value)
+        else:
+            cur[last] = value
+    else:
+        cur[last] = value
+
+
+def read_source(file: str | Path, overrides: list[str] = ()) -> RecipeSource:
+    file = Path(file)
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise RecipeError([f"{file}: recipe not found"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError([f"{file}: cannot read the recipe ({e.__class__.__name__})"]) from None
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError([f"{file}{line}: not valid YAML ({problem})"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"{file}:1: (top level): a recipe is a mapping with keys {', '.join(TOP_KEYS)}"])
+    lines = _lines(node) if node is not None else {}
+    ov: dict[tuple, str] = {}
+    base = file.resolve().parent
+    data = _resolve_paths(data, base, skip=())
+    for text_ in overrides:
+        path, value = parse_override(text_)
+        if path[:1] == ("tasks",) and len(path) > 1 and isinstance(data.get("tasks"), list):
+            data["tasks"] = {"names": data["tasks"]}
+        _set(data, path, value, text_)
+        ov[path] = text_
+        data = _resolve_paths(data, Path.cwd(), skip=(), only=path)
+    return RecipeSource(file, data, lines, ov)
+
+
+def _resolve_paths(data: dict, base: Path, skip=(), only: tuple | None = None) -> dict:
+    """Make relative path fields absolute against `base` (only those under `only`, if given)."""
+
+    def fix(v):
+        if isinstance(v, str) and v and not Path(v).expanduser().is_absolute():
+            return str((base / v).resolve())
+        return str(Path(v).expanduser()) if isinstance(v, str) else v
+
+    def touches(field_path: tuple) -> bool:
+        if only is None:
+            return True
+        n = min(len(only), len(field_path))
+        return only[:n] == field_path[:n]
+
+    model = data.get("model")
+    if isinstance(model, dict) and "path" in model and touches(("model", "path")):
+        model["path"] = fix(model["path"])
+    tasks = data.get("tasks")
+    if isinstance(tasks, dict) and isinstance(tasks.get("include"), list) and touches(("tasks", "include")):
+        tasks["include"] = [fix(p) for p in tasks["include"]]
+    elif isinstance(tasks, dict) and isinstance(tasks.get("include"), str) and touches(("tasks", "include")):
+        tasks["include"] = [fix(tasks["include"])]
+    if isinstance(data.get("strategies_dirs"), list) and touches(("strategies_dirs",)):
+        data["strategies_dirs"] = [fix(p) for p in data["strategies_dirs"]]
+    if isinstance(data.get("output"), str) and touches(("output",)):
+        data["output"] = fix(data["output"])
+    return data
+
+
+def _allowed(loc: tuple) -> list[str]:
+    model: Any = Recipe
+    for p in loc:
+        if isinstance(p, int):
+            continue
+        f = getattr(model, "model_fields", {}).get(p)
+        if f is None:
+            break
+        ann = f.annotation
+        args = getattr(ann, "__args__", ())
+        nxt = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            break
+        model = nxt
+    return list(getattr(model, "model_fields", {}))
+
+
+def _pydantic_errors(src: RecipeSource, err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            out.append(src.error(loc, f"unknown key{hint} (allowed: {', '.join(allowed)})"))
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "literal_error":
+            allowed = e.get("ctx", {}).get("expected", "")
+            msg = f"{e['input']!r} is not allowed (allowed: {allowed})"
+        elif e["type"] == "missing":
+            msg = "required field missing"
+        elif e["type"] == "string_pattern_mismatch":
+            msg = f"{e['input']!r} is not allowed (allowed: cpu, cuda, cuda:N, mps, auto)"
+        elif e["type"].endswith("_type") or e["type"].endswith("_parsing"):
+            msg = f"{msg}, got {e['input']!r}"
+        out.append(src.error(loc, msg))
+    return out
+
+
+def load_recipe(file: str | Path, overrides: list[str] = (),
+                check: bool = True) -> tuple[Recipe, RecipeSource]:
+    """Parse and validate a recipe; raise `RecipeError` with every problem, one per line.
+
+    With `check`, also look the strategies up (name, parameter names and types) and check
+    that the model folder and include folders exist: still no torch, no model load."""
+    src = read_source(file, overrides)
+    errors: list[str] = []
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(src.data)
+    except ValidationError as e:
+        errors += _pydantic_errors(src, e)
+    if check:
+        errors += check_references(src, recipe)
+    if errors:
+        raise RecipeError(errors)
+    return recipe, src
+
+
+def check_references(src: RecipeSource, recipe: Recipe | None) -> list[str]:
+    """Errors about things a recipe points to: strategy names and grids, folders."""
+    errors: list[str] = []
+    data = src.data
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    mpath = model.get("path")
+    if isinstance(mpath, str):
+        p = Path(mpath)
+        if not p.is_dir():
+            errors.append(src.error(("model", "path"), f"{mpath}: no such folder; point it to a "
+                                    "checkpoint folder with config.json and model.safetensors"))
+        elif not (p / "config.json").is_file():
+            errors.append(src.error(("model", "path"), f"{mpath}: no config.json in this folder; "
+                                    "a checkpoint folder needs config.json and model.safetensors"))
+        elif not os.access(p / "config.json", os.R_OK):
+            errors.append(src.error(("model", "path"), f"{p / 'config.json'}: not readable (permissions)"))
+    tasks = data.get("tasks") if isinstance(data.get("tasks"), dict) else {}
+    for i, inc in enumerate(tasks.get("include") or []):
+        if isinstance(inc, str) and not Path(inc).exists():
+            errors.append(src.error(("tasks", "include", i), f"{inc}: no such file or folder"))
+    dirs = [d for d in data.get("strategies_dirs") or [] if isinstance(d, str)]
+    for i, d in enumerate(dirs):
+        if not Path(d).is_dir():
+            errors.append(src.error(("strategies_dirs", i), f"{d}: no such folder"))
+    strategies = data.get("strategies") if isinstance(data.get("strategies"), list) else []
+    if any(isinstance(s, dict) and isinstance(s.get("name"), str) for s in strategies):
+        try:
+            from ouro_lab import registry
+        except ImportError:  # the registry lands with the strategies issue
+            return errors
+        known = None
+        for i, s in enumerate(strategies):
+            if not isinstance(s, dict) or not isinstance(s.get("name"), str):
+                continue
+            try:
+                if known is None:
+                    known = registry.list_strategies([Path(d) for d in dirs if Path(d).is_dir()])
+                grid = s.get("grid") if isinstance(s.get("grid"), dict) else {}
+                registry.expand_grid(s["name"], grid, [Path(d) for d in dirs if Path(d).is_dir()])
+            except OuroLabError as e:
+                field = ("strategies", i, "name")
+                msg = str(e)
+                if isinstance(grid, dict) and any(repr(k) in msg or f" {k}" in msg for k in grid) \
+                        and s["name"] in _names(known):
+                    field = ("strategies", i, "grid")
+                errors.append(src.error(field, msg))
+    return errors
+
+
+def _names(known) -> set[str]:
+    if isinstance(known, dict):
+        return set(known)
+    out = set()
+    for k in known or []:
+        out.add(getattr(k, "name", k if isinstance(k, str) else str(k)))
+    return out
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def canonical(recipe: Recipe) -> dict:
+    """The resolved recipe as plain data (every default filled in)."""
+    return recipe.model_dump(mode="json")
+
+
+def recipe_hash(recipe: Recipe, n: int = 10) -> str:
+    """Content hash of the resolved recipe, minus where its results go."""
+    d = canonical(recipe)
+    d.pop("output", None)
+    return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=16).hexdigest()[:n]
