@@ -1,0 +1,347 @@
+"""Step traces: from one full-depth pass, the per-token, per-step scalars exit rules read.
+
+    out = model(ids, attention_mask=mask)                 # LoopOutput, every step
+    sig = step_signals(model, out, targets, score_mask)   # {name: (R, N)} for N scored tokens
+    trace = Trace(sig, request, position, ctx, meta)      # small; save() / load()
+    exit_step = replay(strategy, trace.to_signals())      # any rule, any parameters, no model
+
+The LM head is applied one step at a time and only at scored positions, in chunks of
+tokens, so memory stays at O(chunk x V) and never reaches (R, B, T, V). Everything is
+computed in float32 from the model's own logits (so `argmax` is what the model emits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ouro_lab.errors import OuroLabError
+from ouro_lab.strategy import SIGNALS, Signals
+
+CHUNK_ELEMENTS = 1 << 25  # tokens x vocab per LM-head chunk (128 MiB of float32 logits)
+
+
+class TraceError(OuroLabError):
+    """A trace file that cannot be read, or traces that cannot be combined."""
+
+
+@torch.no_grad()
+def step_signals(model, out, targets: Tensor, mask: Tensor,
+                 chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, Tensor]:
+    """Every signal of `ouro_lab.strategy.SIGNALS`, each (R, N) on the CPU.
+
+    `out` is the `LoopOutput` of `model` on a (B, T) batch, `targets` (B, T) the token
+    each position should predict (a negative id = unknown: NaN log-prob, not a match),
+    `mask` (B, T) bool the positions to score; N = mask.sum(), in row-major order.
+    Step 0's `kl_prev` and `hidden_delta` are +inf. `argmax` is int64,
+    `target_is_argmax` bool, the rest float32.
+    """
+    from ouro_lab.model import exit_distribution
+
+    mask = mask.to(out.step_hidden.device).bool()
+    R = out.steps
+    gate = out.gate_logits[:, mask].float()  # (R, N)
+    pdf, cdf = exit_distribution(gate)
+    hid = out.step_hidden[:, mask]            # (R, N, H) model dtype
+    tgt = targets.to(mask.device)[mask].long()  # (N,)
+    N, V = hid.shape[1], model.config.vocab_size
+    sig = {name: torch.empty(R, N, dtype=torch.float32, device=hid.device) for name in
+           ("hidden_delta", "entropy", "max_prob", "margin", "kl_prev", "target_logprob")}
+    sig["argmax"] = torch.empty(R, N, dtype=torch.long, device=hid.device)
+    sig["target_is_argmax"] = torch.empty(R, N, dtype=torch.bool, device=hid.device)
+
+    h32 = hid.float()
+    norm = h32.norm(dim=-1)  # (R, N)
+    sig["hidden_delta"][0] = math.inf
+    for r in range(1, R):
+        sig["hidden_delta"][r] = (h32[r] - h32[r - 1]).norm(dim=-1) / norm[r]
+    del h32
+
+    chunk = max(1, chunk_elements // max(V, 1))
+    known = tgt >= 0
+    safe_tgt = tgt.clamp(min=0)
+    for a in range(0, N, chunk):
+        b = min(N, a + chunk)
+        prev = None
+        for r in range(R):
+            logp = F.log_softmax(model.lm_head(hid[r, a:b]).float(), dim=-1)  # (n, V)
+            p = logp.exp()
+            sig["entropy"][r, a:b] = -(p * logp).sum(-1)
+            top = logp.topk(min(2, V), dim=-1)
+            tp = top.values.exp()
+            sig["max_prob"][r, a:b] = tp[:, 0]
+            sig["margin"][r, a:b] = tp[:, 0] - tp[:, 1] if V > 1 else tp[:, 0]
+            am = top.indices[:, 0]
+            sig["argmax"][r, a:b] = am
+            tlp = logp.gather(1, safe_tgt[a:b, None])[:, 0]
+            sig["target_logprob"][r, a:b] = torch.where(known[a:b], tlp, torch.nan)
+            sig["target_is_argmax"][r, a:b] = known[a:b] & (am == tgt[a:b])
+            sig["kl_prev"][r, a:b] = math.inf if prev is None else (p * (logp - prev)).sum(-1)
+            prev = logp
+    sig.update(gate_logit=gate, exit_pdf=pdf, exit_cdf=cdf)
+    return {k: sig[k].cpu() for k in SIGNALS}
+
+
+def random_signals(steps: int, n: int, seed: int = 0, vocab: int = 16) -> dict[str, Tensor]:
+    """Synthetic but self-consistent signals (R, N) for tests and benchmarks: exit pdf and
+    cdf from random gate logits, inf at step 0 where the definition says so."""
+    from ouro_lab.model import exit_distribution
+
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(steps, n, generator=g) * 2
+    pdf, cdf = exit_distribution(gate)
+    logits = torch.randn(steps, n, vocab, generator=g) * 3
+    logp = logits.log_softmax(-1)
+    p = logp.exp()
+    top = p.topk(2, dim=-1)
+    target = torch.randint(vocab, (n,), generator=g)
+    kl = torch.cat((torch.full((1, n), math.inf), (p[1:] * (logp[1:] - logp[:-1])).sum(-1)))
+    hd = torch.cat((torch.full((1, n), math.inf), torch.rand(steps - 1, n, generator=g)))
+    return {"gate_logit": gate, "exit_pdf": pdf, "exit_cdf": cdf, "hidden_delta": hd,
+            "argmax": top.indices[..., 0], "entropy": -(p * logp).sum(-1),
+            "max_prob": top.values[..., 0], "margin": top.values[..., 0] - top.values[..., 1],
+            "kl_prev": kl, "target_logprob": logp.gather(-1, target.expand(steps, n)[..., None])[..., 0],
+            "target_is_argmax": top.indices[..., 0] == target}
+
+
+def _hash(obj) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(obj, sort_keys=True, default=_jsonable).encode())
+    return h.hexdigest()
+
+
+def _jsonable(x):
+    if isinstance(x, Tensor):
+        return x.tolist()
+    if isinstance(x, (Path, torch.dtype)):
+        return str(x)
+    raise TypeError(f"cannot hash {type(x).__name__}")
+
+
+@dataclass
+class Trace:
+    """Per-token step signals plus where each token came from.
+
+    signals: {name: (R, N)}; request (N,) index of the request a token belongs to;
+    position (N,) its position in that request's token sequence; ctx (N,) keys it
+    attends to (itself included, for FLOPs); meta: JSON-able provenance (model
+    fingerprint, steps, dtype, tokenizer, request hashes, `cost` = ModelCost fields, key).
+    """
+
+    signals: dict[str, Tensor]
+    request: Tensor
+    position: Tensor
+    ctx: Tensor
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = self.request.shape[0]
+        for name, v in self.signals.items():
+            if v.dim() != 2 or v.shape[1] != n:
+                raise TraceError(f"signal {name}: shape {tuple(v.shape)}, expected (R, {n})")
+        if self.position.shape[0] != n or self.ctx.shape[0] != n:
+            raise TraceError(f"request, position and ctx must all have {n} entries")
+
+    @property
+    def steps(self) -> int:
+        return next(iter(self.signals.values())).shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.request.shape[0]
+
+    @staticmethod
+    def key(**parts) -> str:
+        """Content hash of everything that produced a trace (model fingerprint, steps,
+        dtype, request texts, token ids, ...): same parts, same key; any change, new key."""
+        return _hash(parts)
+
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file (meta as JSON in its header), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"signal.{k}": v.contiguous().cpu() for k, v in self.signals.items()}
+        tensors.update(request=self.request.long().contiguous().cpu(),
+                       position=self.position.long().contiguous().cpu(),
+                       ctx=self.ctx.long().contiguous().cpu())
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"format": "ouro-lab-trace",
+                                               "meta": json.dumps(self.meta, default=_jsonable)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trace:
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise TraceError(f"{path}: no such trace file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise TraceError(f"{path}: not a readable trace ({str(e).splitlines()[0]})") from None
+        if header.get("format") != "ouro-lab-trace" or "request" not in tensors:
+            raise TraceError(f"{path}: a safetensors file but not an ouro-lab trace")
+        signals = {k.removeprefix("signal."): v for k, v in tensors.items() if k.startswith("signal.")}
+        return cls(signals, tensors["request"], tensors["position"], tensors["ctx"],
+                   json.loads(header.get("meta", "{}")))
+
+    @classmethod
+    def cat(cls, traces: list[Trace]) -> Trace:
+        """Tokens of several traces in one (request indices kept as they are: number
+        requests globally when tracing batch by batch). Meta values that agree are kept;
+        ones that differ become lists. Steps and signal names must match."""
+        if not traces:
+            raise TraceError("Trace.cat: no traces to concatenate")
+        names, steps = set(traces[0].signals), traces[0].steps
+        for t in traces[1:]:
+            if set(t.signals) != names or t.steps != steps:
+                raise TraceError("Trace.cat: traces record different signals or steps; "
+                                 "trace them with the same model settings")
+        meta = {}
+        for k in dict.fromkeys(k for t in traces for k in t.meta):
+            vals = [t.meta.get(k) for t in traces]
+            meta[k] = vals[0] if all(v == vals[0] for v in vals) else vals
+        return cls({k: torch.cat([t.signals[k] for t in traces], 1) for k in traces[0].signals},
+                   torch.cat([t.request for t in traces]), torch.cat([t.position for t in traces]),
+                   torch.cat([t.ctx for t in traces]), meta)
+
+    def subset(self, rows: Tensor) -> Trace:
+        return Trace({k: v[:, rows] for k, v in self.signals.items()}, self.request[rows],
+                     self.position[rows], self.ctx[rows], dict(self.meta))
+
+    def cost(self):
+        """The model's `ModelCost` if the trace recorded it (meta['cost']), else None."""
+        from ouro_lab.flops import ModelCost
+
+        c = self.meta.get("cost")
+        return ModelCost(**c) if isinstance(c, dict) else None
+
+    def to_signals(self, seed: int = 0, group: Tensor | None = None, cost=None) -> Signals:
+        """Signals for `replay`: token index 0..N-1, grouped by request (one exit per
+        request with granularity="sequence") unless `group` says otherwise."""
+        return Signals(dict(self.signals), self.steps, torch.arange(self.n),
+                       self.request if group is None else group, seed, self.ctx,
+                       cost if cost is not None else self.cost(), self.n)
+
+
+# --------------------------------------------------------------------------- one text
+
+
+def encode(tokenizer, text: str | None, ids: str | list[int] | None) -> list[int]:
+    """Token ids from text (with the tokenizer) or from `ids` ("1 2 3" or a list)."""
+    if ids is not None:
+        if isinstance(ids, str):
+            try:
+                return [int(t) for t in ids.replace(",", " ").split()]
+            except ValueError:
+                raise OuroLabError(f"--ids {ids!r}: expected space-separated integers like '1 2 3'") from None
+        return [int(t) for t in ids]
+    if tokenizer is None:
+        raise OuroLabError("this checkpoint has no tokenizer: pass token ids with --ids '1 2 3' "
+                           "instead of --text")
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+@torch.no_grad()
+def trace_text(model, tokenizer, text: str | None = None, steps: int | None = None,
+               ids: str | list[int] | None = None, meta: dict | None = None) -> Trace:
+    """Trace every token of one text: position t's target is token t+1 (the last
+    position has none: NaN log-prob). Text needs a tokenizer; `ids` does not."""
+    from dataclasses import asdict
+
+    from ouro_lab.flops import ModelCost
+
+    tok_ids = encode(tokenizer, text, ids)
+    V = model.config.vocab_size
+    if not tok_ids:
+        raise OuroLabError("nothing to trace: the text has no tokens")
+    bad = [t for t in tok_ids if not 0 <= t < V]
+    if bad:
+        raise OuroLabError(f"token id {bad[0]} out of range: the vocabulary has {V} ids (0..{V - 1})")
+    x = torch.tensor([tok_ids], device=model.device)
+    out = model(x, steps=steps)
+    targets = torch.cat((x[:, 1:], torch.full_like(x[:, :1], -1)), 1)
+    sig = step_signals(model, out, targets, torch.ones_like(x, dtype=torch.bool))
+    T = len(tok_ids)
+    meta = dict(meta or {})
+    meta.update(steps=out.steps, dtype=str(model.dtype).removeprefix("torch."),
+                tokenizer=getattr(tokenizer, "name_or_path", None), text=text, ids=tok_ids,
+                cost=asdict(ModelCost.from_config(model.config)))
+    meta["key"] = Trace.key(**{k: meta.get(k) for k in ("model", "steps", "dtype", "tokenizer", "ids")})
+    return Trace(sig, torch.zeros(T, dtype=torch.long), torch.arange(T), torch.arange(1, T + 1), meta)
+
+
+def token_labels(tokenizer, ids: list[int]) -> list[str]:
+    if tokenizer is None:
+        return [str(i) for i in ids]
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def render_table(trace: Trace, labels: list[str], predict: list[str]):
+    """A rich table: one row per token with exit pdf, top-1 prediction and KL per step."""
+    from rich.table import Table
+
+    R = trace.steps
+    s = trace.signals
+    t = Table(title=f"{trace.n} tokens x {R} steps  (pred: top-1 next token, * = matches the next "
+                    "token; KL to the step before)")
+    t.add_column("pos", justify="right")
+    t.add_column("token")
+    t.add_column("exit pdf by step")
+    for r in range(R):
+        t.add_column(f"step {r + 1} pred")
+    t.add_column("KL by step (2..R)")
+    for i in range(trace.n):
+        pdf = " ".join(f"{s['exit_pdf'][r, i]:.2f}" for r in range(R))
+        preds = [predict[r * trace.n + i] + ("*" if s["target_is_argmax"][r, i] else "") for r in range(R)]
+        kl = " ".join(f"{s['kl_prev'][r, i]:.3f}" for r in range(1, R))
+        t.add_row(str(int(trace.position[i])), repr(labels[i])[1:-1], pdf, *preds, kl)
+    return t
+
+
+def save_heatmap(trace: Trace, labels: list[str], path: str | Path) -> Path:
+    """PNG with two panels over tokens x steps: exit pdf, and whether the step's top-1
+    prediction is the next token. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    s, R, n = trace.signals, trace.steps, trace.n
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * n + 2), 1.2 * R + 3), sharex=True)
+    panels = [(s["exit_pdf"], "exit pdf", "viridis", 0, 1),
+              (s["target_is_argmax"].float(), "top-1 = next token", "Greens", 0, 1)]
+    for ax, (data, title, cmap, lo, hi) in zip(axes, panels, strict=True):
+        im = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=lo, vmax=hi, origin="lower",
+                       interpolation="nearest")
+        ax.set_yticks(range(R), [str(r + 1) for r in range(R)])
+        ax.set_ylabel("step")
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax)
+    axes[-1].set_xticks(range(n), [repr(x)[1:-1][:12] for x in labels], rotation=90, fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["step_signals", "Trace", "TraceError", "trace_text", "random_signals", "encode",
+           "render_table", "save_heatmap", "token_labels"]

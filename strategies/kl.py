@@ -1,0 +1,31 @@
+"""Exit at the first step (1-based, from min_step on) whose KL(p_r || p_r-1) is below eps."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ouro_lab.strategy import ExitStrategy, Signals
+
+
+@dataclass
+class Strategy(ExitStrategy):
+    eps: float = 0.01
+    min_step: int = 2  # 1-based; step 1 has no previous step to compare with
+    needs: ClassVar[tuple[str, ...]] = ("kl_prev",)
+
+    def __post_init__(self):
+        if self.min_step < 1:
+            raise ValueError(f"parameter min_step must be >= 1 (1-based), got {self.min_step}")
+
+    def decide(self, s: Signals, r: int) -> Tensor:
+        if r + 1 < self.min_step:
+            return torch.zeros(s.n, dtype=torch.bool)
+        return s.kl_prev[r] < self.eps
+
+    def readouts(self, exit_step: Tensor) -> Tensor:
+        # the first check (0-based step min_step-1) compares with step min_step-2: no
+        # readout is needed before that one
+        first = max(0, self.min_step - 2)
+        return (exit_step - first + 1).clamp(min=1)
