@@ -60,6 +60,63 @@ def inspect(model_dir: Path = typer.Argument(..., help="checkpoint folder (confi
             typer.echo(f"step {r + 1}: exit p {pdf[r, 0, -1].item():.3f}  next-token argmax {top}")
 
 
+@app.command()
+def strategies(strategies_dir: list[Path] = typer.Option(None, "--strategies-dir",
+                                                         help="extra folder of strategy files (repeatable)")):
+    """List every exit strategy: name, its rule (first docstring line), parameters."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ouro_lab.registry import list_strategies
+
+    infos = list_strategies(strategies_dir or ())
+    t = Table(title=f"{len(infos)} exit strategies", show_lines=False)
+    for col in ("name", "rule", "parameters", "from"):
+        t.add_column(col, overflow="fold")
+    for i in infos:
+        params = ", ".join(f"{p.name}: {p.type} = {p.default}" if p.default else f"{p.name}: {p.type}"
+                           for p in i.params)
+        t.add_row(i.name + (" (select)" if i.kind == "select" else ""), i.doc, params or "-", i.source)
+    Console(width=max(120, Console().width)).print(t)
+
+
+@app.command()
+def trace(model_dir: Path = typer.Argument(..., help="checkpoint folder (config.json + model.safetensors)"),
+          text: str = typer.Option(None, help="text to trace (needs a tokenizer in MODEL_DIR)"),
+          ids: str = typer.Option(None, help="token ids instead, e.g. '1 2 3' (no tokenizer needed)"),
+          steps: int = typer.Option(None, help="loop steps (default: the checkpoint's total_ut_steps)"),
+          dtype: str = typer.Option(None, help="float32, bfloat16, ... (default: the checkpoint's)"),
+          device: str = typer.Option("cpu", help="cpu, cuda or mps"),
+          out: Path = typer.Option(Path("traces"), help="folder for the trace file and the heatmap")):
+    """Trace one text through every loop step: per-token table, heatmap PNG, trace file."""
+    if (text is None) == (ids is None):
+        from ouro_lab.errors import OuroLabError
+        raise OuroLabError("trace: give exactly one of --text '...' or --ids '1 2 3'")
+    if steps is not None and steps < 1:
+        from ouro_lab.errors import OuroLabError
+        raise OuroLabError(f"trace: --steps must be >= 1, got {steps}")
+    from rich.console import Console
+
+    from ouro_lab.loading import fingerprint, load_model, load_tokenizer
+    from ouro_lab.trace import render_table, save_heatmap, token_labels, trace_text
+
+    model = load_model(model_dir, dtype=dtype, device=device)
+    has_tok = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tok = load_tokenizer(model_dir) if has_tok else None
+    tr = trace_text(model, tok, text, steps=steps, ids=ids,
+                    meta={"model": fingerprint(model_dir), "model_dir": str(model_dir)})
+    ids_list = tr.meta["ids"]
+    labels = token_labels(tok, ids_list)
+    argmax = tr.signals["argmax"]  # (R, N)
+    predict = token_labels(tok, argmax.reshape(-1).tolist())
+    predict = [repr(p)[1:-1] for p in predict]
+    Console(width=max(120, Console().width)).print(render_table(tr, labels, predict))
+    stem = f"trace-{tr.meta['key'][:12]}"
+    path = tr.save(out / f"{stem}.safetensors")
+    png = save_heatmap(tr, labels, out / f"{stem}.png")
+    typer.echo(f"trace: {path}\nheatmap: {png}")
+
+
 def main() -> None:
     from ouro_lab.errors import OuroLabError
 

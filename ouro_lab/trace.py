@@ -314,8 +314,8 @@ def render_table(trace: Trace, labels: list[str], predict: list[str]):
 
 
 def save_heatmap(trace: Trace, labels: list[str], path: str | Path) -> Path:
-    """PNG with two panels over tokens x steps: exit pdf, and whether the step's top-1
-    prediction is the next token. Written atomically."""
+    """PNG with two panels over steps x tokens: the exit pdf, and the probability of the
+    next token (x where it is the top-1 prediction). Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,15 +325,17 @@ def save_heatmap(trace: Trace, labels: list[str], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     s, R, n = trace.signals, trace.steps, trace.n
     fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * n + 2), 1.2 * R + 3), sharex=True)
-    panels = [(s["exit_pdf"], "exit pdf", "viridis", 0, 1),
-              (s["target_is_argmax"].float(), "top-1 = next token", "Greens", 0, 1)]
-    for ax, (data, title, cmap, lo, hi) in zip(axes, panels, strict=True):
-        im = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=lo, vmax=hi, origin="lower",
+    panels = [(s["exit_pdf"], "exit pdf", "viridis"),
+              (s["target_logprob"].exp(), "p(next token); x = top-1 is the next token", "Greens")]
+    for ax, (data, title, cmap) in zip(axes, panels, strict=True):
+        im = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=1, origin="lower",
                        interpolation="nearest")
         ax.set_yticks(range(R), [str(r + 1) for r in range(R)])
         ax.set_ylabel("step")
         ax.set_title(title)
         fig.colorbar(im, ax=ax)
+    r_hit, i_hit = torch.nonzero(s["target_is_argmax"], as_tuple=True)
+    axes[1].scatter(i_hit.numpy(), r_hit.numpy(), marker="x", color="crimson", s=30)
     axes[-1].set_xticks(range(n), [repr(x)[1:-1][:12] for x in labels], rotation=90, fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(path.stem + f".tmp{os.getpid()}.png")
