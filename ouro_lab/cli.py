@@ -117,6 +117,54 @@ def trace(model_dir: Path = typer.Argument(..., help="checkpoint folder (config.
     typer.echo(f"trace: {path}\nheatmap: {png}")
 
 
+@app.command()
+def sweep(recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/demo.yaml)"),
+          overrides: list[str] = typer.Argument(None, help="key=value overrides, dotted keys: tasks.limit=20"),
+          out: Path = typer.Option(None, "--out", help="run folder (default results/<recipe>/<run-id>)"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="validate, print the grid and its cost, stop")):
+    """Run a recipe end to end: trace pass, replay every setting, live runs, tables, plots, report."""
+    from ouro_lab.sweep import run_sweep
+
+    run_sweep(recipe, overrides or [], out=out, dry_run=dry_run)
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
+             overrides: list[str] = typer.Argument(None, help="key=value overrides")):
+    """Check a recipe (every error at once) and print its expanded grid and estimated cost."""
+    from ouro_lab.sweep import run_sweep
+
+    run_sweep(recipe, overrides or [], dry_run=True)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a sweep's run folder")):
+    """Rebuild plots/, report.md and report.html of a run from its files alone."""
+    from ouro_lab.report import build_report
+
+    res = build_report(run_dir)
+    typer.echo(f"report: {res['report_md']}\nreport: {res['report_html']}\nplots: {len(res['plots'])} in "
+               f"{run_dir / 'plots'}")
+
+
+@app.command()
+def compare(run_a: Path = typer.Argument(..., help="first run folder"),
+            run_b: Path = typer.Argument(..., help="second run folder")):
+    """Set two runs side by side: every shared row with both scores, the difference and FLOPs."""
+    from ouro_lab.report import compare as compare_runs
+
+    typer.echo(compare_runs(run_a, run_b))
+
+
+@app.command()
+def schema(out: Path = typer.Option(Path("recipes/recipe.schema.json"), "--out",
+                                    help="where to write the recipe JSON schema")):
+    """Export the recipe format as a JSON schema (for editor completion and checking)."""
+    from ouro_lab.recipe import write_json_schema
+
+    typer.echo(f"schema: {write_json_schema(out)}")
+
+
 def main() -> None:
     from ouro_lab.errors import OuroLabError
 

@@ -98,10 +98,12 @@ class StrategySpec(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    """Held-out documents that calibrating strategies (`budget`) fit on; never reported."""
+    """How calibrating strategies (`budget`) are fitted without seeing what they report:
+    documents are split into `folds` parts by a seeded hash, and each part is scored by
+    a copy of the rule fitted on the other parts (cross-fitting)."""
 
-    fraction: float = Field(0.3, gt=0, lt=1, description="fraction of each task's documents held out")
-    seed: int = Field(0, description="seed of the held-out split")
+    folds: int = Field(2, ge=2, le=20, description="number of document folds")
+    seed: int = Field(0, description="seed of the document split")
 
 
 class LiveSpec(_Strict):
@@ -143,9 +145,8 @@ PATH_FIELDS = (("model", "path"), ("tasks", "include"), ("strategies_dirs",), ("
 
 def json_schema() -> dict:
     schema = Recipe.model_json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$id": "https://github.com/ouro-lab/ouro-lab/recipes/recipe.schema.json",
-            "title": "ouro-lab sweep recipe", **schema}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema,
+            "title": "ouro-lab sweep recipe"}
 
 
 def write_json_schema(path: str | Path) -> Path:
@@ -403,22 +404,20 @@ def check_references(src: RecipeSource, recipe: Recipe | None) -> list[str]:
             from ouro_lab import registry
         except ImportError:  # the registry lands with the strategies issue
             return errors
-        known = None
+        dirs_ok = [Path(d) for d in dirs if Path(d).is_dir()]
+        try:
+            known = _names(registry.list_strategies(dirs_ok))
+        except OuroLabError as e:
+            return errors + [src.error(("strategies_dirs",), str(e))]
         for i, s in enumerate(strategies):
             if not isinstance(s, dict) or not isinstance(s.get("name"), str):
                 continue
+            grid = s.get("grid") if isinstance(s.get("grid"), dict) else {}
             try:
-                if known is None:
-                    known = registry.list_strategies([Path(d) for d in dirs if Path(d).is_dir()])
-                grid = s.get("grid") if isinstance(s.get("grid"), dict) else {}
-                registry.expand_grid(s["name"], grid, [Path(d) for d in dirs if Path(d).is_dir()])
+                registry.expand_grid(s["name"], grid, dirs_ok)
             except OuroLabError as e:
-                field = ("strategies", i, "name")
-                msg = str(e)
-                if isinstance(grid, dict) and any(repr(k) in msg or f" {k}" in msg for k in grid) \
-                        and s["name"] in _names(known):
-                    field = ("strategies", i, "grid")
-                errors.append(src.error(field, msg))
+                field = ("strategies", i, "grid" if s["name"] in known else "name")
+                errors.append(src.error(field, str(e)))
     return errors
 
 

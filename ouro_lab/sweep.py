@@ -1,0 +1,698 @@
+"""`ouro-lab sweep`: a recipe in; tidy tables, plots and a report out.
+
+    recipe -> settings (every fixed step + each strategy's grid)
+           -> load model, build tasks                      (errors name recipe file, line, field)
+           -> ONE trace pass over loglikelihood tasks      (cached by content: reruns skip it)
+           -> replay every setting, scored by lm-eval      (no model)
+           -> live runs (generate_until tasks; `live: true` settings)
+           -> metrics.csv, samples.parquet, exits.csv, provenance.json, plots/, report.md/html
+
+The run folder is `results/<recipe-stem>/<run-id>/` (run-id: a hash of the resolved
+recipe, so rerunning a recipe finds its folder) unless `--out` says otherwise. Every
+finished setting is stored at once under `settings/` (one file pair, written atomically),
+so a sweep stopped by Ctrl-C or kill -9 resumes where it stopped; a lock file
+(`flock`, released by the kernel even on kill -9) keeps two sweeps off one folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ouro_lab.errors import OuroLabError
+from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
+
+
+class SweepError(OuroLabError):
+    """A sweep that cannot start or go on (output folder, lock, resume mismatch)."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Setting:
+    strategy: str
+    params: dict
+    granularity: str
+    index: int = -1          # the recipe's strategies[index] (-1: the built-in fixed steps)
+    live: bool = False
+    is_full: bool = False
+    kind: str = "skip"
+    fitted: bool = False     # calibrates on data (cross-fitted over folds)
+    obj: object = field(default=None, repr=False)
+    shown: tuple = ()        # the parameters the label shows (those the grid sets)
+
+    @property
+    def params_json(self) -> str:
+        return json.dumps(self.params, sort_keys=True)
+
+    @property
+    def label(self) -> str:
+        inner = ",".join(f"{k}={self.params[k]}" for k in (self.shown or self.params))
+        gran = "" if self.granularity == "token" else "/seq"
+        return f"{self.strategy}({inner}){gran}"
+
+
+def model_depth(recipe: Recipe) -> int:
+    if recipe.model.steps:
+        return recipe.model.steps
+    cfg = json.loads((Path(recipe.model.path) / "config.json").read_text())
+    return int(cfg.get("total_ut_steps", 4))
+
+
+def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
+    """Every fixed step 1..R (R = full depth), then every recipe strategy's grid, in order;
+    duplicates (same strategy, params, granularity) are kept once."""
+    from ouro_lab.registry import expand_grid
+    from ouro_lab.strategy import ExitStrategy
+
+    R = model_depth(recipe)
+    dirs = [Path(d) for d in recipe.strategies_dirs]
+    out, seen = [], set()
+
+    def add(s: Setting):
+        k = (s.strategy, s.params_json, s.granularity)
+        if k not in seen:
+            seen.add(k)
+            out.append(s)
+
+    for k in range(1, R + 1):
+        add(Setting("fixed", {"step": k}, "token", -1, is_full=k == R,
+                    obj=expand_grid("fixed", {"step": k}, dirs)[0]))
+    errors = []
+    for i, spec in enumerate(recipe.strategies):
+        try:
+            objs = expand_grid(spec.name, spec.grid, dirs)
+        except OuroLabError as e:
+            errors.append(src.error(("strategies", i, "grid"), str(e)))
+            continue
+        for obj in objs:
+            fitted = type(obj).fit is not ExitStrategy.fit
+            if fitted and spec.live:
+                errors.append(src.error(("strategies", i, "live"), f"{spec.name} calibrates on data; "
+                                        "live runs are only for rules without calibration (set live: false)"))
+                break
+            if spec.live and type(obj).kind == "select":
+                errors.append(src.error(("strategies", i, "live"), f"{spec.name} only selects a step (an "
+                                        "oracle); it cannot run live (set live: false)"))
+                break
+            add(Setting(spec.name, obj.params(), spec.granularity or recipe.granularity, i, spec.live,
+                        False, type(obj).kind, fitted, obj, tuple(spec.grid)))
+    if errors:
+        raise RecipeError(errors)
+    return out
+
+
+# --------------------------------------------------------------------------- cross-fitting
+
+
+def folds_of(trace, units_meta: list[tuple], folds: int, seed: int):
+    """(N,) fold of every trace token: a seeded hash of its (task, doc_id), so all
+    requests of a document share a fold."""
+    import torch
+
+    doc_fold = []
+    for task, doc_id, *_ in units_meta:
+        h = hashlib.blake2b(f"{seed}:{task}:{doc_id}".encode(), digest_size=8).digest()
+        doc_fold.append(int.from_bytes(h, "little") % folds)
+    return torch.tensor(doc_fold, dtype=torch.long)[trace.request]
+
+
+def cross_fit(setting: Setting, trace, fold, folds: int):
+    """A strategy made of `folds` copies, copy k fitted on the tokens of every other fold
+    and deciding for the tokens of fold k: no document is scored by a rule fitted on it."""
+    import copy
+
+    from ouro_lab.strategy import ExitStrategy
+
+    fitted = []
+    for k in range(folds):
+        s = copy.deepcopy(setting.obj)
+        rows = (fold != k).nonzero()[:, 0]
+        s.fit(trace.subset(rows).to_signals())
+        fitted.append(s)
+    base = setting.obj
+
+    class CrossFitted(ExitStrategy):
+        needs = type(base).needs
+        kind = type(base).kind
+
+        def decide(self, s, r):
+            import torch
+
+            out = torch.zeros(s.n, dtype=torch.bool)
+            f = fold[s.index]
+            for k, strat in enumerate(fitted):
+                rows = (f == k).nonzero()[:, 0]
+                if len(rows):
+                    out[rows] = strat.decide(s.subset(rows), r).bool()
+            return out
+
+        def readouts(self, exit_step):
+            return base.readouts(exit_step)
+
+    cf = CrossFitted()
+    cf.needs = getattr(base, "needs", type(base).needs)
+    return cf
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def default_run_dir(recipe: Recipe, src: RecipeSource) -> Path:
+    return Path("results") / src.file.stem / recipe_hash(recipe)
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Create `path` if needed and prove a file can be written there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SweepError(f"{what}: {path}: output folder not writable ({e.strerror or e}); "
+                         "choose another folder with --out") from None
+
+
+class RunLock:
+    """An exclusive `flock` on <run>/.lock: a second sweep on the folder fails at once
+    with a clear message; the kernel drops the lock if the holder dies (kill -9)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.fh = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.fh = open(self.path, "a+")  # noqa: SIM115 (held for the whole sweep)
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise SweepError(f"{self.path.parent}: another sweep ({holder}) is writing to this folder; "
+                             "wait for it to finish or use --out for a separate folder") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()} on {platform.node()}\n")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    os.replace(tmp, path)
+
+
+def atomic_frame(df, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if path.suffix == ".parquet":
+        df.to_parquet(tmp, index=False)
+    else:
+        df.to_csv(tmp, index=False, float_format="%.10g")
+    os.replace(tmp, path)
+
+
+class SettingStore:
+    """Finished settings, one `<key>.parquet` (samples) + `<key>.json` (metrics, exit
+    counts) pair each; the JSON is written last and marks the setting done."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir / "settings"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def has(self, key: str) -> bool:
+        return (self.dir / f"{key}.json").is_file() and (self.dir / f"{key}.parquet").is_file()
+
+    def load(self, key: str):
+        import pandas as pd
+
+        rec = json.loads((self.dir / f"{key}.json").read_text())
+        return rec, pd.read_parquet(self.dir / f"{key}.parquet")
+
+    def save(self, key: str, rec: dict, samples) -> None:
+        atomic_frame(samples, self.dir / f"{key}.parquet")
+        atomic_write(self.dir / f"{key}.json", json.dumps(rec, sort_keys=True, default=_jsonable))
+
+
+def _jsonable(x):
+    import numpy as np
+
+    if isinstance(x, np.generic):
+        return x.item()
+    return str(x)
+
+
+def _hash(*parts) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(),
+                           digest_size=10).hexdigest()
+
+
+def _source_hash(name: str, dirs) -> str:
+    from ouro_lab.registry import discover
+
+    info = discover(dirs).get(name)
+    if info is None or info.path is None:
+        return name
+    return hashlib.blake2b(info.path.read_bytes(), digest_size=8).hexdigest()
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def git_sha() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ouro-lab", "torch", "lm_eval", "transformers", "datasets", "numpy", "pandas", "pydantic",
+                "matplotlib"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False, disable=os.environ.get("OURO_LAB_PROGRESS") == "0")
+
+
+def _log(console, msg: str) -> None:
+    console.print(msg, highlight=False, markup=False)
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def describe(recipe: Recipe, settings: list[Setting], console) -> None:
+    from rich.table import Table
+
+    from ouro_lab.flops import ModelCost
+
+    cfg = json.loads((Path(recipe.model.path) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    R = model_depth(recipe)
+    cost = ModelCost(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
+                     cfg.get("num_key_value_heads") or heads,
+                     cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                     cfg["vocab_size"], R, bool(cfg.get("tie_word_embeddings", False)))
+    t = Table(title=f"{len(settings)} settings over {len(recipe.tasks.names)} task(s): "
+                    f"{', '.join(recipe.tasks.names)}")
+    for col in ("strategy", "settings", "params", "granularity", "live"):
+        t.add_column(col, overflow="fold")
+    groups: dict[str, list[Setting]] = {}
+    for s in settings:
+        groups.setdefault(f"{s.strategy}#{s.index}", []).append(s)
+    for ss in groups.values():
+        t.add_row(ss[0].strategy, str(len(ss)), "; ".join(s.params_json for s in ss[:6])
+                  + (" ..." if len(ss) > 6 else ""), ss[0].granularity, "yes" if ss[0].live else "-")
+    console.print(t)
+    live = sum(s.live for s in settings)
+    full = cost.token_flops(R, ctx=0)
+    console.print(f"model passes: 1 full-depth trace pass over loglikelihood tasks (0 if a cached trace "
+                  f"matches) + {live} live loglikelihood run(s) + {len(settings)} live run(s) per "
+                  f"generate_until task; replay of {len(settings)} settings needs no model", highlight=False)
+    console.print(f"FLOPs per token at full depth ({R} steps, context 0): {full / 1e6:,.3f} MFLOP; per step "
+                  f"{cost.step_flops(0) / 1e6:,.3f} MFLOP + {cost.attn_flops_per_ctx:,} x ctx; trace pass ~ "
+                  "tokens x full depth", highlight=False)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Path | None = None,
+              dry_run: bool = False, console=None) -> Path | None:
+    """Run (or with `dry_run`, only validate and describe) a recipe. Returns the run folder."""
+    console = console or _console()
+    recipe, src = load_recipe(recipe_file, list(overrides))
+    settings = expand_settings(recipe, src)
+    if dry_run:
+        describe(recipe, settings, console)
+        _log(console, f"{src.file}: valid")
+        return None
+    if out is not None:
+        run_dir, what = Path(out), "--out"
+    elif recipe.output:
+        run_dir, what = Path(recipe.output), src.where(("output",)) + ": output"
+    else:
+        run_dir, what = default_run_dir(recipe, src), f"{src.file}: output (default results/)"
+    check_writable(run_dir, what)
+    with RunLock(run_dir):
+        return _run(recipe, src, settings, run_dir, console)
+
+
+def _load(recipe: Recipe, src: RecipeSource):
+    """Model, tokenizer and tasks; each failure becomes one line naming the recipe field."""
+    from ouro_lab.loading import fingerprint, load_model, load_tokenizer
+    from ouro_lab.tasks import TaskSet
+
+    try:
+        model = load_model(recipe.model.path, dtype=recipe.model.dtype, device=recipe.model.device)
+        fp = fingerprint(recipe.model.path)
+    except OuroLabError as e:
+        raise RecipeError([src.error(("model", "path"), str(e))]) from None
+    except OSError as e:
+        msg = f"{recipe.model.path}: unreadable ({e.strerror or e})"
+        raise RecipeError([src.error(("model", "path"), msg)]) from None
+    if recipe.model.steps:
+        model.config.total_ut_steps = recipe.model.steps
+    tok = None
+    if any((Path(recipe.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        try:
+            tok = load_tokenizer(recipe.model.path)
+        except OuroLabError as e:
+            raise RecipeError([src.error(("model", "path"), str(e))]) from None
+    try:
+        taskset = TaskSet(list(recipe.tasks.names), include_path=recipe.tasks.include or None,
+                          limit=recipe.tasks.limit, num_fewshot=recipe.tasks.num_fewshot,
+                          fewshot_seed=recipe.seed)
+    except OuroLabError as e:
+        raise RecipeError([src.error(_task_field(recipe, str(e)), str(e))]) from None
+    for i, name in enumerate(recipe.tasks.names):
+        task = taskset.tasks.get(name)
+        if task is not None and not len(task.eval_docs):
+            raise RecipeError([src.error(("tasks", "names", i), f"task {name}: its data has no documents "
+                                         "(empty file or split); add documents or drop the task")])
+    return model, tok, taskset, fp
+
+
+def _task_field(recipe: Recipe, msg: str) -> tuple:
+    for i, name in enumerate(recipe.tasks.names):
+        if (f"'{name}'" in msg or f"task {name} " in msg or msg.startswith(f"{name}:")
+                or f"task {name}:" in msg):
+            return ("tasks", "names", i)
+    return ("tasks", "include") if "include" in msg else ("tasks", "names")
+
+
+def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Path, console) -> Path:
+    import torch
+
+    from ouro_lab import harness
+
+    t_start = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    atomic_write(run_dir / "recipe.yaml", src.file.read_text())
+    prov = {"run_id": run_dir.name, "recipe_file": str(src.file), "recipe_name": src.file.stem,
+            "recipe": canonical(recipe), "recipe_hash": recipe_hash(recipe), "git_sha": git_sha(),
+            "versions": versions(), "seed": recipe.seed, "device": recipe.model.device,
+            "dtype": recipe.model.dtype, "argv": sys.argv[1:], "host": platform.node(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    model, tok, taskset, fp = _load(recipe, src)
+    prov["model_fingerprint"] = fp
+    prov["device"] = str(model.device)
+    calls = [0]
+    hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    ll_tasks = taskset.names_of("multiple_choice", *harness.LL_TYPES)
+    gen_tasks = taskset.names_of("generate_until")
+    store = SettingStore(run_dir)
+    dirs = [Path(d) for d in recipe.strategies_dirs]
+    records, frames = [], []
+    with _progress(console) as progress:
+        trace = None
+        if ll_tasks:
+            bar = progress.add_task("trace pass (loglikelihood tasks)", total=None)
+            t0 = time.perf_counter()
+            trace, _units = harness.trace_pass(model, tok, taskset, batch_size=recipe.batch_size,
+                                               cache_dir=cache_dir(), fingerprint=fp,
+                                               progress=lambda n: progress.advance(bar, n))
+            done = progress.tasks[bar].completed or 1
+            progress.update(bar, total=done, completed=done)
+            reused = calls[0] == 0
+            prov["trace"] = {"key": trace.meta.get("key"), "tokens": trace.n, "reused": reused,
+                             "forward_calls": calls[0], "seconds": round(time.perf_counter() - t0, 3)}
+            _log(console, f"trace pass: {'reused cached trace' if reused else 'computed trace'} "
+                          f"{trace.meta.get('key')} ({trace.n} tokens, {calls[0]} model forward calls)")
+            meta = harness._unit_meta(trace)
+            fold = folds_of(trace, meta, recipe.calibration.folds, recipe.calibration.seed)
+            tok_task = [meta[i][0] for i in trace.request.tolist()]
+            bar = progress.add_task("replay settings", total=len(settings))
+            for s in settings:
+                key = _hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
+                            _source_hash(s.strategy, dirs), s.fitted and canonical(recipe)["calibration"],
+                            recipe.bootstrap)
+                if not store.has(key):
+                    strat = cross_fit(s, trace, fold, recipe.calibration.folds) if s.fitted else s.obj
+                    rec, samples = _replay(harness, taskset, trace, strat, s, recipe, tok_task)
+                    store.save(key, rec, samples)
+                rec, samples = store.load(key)
+                records.append((s, "replay", rec))
+                frames.append(_tag(samples, s, "replay"))
+                progress.advance(bar)
+        live = [s for s in settings if s.live] if ll_tasks else []
+        jobs = [(s, t) for s in live for t in ll_tasks] + [(s, t) for s in settings for t in gen_tasks
+                                                           if s.kind != "select" and not s.fitted]
+        if jobs:
+            bar = progress.add_task(f"live runs ({recipe.live.kv_policy} KV)", total=len(jobs))
+            for s, task in jobs:
+                key = _hash("live", fp, recipe.model.dtype, recipe.model.steps, task, recipe.tasks.limit,
+                            recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
+                            _source_hash(s.strategy, dirs), recipe.live.kv_policy, recipe.live.max_gen_toks,
+                            recipe.bootstrap)
+                if not store.has(key):
+                    rec, samples = _live(model, tok, taskset, task, s, recipe)
+                    store.save(key, rec, samples)
+                rec, samples = store.load(key)
+                records.append((s, "live", rec))
+                frames.append(_tag(samples, s, "live"))
+                progress.advance(bar)
+    hook.remove()
+    metrics, samples, exits = assemble(records, frames, recipe)
+    atomic_frame(metrics, run_dir / "metrics.csv")
+    atomic_frame(samples, run_dir / "samples.parquet")
+    atomic_frame(exits, run_dir / "exits.csv")
+    prov.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                wall_s=round(time.perf_counter() - t_start, 2), settings=len(settings),
+                model_forward_calls=calls[0])
+    atomic_write(run_dir / "provenance.json", json.dumps(prov, indent=2, default=_jsonable) + "\n")
+    from ouro_lab.report import build_report
+
+    res = build_report(run_dir)
+    _summary(console, res["summary"], run_dir)
+    return run_dir
+
+
+def cache_dir() -> Path:
+    """Where traces are cached by content: $OURO_LAB_CACHE, else ~/.cache/ouro-lab/traces."""
+    env = os.environ.get("OURO_LAB_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "ouro-lab" / "traces"
+
+
+def _replay(harness, taskset, trace, strat, s: Setting, recipe: Recipe, tok_task: list[str]):
+    import pandas as pd
+
+    rows, samples = harness.score(taskset, trace, strat, s.granularity, bootstrap_iters=recipe.bootstrap)
+    steps = harness.exit_steps(trace, strat, s.granularity)
+    counts = pd.DataFrame({"task": tok_task, "step": steps.numpy()}).value_counts().reset_index()
+    tokens = pd.Series(tok_task).value_counts()
+    return {"metrics": rows, "exits": counts.to_dict("records"), "tokens": tokens.to_dict()}, \
+        _with_tokens(samples, trace, harness)
+
+
+def _with_tokens(samples, trace, harness):
+    """Add `tokens` (scored tokens per document) and FLOPs summed over them."""
+    import pandas as pd
+
+    meta = harness._unit_meta(trace)
+    per = pd.DataFrame({"task": [meta[i][0] for i in trace.request.tolist()],
+                        "doc_id": [meta[i][1] for i in trace.request.tolist()]})
+    n = per.value_counts().rename("tokens").reset_index()
+    samples = samples.merge(n, on=["task", "doc_id"], how="left")
+    samples["flops"] = samples.flops_per_token * samples.tokens
+    samples["flops_executed"] = samples.flops_executed_per_token * samples.tokens
+    return samples
+
+
+def _live(model, tok, taskset, task, s: Setting, recipe: Recipe):
+    from ouro_lab import live
+
+    return live.run_setting(model, tok, taskset, task, s.obj, s.granularity, recipe)
+
+
+def _tag(samples, s: Setting, mode: str):
+    samples = samples.copy()
+    samples.insert(0, "setting", s.label)
+    samples.insert(1, "strategy", s.strategy)
+    samples.insert(2, "params", s.params_json)
+    samples.insert(3, "mode", mode)
+    return samples
+
+
+# --------------------------------------------------------------------------- tables
+
+
+COLUMNS = ["task", "strategy", "params", "setting", "granularity", "kind", "mode", "kv_policy", "is_full",
+           "metric", "filter", "value", "stderr", "ci_low", "ci_high", "delta_vs_full", "delta_ci_low",
+           "delta_ci_high", "steps_used_mean", "steps_executed_mean", "flops_per_token",
+           "flops_executed_per_token", "flops_rel", "n_docs"]
+
+
+def _measure(metric: str, filt: str) -> str:
+    return metric if filt in ("none", "", None) else f"{metric},{filt}"
+
+
+def wide_samples(frames):
+    """Per-document rows, one per task x setting x mode x doc; metrics under a filter
+    other than "none" become columns `metric,filter`."""
+    import pandas as pd
+
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True)
+    if "filter" not in df.columns:
+        return df
+    key = ["setting", "strategy", "params", "mode", "task", "doc_id"]
+    metric_cols = [c for c in df.columns if c not in key and c not in SAMPLE_COMPUTE
+                   and c not in ("filter", "difficulty")]
+    filters = sorted(df["filter"].unique(), key=lambda f: (f != "none", f))
+    out = None
+    for f in filters:
+        d = df[df["filter"] == f].drop(columns="filter")
+        d = d.rename(columns={c: _measure(c, f) for c in metric_cols})
+        if out is None:
+            out = d
+        else:
+            d = d[key + [_measure(c, f) for c in metric_cols]]
+            out = out.merge(d, on=key, how="outer")
+    return out.dropna(axis=1, how="all")
+
+
+SAMPLE_COMPUTE = {"steps_used", "steps_executed", "flops_per_token", "flops_executed_per_token", "tokens",
+                  "flops", "flops_executed", "seconds"}
+
+
+def assemble(records, frames, recipe: Recipe):
+    """metrics (long: one row per task x setting x mode x metric), samples (wide, per
+    document) and exits (counts per task x setting x step), with paired-bootstrap CIs,
+    FLOPs relative to full depth and differences from full depth."""
+    import numpy as np
+    import pandas as pd
+
+    from ouro_lab import stats
+
+    samples = wide_samples(frames)
+    rows = []
+    for s, mode, rec in records:
+        for m in rec["metrics"]:
+            rows.append({"task": m["task"], "strategy": s.strategy, "params": s.params_json,
+                         "setting": s.label,
+                         "granularity": s.granularity, "kind": "fixed" if s.strategy == "fixed" else s.kind,
+                         "mode": mode, "kv_policy": recipe.live.kv_policy if mode == "live" else "",
+                         "is_full": s.is_full, "metric": _measure(m["metric"], m.get("filter", "none")),
+                         "filter": m.get("filter", "none"), "value": m["value"], "stderr": m.get("stderr"),
+                         **{k: m.get(k, np.nan) for k in ("steps_used_mean", "steps_executed_mean",
+                                                          "flops_per_token", "flops_executed_per_token")}})
+    metrics = pd.DataFrame(rows)
+    for c in COLUMNS:
+        if c not in metrics.columns:
+            metrics[c] = np.nan
+    full = metrics[metrics.is_full & (metrics["mode"] == "replay")]
+    full_flops = full.groupby("task").flops_executed_per_token.first()
+    metrics["flops_rel"] = metrics.flops_executed_per_token / metrics.task.map(full_flops)
+    fullv = full.set_index(["task", "metric"]).value
+    metrics["delta_vs_full"] = [v - fullv.get((t, m), np.nan) for t, m, v in
+                                zip(metrics.task, metrics.metric, metrics.value, strict=True)]
+    # paired bootstrap over documents, the same resamples for every setting of a task
+    for task in metrics.task.unique():
+        st = samples[samples.task == task] if len(samples) else samples
+        docs = np.sort(st.doc_id.unique()) if len(st) else np.array([])
+        idx = stats.bootstrap_indices(len(docs), recipe.bootstrap, recipe.seed)
+        full_label = full[full.task == task].setting.iloc[0] if len(full[full.task == task]) else None
+        for i in metrics.index[metrics.task == task]:
+            r = metrics.loc[i]
+            if r.metric not in st.columns:
+                continue
+            x = _per_doc(st, r.setting, r["mode"], r.metric, docs)
+            if x is None or not np.isfinite(x).all() or abs(x.mean() - r.value) > 1e-6:
+                continue  # not a mean over documents (perplexity, grouped metrics): no doc-level CI
+            metrics.loc[i, ["ci_low", "ci_high"]] = stats.mean_ci(x, idx)
+            metrics.loc[i, "n_docs"] = len(docs)
+            y = _per_doc(st, full_label, "replay", r.metric, docs) if full_label else None
+            if y is not None and np.isfinite(y).all():
+                metrics.loc[i, ["delta_ci_low", "delta_ci_high"]] = stats.mean_ci(x - y, idx)
+    metrics = metrics[COLUMNS].sort_values(["task", "mode", "strategy", "flops_executed_per_token", "params",
+                                            "metric"], kind="stable").reset_index(drop=True)
+    exits = []
+    for s, mode, rec in records:
+        for e in rec.get("exits", []):
+            exits.append({"task": e["task"], "setting": s.label, "strategy": s.strategy, "mode": mode,
+                          "step": int(e["step"]), "count": int(e["count"])})
+    exits = pd.DataFrame(exits, columns=["task", "setting", "strategy", "mode", "step", "count"])
+    exits = exits.sort_values(["task", "mode", "setting", "step"], kind="stable").reset_index(drop=True)
+    if len(samples):
+        samples = samples.sort_values(["task", "mode", "setting", "doc_id"], kind="stable")
+        samples = samples.reset_index(drop=True)
+    return metrics, samples, exits
+
+
+def _per_doc(st, setting, mode, metric, docs):
+    import numpy as np
+
+    d = st[(st.setting == setting) & (st["mode"] == mode)]
+    if not len(d) or metric not in d.columns:
+        return None
+    v = d.groupby("doc_id")[metric].first().reindex(docs)
+    return v.to_numpy(dtype=np.float64)
+
+
+def _summary(console, summary: dict, run_dir: Path) -> None:
+    from rich.table import Table
+
+    for task, t in summary["tasks"].items():
+        sc = t["scale"]
+        tab = Table(title=f"{task}: {t['metric']} (full depth {t['full'] * sc:.1f}); compute saved at "
+                          f"<= {summary['tolerance']:g} point loss")
+        for col in ("strategy", "setting", "FLOPs saved", "95% CI", "score change"):
+            tab.add_column(col)
+        for r in t["saved"]:
+            tab.add_row(r["strategy"], r["chosen"] or "-", f"{r['saved'] * 100:.1f}%",
+                        f"[{r['ci_low'] * 100:.1f}, {r['ci_high'] * 100:.1f}]",
+                        "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}")
+        console.print(tab)
+    _log(console, f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
+
