@@ -1,0 +1,612 @@
+"""lm-eval-harness for looped models: one trace pass, every strategy scored by lm-eval itself.
+
+    lm = OuroLM(path="ckpt/", steps=2)                       # a plain lm-eval LM (k steps)
+    tasks = TaskSet(["loop_demo_mc"], limit=200)             # task objects, built once
+    trace, units = trace_pass(model, tok, tasks)             # ONE full-depth pass, cached on disk
+    metrics, samples = score(tasks, trace, strategy)         # per setting: no model, lm-eval metrics
+
+`score` replays the strategy over the trace (each scored token exits at a step), turns
+that into each request's log-likelihood (sum of the target log-prob at each token's exit
+step) and greedy flag (every target is the argmax at its exit step), and answers
+lm-eval's evaluator from those arrays (`ReplayLM`), so acc, acc_norm, perplexity and the
+rest come from lm-eval's own metric code. Replay assumes earlier tokens' deeper steps
+exist (they did, in the trace pass); `evaluate_live` measures a true early-exit run.
+
+Fixed step k replays to exactly (bit for bit) what `OuroLM(steps=k)` scores: both run
+the same batches through the same code (`_units_forward`), and the k-step model's hidden
+states are the first k of the full-depth model's.
+
+Compute columns: `steps_used_mean` (mean exit step, 1-based), `steps_executed_mean` (what
+a real early-exit run executes: = used for kind "skip", = R for kind "select"),
+`flops_per_token` / `flops_executed_per_token` (`ouro_lab.flops.ModelCost`, attention
+context from the trace, LM-head readouts from `strategy.readouts`). Per scored
+(continuation) token; prompt tokens are not charged in replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM, TemplateLM
+from torch import Tensor
+
+from ouro_lab.errors import OuroLabError
+from ouro_lab.tasks import TaskSet
+
+LL_TYPES = ("loglikelihood", "loglikelihood_rolling")
+
+
+class HarnessError(OuroLabError):
+    """Bad arguments to the lm-eval integration (model args, task mix, strategy)."""
+
+
+# --------------------------------------------------------------------------- scoring units
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One scored token sequence: `ctx` + `cont` token ids, the `cont` tokens scored.
+    A loglikelihood request is one unit, a rolling request one unit per window."""
+
+    ctx: tuple[int, ...]
+    cont: tuple[int, ...]
+    task: str = ""
+    doc_id: int = -1
+    idx: int = 0
+    window: int = -1  # window number of a rolling request, -1 for a plain loglikelihood one
+
+
+def _head_scores(model, h: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
+    """Target log-prob and greedy flag of hidden states h (N, H) — the very arithmetic of
+    `ouro_lab.trace.step_signals` (same chunks, same float32 log-softmax, same topk), so a
+    plain k-step run and a replay of the trace at step k agree bit for bit."""
+    from ouro_lab.trace import CHUNK_ELEMENTS
+
+    N, V = h.shape[0], model.config.vocab_size
+    lp = torch.empty(N, dtype=torch.float32, device=h.device)
+    greedy = torch.empty(N, dtype=torch.bool, device=h.device)
+    chunk = max(1, CHUNK_ELEMENTS // max(V, 1))
+    for a in range(0, N, chunk):
+        b = min(N, a + chunk)
+        logp = F.log_softmax(model.lm_head(h[a:b]).float(), dim=-1)
+        lp[a:b] = logp.gather(1, tgt[a:b, None])[:, 0]
+        greedy[a:b] = logp.topk(min(2, V), dim=-1).indices[:, 0] == tgt[a:b]
+    return lp.cpu(), greedy.cpu()
+
+
+def _unit_results(lp: Tensor, greedy: Tensor, lengths: list[int]) -> list[tuple[float, bool]]:
+    """Per-unit (sum of log-probs, all greedy) from per-token values laid out unit after unit."""
+    out, a = [], 0
+    lp64 = lp.double()
+    for n in lengths:
+        out.append((float(lp64[a:a + n].sum()), bool(greedy[a:a + n].all())))
+        a += n
+    return out
+
+
+def _batches(units: list[Unit], batch_size: int, max_length: int):
+    """Length-sorted batches (longest first, as lm-eval's Collator): yields the unit indices
+    and the right-padded batch (ids, attention mask, targets, scored mask, positions)."""
+    order = sorted(range(len(units)), key=lambda i: (-len(units[i].ctx) - len(units[i].cont), i))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        seqs, scored = [], []
+        for i in idx:
+            u = units[i]
+            if not u.cont:
+                raise HarnessError("a request has an empty continuation; nothing to score")
+            whole = (list(u.ctx) + list(u.cont))[-(max_length + 1):]  # left truncation
+            seqs.append(whole)
+            scored.append(min(len(u.cont), len(whole) - 1))
+        T = max(len(w) for w in seqs) - 1
+        ids = torch.zeros(len(idx), T, dtype=torch.long)
+        tgt = torch.full((len(idx), T), -1, dtype=torch.long)
+        attn = torch.zeros(len(idx), T, dtype=torch.long)
+        smask = torch.zeros(len(idx), T, dtype=torch.bool)
+        for j, (w, n) in enumerate(zip(seqs, scored, strict=True)):
+            L = len(w) - 1
+            ids[j, :L] = torch.tensor(w[:-1])
+            tgt[j, :L] = torch.tensor(w[1:])
+            attn[j, :L] = 1
+            smask[j, L - n:L] = True
+        yield idx, ids, attn, tgt, smask
+
+
+@torch.no_grad()
+def _units_forward(model, units: list[Unit], steps: int, batch_size: int, max_length: int,
+                   signals: bool, progress=None):
+    """Run every unit through `steps` loop steps, batch by batch. With `signals`, return
+    every step's signals of every scored token (`step_signals`, (R, N)); else only the
+    last step's target log-prob and greedy flag. Tokens come back unit after unit, in
+    unit order; also returned: each token's unit, position and attention context."""
+    from ouro_lab.trace import step_signals
+
+    dev = model.device
+    per_unit: list = [None] * len(units)
+    for idx, ids, attn, tgt, smask in _batches(units, batch_size, max_length):
+        out = model(ids.to(dev), attn.to(dev), steps=steps)
+        m = smask.to(dev)
+        if signals:
+            sig = step_signals(model, out, tgt, smask)
+        else:
+            lp, greedy = _head_scores(model, out.step_hidden[-1][m], tgt.to(dev)[m])
+            sig = {"target_logprob": lp[None], "target_is_argmax": greedy[None]}
+        counts = smask.sum(1).tolist()
+        a = 0
+        for j, i in enumerate(idx):
+            pos = smask[j].nonzero()[:, 0]
+            per_unit[i] = ({k: v[:, a:a + counts[j]] for k, v in sig.items()}, pos)
+            a += counts[j]
+        if progress is not None:
+            progress(len(idx))
+    names = per_unit[0][0].keys() if per_unit else ()
+    sig = {k: torch.cat([p[0][k] for p in per_unit], 1) for k in names}
+    unit = torch.cat([torch.full((len(p[1]),), i, dtype=torch.long) for i, p in enumerate(per_unit)]) \
+        if per_unit else torch.zeros(0, dtype=torch.long)
+    pos = torch.cat([p[1] for p in per_unit]) if per_unit else torch.zeros(0, dtype=torch.long)
+    return sig, unit, pos, pos + 1  # ctx: keys attended = position + 1 (itself included)
+
+
+# --------------------------------------------------------------------------- the lm-eval LM
+
+
+class OuroLM(TemplateLM):
+    """lm-eval `LM` for ouro-lab checkpoints.
+
+    Build from a checkpoint folder (`path=`, lm-eval's `pretrained=` also works) or from a
+    loaded `model` + `tokenizer`. `steps` truncates the loop (default: the model's depth);
+    `strategy` (an `ExitStrategy`, or a name with `strategy_params`) runs every request
+    live with early exit (`ouro_lab.live`) under `kv_policy` ("full", "copy", "last"); a
+    `fixed` strategy is the same as `steps=k` unless `live=True` (then it too runs token
+    by token, with its compute recorded). Requests are scored in length-sorted
+    batches of `batch_size`, left-truncated to `max_length` (default: the model's
+    `max_position_embeddings`). `generate_until` is greedy, cuts at the `until` strings
+    itself and honours `max_gen_toks`. `loglikelihood_rolling` returns bare floats.
+
+    Live runs keep per-request compute in `self.records` (keyed by (task, doc_id, idx)).
+    """
+
+    def __init__(self, path: str | None = None, pretrained: str | None = None, model=None, tokenizer=None,
+                 steps: int | None = None, strategy=None, strategy_params: dict | None = None,
+                 kv_policy: str = "copy", live: bool | None = None, batch_size: int | str = 8,
+                 device: str | None = None, dtype: str | None = None, max_length: int | None = None,
+                 max_gen_toks: int = 256, **kwargs):
+        super().__init__()
+        from ouro_lab.loading import load_model, load_tokenizer
+
+        path = path or pretrained
+        if model is None:
+            if path is None:
+                raise HarnessError("model_args: give path=<checkpoint folder> "
+                                   "(or pass model= and tokenizer=)")
+            model = load_model(path, dtype=dtype, device=device)
+        if tokenizer is None:
+            if path is None:
+                raise HarnessError("OuroLM: pass tokenizer= with model=")
+            tokenizer = load_tokenizer(path)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.path = str(path) if path else None
+        R = model.config.total_ut_steps
+        if isinstance(strategy, str):
+            from ouro_lab.registry import make_strategy
+            params = dict(strategy_params or {})
+            params.update({k: v for k, v in kwargs.items()})
+            strategy = make_strategy(strategy, params)
+        elif kwargs:
+            raise HarnessError(f"model_args: unknown argument(s) {', '.join(sorted(kwargs))}; known: path, "
+                               "steps, strategy, kv_policy, live, batch_size, device, dtype, max_length, "
+                               "max_gen_toks")
+        if not live and _is_fixed(strategy):
+            steps, strategy = min(int(strategy.step), R), None  # fixed k = the model truncated to k steps
+        self.steps = R if steps is None else int(steps)
+        # live: loglikelihood requests run token by token with early exit (ouro_lab.live)
+        if isinstance(live, str):
+            live = live.strip().lower() in ("1", "true", "yes")
+        self.live = bool(live) if live is not None else strategy is not None
+        if self.steps < 1:
+            raise HarnessError(f"model_args: steps must be >= 1, got {steps}")
+        self.strategy = strategy
+        from ouro_lab.live import KV_POLICIES
+        if kv_policy not in KV_POLICIES:
+            raise HarnessError(f"model_args: kv_policy {kv_policy!r} unknown; "
+                               f"use one of {', '.join(KV_POLICIES)}")
+        self.kv_policy = kv_policy
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self.max_length = int(max_length or model.config.max_position_embeddings)
+        self.max_gen_toks = int(max_gen_toks)
+        self.records: dict[tuple, dict] = {}
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """`--model_args path=ckpt,steps=2` or `path=ckpt,strategy=threshold,q=0.7,kv_policy=copy`
+        (parameters that are not OuroLM's go to the strategy)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in
+                 ("batch_size", "device")}
+        return cls(**args, **extra)
+
+    # -- lm-eval plumbing
+    @property
+    def eot_token_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            eos = self.model.config.eos_token_id
+        return eos[0] if isinstance(eos, list) else int(eos)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "ouro")).replace("/", "__")
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return list(self.tokenizer(string, add_special_tokens=bool(add_special_tokens)).input_ids)
+
+    def tok_decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def encode_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) exactly as lm-eval's TemplateLM.loglikelihood splits them."""
+        if context == "":
+            cont = self.tok_encode(continuation, add_special_tokens=False)
+            if not cont:
+                return [self.prefix_token_id], []
+            return (([self.prefix_token_id], cont) if self.prefix_token_id != cont[0]
+                    else (cont[:1], cont[1:]))
+        return self._encode_pair(context, continuation)
+
+    def rolling_units(self, string: str) -> list[tuple[list[int], list[int]]]:
+        """Disjoint windows of a rolling-loglikelihood text, as lm-eval's HFLM makes them."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        return [make_disjoint_window(w) for w in get_rolling_token_windows(
+            token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+            max_seq_len=self.max_length, context_len=1)]
+
+    # -- the three request types
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        units = [Unit(tuple(c), tuple(x)) for _, c, x in requests]
+        return self._score_units(units, [None] * len(units))
+
+    def _score_units(self, units: list[Unit], keys: list) -> list[tuple[float, bool]]:
+        if self.live:
+            from ouro_lab.live import live_score_units
+            res, recs = live_score_units(self.model, units, self.strategy, self.kv_policy,
+                                         self.batch_size, self.max_length, self.steps)
+            for k, rec in zip(keys, recs, strict=True):
+                if k is not None:
+                    self.records.setdefault(k, _empty_record()).update_add(rec)
+            return res
+        sig, unit, _, _ = _units_forward(self.model, units, self.steps, self.batch_size,
+                                         self.max_length, signals=False)
+        lengths = torch.bincount(unit, minlength=len(units)).tolist()
+        return _unit_results(sig["target_logprob"][-1], sig["target_is_argmax"][-1], lengths)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        units, keys = [], []
+        for req in requests:
+            c, x = self.encode_request(*req.args)
+            units.append(Unit(tuple(c), tuple(x)))
+            keys.append((req.task_name, req.doc_id, req.idx))
+        return self._score_units(units, keys)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        units, owner, keys = [], [], []
+        for i, req in enumerate(requests):
+            for c, x in self.rolling_units(req.args[0]):
+                units.append(Unit(tuple(c), tuple(x)))
+                owner.append(i)
+                keys.append((req.task_name, req.doc_id, req.idx))
+        res = self._score_units(units, keys)
+        total = [0.0] * len(requests)
+        for i, (lp, _) in zip(owner, res, strict=True):
+            total[i] += lp
+        return total
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from ouro_lab.live import live_generate
+
+        out: list[str | None] = [None] * len(requests)
+        # group by generation kwargs, then length-sorted batches
+        groups = defaultdict(list)
+        for i, req in enumerate(requests):
+            gk = dict(req.args[1] if len(req.args) > 1 else {})
+            until = gk.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            eos_text = self.tok_decode([self.eot_token_id])
+            if eos_text and eos_text not in until:
+                until.append(eos_text)
+            max_new = int(gk.pop("max_gen_toks", self.max_gen_toks))
+            if gk.get("do_sample") or (gk.get("temperature") or 0) > 0:
+                raise HarnessError("generate_until: only greedy decoding is supported "
+                                   "(set do_sample: false, temperature: 0)")
+            groups[(tuple(until), max_new)].append(i)
+        for (until, max_new), idx in groups.items():
+            enc = {i: self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in idx}
+            idx = sorted(idx, key=lambda i: (-len(enc[i]), i))
+            for s in range(0, len(idx), self.batch_size):
+                b = idx[s:s + self.batch_size]
+                prompts = [enc[i][-(self.max_length - max_new):] if max_new < self.max_length
+                           else enc[i][-1:] for i in b]
+                texts, recs = live_generate(self.model, self.tokenizer, prompts, self.strategy,
+                                            self.kv_policy, until=list(until), max_new_tokens=max_new,
+                                            steps=self.steps, eos_token_id=self.eot_token_id)
+                for i, t, rec in zip(b, texts, recs, strict=True):
+                    out[i] = t
+                    r = requests[i]
+                    self.records.setdefault((r.task_name, r.doc_id, r.idx), _empty_record()).update_add(rec)
+        return out
+
+
+def _is_fixed(strategy) -> bool:
+    """The `fixed` strategy (exit every token at step k), however the registry named its module."""
+    mod = type(strategy).__module__ if strategy is not None else ""
+    return hasattr(strategy, "step") and (mod.endswith("fixed") or "_fixed_" in mod)
+
+
+class _Record(dict):
+    """Per-request compute of a live run: tokens, sum of exit steps (1-based), steps
+    executed, FLOPs executed (prefill included for loglikelihood), wall seconds."""
+
+    def update_add(self, other: dict) -> None:
+        for k, v in other.items():
+            self[k] = self.get(k, 0) + v
+
+
+def _empty_record() -> _Record:
+    return _Record()
+
+
+# --------------------------------------------------------------------------- one trace pass
+
+
+def _model_fingerprint(model) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_units(taskset: TaskSet, lm: OuroLM) -> list[Unit]:
+    """Every scored unit of every loglikelihood / rolling task of `taskset`, in lm-eval's
+    request order (tasks built with the taskset's limit and reset few-shot seeds)."""
+    taskset.reset_seeds()
+    units = []
+    for name in taskset.names_of("multiple_choice", *LL_TYPES):
+        task = taskset.tasks[name]
+        task.build_all_requests(limit=_limit(task, taskset.limit), rank=0, world_size=1)
+        for inst in task.instances:
+            if inst.request_type == "loglikelihood":
+                c, x = lm.encode_request(*inst.args)
+                units.append(Unit(tuple(c), tuple(x), name, inst.doc_id, inst.idx, -1))
+            elif inst.request_type == "loglikelihood_rolling":
+                for w, (c, x) in enumerate(lm.rolling_units(inst.args[0])):
+                    units.append(Unit(tuple(c), tuple(x), name, inst.doc_id, inst.idx, w))
+    return units
+
+
+def _limit(task, limit):
+    from lm_eval.evaluator_utils import get_sample_size
+
+    return get_sample_size(task, limit)
+
+
+def trace_pass(model, tokenizer, taskset: TaskSet, batch_size: int = 8, cache_dir: str | Path | None = None,
+               fingerprint: str | None = None, max_length: int | None = None, progress=None):
+    """ONE full-depth pass over every loglikelihood request of every task in `taskset`,
+    recording each scored token's signals at every step. Returns (Trace, units).
+
+    Cached on disk under `cache_dir` by content (model fingerprint, dtype, steps, batch
+    size, token ids of every unit): a second call with the same inputs runs no model
+    pass. `fingerprint` (e.g. `ouro_lab.loading.fingerprint(path)`) saves hashing the
+    weights of an in-memory model."""
+    from ouro_lab.flops import ModelCost
+    from ouro_lab.trace import Trace
+
+    lm = OuroLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    units = build_units(taskset, lm)
+    if not units:
+        raise HarnessError(f"tasks {', '.join(taskset.names)}: no loglikelihood requests to trace "
+                           "(generate_until tasks run live: see ouro_lab.live)")
+    content = hashlib.blake2b(digest_size=16)
+    for u in units:
+        content.update(json.dumps([u.task, u.doc_id, u.idx, u.window, u.ctx, u.cont]).encode())
+    parts = dict(model=fingerprint or _model_fingerprint(model), dtype=str(model.dtype),
+                 steps=model.config.total_ut_steps, batch_size=lm.batch_size, max_length=lm.max_length,
+                 units=content.hexdigest())
+    key = Trace.key(**parts)
+    path = Path(cache_dir) / f"trace-{key}.safetensors" if cache_dir else None
+    if path is not None and path.is_file():
+        trace = Trace.load(path)
+        if trace.meta.get("key") == key:
+            return trace, units
+    t0 = time.perf_counter()
+    sig, unit, pos, ctx = _units_forward(model, units, model.config.total_ut_steps, lm.batch_size,
+                                         lm.max_length, signals=True, progress=progress)
+    meta = dict(parts, key=key, cost=asdict(ModelCost.from_config(model.config)),
+                seconds=time.perf_counter() - t0, n_units=len(units),
+                units=[[u.task, u.doc_id, u.idx, u.window] for u in units])
+    trace = Trace(sig, unit, pos, ctx, meta)
+    if path is not None:
+        trace.save(path)
+    return trace, units
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class ReplayLM(LM):
+    """An lm-eval LM that answers loglikelihood requests from precomputed arrays:
+    `answers[(task, doc_id, idx)]` = (logprob, is_greedy) or, for rolling, a float."""
+
+    def __init__(self, answers: dict):
+        super().__init__()
+        self.answers = answers
+
+    def _get(self, req):
+        key = (req.task_name, req.doc_id, req.idx)
+        if key not in self.answers:
+            raise HarnessError(f"task {req.task_name} doc {req.doc_id}: request not in the trace; "
+                               "trace again with the same tasks, limit and num_fewshot")
+        return self.answers[key]
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return [self._get(r) for r in requests]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return [self._get(r) for r in requests]
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        raise HarnessError("generate_until tasks cannot be replayed from a trace; run them live "
+                           "(ouro_lab.live / evaluate_live)")
+
+
+def _unit_meta(trace) -> list[tuple]:
+    units = trace.meta.get("units")
+    if not units:
+        raise HarnessError("this trace has no unit table in its meta; make it with trace_pass")
+    return [tuple(u) for u in units]
+
+
+def exit_steps(trace, strategy, granularity: str = "token") -> Tensor:
+    """Replay `strategy` over the trace: exit step (N,) 0-based. `granularity="sequence"`
+    exits all tokens of one request (unit) together."""
+    from ouro_lab.strategy import replay
+
+    return replay(strategy, trace.to_signals(), granularity)
+
+
+def answers_from_exits(trace, exit_step: Tensor) -> dict:
+    """lm-eval answers per request from per-token exit steps (see `ReplayLM`)."""
+    meta = _unit_meta(trace)
+    sig = trace.signals
+    lp = sig["target_logprob"].gather(0, exit_step[None])[0]
+    greedy = sig["target_is_argmax"].gather(0, exit_step[None])[0]
+    lengths = torch.bincount(trace.request, minlength=len(meta)).tolist()
+    res = _unit_results(lp, greedy, lengths)
+    answers: dict = {}
+    for (task, doc_id, idx, window), r in zip(meta, res, strict=True):
+        key = (task, doc_id, idx)
+        if window < 0:
+            answers[key] = r
+        else:  # rolling: a bare float, summed over the request's windows
+            answers[key] = answers.get(key, 0.0) + r[0]
+    return answers
+
+
+def run_evaluate(lm, taskset: TaskSet, names: list[str], bootstrap_iters: int = 1000):
+    """`lm_eval.evaluator.evaluate` over the prebuilt tasks `names`, seeds reset first,
+    no request cache. Returns lm-eval's results dict."""
+    from lm_eval.evaluator import evaluate
+
+    taskset.reset_seeds()
+    return evaluate(lm=lm, task_dict=taskset.subset(names), limit=taskset.limit,
+                    bootstrap_iters=bootstrap_iters, log_samples=True, cache_requests=False)
+
+
+def metric_rows(results: dict) -> list[dict]:
+    """lm-eval's `results` section as tidy rows: task, metric, filter, value, stderr."""
+    rows = []
+    for task, res in results["results"].items():
+        for key, value in res.items():
+            if "," not in key or "_stderr," in key:
+                continue
+            metric, filt = key.split(",", 1)
+            if not isinstance(value, (int, float)):
+                continue
+            se = res.get(f"{metric}_stderr,{filt}")
+            rows.append({"task": task, "metric": metric, "filter": filt, "value": float(value),
+                         "stderr": float(se) if isinstance(se, (int, float)) else math.nan})
+    return rows
+
+
+def sample_rows(results: dict, taskset: TaskSet) -> list[dict]:
+    """lm-eval's per-doc samples as rows: task, doc_id, filter, each scalar metric, difficulty."""
+    rows = []
+    for task, samples in (results.get("samples") or {}).items():
+        for s in samples:
+            row = {"task": task, "doc_id": int(s["doc_id"]), "filter": s.get("filter", "none")}
+            for m in s.get("metrics", []):
+                v = s.get(m)
+                if isinstance(v, (bool, int, float)):
+                    row[m] = float(v)
+                elif isinstance(v, (tuple, list)) and v and isinstance(v[0], (int, float)):
+                    row[m] = float(v[0])  # perplexity-style (loglikelihood, weight) pairs
+            doc = s.get("doc")
+            if isinstance(doc, dict) and "difficulty" in doc:
+                row["difficulty"] = doc["difficulty"]
+            rows.append(row)
+    return rows
+
+
+def _token_compute(trace, strategy, exit_step: Tensor, executed: Tensor):
+    """FLOPs used / executed per token (N,) from the trace's attention contexts."""
+    cost = trace.cost()
+    ctx = trace.ctx.double()
+    step = cost.layer_flops + cost.gate_flops + cost.attn_flops_per_ctx * ctx
+    readouts = strategy.readouts(exit_step).double()
+    used = (exit_step + 1).double() * step + readouts * cost.head_flops
+    run = executed.double() * step + readouts * cost.head_flops
+    return used, run
+
+
+def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstrap_iters: int = 1000):
+    """Metrics of one strategy setting from the trace, computed by lm-eval.
+
+    Returns (metrics, samples): metrics a list of dicts (task, metric, filter, value,
+    stderr, steps_used_mean, steps_executed_mean, flops_per_token,
+    flops_executed_per_token); samples a pandas DataFrame, one row per task x doc (x
+    filter) with lm-eval's per-doc metric values, steps used / executed (token means,
+    1-based), FLOPs per token used / executed, and `difficulty` where docs carry one."""
+    import pandas as pd
+
+    R = trace.steps
+    exit_step = exit_steps(trace, strategy, granularity)
+    kind = getattr(strategy, "kind", "skip")
+    executed = (exit_step + 1) if kind == "skip" else torch.full_like(exit_step, R)
+    flops_used, flops_run = _token_compute(trace, strategy, exit_step, executed)
+    results = run_evaluate(ReplayLM(answers_from_exits(trace, exit_step)), taskset,
+                           sorted({u[0] for u in _unit_meta(trace)}), bootstrap_iters)
+    # per task and per doc compute, token-weighted
+    meta = _unit_meta(trace)
+    unit_task = [u[0] for u in meta]
+    unit_doc = torch.tensor([u[1] for u in meta])
+    tok_task = [unit_task[i] for i in trace.request.tolist()]
+    frame = pd.DataFrame({"task": tok_task, "doc_id": unit_doc[trace.request].numpy(),
+                          "steps_used": (exit_step + 1).numpy(), "steps_executed": executed.numpy(),
+                          "flops_per_token": flops_used.numpy(),
+                          "flops_executed_per_token": flops_run.numpy()})
+    per_doc = frame.groupby(["task", "doc_id"]).mean().reset_index()
+    metrics = []
+    for row in metric_rows(results):
+        t = row["task"]
+        members = results.get("group_subtasks", {}).get(t) or [t]
+        sub = frame[frame.task.isin(members)]
+        if len(sub):
+            row.update(steps_used_mean=float(sub.steps_used.mean()),
+                       steps_executed_mean=float(sub.steps_executed.mean()),
+                       flops_per_token=float(sub.flops_per_token.mean()),
+                       flops_executed_per_token=float(sub.flops_executed_per_token.mean()))
+        metrics.append(row)
+    samples = pd.DataFrame(sample_rows(results, taskset))
+    if len(samples):
+        samples = samples.merge(per_doc, on=["task", "doc_id"], how="left")
+    return metrics, samples
+
+
+__all__ = ["OuroLM", "ReplayLM", "TaskSet", "Unit", "trace_pass", "score", "exit_steps",
+           "answers_from_exits", "run_evaluate", "metric_rows", "sample_rows", "build_units"]
