@@ -518,6 +518,93 @@ def run_evaluate(lm, taskset: TaskSet, names: list[str], bootstrap_iters: int = 
                     bootstrap_iters=bootstrap_iters, log_samples=True, cache_requests=False)
 
 
+class Scorer:
+    """lm-eval's evaluation of requests built ONCE, answered many times.
+
+    `lm_eval.evaluator.evaluate` rebuilds every request (rendering and compiling Jinja
+    templates doc by doc) on each call: a few hundred ms even for a small task, which
+    would dwarf a tiny model's forward pass across a 40-setting sweep. A Scorer builds
+    the requests once (few-shot seeds reset), and each call runs the rest of `evaluate`
+    as lm-eval does it for one process: answers into `resps`, the task's filters,
+    `task.process_results` per doc, then lm-eval's aggregation and stderr
+    (`lm_eval.evaluator_utils._process_results`). Template outputs of the cached docs
+    are memoized during a call (rendering is a pure function of the doc). A test pins
+    its results to `evaluate`'s, value for value."""
+
+    MEMO = ("doc_to_choice", "doc_to_target", "doc_to_text")
+
+    def __init__(self, taskset: TaskSet, names: list[str], bootstrap_iters: int = 1000):
+        taskset.reset_seeds()
+        self.task_dict = taskset.subset(names)
+        self.bootstrap_iters = bootstrap_iters
+        self.instances, self.docs, self.by_doc, self.memo = {}, {}, {}, {}
+        for name, task in self.task_dict["tasks"].items():
+            lim = _limit(task, taskset.limit)
+            task.build_all_requests(limit=lim, rank=0, world_size=1)
+            self.instances[name] = list(task.instances)
+            self.docs[name] = list(task.doc_iterator(rank=0, limit=lim, world_size=1))
+            by = defaultdict(list)
+            for inst in self.instances[name]:
+                by[inst.doc_id].append(inst)
+            for v in by.values():
+                v.sort(key=lambda x: x.idx)
+            self.by_doc[name] = by
+            self.memo[name] = {m: {} for m in self.MEMO}
+
+    def keys(self) -> set[tuple]:
+        return {(i.task_name, i.doc_id, i.idx) for v in self.instances.values() for i in v}
+
+    def _install_memo(self, name, task):
+        ids = {id(d) for _, d in self.docs[name]}
+        for m in self.MEMO:
+            fn, memo = getattr(task, m), self.memo[name][m]
+
+            def wrapped(doc, *a, _fn=fn, _memo=memo, **k):
+                if a or k or id(doc) not in ids:
+                    return _fn(doc, *a, **k)
+                if id(doc) not in _memo:
+                    _memo[id(doc)] = _fn(doc)
+                return _memo[id(doc)]
+            setattr(task, m, wrapped)
+
+    def __call__(self, lm) -> dict:
+        """lm-eval's results dict (results, groups, samples, ...) for answers from `lm`."""
+        from lm_eval.evaluator_utils import _process_results
+
+        acc_all = {}
+        for name, task in self.task_dict["tasks"].items():
+            insts = self.instances[name]
+            task._instances = insts  # an evaluate() in between may have replaced them
+            by_type = defaultdict(list)
+            for inst in insts:
+                inst.resps, inst.filtered_resps = [], {}
+                by_type[inst.request_type].append(inst)
+            for rtype, reqs in by_type.items():
+                cloned = [r for r in reqs for _ in range(r.repeats)]
+                for x, r in zip(getattr(lm, rtype)(cloned), cloned, strict=True):
+                    r.resps.append(x)
+            acc = {"task": task, "raw_metrics": defaultdict(list), "logged_samples": []}
+            self._install_memo(name, task)
+            try:
+                task.apply_filters()
+                for filter_key in insts[0].filtered_resps:
+                    for doc_id, doc in self.docs[name]:
+                        reqs = self.by_doc[name][doc_id]
+                        metrics = task.process_results(doc, [r.filtered_resps[filter_key] for r in reqs])
+                        example = {"doc_id": doc_id, "doc": doc, "target": task.doc_to_target(doc),
+                                   "filter": filter_key, "metrics": list(metrics)}
+                        example.update(metrics)
+                        acc["logged_samples"].append(example)
+                        for metric, value in metrics.items():
+                            acc["raw_metrics"][(metric, filter_key)].append(value)
+            finally:
+                for m in self.MEMO:
+                    task.__dict__.pop(m, None)
+            acc_all[name] = acc
+        res = _process_results(acc_all, self.task_dict.get("groups", {}), self.bootstrap_iters)
+        return res._to_eval_results(samples=res.samples)
+
+
 def metric_rows(results: dict) -> list[dict]:
     """lm-eval's `results` section as tidy rows: task, metric, filter, value, stderr."""
     rows = []
@@ -564,6 +651,35 @@ def _token_compute(trace, strategy, exit_step: Tensor, executed: Tensor):
     return used, run
 
 
+def scorer_for(taskset: TaskSet, trace, bootstrap_iters: int = 1000) -> Scorer:
+    """The Scorer of the trace's tasks, built once per taskset and kept on it."""
+    names = sorted({u[0] for u in _unit_meta(trace)})
+    key = (tuple(names), bootstrap_iters)
+    if key not in taskset.scorers:
+        taskset.scorers[key] = Scorer(taskset, names, bootstrap_iters)
+    return taskset.scorers[key]
+
+
+def _doc_index(trace) -> dict:
+    """Per-token task and doc codes of a trace (cached on the trace object)."""
+    import numpy as np
+
+    cached = getattr(trace, "_doc_index", None)
+    if cached is not None:
+        return cached
+    meta = _unit_meta(trace)
+    pairs = sorted({(u[0], int(u[1])) for u in meta})
+    code = {p: i for i, p in enumerate(pairs)}
+    unit_code = np.array([code[(u[0], int(u[1]))] for u in meta], dtype=np.int64)
+    tok = unit_code[trace.request.numpy()]
+    tasks = sorted({p[0] for p in pairs})
+    task_of_doc = np.array([tasks.index(p[0]) for p in pairs], dtype=np.int64)
+    idx = {"pairs": pairs, "tok_doc": tok, "tasks": tasks, "tok_task": task_of_doc[tok],
+           "n_doc": np.bincount(tok, minlength=len(pairs)).astype(float)}
+    trace._doc_index = idx
+    return idx
+
+
 def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstrap_iters: int = 1000):
     """Metrics of one strategy setting from the trace, computed by lm-eval.
 
@@ -571,7 +687,9 @@ def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstr
     stderr, steps_used_mean, steps_executed_mean, flops_per_token,
     flops_executed_per_token); samples a pandas DataFrame, one row per task x doc (x
     filter) with lm-eval's per-doc metric values, steps used / executed (token means,
-    1-based), FLOPs per token used / executed, and `difficulty` where docs carry one."""
+    1-based), FLOPs per token used / executed, and `difficulty` where docs carry one.
+    Group rows (e.g. mmlu) get the token means of all their member tasks."""
+    import numpy as np
     import pandas as pd
 
     R = trace.steps
@@ -579,34 +697,28 @@ def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstr
     kind = getattr(strategy, "kind", "skip")
     executed = (exit_step + 1) if kind == "skip" else torch.full_like(exit_step, R)
     flops_used, flops_run = _token_compute(trace, strategy, exit_step, executed)
-    results = run_evaluate(ReplayLM(answers_from_exits(trace, exit_step)), taskset,
-                           sorted({u[0] for u in _unit_meta(trace)}), bootstrap_iters)
-    # per task and per doc compute, token-weighted
-    meta = _unit_meta(trace)
-    unit_task = [u[0] for u in meta]
-    unit_doc = torch.tensor([u[1] for u in meta])
-    tok_task = [unit_task[i] for i in trace.request.tolist()]
-    frame = pd.DataFrame({"task": tok_task, "doc_id": unit_doc[trace.request].numpy(),
-                          "steps_used": (exit_step + 1).numpy(), "steps_executed": executed.numpy(),
-                          "flops_per_token": flops_used.numpy(),
-                          "flops_executed_per_token": flops_run.numpy()})
-    per_doc = frame.groupby(["task", "doc_id"]).mean().reset_index()
+    results = scorer_for(taskset, trace, bootstrap_iters)(ReplayLM(answers_from_exits(trace, exit_step)))
+    ix = _doc_index(trace)
+    cols = {"steps_used": (exit_step + 1).double().numpy(), "steps_executed": executed.double().numpy(),
+            "flops_per_token": flops_used.numpy(), "flops_executed_per_token": flops_run.numpy()}
+    names = {"steps_used": "steps_used_mean", "steps_executed": "steps_executed_mean",
+             "flops_per_token": "flops_per_token", "flops_executed_per_token": "flops_executed_per_token"}
     metrics = []
     for row in metric_rows(results):
-        t = row["task"]
-        members = results.get("group_subtasks", {}).get(t) or [t]
-        sub = frame[frame.task.isin(members)]
-        if len(sub):
-            row.update(steps_used_mean=float(sub.steps_used.mean()),
-                       steps_executed_mean=float(sub.steps_executed.mean()),
-                       flops_per_token=float(sub.flops_per_token.mean()),
-                       flops_executed_per_token=float(sub.flops_executed_per_token.mean()))
+        members = results.get("group_subtasks", {}).get(row["task"]) or [row["task"]]
+        sel = np.isin(ix["tok_task"], [ix["tasks"].index(t) for t in members if t in ix["tasks"]])
+        if sel.any():
+            row.update({names[k]: float(v[sel].mean()) for k, v in cols.items()})
         metrics.append(row)
+    per_doc = pd.DataFrame({k: np.bincount(ix["tok_doc"], weights=v, minlength=len(ix["pairs"])) / ix["n_doc"]
+                            for k, v in cols.items()})
+    per_doc.insert(0, "doc_id", [p[1] for p in ix["pairs"]])
+    per_doc.insert(0, "task", [p[0] for p in ix["pairs"]])
     samples = pd.DataFrame(sample_rows(results, taskset))
     if len(samples):
         samples = samples.merge(per_doc, on=["task", "doc_id"], how="left")
     return metrics, samples
 
 
-__all__ = ["OuroLM", "ReplayLM", "TaskSet", "Unit", "trace_pass", "score", "exit_steps",
+__all__ = ["OuroLM", "ReplayLM", "Scorer", "TaskSet", "Unit", "trace_pass", "score", "exit_steps",
            "answers_from_exits", "run_evaluate", "metric_rows", "sample_rows", "build_units"]

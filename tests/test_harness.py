@@ -11,7 +11,11 @@ logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    import torch
+
     from ouro_lab.loading import load_model, load_tokenizer
+
+    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared machine
     from ouro_lab.tasks import TaskSet
 
     root = tmp_path_factory.mktemp("h")
@@ -29,7 +33,7 @@ def traced(env):
 
 
 def _values(rows):
-    return {(r["task"], r["metric"], r["filter"]): r["value"] for r in rows}
+    return {(r["task"], r["metric"], r["filter"]): (r["value"], repr(r["stderr"])) for r in rows}
 
 
 def test_replay_fixed_equals_direct_lm_eval_bit_for_bit(env, traced):
@@ -49,6 +53,24 @@ def test_replay_fixed_equals_direct_lm_eval_bit_for_bit(env, traced):
         assert len(samples) == 24 and set(samples.columns) >= {"acc", "acc_norm", "steps_used", "difficulty",
                                                                "flops_per_token", "steps_executed"}
     assert len(seen) == 3  # the steps really differ on this model
+
+
+def test_scorer_equals_lm_eval_evaluate(env, traced):
+    """The build-once Scorer behind `score` returns what lm_eval.evaluator.evaluate returns."""
+    from ouro_lab.harness import ReplayLM, answers_from_exits, exit_steps, metric_rows, run_evaluate, score
+    from ouro_lab.registry import make_strategy
+
+    trace, _ = traced
+    for name, params in (("threshold", {"q": 0.3}), ("threshold", {"q": 0.9}), ("kl", {})):
+        st = make_strategy(name, params)
+        metrics, samples = score(env["ts"], trace, st)
+        lm = ReplayLM(answers_from_exits(trace, exit_steps(trace, st)))
+        direct = run_evaluate(lm, env["ts"], ["tiny_mc", "tiny_ppl"])
+        assert _values(metrics) == _values(metric_rows(direct))
+        got = samples[samples.task == "tiny_mc"].set_index("doc_id")
+        for s in direct["samples"]["tiny_mc"]:
+            row = got.loc[s["doc_id"]]
+            assert row["acc"] == s["acc"] and row["acc_norm"] == s["acc_norm"]
 
 
 def test_trace_is_cached_by_content(env, traced, monkeypatch):
