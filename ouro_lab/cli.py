@@ -62,14 +62,19 @@ def inspect(model_dir: Path = typer.Argument(..., help="checkpoint folder (confi
 
 @app.command()
 def strategies(strategies_dir: list[Path] = typer.Option(None, "--strategies-dir",
-                                                         help="extra folder of strategy files (repeatable)")):
+                                                         help="extra folder of strategy files (repeatable)"),
+               check: bool = typer.Option(False, "--check",
+                                          help="also import each one and check the contract (loads torch)")):
     """List every exit strategy: name, its rule (first docstring line), parameters."""
     from rich.console import Console
     from rich.table import Table
 
-    from ouro_lab.registry import list_strategies
+    from ouro_lab.registry import list_strategies, load_strategy
 
     infos = list_strategies(strategies_dir or ())
+    if check:
+        for i in infos:
+            load_strategy(i.name, strategies_dir or ())
     t = Table(title=f"{len(infos)} exit strategies", show_lines=False)
     for col in ("name", "rule", "parameters", "from"):
         t.add_column(col, overflow="fold")

@@ -131,8 +131,11 @@ def _parse(name: str, path: Path, source: str, cls_name: str = "Strategy") -> St
     """Docstring, parameters and kind of one strategy file, without importing it."""
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    except (SyntaxError, UnicodeDecodeError, OSError) as e:
-        return StrategyInfo(name, f"(unreadable: {type(e).__name__}: {e})", (), source, path)
+    except SyntaxError as e:
+        raise StrategyError(f"{source}: line {e.lineno}: syntax error ({e.msg}); fix or remove the "
+                            "file") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise StrategyError(f"{source}: unreadable ({type(e).__name__}: {_first(e)})") from None
     cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls_name), None)
     doc = ast.get_docstring(tree) or (ast.get_docstring(cls) if cls is not None else None) or ""
     params, kind = [], "skip"
