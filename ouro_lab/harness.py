@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM, TemplateLM
 from torch import Tensor
 
+from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.tasks import TaskSet
 
@@ -131,7 +132,9 @@ def _units_forward(model, units: list[Unit], steps: int, batch_size: int, max_le
 
     dev = model.device
     per_unit: list = [None] * len(units)
-    for idx, ids, attn, tgt, smask in _batches(units, batch_size, max_length):
+    for b, (idx, ids, attn, tgt, smask) in enumerate(_batches(units, batch_size, max_length)):
+        if not distributed.owns(b):  # data parallel: each rank runs whole batches of this plan
+            continue
         out = model(ids.to(dev), attn.to(dev), steps=steps)
         m = smask.to(dev)
         if signals:
@@ -147,6 +150,7 @@ def _units_forward(model, units: list[Unit], steps: int, batch_size: int, max_le
             a += counts[j]
         if progress is not None:
             progress(len(idx))
+    per_unit = distributed.merge(per_unit)  # every rank gets every unit (no-op in one process)
     names = per_unit[0][0].keys() if per_unit else ()
     sig = {k: torch.cat([p[0][k] for p in per_unit], 1) for k in names}
     unit = torch.cat([torch.full((len(p[1]),), i, dtype=torch.long) for i, p in enumerate(per_unit)]) \
@@ -333,20 +337,30 @@ class OuroLM(TemplateLM):
                 raise HarnessError("generate_until: only greedy decoding is supported "
                                    "(set do_sample: false, temperature: 0)")
             groups[(tuple(until), max_new)].append(i)
+        done: list = [None] * len(requests)  # (text, record) per request
+        plan: list[int] = []  # requests in the order their batches run (records keep it)
+        n_batch = 0
         for (until, max_new), idx in groups.items():
             enc = {i: self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in idx}
             idx = sorted(idx, key=lambda i: (-len(enc[i]), i))
             for s in range(0, len(idx), self.batch_size):
                 b = idx[s:s + self.batch_size]
+                plan.extend(b)
+                n_batch += 1
+                if not distributed.owns(n_batch - 1):  # data parallel: whole batches per rank
+                    continue
                 prompts = [enc[i][-(self.max_length - max_new):] if max_new < self.max_length
                            else enc[i][-1:] for i in b]
                 texts, recs = live_generate(self.model, self.tokenizer, prompts, self.strategy,
                                             self.kv_policy, until=list(until), max_new_tokens=max_new,
                                             steps=self.steps, eos_token_id=self.eot_token_id)
                 for i, t, rec in zip(b, texts, recs, strict=True):
-                    out[i] = t
-                    r = requests[i]
-                    self.records.setdefault((r.task_name, r.doc_id, r.idx), _empty_record()).update_add(rec)
+                    done[i] = (t, rec)
+        done = distributed.merge(done)  # every rank gets every request (no-op in one process)
+        for i in plan:
+            out[i], rec = done[i]
+            r = requests[i]
+            self.records.setdefault((r.task_name, r.doc_id, r.idx), _empty_record()).update_add(rec)
         return out
 
 
@@ -441,8 +455,9 @@ def trace_pass(model, tokenizer, taskset: TaskSet, batch_size: int = 8, cache_di
                 seconds=time.perf_counter() - t0, n_units=len(units),
                 units=[[u.task, u.doc_id, u.idx, u.window] for u in units])
     trace = Trace(sig, unit, pos, ctx, meta)
-    if path is not None:
+    if path is not None and distributed.is_main():  # rank 0 alone writes
         trace.save(path)
+    distributed.barrier()  # no rank looks for the cached file before it is complete
     return trace, units
 
 
@@ -720,5 +735,78 @@ def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstr
     return metrics, samples
 
 
+def evaluate_live(model, tokenizer, taskset: TaskSet, strategy=None, kv_policy: str = "copy",
+                  batch_size: int = 8, names: list[str] | None = None, bootstrap_iters: int = 1000,
+                  max_gen_toks: int = 256):
+    """A true early-exit run of `strategy` under `kv_policy` over `names` (default: every
+    task of the taskset, generation included), scored by `lm_eval.evaluator.evaluate`.
+
+    Loglikelihood requests run token by token, prompt included (`live_score_units`);
+    generate_until requests decode live (`live_generate`). Returns (metrics, samples)
+    shaped as `score`'s, the compute columns measured: steps_used_mean /
+    steps_executed_mean per scored or generated token, flops_per_token (exit steps only)
+    / flops_executed_per_token (what ran), flops_total_per_token (prompt included, per
+    scored or generated token) and wall_s (seconds of model work for the task)."""
+    import pandas as pd
+
+    names = names or list(taskset.tasks)
+    lm = OuroLM(model=model, tokenizer=tokenizer, strategy=strategy, kv_policy=kv_policy, live=True,
+                batch_size=batch_size, max_gen_toks=max_gen_toks)
+    results = run_evaluate(lm, taskset, names, bootstrap_iters)
+    rows = []
+    for (task, doc_id, _), rec in lm.records.items():
+        rows.append({"task": task, "doc_id": int(doc_id), "tokens": rec.get("tokens", 0),
+                     "steps_used": rec.get("steps_used", 0), "steps_executed": rec.get("steps_executed", 0),
+                     "flops_used": rec.get("flops_used_scored", 0) + rec.get("flops_used_decode", 0),
+                     "flops_executed": rec.get("flops_scored", 0) + rec.get("flops_decode", 0),
+                     "flops_total": rec.get("flops", 0), "seconds": rec.get("seconds", 0)})
+    rec = pd.DataFrame(rows, columns=["task", "doc_id", "tokens", "steps_used", "steps_executed",
+                                      "flops_used", "flops_executed", "flops_total", "seconds"])
+
+    def summarize(frame):
+        n = max(float(frame.tokens.sum()), 1.0)
+        return {"steps_used_mean": frame.steps_used.sum() / n,
+                "steps_executed_mean": frame.steps_executed.sum() / n,
+                "flops_per_token": frame.flops_used.sum() / n,
+                "flops_executed_per_token": frame.flops_executed.sum() / n,
+                "flops_total_per_token": frame.flops_total.sum() / n, "wall_s": float(frame.seconds.sum())}
+
+    metrics = []
+    for row in metric_rows(results):
+        members = results.get("group_subtasks", {}).get(row["task"]) or [row["task"]]
+        sub = rec[rec.task.isin(members)]
+        if len(sub):
+            row.update({k: float(v) for k, v in summarize(sub).items()})
+        metrics.append(row)
+    per_doc = (rec.groupby(["task", "doc_id"]).apply(lambda f: pd.Series(summarize(f)), include_groups=False)
+               .reset_index()
+               .rename(columns={"steps_used_mean": "steps_used", "steps_executed_mean": "steps_executed"}))
+    samples = pd.DataFrame(sample_rows(results, taskset))
+    if len(samples) and len(per_doc):
+        samples = samples.merge(per_doc, on=["task", "doc_id"], how="left")
+    return metrics, samples
+
+
+def gap(replay_metrics: list[dict], live_metrics: list[dict]) -> list[dict]:
+    """Replay versus live, metric by metric: task, metric, filter, replay, live,
+    diff (live - replay), and both runs' FLOPs per token (used and executed)."""
+    live = {(r["task"], r["metric"], r["filter"]): r for r in live_metrics}
+    out = []
+    for r in replay_metrics:
+        k = (r["task"], r["metric"], r["filter"])
+        if k not in live:
+            continue
+        lv = live[k]
+        out.append({"task": k[0], "metric": k[1], "filter": k[2], "replay": r["value"], "live": lv["value"],
+                    "diff": lv["value"] - r["value"],
+                    "replay_flops_per_token": r.get("flops_per_token", math.nan),
+                    "live_flops_per_token": lv.get("flops_per_token", math.nan),
+                    "replay_flops_executed_per_token": r.get("flops_executed_per_token", math.nan),
+                    "live_flops_executed_per_token": lv.get("flops_executed_per_token", math.nan),
+                    "live_flops_total_per_token": lv.get("flops_total_per_token", math.nan)})
+    return out
+
+
 __all__ = ["OuroLM", "ReplayLM", "Scorer", "TaskSet", "Unit", "trace_pass", "score", "exit_steps",
-           "answers_from_exits", "run_evaluate", "metric_rows", "sample_rows", "build_units"]
+           "answers_from_exits", "run_evaluate", "metric_rows", "sample_rows", "build_units", "evaluate_live",
+           "gap", "scorer_for"]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.flops import ModelCost
 from ouro_lab.model import KVCache
@@ -67,6 +68,9 @@ class LiveBatch:
         self.steps_executed = torch.zeros(batch, dtype=torch.long)
         self.readouts = torch.zeros(batch, dtype=torch.long)
         self.tokens = torch.zeros(batch, dtype=torch.long)
+        # FLOPs the exit steps alone would cost (what replay charges): steps up to the exit
+        # at the token's context plus the readouts made; equals `flops` unless policy "full"
+        self.flops_used = torch.zeros(batch, dtype=torch.float64)
         self.n_fed = 0
 
     def _slot(self, r: int) -> int:
@@ -88,6 +92,7 @@ class LiveBatch:
         lengths = mask.sum(1).cpu()
         for b, n in enumerate(lengths.tolist()):
             self.flops[b] += self.cost.sequence_flops(n, self.R, readouts=0)
+            self.flops_used[b] += self.cost.sequence_flops(n, self.R, readouts=0)
         self.steps_executed += lengths * self.R
         self.tokens += lengths
         self.n_fed += ids.shape[1]
@@ -136,6 +141,7 @@ class LiveBatch:
         index = torch.arange(self.n_fed * B, (self.n_fed + 1) * B, device=dev)
         step_cost = (self.cost.layer_flops + self.cost.gate_flops
                      + self.cost.attn_flops_per_ctx * ctx.double().cpu())
+        readouts_before = self.readouts.clone()
         for r in range(R):
             A = computing.nonzero()[:, 0]
             if A.numel() == 0:
@@ -226,6 +232,10 @@ class LiveBatch:
                                                               torch.cat((past[1], v), 2))
         self.tokens += alive.long().cpu()
         self.n_fed += 1
+        alive_c = alive.cpu()
+        used = ((exit_step.cpu() + 1).double() * step_cost
+                + (self.readouts - readouts_before).double() * self.cost.head_flops)
+        self.flops_used += torch.where(alive_c, used, 0.0)
         out = {"exit": exit_step.cpu(), "logp": exit_logp}
         if tgt is not None:
             out["target_logprob"] = exit_logp.gather(1, tgt.clamp(min=0)[:, None])[:, 0].cpu()
@@ -260,7 +270,7 @@ def live_generate(model, tokenizer, prompts: list[list[int]], strategy=None, kv_
     run = LiveBatch(model, strategy, kv_policy, steps, B, seed)
     ids, mask = _left_pad([p[:-1] for p in prompts])
     run.prefill(ids, mask)
-    prefill_flops = run.flops.clone()
+    prefill_flops, prefill_used = run.flops.clone(), run.flops_used.clone()
     prefill_exec = run.steps_executed.clone()
     cur = torch.tensor([p[-1] for p in prompts])
     alive = torch.ones(B, dtype=torch.bool)
@@ -293,6 +303,7 @@ def live_generate(model, tokenizer, prompts: list[list[int]], strategy=None, kv_
     recs = [{"tokens": int(preds[b]), "steps_used": int(used[b]),
              "steps_executed": int(run.steps_executed[b] - prefill_exec[b]),
              "flops": float(run.flops[b]), "flops_decode": float(run.flops[b] - prefill_flops[b]),
+             "flops_used_decode": float(run.flops_used[b] - prefill_used[b]),
              "seconds": seconds} for b in range(B)]
     return texts, recs
 
@@ -310,6 +321,8 @@ def live_score_units(model, units, strategy=None, kv_policy: str = "copy", batch
     records: list = [None] * len(units)
     order = sorted(range(len(units)), key=lambda i: (-len(units[i].ctx) - len(units[i].cont), i))
     for s in range(0, len(order), batch_size):
+        if not distributed.owns(s // batch_size):  # data parallel: whole batches of this plan per rank
+            continue
         t0 = time.perf_counter()
         idx = order[s:s + batch_size]
         wholes = [(list(units[i].ctx) + list(units[i].cont))[-(max_length + 1):] for i in idx]
@@ -327,8 +340,10 @@ def live_score_units(model, units, strategy=None, kv_policy: str = "copy", batch
         used = torch.zeros(B, dtype=torch.long)
         execd = torch.zeros(B, dtype=torch.long)
         flops_scored = torch.zeros(B, dtype=torch.float64)
+        used_scored = torch.zeros(B, dtype=torch.float64)
         for t in range(T):
             before_f, before_e = run.flops.clone(), run.steps_executed.clone()
+            before_u = run.flops_used.clone()
             out = run.step(ids[:, t], mask[:, t].bool(), targets=tgts[:, t], readout=scored[:, t])
             sc = scored[:, t]
             lp[sc, t] = out["target_logprob"][sc]
@@ -336,6 +351,7 @@ def live_score_units(model, units, strategy=None, kv_policy: str = "copy", batch
             used += torch.where(sc, out["exit"] + 1, 0)
             execd += torch.where(sc, run.steps_executed - before_e, 0)
             flops_scored += torch.where(sc, run.flops - before_f, 0)
+            used_scored += torch.where(sc, run.flops_used - before_u, 0)
         seconds = (time.perf_counter() - t0) / B
         for j, i in enumerate(idx):
             row_lp = lp[j, scored[j]]
@@ -343,8 +359,9 @@ def live_score_units(model, units, strategy=None, kv_policy: str = "copy", batch
             results[i] = _unit_results(row_lp, row_g, [row_lp.shape[0]])[0]
             records[i] = {"tokens": n_scored[j], "steps_used": int(used[j]), "steps_executed": int(execd[j]),
                           "flops": float(run.flops[j]), "flops_scored": float(flops_scored[j]),
+                          "flops_used_scored": float(used_scored[j]),
                           "tokens_all": int(mask[j].sum()), "seconds": seconds}
-    return results, records
+    return distributed.merge(results), distributed.merge(records)  # no-op in one process
 
 
 __all__ = ["KV_POLICIES", "LiveBatch", "LiveError", "live_generate", "live_score_units"]

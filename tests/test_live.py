@@ -1,0 +1,139 @@
+"""Live early exit: token-by-token decoding with KV policies, against replay and the plain model."""
+
+import logging
+import math
+
+import pytest
+from harness_helpers import make_model_dir, make_tasks
+
+logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import torch
+
+    from ouro_lab.harness import trace_pass
+    from ouro_lab.loading import load_model, load_tokenizer
+    from ouro_lab.tasks import TaskSet
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("live")
+    mdir = make_model_dir(root / "model", seed=1)
+    ts = TaskSet(["tiny_mc", "tiny_ppl", "tiny_gen"], include_path=[make_tasks(root / "tasks", n=8)])
+    model, tok = load_model(mdir), load_tokenizer(mdir)
+    trace, _ = trace_pass(model, tok, ts, batch_size=4)
+    return {"ts": ts, "model": model, "tok": tok, "trace": trace}
+
+
+def _by_key(rows):
+    return {(r["task"], r["metric"]): r for r in rows}
+
+
+def test_full_policy_live_matches_replay(env):
+    """With every step computed (`full`), a live run sees the same states as the trace:
+    same exits, same metrics (up to float noise of token-by-token attention)."""
+    from ouro_lab.harness import evaluate_live, score
+    from ouro_lab.registry import make_strategy
+
+    st = make_strategy("threshold", {"q": 0.5})
+    replay, _ = score(env["ts"], env["trace"], st)
+    live, samples = evaluate_live(env["model"], env["tok"], env["ts"], st, "full", batch_size=4,
+                                  names=["tiny_mc", "tiny_ppl"])
+    R = env["trace"].steps
+    lv = _by_key(live)
+    for r in replay:
+        got = lv[(r["task"], r["metric"])]
+        assert got["value"] == pytest.approx(r["value"], rel=1e-4)
+        assert got["steps_used_mean"] == pytest.approx(r["steps_used_mean"])
+        assert got["flops_per_token"] == pytest.approx(r["flops_per_token"])
+        assert got["steps_executed_mean"] == R  # full: every step runs anyway
+        assert got["flops_total_per_token"] >= got["flops_executed_per_token"]
+        if r["task"] == "tiny_mc":  # prompt tokens are charged in the total
+            assert got["flops_total_per_token"] > got["flops_executed_per_token"]
+    assert {"steps_used", "flops_executed_per_token", "acc"} <= set(samples.columns)
+
+
+def test_live_fixed_with_copy_is_the_truncated_model(env):
+    """fixed k under `copy`: no token ever reads a slot deeper than k, so the run equals
+    the k-step model, at k/R of the loop compute."""
+    from ouro_lab.harness import OuroLM, evaluate_live, metric_rows, run_evaluate
+    from ouro_lab.registry import make_strategy
+
+    live, _ = evaluate_live(env["model"], env["tok"], env["ts"], make_strategy("fixed", {"step": 2}), "copy",
+                            batch_size=3, names=["tiny_mc"])
+    plain = metric_rows(run_evaluate(OuroLM(model=env["model"], tokenizer=env["tok"], steps=2), env["ts"],
+                                     ["tiny_mc"]))
+    assert [r["value"] for r in live] == [r["value"] for r in plain]
+    assert all(r["steps_executed_mean"] == 2 for r in live)
+
+
+def test_policies_differ_in_compute_and_slots(env):
+    import torch
+
+    from ouro_lab.live import LiveBatch
+    from ouro_lab.registry import make_strategy
+
+    st = make_strategy("fixed", {"step": 1})
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    runs = {}
+    for pol in ("full", "copy", "last"):
+        run = LiveBatch(env["model"], st, pol, batch=2)
+        for t in range(3):
+            run.step(ids[:, t], torch.ones(2, dtype=torch.bool))
+        runs[pol] = run
+    R, L = env["trace"].steps, env["model"].config.num_hidden_layers
+    assert (runs["full"].steps_executed == 3 * R).all() and (runs["copy"].steps_executed == 3).all()
+    assert runs["copy"].flops.sum() < runs["full"].flops.sum()
+    assert set(runs["last"].cache.kv) == {(0, i) for i in range(L)}
+    assert len(runs["copy"].cache.kv) == R * L
+    for i in range(L):  # copy: the deeper slots hold the exit step's K/V
+        assert torch.equal(runs["copy"].cache.kv[(R - 1, i)][0], runs["copy"].cache.kv[(0, i)][0])
+        assert not torch.equal(runs["full"].cache.kv[(R - 1, i)][0], runs["full"].cache.kv[(0, i)][0])
+
+
+def test_live_generate_without_exit_is_greedy_generate(env):
+    """No strategy: live decoding (parallel prefill, then token by token over a padded
+    batch) produces the model's own greedy continuation."""
+    import torch
+
+    from ouro_lab.live import live_generate
+
+    model, tok = env["model"], env["tok"]
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    texts, recs = live_generate(model, tok, prompts, None, "copy", until=[], max_new_tokens=5)
+    for p, text, rec in zip(prompts, texts, recs, strict=True):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=5)[0, len(p):].tolist()
+        assert text == tok.decode(ref, skip_special_tokens=True)
+        assert rec["tokens"] == 5 and rec["steps_used"] == 5 * env["trace"].steps
+        assert rec["flops"] > rec["flops_decode"] > 0
+    cut, _ = live_generate(model, tok, prompts, None, "copy", until=[texts[0].split()[1]], max_new_tokens=5)
+    assert cut[0] == texts[0][: texts[0].find(texts[0].split()[1])]
+
+
+def test_generation_under_a_strategy_saves_compute(env):
+    from ouro_lab.harness import evaluate_live
+    from ouro_lab.registry import make_strategy
+
+    rows = {}
+    for pol in ("full", "copy", "last"):
+        m, s = evaluate_live(env["model"], env["tok"], env["ts"], make_strategy("threshold", {"q": 0.3}), pol,
+                             batch_size=4, names=["tiny_gen"], max_gen_toks=4)
+        (rows[pol],) = m
+        assert math.isfinite(rows[pol]["value"]) and rows[pol]["wall_s"] > 0
+        assert len(s) == 8 and s.steps_used.notna().all()
+    R = env["trace"].steps
+    assert rows["full"]["steps_executed_mean"] == R
+    assert rows["copy"]["steps_executed_mean"] < R
+    assert rows["copy"]["flops_executed_per_token"] < rows["full"]["flops_executed_per_token"]
+
+
+def test_oracle_cannot_decode(env):
+    import torch
+
+    from ouro_lab.live import LiveBatch, LiveError
+    from ouro_lab.registry import make_strategy
+
+    run = LiveBatch(env["model"], make_strategy("oracle", {}), "copy", batch=1)
+    with pytest.raises(LiveError, match="target"):
+        run.step(torch.tensor([5]), torch.ones(1, dtype=torch.bool))
