@@ -3,7 +3,7 @@
 Deterministic: a pure function of (run seed, seed parameter, token index).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import Tensor
@@ -50,11 +50,15 @@ class Strategy(ExitStrategy):
     mean_steps: float = 2.0  # expected steps per token, 1 <= mean_steps <= the model's depth
     seed: int = 0  # combined with the run's seed: a grid over seeds gives independent baselines
     needs: ClassVar[tuple[str, ...]] = ()
+    _last: tuple = field(default=(), init=False, repr=False, compare=False)  # (key..., h, u)
 
     def decide(self, s: Signals, r: int) -> Tensor:
         if not 1 <= self.mean_steps <= s.steps:
             raise ValueError(f"parameter mean_steps must be in [1, {s.steps}], got {self.mean_steps}")
-        h = hazard(self.mean_steps, s.steps)
-        # one uniform per token: exits at the first r with u < P(steps <= r+1)
-        u = uniform(s.index, s.seed, self.seed)
+        # one uniform per token: exits at the first r with u < P(steps <= r+1). Replay asks
+        # step after step with the same index tensor: compute u and h once per pass.
+        key = (s.seed, s.steps, self.mean_steps, self.seed)
+        if not (self._last and self._last[0] is s.index and self._last[1] == key):
+            self._last = (s.index, key, hazard(self.mean_steps, s.steps), uniform(s.index, s.seed, self.seed))
+        h, u = self._last[2:]
         return u < 1 - (1 - h) ** (r + 1)
