@@ -58,12 +58,10 @@ def step_signals(model, out, targets: Tensor, mask: Tensor,
     sig["argmax"] = torch.empty(R, N, dtype=torch.long, device=hid.device)
     sig["target_is_argmax"] = torch.empty(R, N, dtype=torch.bool, device=hid.device)
 
-    h32 = hid.float()
-    norm = h32.norm(dim=-1)  # (R, N)
     sig["hidden_delta"][0] = math.inf
-    for r in range(1, R):
-        sig["hidden_delta"][r] = (h32[r] - h32[r - 1]).norm(dim=-1) / norm[r]
-    del h32
+    for r in range(1, R):  # one step at a time: float32 copies of two steps, not of all R
+        cur = hid[r].float()
+        sig["hidden_delta"][r] = (cur - hid[r - 1].float()).norm(dim=-1) / cur.norm(dim=-1)
 
     chunk = max(1, chunk_elements // max(V, 1))
     known = tgt >= 0
@@ -74,7 +72,7 @@ def step_signals(model, out, targets: Tensor, mask: Tensor,
         for r in range(R):
             logp = F.log_softmax(model.lm_head(hid[r, a:b]).float(), dim=-1)  # (n, V)
             p = logp.exp()
-            sig["entropy"][r, a:b] = -(p * logp).sum(-1)
+            sig["entropy"][r, a:b] = -_rowdot(p, logp)
             top = logp.topk(min(2, V), dim=-1)
             tp = top.values.exp()
             sig["max_prob"][r, a:b] = tp[:, 0]
@@ -84,10 +82,16 @@ def step_signals(model, out, targets: Tensor, mask: Tensor,
             tlp = logp.gather(1, safe_tgt[a:b, None])[:, 0]
             sig["target_logprob"][r, a:b] = torch.where(known[a:b], tlp, torch.nan)
             sig["target_is_argmax"][r, a:b] = known[a:b] & (am == tgt[a:b])
-            sig["kl_prev"][r, a:b] = math.inf if prev is None else (p * (logp - prev)).sum(-1)
+            # KL(p_r || p_r-1): subtract first, then sum (exact where the two are close)
+            sig["kl_prev"][r, a:b] = math.inf if prev is None else _rowdot(p, logp - prev).clamp(min=0)
             prev = logp
     sig.update(gate_logit=gate, exit_pdf=pdf, exit_cdf=cdf)
     return {k: sig[k].cpu() for k in SIGNALS}
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product (n, V) x (n, V) -> (n,) without an (n, V) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def random_signals(steps: int, n: int, seed: int = 0, vocab: int = 16) -> dict[str, Tensor]:
