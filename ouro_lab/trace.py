@@ -64,34 +64,41 @@ def step_signals(model, out, targets: Tensor, mask: Tensor,
         sig["hidden_delta"][r] = (cur - hid[r - 1].float()).norm(dim=-1) / cur.norm(dim=-1)
 
     chunk = max(1, chunk_elements // max(V, 1))
-    known = tgt >= 0
-    safe_tgt = tgt.clamp(min=0)
     for a in range(0, N, chunk):
         b = min(N, a + chunk)
         prev = None
         for r in range(R):
-            logp = F.log_softmax(model.lm_head(hid[r, a:b]).float(), dim=-1)  # (n, V)
-            p = logp.exp()
-            sig["entropy"][r, a:b] = -_rowdot(p, logp)
-            top = logp.topk(min(2, V), dim=-1)
-            tp = top.values.exp()
-            sig["max_prob"][r, a:b] = tp[:, 0]
-            sig["margin"][r, a:b] = tp[:, 0] - tp[:, 1] if V > 1 else tp[:, 0]
-            am = top.indices[:, 0]
-            sig["argmax"][r, a:b] = am
-            tlp = logp.gather(1, safe_tgt[a:b, None])[:, 0]
-            sig["target_logprob"][r, a:b] = torch.where(known[a:b], tlp, torch.nan)
-            sig["target_is_argmax"][r, a:b] = known[a:b] & (am == tgt[a:b])
-            # KL(p_r || p_r-1): subtract first, then sum (exact where the two are close)
-            sig["kl_prev"][r, a:b] = math.inf if prev is None else _rowdot(p, logp - prev).clamp(min=0)
-            prev = logp
+            vals, prev = head_signals(model.lm_head(hid[r, a:b]), prev, tgt[a:b])
+            for k, v in vals.items():
+                sig[k][r, a:b] = v
     sig.update(gate_logit=gate, exit_pdf=pdf, exit_cdf=cdf)
     return {k: sig[k].cpu() for k in SIGNALS}
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot product (n, V) x (n, V) -> (n,) without an (n, V) temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def head_signals(logits: Tensor, prev_logp: Tensor | None = None,
+                 target: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """The LM-head signals of one step for n tokens: logits (n, V) -> ({name: (n,)}, logp).
+
+    Pass the returned log-probs as `prev_logp` of the next step (None at step 0: KL is
+    +inf). `target` (n,) adds target_logprob / target_is_argmax (negative id = unknown).
+    The one definition of these numbers: traces and live decoding should both call it,
+    so that a replayed decision and a live one agree bit for bit.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)  # (n, V) float32
+    p = logp.exp()
+    top = logp.topk(min(2, logp.shape[-1]), dim=-1)
+    tp = top.values.exp()
+    am = top.indices[:, 0]
+    out = {"entropy": -(p * logp).sum(-1), "max_prob": tp[:, 0],
+           "margin": tp[:, 0] - tp[:, 1] if tp.shape[-1] > 1 else tp[:, 0], "argmax": am,
+           "kl_prev": (torch.full_like(tp[:, 0], math.inf) if prev_logp is None
+                       else (p * (logp - prev_logp)).sum(-1))}
+    if target is not None:
+        known = target >= 0
+        tlp = logp.gather(1, target.clamp(min=0)[:, None])[:, 0]
+        out["target_logprob"] = torch.where(known, tlp, torch.nan)
+        out["target_is_argmax"] = known & (am == target)
+    return out, logp
 
 
 def random_signals(steps: int, n: int, seed: int = 0, vocab: int = 16) -> dict[str, Tensor]:
@@ -349,5 +356,5 @@ def save_heatmap(trace: Trace, labels: list[str], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["step_signals", "Trace", "TraceError", "trace_text", "random_signals", "encode",
+__all__ = ["step_signals", "head_signals", "Trace", "TraceError", "trace_text", "random_signals", "encode",
            "render_table", "save_heatmap", "token_labels"]

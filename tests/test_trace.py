@@ -237,3 +237,15 @@ def test_trace_cli_with_a_tokenizer(fixture_dir, tmp_path, monkeypatch, capsys):
     assert "thinks" in out.stdout
     tr = Trace.load(next((tmp_path / "o").glob("*.safetensors")))
     assert tr.meta["ids"] == [1, 2, 3, 4] and tr.meta["text"] == "the loop thinks twice"
+
+
+def test_head_signals_is_the_one_definition():
+    from ouro_lab.trace import head_signals
+
+    z = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
+    vals, logp = head_signals(z)
+    assert set(vals) == {"entropy", "max_prob", "margin", "argmax", "kl_prev"}
+    assert torch.isinf(vals["kl_prev"]).all() and torch.equal(vals["argmax"], z.argmax(-1))
+    vals2, _ = head_signals(z, logp, torch.tensor([0, 1, 2, 3, -1]))
+    torch.testing.assert_close(vals2["kl_prev"], torch.zeros(5))  # same distribution twice
+    assert torch.isnan(vals2["target_logprob"][4]) and not vals2["target_is_argmax"][4]
