@@ -234,9 +234,18 @@ class OuroLM(TemplateLM):
         (parameters that are not OuroLM's go to the strategy)."""
         from lm_eval.utils import simple_parse_args_string
 
-        args = simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """Model args as a dict (what lm-eval's CLI passes); lm-eval's batch_size and device
+        apply unless model_args set them (its default device cuda:0 falls back to the best
+        available one)."""
+        args = dict(arg_dict)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in
-                 ("batch_size", "device")}
+                 ("batch_size", "device") and k not in args}
+        if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+            extra.pop("device")
         return cls(**args, **extra)
 
     # -- lm-eval plumbing
@@ -807,6 +816,47 @@ def gap(replay_metrics: list[dict], live_metrics: list[dict]) -> list[dict]:
     return out
 
 
+def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=None, num_fewshot=None,
+                   steps=None, strategy=None, params=None, kv_policy: str = "copy", live: bool = False,
+                   batch_size: int = 8, dtype=None, device=None, cache_dir=None, max_gen_toks: int = 256):
+    """`ouro-lab eval`: lm-eval metrics of a checkpoint on `tasks` (names or a comma list).
+
+    Without `strategy`: a plain lm-eval run of the model (cut to `steps`). With one:
+    loglikelihood tasks from one cached trace pass + replay (or a true early-exit run
+    with `live`), generation tasks live under `kv_policy`. Returns (metrics, samples)."""
+    import pandas as pd
+
+    from ouro_lab.loading import fingerprint, load_model, load_tokenizer
+
+    ts = TaskSet(tasks, include_path=include_path, data_root=data_root, limit=limit, num_fewshot=num_fewshot)
+    model, tok = load_model(model_dir, dtype=dtype, device=device), load_tokenizer(model_dir)
+    if strategy is None:
+        lm = OuroLM(model=model, tokenizer=tok, steps=steps, batch_size=batch_size, max_gen_toks=max_gen_toks)
+        res = run_evaluate(lm, ts, list(ts.tasks))
+        return metric_rows(res), pd.DataFrame(sample_rows(res, ts))
+    if steps is not None:
+        raise HarnessError("eval: give either --steps or --strategy, not both")
+    from ouro_lab.registry import make_strategy
+
+    st = make_strategy(strategy, params or {}) if isinstance(strategy, str) else strategy
+    ll = ts.names_of("multiple_choice", *LL_TYPES)
+    gen = ts.names_of("generate_until")
+    metrics, samples = [], []
+    if ll and not live:
+        trace, _ = trace_pass(model, tok, ts, batch_size=batch_size, cache_dir=cache_dir,
+                              fingerprint=fingerprint(model_dir))
+        m, s = score(ts, trace, st)
+        metrics += m
+        samples.append(s)
+    live_names = gen + (ll if live else [])
+    if live_names:
+        m, s = evaluate_live(model, tok, ts, st, kv_policy, batch_size=batch_size, names=live_names,
+                             max_gen_toks=max_gen_toks)
+        metrics += m
+        samples.append(s)
+    return metrics, pd.concat(samples, ignore_index=True) if samples else pd.DataFrame()
+
+
 __all__ = ["OuroLM", "ReplayLM", "Scorer", "TaskSet", "Unit", "trace_pass", "score", "exit_steps",
            "answers_from_exits", "run_evaluate", "metric_rows", "sample_rows", "build_units", "evaluate_live",
-           "gap", "scorer_for"]
+           "gap", "scorer_for", "evaluate_tasks"]

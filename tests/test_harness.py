@@ -140,3 +140,58 @@ def test_bad_model_args_are_one_line_errors(env):
         OuroLM.create_from_arg_string(f"path={env['mdir']},stepz=2")
     lm = OuroLM.create_from_arg_string(f"path={env['mdir']},strategy=fixed,step=2")
     assert lm.steps == 2 and lm.strategy is None and not lm.live
+
+
+def test_cli_eval_plain_and_with_strategy(env, tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from ouro_lab.cli import app
+
+    tasks = str(env["root"] / "tasks")
+    base = ["eval", str(env["mdir"]), "--tasks", "tiny_mc,tiny_gen", "--include-path", tasks, "--limit", "4",
+            "--batch-size", "4"]
+    r = CliRunner().invoke(app, [*base, "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "tiny_mc" in r.output and "acc" in r.output and "tiny_gen" in r.output
+    r = CliRunner().invoke(app, [*base, "--strategy", "threshold", "-p", "q=0.5", "--kv-policy", "last",
+                                 "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    m = pd.read_csv(tmp_path / "o" / "metrics.csv")
+    assert set(m.task) == {"tiny_mc", "tiny_gen"} and m.steps_used_mean.between(1, 4).all()
+    assert len(pd.read_csv(tmp_path / "o" / "samples.csv")) == 8
+    assert any((tmp_path / "c").glob("trace-*.safetensors"))
+    r = CliRunner().invoke(app, [*base, "--strategy", "threshold", "-p", "q"])
+    assert r.exit_code != 0
+
+
+def test_ouro_lab_is_registered_with_lm_eval(env):
+    from lm_eval.api.registry import get_model
+
+    from ouro_lab.harness import OuroLM
+    from ouro_lab.lm_eval_cli import register
+
+    register()
+    cls = get_model("ouro-lab")
+    assert cls is OuroLM
+    lm = cls.create_from_arg_string(f"path={env['mdir']},strategy=threshold,q=0.7,kv_policy=last",
+                                    {"batch_size": 2, "device": "cuda:0" if not _cuda() else "cpu"})
+    assert lm.live and lm.strategy.q == 0.7 and lm.kv_policy == "last" and lm.batch_size == 2
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.slow  # lm-eval's CLI always indexes its ~10k bundled task files (about 30 s here)
+def test_lm_eval_cli_wrapper_registers_ouro_lab(env, monkeypatch, capsys):
+    """`lm-eval --model ouro-lab` through the wrapper, lm-eval's own CLI doing the rest."""
+    from ouro_lab.lm_eval_cli import main
+
+    monkeypatch.chdir(env["root"] / "tasks" / "tiny_mc")  # lm-eval resolves data_files against the cwd
+    main(["--model", "ouro-lab", "--model_args", f"path={env['mdir']},steps=2", "--tasks", "tiny_mc",
+          "--include_path", str(env["root"] / "tasks"), "--limit", "3", "--batch_size", "2"])
+    out = capsys.readouterr().out
+    assert "tiny_mc" in out and "acc" in out and "ouro-lab" in out
