@@ -186,6 +186,67 @@ def train(recipe: Path = typer.Argument(..., help="training recipe YAML (see rec
                f"(q={test['q']})")
 
 
+@app.command(name="eval")
+def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config, weights, tokenizer)"),
+          tasks: str = typer.Option(..., "--tasks", help="comma-separated lm-eval task names"),
+          include_path: list[Path] = typer.Option(None, "--include-path",
+                                                  help="folder(s) of task YAMLs (default: tasks/)"),
+          data_root: Path = typer.Option(None, "--data-root", help="local dataset copies for standard tasks "
+                                         "(<root>/<hub id>; default $OURO_LAB_DATA)"),
+          limit: float = typer.Option(None, "--limit", help="docs per task (a fraction if < 1)"),
+          num_fewshot: int = typer.Option(None, "--num-fewshot", help="override every task's few-shot count"),
+          steps: int = typer.Option(None, "--steps", help="run the model cut to this many loop steps"),
+          strategy: str = typer.Option(None, "--strategy", help="exit strategy (see `ouro-lab strategies`)"),
+          param: list[str] = typer.Option(None, "--param", "-p",
+                                          help="strategy parameter key=value, repeatable"),
+          kv_policy: str = typer.Option("copy", "--kv-policy", help="live runs: full, copy or last"),
+          live: bool = typer.Option(False, "--live", help="loglikelihood tasks as a true early-exit run too "
+                                    "(default: one trace pass + replay)"),
+          batch_size: int = typer.Option(8, "--batch-size"),
+          dtype: str = typer.Option(None, help="float32, bfloat16, ... (default: the checkpoint's)"),
+          device: str = typer.Option(None, help="cpu, cuda or mps (default: best available)"),
+          out: Path = typer.Option(None, "--out", help="folder for metrics.csv and samples.csv"),
+          cache_dir: Path = typer.Option(Path(".cache/ouro-lab"), "--cache-dir", help="trace cache")):
+    """lm-eval metrics of a checkpoint, plain or under an exit strategy (with compute columns)."""
+    from ouro_lab.errors import OuroLabError
+    from ouro_lab.harness import evaluate_tasks
+
+    params = {}
+    for p in param or []:
+        if "=" not in p:
+            raise OuroLabError(f"--param {p!r}: expected key=value, e.g. --param q=0.7")
+        k, v = p.split("=", 1)
+        params[k.strip()] = v.strip()
+    metrics, samples = evaluate_tasks(model_dir, tasks, include_path=include_path or None,
+                                      data_root=data_root, limit=limit, num_fewshot=num_fewshot,
+                                      steps=steps, strategy=strategy,
+                                      params=params, kv_policy=kv_policy, live=live, batch_size=batch_size,
+                                      dtype=dtype, device=device, cache_dir=cache_dir)
+    for r in metrics:
+        extra = (f"  steps {r['steps_used_mean']:.2f} used / {r['steps_executed_mean']:.2f} run, "
+                 f"{r['flops_executed_per_token'] / 1e6:,.3f} MFLOP/token" if "steps_used_mean" in r else "")
+        typer.echo(f"{r['task']:<24} {r['metric']:<16} {r['filter']:<16} {r['value']:.4f} "
+                   f"± {r['stderr']:.4f}{extra}")
+    if out is not None:
+        import pandas as pd
+
+        out.mkdir(parents=True, exist_ok=True)
+        for name, frame in (("metrics.csv", pd.DataFrame(metrics)), ("samples.csv", samples)):
+            tmp = out / f".{name}.tmp"
+            frame.to_csv(tmp, index=False)
+            os.replace(tmp, out / name)
+        typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'samples.csv'}")
+
+
+@app.command(name="lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                               "help_option_names": []})
+def lm_eval_(ctx: typer.Context):
+    """lm-eval's own CLI with `--model ouro-lab` registered (all arguments go to lm-eval)."""
+    from ouro_lab.lm_eval_cli import main as lm_eval_main
+
+    lm_eval_main(list(ctx.args))
+
+
 def main() -> None:
     from ouro_lab.errors import OuroLabError
 
