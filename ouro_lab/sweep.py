@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
 
@@ -382,8 +383,12 @@ def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Pat
         run_dir, what = Path(recipe.output), src.where(("output",)) + ": output"
     else:
         run_dir, what = default_run_dir(recipe, src), f"{src.file}: output (default results/)"
+    distributed.init(recipe.model.device)  # under torchrun / accelerate launch: join the group
+    if not distributed.is_main():
+        from rich.console import Console
+        console = Console(stderr=True, quiet=True)  # rank 0 alone reports, locks and writes
     check_writable(run_dir, what)
-    with RunLock(run_dir):
+    with RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext():
         return _run(recipe, src, settings, run_dir, console)
 
 
@@ -393,7 +398,8 @@ def _load(recipe: Recipe, src: RecipeSource):
     from ouro_lab.tasks import TaskSet
 
     try:
-        model = load_model(recipe.model.path, dtype=recipe.model.dtype, device=recipe.model.device)
+        model = load_model(recipe.model.path, dtype=recipe.model.dtype,
+                           device=distributed.local_device(recipe.model.device))  # cuda:LOCAL_RANK
         fp = fingerprint(recipe.model.path)
     except OuroLabError as e:
         raise RecipeError([src.error(("model", "path"), str(e))]) from None
@@ -437,7 +443,8 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
 
     t_start = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    atomic_write(run_dir / "recipe.yaml", src.file.read_text())
+    if distributed.is_main():
+        atomic_write(run_dir / "recipe.yaml", src.file.read_text())
     prov = {"run_id": run_dir.name, "recipe_file": str(src.file), "recipe_name": src.file.stem,
             "recipe": canonical(recipe), "recipe_hash": recipe_hash(recipe), "git_sha": git_sha(),
             "versions": versions(), "seed": recipe.seed, "device": recipe.model.device,
@@ -472,7 +479,7 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
             fold = folds_of(trace, meta, recipe.calibration.folds, recipe.calibration.seed)
             tok_task = [meta[i][0] for i in trace.request.tolist()]
             bar = progress.add_task("replay settings", total=len(settings))
-            for s in settings:
+            for s in (settings if distributed.is_main() else []):  # no model: rank 0 alone
                 key = _hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
                             _source_hash(s.strategy, dirs), s.fitted and canonical(recipe)["calibration"],
                             recipe.bootstrap)
@@ -494,14 +501,19 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
                             recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
                             _source_hash(s.strategy, dirs), recipe.live.kv_policy, recipe.live.max_gen_toks,
                             recipe.bootstrap)
-                if not store.has(key):
+                if not distributed.broadcast(store.has(key)):  # rank 0 decides; every rank runs it
                     rec, samples = _live(model, tok, taskset, task, s, recipe)
-                    store.save(key, rec, samples)
+                    if distributed.is_main():
+                        store.save(key, rec, samples)
+                if not distributed.is_main():
+                    continue
                 rec, samples = store.load(key)
                 records.append((s, "live", rec))
                 frames.append(_tag(samples, s, "live"))
                 progress.advance(bar)
     hook.remove()
+    if not distributed.is_main():
+        return run_dir  # rank 0 alone writes results
     metrics, samples, exits = assemble(records, frames, recipe)
     atomic_frame(metrics, run_dir / "metrics.csv")
     atomic_frame(samples, run_dir / "samples.parquet")
