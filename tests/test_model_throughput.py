@@ -30,3 +30,80 @@ def test_main_accepts_the_documented_flags(capsys):
     bench.main(["--hidden", "32", "--layers", "1", "--steps", "2", "--heads", "2", "--vocab", "64",
                 "--batch", "1", "--seq", "8", "--reps", "1"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ratio")
+
+
+# --------------------------------------------------------------------------- bench/gpu_throughput.py
+
+
+def test_gpu_bench_peak_table():
+    g = _load_bench("gpu_throughput")
+    assert g.peak_tflops("NVIDIA H200") == g.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert g.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert g.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert g.peak_tflops("NVIDIA L40S") == 362.0 and g.peak_tflops("NVIDIA L4") == 121.0
+    assert g.peak_tflops("NVIDIA A10G") == 70.0 and g.peak_tflops("NVIDIA A10") == 125.0
+    assert g.peak_tflops("Some Future GPU") is None
+    assert g.peak_tflops("NVIDIA H200", override=500) == 500.0
+
+
+def test_gpu_bench_default_shapes_are_ouro_1_4b_and_2_6b():
+    from ouro_lab.flops import OURO_1_4B, OURO_2_6B, ModelCost
+
+    g = _load_bench("gpu_throughput")
+    assert ModelCost.from_config(g.ouro_config()) == OURO_1_4B
+    assert ModelCost.from_config(g.ouro_config(layers=48)) == OURO_2_6B
+
+
+def test_gpu_bench_flop_accounting_matches_counted_matmuls():
+    """prefill_flops / decode_flops equal torch's FlopCounterMode count of what forward and
+    generate run (attention scores apart: the counter skips masked SDPA)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ouro_lab.flops import ModelCost
+
+    g = _load_bench("gpu_throughput")
+    cfg = g.ouro_config(layers=2, steps=3, vocab=64, hidden=32, intermediate=64, heads=4, max_positions=64)
+    model = g.random_model(cfg, "cpu", torch.float32)
+    cost = ModelCost.from_config(cfg)
+    B, P, n, R = 2, 7, 5, 3
+    ids = torch.randint(0, 64, (B, P))
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc:
+            model(ids).logits(-1)
+        pre = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            model.generate(ids, max_new_tokens=n)
+        gen = fc.get_total_flops()
+
+    def attn(ctx_sum):
+        return B * R * cost.attn_flops_per_ctx * ctx_sum
+
+    assert pre == g.prefill_flops(cost, B, P, R) - attn(P * (P + 1) / 2)
+    assert gen - pre == g.decode_flops(cost, B, P, n, R) - attn(sum(P + i + 1 for i in range(n)))
+    assert g.decode_flops(cost, 1, P, n, R) == cost.sequence_flops(n, R, readouts=1, past=P) - cost.head_flops
+
+
+def test_gpu_bench_measure_runs_on_any_device_and_reports(capsys):
+    import torch
+
+    g = _load_bench("gpu_throughput")
+    cfg = g.ouro_config(layers=1, steps=2, vocab=64, hidden=32, intermediate=64, heads=4, max_positions=64)
+    r = g.measure(g.random_model(cfg, "cpu", torch.bfloat16), batch=2, seq=8, new_tokens=3, reps=1, warmup=0)
+    assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_mem_gib"] is None
+    g.report(r, 989.0)
+    g.report(r, None)
+    out = capsys.readouterr().out
+    assert "% of the 989 TFLOP/s dense bf16 peak" in out and "pass --peak-tflops" in out
+
+
+def test_gpu_bench_without_cuda_exits_with_one_line():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    g = _load_bench("gpu_throughput")
+    with pytest.raises(SystemExit) as e:
+        g.main([])
+    assert "no CUDA device" in str(e.value) and "\n" not in str(e.value)
