@@ -107,3 +107,15 @@ def test_gpu_bench_without_cuda_exits_with_one_line():
     with pytest.raises(SystemExit) as e:
         g.main([])
     assert "no CUDA device" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_memory_table_numbers(capsys):
+    from ouro_lab.flops import OURO_1_4B
+
+    m = _load_bench("memory_table")
+    (ctx, w, kv, shared, total), = m.rows(OURO_1_4B, [4096], [1, 4])
+    assert kv[4] == 3.0 and kv[1] == shared == 0.75  # 4096 tokens x 4 steps x 192 KiB = 3 GiB
+    assert w == OURO_1_4B.params * 2 / 2**30 and total[4] == w + 3.0
+    m.main(["--contexts", "4096", "--batch", "2"])
+    out = capsys.readouterr().out
+    assert "| Ouro-1.4B | 4,096 | 2.67 | 1.50 | 3.00 | 4.50 | 6.00 | 1.50 | 8.67 | 4.17 |" in out
