@@ -6,6 +6,10 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread (before torch is imported; subprocesses inherit it): the test models
+# are tiny, and with other processes on the cores OpenMP's spinning threads made their
+# matmuls ~30x slower (measured: a live scoring run 16 s -> 0.5 s). Override by exporting it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "ouro-parity" / "tiny_mha"
