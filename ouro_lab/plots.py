@@ -41,7 +41,7 @@ def _colors(names):
     return {n: cmap(i % 10) for i, n in enumerate(names)}
 
 
-def accuracy_vs_flops(metrics, task: str, metric: str, path: Path,
+def accuracy_vs_flops(metrics, task: str, metric: str, path: Path, mode: str = "replay",
                       x: str = "flops_executed_per_token") -> Path:
     """Accuracy (y, with bootstrap CIs) against executed FLOPs per token (x) for one task:
     fixed steps as labelled points joined by a grey line, every other strategy a curve
@@ -49,7 +49,7 @@ def accuracy_vs_flops(metrics, task: str, metric: str, path: Path,
     m = metrics[(metrics.task == task) & (metrics.metric == metric)]
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        replay = m[m["mode"] == "replay"]
+        replay = m[m["mode"] == mode]
         strategies = [s for s in dict.fromkeys(replay.strategy) if s != FIXED]
         colors = _colors(strategies)
         fixed = replay[replay.strategy == FIXED].sort_values(x)
@@ -64,7 +64,7 @@ def accuracy_vs_flops(metrics, task: str, metric: str, path: Path,
             d = replay[replay.strategy == s].sort_values([x, "value"])
             ax.errorbar(d[x], d.value, yerr=_yerr(d), color=colors[s], marker="o", ms=4, lw=1.2,
                         capsize=2, label=s, alpha=0.9)
-        live = m[m["mode"] == "live"]
+        live = m[m["mode"] == "live"] if mode == "replay" else m.iloc[:0]
         for s, d in live.groupby("strategy", sort=False):
             ax.scatter(d[x], d.value, facecolors="none", edgecolors=[colors.get(s, "k")], marker="D", s=36,
                        label=f"{s} (live)", zorder=4)
@@ -74,7 +74,7 @@ def accuracy_vs_flops(metrics, task: str, metric: str, path: Path,
             ax.step(fx, fy, where="post", color="k", ls="--", lw=1, alpha=0.7, label="Pareto frontier")
         ax.set_xlabel("FLOPs per token (executed)")
         ax.set_ylabel(metric)
-        ax.set_title(f"{task}: {metric} vs compute")
+        ax.set_title(f"{task}: {metric} vs compute ({mode})")
         ax.legend(fontsize=7, loc="lower right", ncol=2 if len(strategies) > 5 else 1)
         return _save(fig, path)
 
@@ -117,13 +117,13 @@ def exit_histograms(exits, task: str, settings: list[str], path: Path) -> Path:
         return _save(fig, path)
 
 
-def accuracy_by_step(metrics, tasks_metrics: dict[str, str], path: Path) -> Path:
-    """Fixed-depth accuracy at every loop step, one line per task."""
+def accuracy_by_step(metrics, tasks_metrics: dict[str, tuple[str, str]], path: Path) -> Path:
+    """Fixed-depth accuracy at every loop step, one line per task ({task: (metric, mode)})."""
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5.2, 3.6))
-        for task, metric in tasks_metrics.items():
+        for task, (metric, mode) in tasks_metrics.items():
             d = metrics[(metrics.task == task) & (metrics.metric == metric) & (metrics.strategy == FIXED)
-                        & (metrics["mode"] == "replay")]
+                        & (metrics["mode"] == mode)]
             if not len(d):
                 continue
             steps = d.params.map(lambda p: int(__import__("json").loads(p)["step"]))
@@ -137,10 +137,11 @@ def accuracy_by_step(metrics, tasks_metrics: dict[str, str], path: Path) -> Path
         return _save(fig, path)
 
 
-def accuracy_by_difficulty(samples, task: str, metric: str, settings: list[str], path: Path) -> Path:
+def accuracy_by_difficulty(samples, task: str, metric: str, settings: list[str], path: Path,
+                           mode: str = "replay") -> Path:
     """Mean per-document score by the task's `difficulty`, one line per setting, with
     mean steps used on a second axis for the first adaptive setting."""
-    s = samples[(samples.task == task) & (samples["mode"] == "replay") & samples.setting.isin(settings)]
+    s = samples[(samples.task == task) & (samples["mode"] == mode) & samples.setting.isin(settings)]
     with plt.rc_context(STYLE):
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
         colors = _colors(settings)

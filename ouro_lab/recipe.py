@@ -55,6 +55,8 @@ class ModelSpec(_Strict):
                         description="cpu, cuda, cuda:N, mps or auto")
     steps: int | None = Field(None, ge=1, le=64,
                               description="loop depth R (default: the checkpoint's total_ut_steps)")
+    threads: int | None = Field(None, ge=1, le=1024,
+                                description="CPU threads for torch (default: torch's; 1 suits tiny models)")
 
 
 class TasksSpec(_Strict):

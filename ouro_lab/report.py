@@ -62,6 +62,11 @@ def read_run(run_dir: str | Path) -> dict:
     return {"dir": run, "metrics": metrics, "samples": samples, "exits": exits, "provenance": prov}
 
 
+def base_mode(metrics: pd.DataFrame, task: str) -> str:
+    """The mode a task's curves are drawn in: replay where a trace exists, else live."""
+    return "replay" if ((metrics.task == task) & (metrics["mode"] == "replay")).any() else "live"
+
+
 def primary_metric(metrics: pd.DataFrame, task: str) -> str:
     have = list(dict.fromkeys(metrics[metrics.task == task].metric))
     for m in PRIMARY:
@@ -87,30 +92,32 @@ def analyze(run: dict) -> dict:
     for task in dict.fromkeys(metrics.task):
         metric = primary_metric(metrics, task)
         m = metrics[(metrics.task == task) & (metrics.metric == metric)]
-        rep = m[m["mode"] == "replay"]
+        mode = base_mode(metrics, task)
+        rep = m[m["mode"] == mode]
         full = rep[rep.is_full.astype(bool)]
         if not len(full):
             continue
         full = full.iloc[0]
         scale = 100.0 if _is_fraction(rep.value) else 1.0
-        t = {"metric": metric, "full": float(full.value), "full_flops": float(full.flops_executed_per_token),
+        t = {"metric": metric, "mode": mode, "full": float(full.value),
+             "full_flops": float(full.flops_executed_per_token),
              "scale": scale, "curves": [], "saved": [], "budgets": [], "live": []}
         for s, d in rep.groupby("strategy", sort=False):
             a, lo, hi = stats.auc(d.flops_rel.to_numpy(), d.value.to_numpy())
             t["curves"].append({"strategy": s, "settings": int(len(d)), "auc": a, "flops_rel_lo": lo,
                                 "flops_rel_hi": hi, "kind": str(d["kind"].iloc[0])})
         if samples is not None and metric in samples.columns:
-            t["saved"] = _saved(samples, rep, task, metric, full, tol / scale, B, seed)
+            t["saved"] = _saved(samples, rep, task, metric, full, tol / scale, B, seed, mode)
         fixed = rep[rep.strategy == "fixed"].sort_values("flops_rel")
         pts = [r for r in rep.to_dict("records") if r["kind"] != "select"]
         for (_, f), best in zip(fixed.iterrows(), stats.best_at_budgets(pts, list(fixed.flops_rel)),
                                 strict=True):
             t["budgets"].append({"budget": f"step {json.loads(f.params).get('step')}",
                                  "flops_rel": float(f.flops_rel), "fixed": float(f.value),
-                                 "best": best and best["setting"],
-                                 "best_value": best and float(best["value"]),
-                                 "best_flops_rel": best and float(best["flops_rel"])})
-        live = m[m["mode"] == "live"]
+                                 "best": best["setting"] if best else None,
+                                 "best_value": float(best["value"]) if best else None,
+                                 "best_flops_rel": float(best["flops_rel"]) if best else None})
+        live = m[m["mode"] == "live"] if mode == "replay" else m.iloc[:0]
         for _, r in live.iterrows():
             twin = rep[(rep.strategy == r.strategy) & (rep.params == r.params)]
             if len(twin):
@@ -129,8 +136,8 @@ def _is_fraction(values) -> bool:
     return bool(len(v)) and bool(((v >= 0) & (v <= 1)).all())
 
 
-def _saved(samples, rep, task, metric, full, tol, B, seed) -> list[dict]:
-    s = samples[(samples.task == task) & (samples["mode"] == "replay")]
+def _saved(samples, rep, task, metric, full, tol, B, seed, mode) -> list[dict]:
+    s = samples[(samples.task == task) & (samples["mode"] == mode)]
     docs = np.sort(s.doc_id.unique())
     idx = stats.bootstrap_indices(len(docs), B, seed)
 
@@ -172,7 +179,7 @@ def make_plots(run: dict, summary: dict) -> list[tuple[str, Path]]:
     for task, t in summary["tasks"].items():
         made.append((f"{task}: {t['metric']} versus FLOPs per token",
                      plots.accuracy_vs_flops(metrics, task, t["metric"],
-                                             pdir / f"{_safe(task)}_acc_vs_flops.png")))
+                                             pdir / f"{_safe(task)}_acc_vs_flops.png", mode=t["mode"])))
         chosen = _representatives(metrics, task, t)
         if exits is not None and len(exits[exits.task == task]):
             made.append((f"{task}: exit-step histogram",
@@ -182,16 +189,18 @@ def make_plots(run: dict, summary: dict) -> list[tuple[str, Path]]:
             if has:
                 made.append((f"{task}: {t['metric']} by difficulty",
                              plots.accuracy_by_difficulty(samples, task, t["metric"], chosen,
-                                                          pdir / f"{_safe(task)}_by_difficulty.png")))
+                                                          pdir / f"{_safe(task)}_by_difficulty.png",
+                                                          mode=t["mode"])))
     made.append(("Accuracy by loop step", plots.accuracy_by_step(
-        metrics, {k: v["metric"] for k, v in summary["tasks"].items()}, pdir / "accuracy_by_step.png")))
+        metrics, {k: (v["metric"], v["mode"]) for k, v in summary["tasks"].items()},
+        pdir / "accuracy_by_step.png")))
     return made
 
 
 def _representatives(metrics, task, t) -> list[str]:
     """Full depth plus, per adaptive strategy, the setting chosen for 'compute saved'
     (else its median-cost setting)."""
-    rep = metrics[(metrics.task == task) & (metrics.metric == t["metric"]) & (metrics["mode"] == "replay")]
+    rep = metrics[(metrics.task == task) & (metrics.metric == t["metric"]) & (metrics["mode"] == t["mode"])]
     full = rep[rep.is_full.astype(bool)].setting.tolist()[:1]
     chosen = {r["strategy"]: r["chosen"] for r in t["saved"] if r["chosen"]}
     out = list(full)
@@ -228,7 +237,7 @@ def sections(run: dict, summary: dict) -> list[tuple[str, list[str], list[list[s
         sc = t["scale"]
         unit = "points" if sc == 100 else "units"
         rows = [[b["budget"], _pct(b["flops_rel"]) + "%", _num(b["fixed"] * sc, 1),
-                 b["best"] or "none", _num((b["best_value"] or np.nan) * sc, 1),
+                 b["best"] or "none", _num(np.nan if b["best_value"] is None else b["best_value"] * sc, 1),
                  _pct(b["best_flops_rel"]) + "%"] for b in t["budgets"]]
         out.append((f"{task}: best strategy at each budget ({t['metric']})",
                     ["budget", "FLOPs vs full", "fixed", "best setting", "its score", "its FLOPs"], rows,

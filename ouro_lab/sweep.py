@@ -78,13 +78,15 @@ def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
 
     R = model_depth(recipe)
     dirs = [Path(d) for d in recipe.strategies_dirs]
-    out, seen = [], set()
+    out, seen = [], {}
 
     def add(s: Setting):
         k = (s.strategy, s.params_json, s.granularity)
         if k not in seen:
-            seen.add(k)
+            seen[k] = s
             out.append(s)
+        else:  # listed twice: one setting, live if either asks
+            seen[k].live |= s.live
 
     for k in range(1, R + 1):
         add(Setting("fixed", {"step": k}, "token", -1, is_full=k == R,
@@ -388,8 +390,23 @@ def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Pat
         from rich.console import Console
         console = Console(stderr=True, quiet=True)  # rank 0 alone reports, locks and writes
     check_writable(run_dir, what)
-    with RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext():
+    lock = RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext()
+    with lock, _threads(recipe.model.threads):
         return _run(recipe, src, settings, run_dir, console)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's CPU threads for the sweep (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _load(recipe: Recipe, src: RecipeSource):
@@ -420,12 +437,28 @@ def _load(recipe: Recipe, src: RecipeSource):
                           fewshot_seed=recipe.seed)
     except OuroLabError as e:
         raise RecipeError([src.error(_task_field(recipe, str(e)), str(e))]) from None
+    except Exception as e:  # datasets / lm-eval failing on the task data itself
+        raise RecipeError([_task_data_error(recipe, src, e)]) from None
     for i, name in enumerate(recipe.tasks.names):
         task = taskset.tasks.get(name)
         if task is not None and not len(task.eval_docs):
             raise RecipeError([src.error(("tasks", "names", i), f"task {name}: its data has no documents "
                                          "(empty file or split); add documents or drop the task")])
     return model, tok, taskset, fp
+
+
+def _task_data_error(recipe: Recipe, src: RecipeSource, first: Exception) -> str:
+    """Find which task's data breaks the build (one at a time) and say so in one line."""
+    from ouro_lab.tasks import TaskSet
+
+    for i, name in enumerate(recipe.tasks.names):
+        try:
+            TaskSet([name], include_path=recipe.tasks.include or None, limit=recipe.tasks.limit)
+        except Exception as e:  # noqa: BLE001 (any failure of the data is the user's to fix)
+            what = "its data file is empty" if isinstance(e, StopIteration) else \
+                f"its data cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            return src.error(("tasks", "names", i), f"task {name}: {what}; add documents or drop the task")
+    return src.error(("tasks", "names"), f"the tasks cannot be built ({type(first).__name__}: {first})")
 
 
 def _task_field(recipe: Recipe, msg: str) -> tuple:
@@ -560,10 +593,55 @@ def _with_tokens(samples, trace, harness):
     return samples
 
 
-def _live(model, tok, taskset, task, s: Setting, recipe: Recipe):
-    from ouro_lab import live
+def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
+    """One setting run live on one task through lm-eval (`OuroLM(strategy=..., live=True)`):
+    generate_until decodes token by token; loglikelihood really stops every token (prompt
+    included) at its exit step. Compute per scored / generated token from the run's records."""
+    import math
 
-    return live.run_setting(model, tok, taskset, task, s.obj, s.granularity, recipe)
+    import pandas as pd
+
+    from ouro_lab import harness
+
+    lm = harness.OuroLM(model=model, tokenizer=tok, strategy=s.obj, kv_policy=recipe.live.kv_policy,
+                        live=True, batch_size=recipe.batch_size, max_gen_toks=recipe.live.max_gen_toks or 256)
+    results = harness.run_evaluate(lm, taskset, [task], recipe.bootstrap)
+    per_doc: dict[int, dict] = {}
+    for (t, doc_id, _idx), rec in lm.records.items():
+        if t != task:
+            continue
+        d = per_doc.setdefault(int(doc_id), {"tokens": 0, "steps_used": 0, "steps_executed": 0, "flops": 0.0,
+                                             "seconds": 0.0})
+        d["tokens"] += rec.get("tokens", 0)
+        d["steps_used"] += rec.get("steps_used", 0)
+        d["steps_executed"] += rec.get("steps_executed", 0)
+        # decode FLOPs for generation, scored-token FLOPs for loglikelihood (prompt prefill apart)
+        d["flops"] += rec.get("flops_decode", rec.get("flops_scored", rec.get("flops", 0.0)))
+        d["seconds"] += rec.get("seconds", 0.0)
+    comp = pd.DataFrame([{"task": task, "doc_id": k, **v} for k, v in sorted(per_doc.items())])
+    tot = comp[["tokens", "steps_used", "steps_executed", "flops", "seconds"]].sum() if len(comp) else None
+    n = max(int(tot["tokens"]), 1) if tot is not None else 1
+    rows = []
+    for row in harness.metric_rows(results):
+        if row["task"] != task:
+            continue
+        if tot is not None:
+            fpt = float(tot["flops"]) / n
+            row.update(steps_used_mean=float(tot["steps_used"]) / n,
+                       steps_executed_mean=float(tot["steps_executed"]) / n,
+                       flops_per_token=fpt, flops_executed_per_token=fpt, seconds=float(tot["seconds"]))
+        rows.append(row)
+    samples = pd.DataFrame(harness.sample_rows(results, taskset))
+    if len(samples) and len(comp):
+        tokens = comp.tokens.clip(lower=1)
+        comp = comp.assign(steps_used=comp.steps_used / tokens, steps_executed=comp.steps_executed / tokens,
+                           flops_per_token=comp.flops / tokens, flops_executed_per_token=comp.flops / tokens,
+                           flops_executed=comp.flops)
+        samples = samples.merge(comp, on=["task", "doc_id"], how="left")
+    rows = [{k: (v if not (isinstance(v, float) and math.isnan(v)) else None) for k, v in r.items()}
+            for r in rows]
+    ntok = int(tot["tokens"]) if tot is not None else 0
+    return {"metrics": rows, "exits": [], "tokens": {task: ntok}}, samples
 
 
 def _tag(samples, s: Setting, mode: str):
@@ -601,17 +679,18 @@ def wide_samples(frames):
     key = ["setting", "strategy", "params", "mode", "task", "doc_id"]
     metric_cols = [c for c in df.columns if c not in key and c not in SAMPLE_COMPUTE
                    and c not in ("filter", "difficulty")]
-    filters = sorted(df["filter"].unique(), key=lambda f: (f != "none", f))
-    out = None
-    for f in filters:
-        d = df[df["filter"] == f].drop(columns="filter")
-        d = d.rename(columns={c: _measure(c, f) for c in metric_cols})
-        if out is None:
-            out = d
-        else:
-            d = d[key + [_measure(c, f) for c in metric_cols]]
-            out = out.merge(d, on=key, how="outer")
-    return out.dropna(axis=1, how="all")
+    parts = []
+    for _, dt in df.groupby("task", sort=True):  # per task: its first filter brings the compute columns
+        out = None
+        for f in sorted(dt["filter"].unique(), key=lambda f: (f != "none", f)):
+            d = dt[dt["filter"] == f].drop(columns="filter")
+            d = d.rename(columns={c: _measure(c, f) for c in metric_cols})
+            if out is None:
+                out = d
+            else:
+                out = out.merge(d[key + [_measure(c, f) for c in metric_cols]], on=key, how="outer")
+        parts.append(out.dropna(axis=1, how="all"))
+    return pd.concat(parts, ignore_index=True)
 
 
 SAMPLE_COMPUTE = {"steps_used", "steps_executed", "flops_per_token", "flops_executed_per_token", "tokens",
@@ -643,7 +722,9 @@ def assemble(records, frames, recipe: Recipe):
     for c in COLUMNS:
         if c not in metrics.columns:
             metrics[c] = np.nan
-    full = metrics[metrics.is_full & (metrics["mode"] == "replay")]
+    # the reference mode of a task: replay where a trace exists, else live (generation tasks)
+    base = {t: ("replay" if (d["mode"] == "replay").any() else "live") for t, d in metrics.groupby("task")}
+    full = metrics[metrics.is_full & (metrics["mode"] == metrics.task.map(base))]
     full_flops = full.groupby("task").flops_executed_per_token.first()
     metrics["flops_rel"] = metrics.flops_executed_per_token / metrics.task.map(full_flops)
     fullv = full.set_index(["task", "metric"]).value
@@ -664,7 +745,7 @@ def assemble(records, frames, recipe: Recipe):
                 continue  # not a mean over documents (perplexity, grouped metrics): no doc-level CI
             metrics.loc[i, ["ci_low", "ci_high"]] = stats.mean_ci(x, idx)
             metrics.loc[i, "n_docs"] = len(docs)
-            y = _per_doc(st, full_label, "replay", r.metric, docs) if full_label else None
+            y = _per_doc(st, full_label, base[task], r.metric, docs) if full_label else None
             if y is not None and np.isfinite(y).all():
                 metrics.loc[i, ["delta_ci_low", "delta_ci_high"]] = stats.mean_ci(x - y, idx)
     metrics = metrics[COLUMNS].sort_values(["task", "mode", "strategy", "flops_executed_per_token", "params",

@@ -1,0 +1,260 @@
+"""`ouro-lab sweep` end to end on a tiny random model and tiny tasks: outputs, determinism,
+trace reuse, resume after kill -9, the lock, and every bad input (one line, exit 2)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from harness_helpers import make_model_dir, make_tasks
+
+from ouro_lab.sweep import COLUMNS, RunLock, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECIPE = """# ouro-lab sweep {name}
+model: {{path: ckpt, dtype: float32, device: cpu}}
+tasks: {{names: [tiny_mc, tiny_gen], include: [tasks], limit: 8}}
+strategies:
+  - {{name: threshold, grid: {{q: [0.3, 0.6, 0.9]}}}}
+  - {{name: threshold, grid: {{q: 0.6}}, live: true}}
+  - {{name: budget, grid: {{mean_steps: [1.5, 2.5]}}}}
+  - {{name: oracle}}
+bootstrap: 200
+batch_size: 16
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lab")
+    make_model_dir(root / "ckpt")
+    make_tasks(root / "tasks", n=8)
+    (root / "r.yaml").write_text(RECIPE.format(name="r.yaml"))
+    os.environ["OURO_LAB_CACHE"] = str(root / "cache")
+    os.environ["OURO_LAB_PROGRESS"] = "0"
+    os.environ["TQDM_DISABLE"] = "1"
+    yield root
+    for k in ("OURO_LAB_CACHE", "OURO_LAB_PROGRESS"):
+        os.environ.pop(k, None)
+
+
+@pytest.fixture(scope="module")
+def run1(lab):
+    return run_sweep(lab / "r.yaml", out=lab / "run1")
+
+
+def cli(*args, cwd=None):
+    """`ouro-lab ARGS` in-process through `main()`: (exit code, stdout + stderr)."""
+    import contextlib
+    import io
+
+    from ouro_lab import cli as cli_mod
+
+    out, err = io.StringIO(), io.StringIO()
+    old = sys.argv
+    sys.argv = ["ouro-lab", *map(str, args)]
+    cwd0 = os.getcwd()
+    code = 0
+    try:
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli_mod.main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+        os.chdir(cwd0)
+    return code, out.getvalue() + err.getvalue()
+
+
+def test_sweep_writes_every_output(run1):
+    for f in ("metrics.csv", "samples.parquet", "exits.csv", "provenance.json", "report.md", "report.html",
+              "summary.json", "recipe.yaml"):
+        assert (run1 / f).is_file(), f
+    m = pd.read_csv(run1 / "metrics.csv")
+    assert list(m.columns) == COLUMNS
+    for t in ("tiny_mc", "tiny_gen"):
+        fixed = m[(m.task == t) & (m.strategy == "fixed")]
+        assert sorted(fixed.params.map(lambda p: json.loads(p)["step"]).unique()) == [1, 2, 3, 4]
+        full = m[(m.task == t) & m.is_full]
+        assert len(full) and (full.delta_vs_full.abs() < 1e-12).all()
+        assert (full.flops_rel.round(12) == 1.0).all()
+    mc = m[(m.task == "tiny_mc") & (m.metric == "acc")]
+    assert set(mc.strategy) == {"fixed", "threshold", "budget", "oracle"}
+    assert set(mc["mode"]) == {"replay", "live"}  # threshold also ran live
+    assert (mc.ci_low <= mc.value + 1e-12).all() and (mc.value <= mc.ci_high + 1e-12).all()
+    f = mc[(mc.strategy == "fixed") & (mc["mode"] == "replay")].sort_values("flops_rel")
+    assert f.steps_used_mean.tolist() == [1, 2, 3, 4] and f.flops_rel.is_monotonic_increasing
+    oracle = mc[mc.strategy == "oracle"].iloc[0]
+    assert oracle.steps_executed_mean == 4 and oracle.steps_used_mean <= 4  # selects; runs every step
+    gen = m[(m.task == "tiny_gen")]
+    assert set(gen["mode"]) == {"live"} and "exact_match,first" in set(gen.metric)
+    assert "oracle" not in set(gen.strategy)  # a selector cannot decode live
+    s = pd.read_parquet(run1 / "samples.parquet")
+    assert {"task", "setting", "mode", "doc_id", "acc", "steps_used", "flops_executed", "tokens",
+            "difficulty"} <= set(s.columns)
+    assert len(s[(s.task == "tiny_mc") & (s.setting == "fixed(step=1)") & (s["mode"] == "replay")]) == 8
+    plots = {p.name for p in (run1 / "plots").iterdir()}
+    assert {"tiny_mc_acc_vs_flops.png", "tiny_mc_exit_hist.png", "tiny_mc_by_difficulty.png",
+            "accuracy_by_step.png", "tiny_gen_acc_vs_flops.png"} <= plots
+    prov = json.loads((run1 / "provenance.json").read_text())
+    assert prov["recipe"]["seed"] == 1234 and prov["dtype"] == "float32" and prov["device"] == "cpu"
+    assert {"torch", "lm_eval", "python"} <= set(prov["versions"]) and prov["model_fingerprint"]
+    assert "git_sha" in prov
+    md = (run1 / "report.md").read_text()
+    for heading in ("best strategy at each budget", "compute saved at <= 1 points loss",
+                    "area under the curve", "replay versus live", "Provenance"):
+        assert heading in md
+
+
+def test_new_strategies_reuse_the_trace_and_same_recipe_twice_gives_identical_metrics(lab, run1):
+    new = "  - {name: kl, grid: {eps: [0.05]}}\n  - {name: random, grid: {mean_steps: 2}}"
+    (lab / "mc.yaml").write_text(RECIPE.format(name="mc.yaml").replace("  - {name: oracle}", new)
+                                 .replace("tiny_mc, tiny_gen", "tiny_mc"))
+    a = run_sweep(lab / "mc.yaml", out=lab / "mc_a")
+    prov = json.loads((a / "provenance.json").read_text())
+    assert prov["trace"]["reused"] and prov["model_forward_calls"] == 0  # run1 traced these tasks
+    assert json.loads((run1 / "provenance.json").read_text())["trace"]["forward_calls"] > 0
+    assert {"kl", "random"} <= set(pd.read_csv(a / "metrics.csv").strategy)
+    b = run_sweep(lab / "mc.yaml", out=lab / "mc_b")
+    pd.testing.assert_frame_equal(pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv"))
+    wall = ["seconds"]  # wall-clock time of live runs is the one thing that may differ
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "samples.parquet").drop(columns=wall),
+                                  pd.read_parquet(b / "samples.parquet").drop(columns=wall))
+
+
+def test_rerun_in_place_skips_finished_settings(lab, run1):
+    before = {p.name: p.stat().st_mtime_ns for p in (run1 / "settings").iterdir()}
+    run_sweep(lab / "r.yaml", out=run1)
+    after = {p.name: p.stat().st_mtime_ns for p in (run1 / "settings").iterdir()}
+    assert before == after  # nothing recomputed or rewritten
+    assert json.loads((run1 / "provenance.json").read_text())["model_forward_calls"] == 0
+
+
+def test_resume_after_kill_9(lab, run1):
+    out = lab / "killed"
+    env = dict(os.environ, OURO_LAB_PROGRESS="0", TQDM_DISABLE="1")
+    cmd = [sys.executable, "-m", "ouro_lab.cli", "sweep", str(lab / "r.yaml"), "--out", str(out),
+           "bootstrap=200"]
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if len(list((out / "settings").glob("*.json"))) >= 3:
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, "the sweep finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert not (out / "metrics.csv").exists()
+    done = len(list((out / "settings").glob("*.json")))
+    assert done >= 3
+    kept = {p.name: p.read_bytes() for p in (out / "settings").glob("*.json")}
+    # the lock died with the process: the rerun takes it, skips what finished, completes
+    code, text = cli("sweep", lab / "r.yaml", "--out", out, "bootstrap=200")
+    assert code == 0, text[-2000:]
+    assert "reused cached trace" in text
+    assert all((out / "settings" / k).read_bytes() == v for k, v in kept.items())  # not redone
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"), pd.read_csv(run1 / "metrics.csv"))
+
+
+def test_two_sweeps_on_one_folder_do_not_mix(lab, run1):
+    with RunLock(run1):
+        code, text = cli("sweep", lab / "r.yaml", "--out", run1)
+    assert code == 2 and "another sweep" in text and str(run1) in text
+    assert (run1 / "metrics.csv").is_file()
+
+
+def test_dry_run_and_validate_print_grid_and_cost(lab):
+    code, text = cli("validate", lab / "r.yaml", "tasks.limit=3")
+    assert code == 0, text
+    assert "10 settings" in text and "threshold" in text and "MFLOP" in text and "valid" in text
+    code, text = cli("sweep", lab / "r.yaml", "--dry-run", "--out", lab / "never")
+    assert code == 0 and not (lab / "never").exists()
+
+
+def test_default_run_folder_is_results_recipe_runid(lab, run1, tmp_path):
+    from ouro_lab.recipe import load_recipe, recipe_hash
+    from ouro_lab.sweep import default_run_dir
+
+    recipe, src = load_recipe(lab / "r.yaml")
+    assert default_run_dir(recipe, src) == Path("results") / "r" / recipe_hash(recipe)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad(lab, tmp_path, text: str, *extra):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    keep = tmp_path / "keep"
+    keep.mkdir(exist_ok=True)
+    (keep / "metrics.csv").write_text("earlier results\n")
+    code, out = cli("sweep", f, "--out", keep, *extra)
+    assert (keep / "metrics.csv").read_text() == "earlier results\n"  # nothing written earlier lost
+    lines = [x for x in out.strip().splitlines() if x.startswith("error:")]
+    return code, lines, f
+
+
+def good(lab) -> str:
+    return RECIPE.format(name="bad.yaml").replace("path: ckpt", f"path: {lab / 'ckpt'}").replace(
+        "include: [tasks]", f"include: [{lab / 'tasks'}]")
+
+
+@pytest.mark.parametrize("edit, field, words", [
+    (("dtype: float32", "dtpye: float32"), ":2: model.dtpye:", "did you mean 'dtype'?"),
+    (("batch_size: 16", "batch_size: many"), ":10: batch_size:", "valid integer"),
+    (("name: budget", "name: budjet"), ":7: strategies[2].name:", "did you mean 'budget'?"),
+    (("tiny_mc, tiny_gen", "tiny_mc, tiny_gem"), ":3: tasks.names[1]:", "did you mean"),
+])
+def test_bad_recipe_one_line_exit_2(lab, tmp_path, edit, field, words):
+    code, lines, f = _bad(lab, tmp_path, good(lab).replace(*edit))
+    assert code == 2
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {f}{field}") and words in lines[0]
+
+
+def test_unreadable_model_folder(lab, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((lab / "ckpt" / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x00garbage")
+    code, lines, f = _bad(lab, tmp_path, good(lab).replace(str(lab / "ckpt"), str(broken)))
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: {f}:2: model.path:") and "safetensors" in lines[0]
+
+
+def test_empty_task_data(lab, tmp_path):
+    import shutil
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(lab / "tasks" / "tiny_mc", tasks / "tiny_mc")
+    (tasks / "tiny_mc" / "test.jsonl").write_text("")
+    text = good(lab).replace(str(lab / "tasks"), str(tasks)).replace("tiny_mc, tiny_gen", "tiny_mc")
+    code, lines, f = _bad(lab, tmp_path, text)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {f}:3: tasks.names[0]:") and "tiny_mc" in lines[0]
+
+
+def test_unwritable_output_folder(lab, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    f = tmp_path / "r.yaml"
+    f.write_text(good(lab))
+    code, text = cli("sweep", f, "--out", blocker / "run")
+    lines = [x for x in text.splitlines() if x.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --out: ")
+    assert "not writable" in lines[0]
+    code, text = cli("sweep", f, f"output={blocker / 'run'}")
+    lines = [x for x in text.splitlines() if x.startswith("error:")]
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: {f}: override output=") and "output" in lines[0]
+    assert blocker.read_text() == "not a folder"
