@@ -84,13 +84,16 @@ def _head_scores(model, h: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _unit_results(lp: Tensor, greedy: Tensor, lengths: list[int]) -> list[tuple[float, bool]]:
-    """Per-unit (sum of log-probs, all greedy) from per-token values laid out unit after unit."""
-    out, a = [], 0
-    lp64 = lp.double()
-    for n in lengths:
-        out.append((float(lp64[a:a + n].sum()), bool(greedy[a:a + n].all())))
-        a += n
-    return out
+    """Per-unit (sum of log-probs in float64, all greedy) from per-token values laid out
+    unit after unit. Every path (plain OuroLM, replay, live) sums through this function."""
+    import numpy as np
+
+    if not lengths:
+        return []
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    sums = np.add.reduceat(lp.double().numpy(), starts)
+    alls = np.logical_and.reduceat(greedy.numpy(), starts)
+    return list(zip(sums.tolist(), alls.tolist(), strict=True))
 
 
 def _batches(units: list[Unit], batch_size: int, max_length: int):
@@ -500,10 +503,14 @@ class ReplayLM(LM):
 
 
 def _unit_meta(trace) -> list[tuple]:
+    cached = getattr(trace, "_unit_meta", None)
+    if cached is not None:
+        return cached
     units = trace.meta.get("units")
     if not units:
         raise HarnessError("this trace has no unit table in its meta; make it with trace_pass")
-    return [tuple(u) for u in units]
+    trace._unit_meta = [tuple(u) for u in units]
+    return trace._unit_meta
 
 
 def exit_steps(trace, strategy, granularity: str = "token") -> Tensor:
@@ -561,7 +568,9 @@ class Scorer:
         taskset.reset_seeds()
         self.task_dict = taskset.subset(names)
         self.bootstrap_iters = bootstrap_iters
-        self.instances, self.docs, self.by_doc, self.memo = {}, {}, {}, {}
+        self.instances, self.docs, self.by_doc, self.memo, self.results_memo = {}, {}, {}, {}, {}
+        self.by_type: dict = {}
+        self.results_cache: dict = {}
         for name, task in self.task_dict["tasks"].items():
             lim = _limit(task, taskset.limit)
             task.build_all_requests(limit=lim, rank=0, world_size=1)
@@ -574,9 +583,25 @@ class Scorer:
                 v.sort(key=lambda x: x.idx)
             self.by_doc[name] = by
             self.memo[name] = {m: {} for m in self.MEMO}
+            self.by_type[name] = defaultdict(list)
+            for inst in self.instances[name]:
+                self.by_type[name][inst.request_type].append(inst)
 
     def keys(self) -> set[tuple]:
         return {(i.task_name, i.doc_id, i.idx) for v in self.instances.values() for i in v}
+
+    def _process(self, name, task, filter_key, doc_id, doc, resps) -> dict:
+        """`task.process_results(doc, resps)`, memoized on the exact responses: it is a pure
+        function of them, and many settings of a sweep give a doc the very same answers."""
+        try:
+            key = (name, filter_key, doc_id, tuple(resps))
+            hash(key)
+        except TypeError:
+            return task.process_results(doc, resps)
+        hit = self.results_memo.get(key)
+        if hit is None:
+            hit = self.results_memo[key] = task.process_results(doc, resps)
+        return dict(hit)
 
     def _install_memo(self, name, task):
         ids = {id(d) for _, d in self.docs[name]}
@@ -599,11 +624,9 @@ class Scorer:
         for name, task in self.task_dict["tasks"].items():
             insts = self.instances[name]
             task._instances = insts  # an evaluate() in between may have replaced them
-            by_type = defaultdict(list)
-            for inst in insts:
-                inst.resps, inst.filtered_resps = [], {}
-                by_type[inst.request_type].append(inst)
-            for rtype, reqs in by_type.items():
+            for rtype, reqs in self.by_type[name].items():
+                for r in reqs:
+                    r.resps, r.filtered_resps = [], {}
                 cloned = [r for r in reqs for _ in range(r.repeats)]
                 for x, r in zip(getattr(lm, rtype)(cloned), cloned, strict=True):
                     r.resps.append(x)
@@ -614,7 +637,8 @@ class Scorer:
                 for filter_key in insts[0].filtered_resps:
                     for doc_id, doc in self.docs[name]:
                         reqs = self.by_doc[name][doc_id]
-                        metrics = task.process_results(doc, [r.filtered_resps[filter_key] for r in reqs])
+                        resps = [r.filtered_resps[filter_key] for r in reqs]
+                        metrics = self._process(name, task, filter_key, doc_id, doc, resps)
                         example = {"doc_id": doc_id, "doc": doc, "target": task.doc_to_target(doc),
                                    "filter": filter_key, "metrics": list(metrics)}
                         example.update(metrics)
@@ -645,9 +669,11 @@ def metric_rows(results: dict) -> list[dict]:
     return rows
 
 
-def sample_rows(results: dict, taskset: TaskSet) -> list[dict]:
-    """lm-eval's per-doc samples as rows: task, doc_id, filter, each scalar metric, difficulty."""
-    rows = []
+def sample_rows(results: dict, taskset: TaskSet | None = None) -> dict[str, list]:
+    """lm-eval's per-doc samples as columns (task, doc_id, filter, each scalar metric,
+    difficulty where docs carry one), ready for `pandas.DataFrame`."""
+    cols: dict[str, list] = defaultdict(list)
+    n = 0
     for task, samples in (results.get("samples") or {}).items():
         for s in samples:
             row = {"task": task, "doc_id": int(s["doc_id"]), "filter": s.get("filter", "none")}
@@ -660,8 +686,15 @@ def sample_rows(results: dict, taskset: TaskSet) -> list[dict]:
             doc = s.get("doc")
             if isinstance(doc, dict) and "difficulty" in doc:
                 row["difficulty"] = doc["difficulty"]
-            rows.append(row)
-    return rows
+            for k, v in row.items():
+                if k not in cols:
+                    cols[k] = [None] * n
+                cols[k].append(v)
+            n += 1
+            for col in cols.values():
+                if len(col) < n:
+                    col.append(None)
+    return dict(cols)
 
 
 def _token_compute(trace, strategy, exit_step: Tensor, executed: Tensor):
@@ -713,6 +746,20 @@ def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstr
     filter) with lm-eval's per-doc metric values, steps used / executed (token means,
     1-based), FLOPs per token used / executed, and `difficulty` where docs carry one.
     Group rows (e.g. mmlu) get the token means of all their member tasks."""
+    import gc
+
+    # the scoring loop allocates a great many small objects while the trace, the docs and
+    # lm-eval's instances are alive: cyclic GC passes would dominate its cost (3x measured)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _score(taskset, trace, strategy, granularity, bootstrap_iters)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _score(taskset, trace, strategy, granularity, bootstrap_iters):
     import numpy as np
     import pandas as pd
 
@@ -721,7 +768,13 @@ def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstr
     kind = getattr(strategy, "kind", "skip")
     executed = (exit_step + 1) if kind == "skip" else torch.full_like(exit_step, R)
     flops_used, flops_run = _token_compute(trace, strategy, exit_step, executed)
-    results = scorer_for(taskset, trace, bootstrap_iters)(ReplayLM(answers_from_exits(trace, exit_step)))
+    scorer = scorer_for(taskset, trace, bootstrap_iters)
+    # settings that exit every token at the same step get the same answers: lm-eval's
+    # results are a deterministic function of them, computed once
+    key = (trace.meta.get("key"), hashlib.blake2b(exit_step.numpy().tobytes(), digest_size=16).hexdigest())
+    results = scorer.results_cache.get(key)
+    if results is None:
+        results = scorer.results_cache[key] = scorer(ReplayLM(answers_from_exits(trace, exit_step)))
     ix = _doc_index(trace)
     cols = {"steps_used": (exit_step + 1).double().numpy(), "steps_executed": executed.double().numpy(),
             "flops_per_token": flops_used.numpy(), "flops_executed_per_token": flops_run.numpy()}
@@ -734,13 +787,13 @@ def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstr
         if sel.any():
             row.update({names[k]: float(v[sel].mean()) for k, v in cols.items()})
         metrics.append(row)
-    per_doc = pd.DataFrame({k: np.bincount(ix["tok_doc"], weights=v, minlength=len(ix["pairs"])) / ix["n_doc"]
-                            for k, v in cols.items()})
-    per_doc.insert(0, "doc_id", [p[1] for p in ix["pairs"]])
-    per_doc.insert(0, "task", [p[0] for p in ix["pairs"]])
-    samples = pd.DataFrame(sample_rows(results, taskset))
+    samples = pd.DataFrame(sample_rows(results))
     if len(samples):
-        samples = samples.merge(per_doc, on=["task", "doc_id"], how="left")
+        code = {p: i for i, p in enumerate(ix["pairs"])}
+        rows = np.array([code.get(p, -1) for p in zip(samples.task, samples.doc_id, strict=True)])
+        for k, v in cols.items():
+            per_doc = np.bincount(ix["tok_doc"], weights=v, minlength=len(ix["pairs"])) / ix["n_doc"]
+            samples[k] = np.where(rows >= 0, per_doc[rows], np.nan)
     return metrics, samples
 
 
@@ -828,8 +881,10 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
 
     from ouro_lab.loading import fingerprint, load_model, load_tokenizer
 
+    distributed.init(device)  # under torchrun / accelerate launch: shard batches over the ranks
     ts = TaskSet(tasks, include_path=include_path, data_root=data_root, limit=limit, num_fewshot=num_fewshot)
-    model, tok = load_model(model_dir, dtype=dtype, device=device), load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=dtype, device=distributed.local_device(device))
+    tok = load_tokenizer(model_dir)
     if strategy is None:
         lm = OuroLM(model=model, tokenizer=tok, steps=steps, batch_size=batch_size, max_gen_toks=max_gen_toks)
         res = run_evaluate(lm, ts, list(ts.tasks))
