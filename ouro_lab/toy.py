@@ -209,6 +209,21 @@ def build_tokenizer():
                                    clean_up_tokenization_spaces=False)
 
 
+def save_tokenizer(path: str | Path) -> Path:
+    """Write tokenizer.json + tokenizer_config.json into a checkpoint folder. The config names
+    the class `PreTrainedTokenizerFast`, which every transformers release since 4.x loads (5.x
+    writes its own `TokenizersBackend`, unknown to 4.x)."""
+    path = Path(path)
+    build_tokenizer().save_pretrained(str(path))
+    cfg_file = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tmp = cfg_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp, cfg_file)
+    return path
+
+
 # --------------------------------------------------------------------------- demo tasks
 
 

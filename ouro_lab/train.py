@@ -440,7 +440,8 @@ def export(model: OuroForCausalLM, recipe: TrainRecipe, summary: dict, out: Path
     log, eval.json and a model card."""
     from ouro_lab.loading import save_model
 
-    save_model(model, out, tokenizer=toy.build_tokenizer())
+    save_model(model, out)
+    toy.save_tokenizer(out)
     tmp = out / "training_log.jsonl.tmp"
     shutil.copyfile(log_path, tmp)
     os.replace(tmp, out / "training_log.jsonl")
@@ -476,7 +477,7 @@ tokenizer is a WordLevel tokenizer that `transformers.AutoTokenizer` loads from 
 
     ouro-lab train {recipe.source}
 
-seed {recipe.seed} (in the recipe), {recipe.threads or 'default'} CPU threads. Training took
+seed {recipe.seed} (in the recipe), CPU threads: {recipe.threads or 'torch default'}. Training took
 {summary['train_time_s'] / 60:.1f} min of wall time on a shared 2-core CPU
 (Stage I {summary['stage1_steps']} updates with the curriculum reaching kmax {summary['final_kmax']},
 Stage II {summary['stage2_steps']} gate-only updates). Floating-point results differ across
