@@ -222,6 +222,10 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
                                       steps=steps, strategy=strategy,
                                       params=params, kv_policy=kv_policy, live=live, batch_size=batch_size,
                                       dtype=dtype, device=device, cache_dir=cache_dir)
+    from ouro_lab import distributed
+
+    if not distributed.is_main():
+        return  # data parallel: every rank holds every result; rank 0 alone prints and writes
     for r in metrics:
         extra = (f"  steps {r['steps_used_mean']:.2f} used / {r['steps_executed_mean']:.2f} run, "
                  f"{r['flops_executed_per_token'] / 1e6:,.3f} MFLOP/token" if "steps_used_mean" in r else "")

@@ -87,9 +87,10 @@ def launched() -> bool:
 def init(device: str | None = None, timeout_s: float = 1800.0) -> World:
     """Start torch.distributed from the launcher's environment variables, once.
 
-    `device` is the device the model will run on ("cpu", "cuda", "cuda:3", None = cpu):
-    CUDA gets nccl and `torch.cuda.set_device(LOCAL_RANK)`, anything else gloo. Without
-    a launcher (WORLD_SIZE unset or 1) nothing is started and rank 0 of 1 is returned.
+    `device` is the device the model will run on ("cpu", "cuda", "cuda:3"; None = the
+    best available, as `load_model` picks it): CUDA gets nccl and
+    `torch.cuda.set_device(LOCAL_RANK)`, anything else gloo. Without a launcher
+    (WORLD_SIZE unset or 1) nothing is started and rank 0 of 1 is returned.
     """
     if not launched() or _dist() is not None:
         return world()
@@ -100,7 +101,7 @@ def init(device: str | None = None, timeout_s: float = 1800.0) -> World:
     import torch
     import torch.distributed as dist
 
-    cuda = str(device or "cpu").startswith("cuda")
+    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if cuda:
         if not torch.cuda.is_available():
             raise DistributedError(f"model.device: {device!r} but no CUDA device is visible; use cpu")
@@ -111,13 +112,16 @@ def init(device: str | None = None, timeout_s: float = 1800.0) -> World:
 
 
 def local_device(device: str | None) -> str | None:
-    """The device this rank should load its model on: `cuda` becomes `cuda:<LOCAL_RANK>`
-    in a multi-process run (one GPU per process); anything else is returned unchanged."""
-    if device is not None and str(device) == "cuda" and launched():
-        import torch
+    """The device this rank should load its model on: in a multi-process run `cuda` (and
+    None, the best available, when that is CUDA) becomes `cuda:<LOCAL_RANK>`, one GPU per
+    process; anything else is returned unchanged."""
+    if device not in (None, "cuda") or not launched():
+        return device
+    import torch
 
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1)}"
-    return device
+    if not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
 
 
 def shutdown() -> None:
