@@ -11,68 +11,22 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from harness_helpers import make_model_dir, make_tasks
+import sweep_helpers
+from sweep_helpers import RECIPE, cli
 
 from ouro_lab.sweep import COLUMNS, RunLock, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RECIPE = """# ouro-lab sweep {name}
-model: {{path: ckpt, dtype: float32, device: cpu}}
-tasks: {{names: [tiny_mc, tiny_gen], include: [tasks], limit: 8}}
-strategies:
-  - {{name: threshold, grid: {{q: [0.3, 0.6, 0.9]}}}}
-  - {{name: threshold, grid: {{q: 0.6}}, live: true}}
-  - {{name: budget, grid: {{mean_steps: [1.5, 2.5]}}}}
-  - {{name: oracle}}
-bootstrap: 200
-batch_size: 16
-"""
-
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lab")
-    make_model_dir(root / "ckpt")
-    make_tasks(root / "tasks", n=8)
-    (root / "r.yaml").write_text(RECIPE.format(name="r.yaml"))
-    os.environ["OURO_LAB_CACHE"] = str(root / "cache")
-    os.environ["OURO_LAB_PROGRESS"] = "0"
-    os.environ["TQDM_DISABLE"] = "1"
-    yield root
-    for k in ("OURO_LAB_CACHE", "OURO_LAB_PROGRESS"):
-        os.environ.pop(k, None)
+    return sweep_helpers.lab(tmp_path_factory.getbasetemp() / "lab")
 
 
 @pytest.fixture(scope="module")
-def run1(lab):
-    return run_sweep(lab / "r.yaml", out=lab / "run1")
-
-
-def cli(*args, cwd=None):
-    """`ouro-lab ARGS` in-process through `main()`: (exit code, stdout + stderr)."""
-    import contextlib
-    import io
-
-    from ouro_lab import cli as cli_mod
-
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.argv
-    sys.argv = ["ouro-lab", *map(str, args)]
-    cwd0 = os.getcwd()
-    code = 0
-    try:
-        if cwd:
-            os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                cli_mod.main()
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
-        os.chdir(cwd0)
-    return code, out.getvalue() + err.getvalue()
+def run1(lab, tmp_path_factory):
+    return sweep_helpers.finished_run(lab)
 
 
 def test_sweep_writes_every_output(run1):
