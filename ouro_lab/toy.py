@@ -3,7 +3,7 @@
 An item is a start digit followed by k operations written in the input, then `=`; the answer
 is the next token, the composition applied to the start digit:
 
-    7 *3 +3 +3 *7 =  ->  3        (7*3=21->1, +3=4, +3=7, *7=49->9 ... mod 10)
+    7 *3 +3 +3 *7 =  ->  9        (7*3 = 21 -> 1, +3 -> 4, +3 -> 7, *7 = 49 -> 9; mod 10)
 
 Difficulty is k, the number of operations. Every operation is a bijection of Z_10, so the
 answer is uniform over the ten digits (chance is 0.10) and cannot be guessed from the input
