@@ -98,7 +98,7 @@ def _unit_results(lp: Tensor, greedy: Tensor, lengths: list[int]) -> list[tuple[
 
 def _batches(units: list[Unit], batch_size: int, max_length: int):
     """Length-sorted batches (longest first, as lm-eval's Collator): yields the unit indices
-    and the right-padded batch (ids, attention mask, targets, scored mask, positions)."""
+    and the right-padded batch (ids, attention mask, targets, scored mask)."""
     order = sorted(range(len(units)), key=lambda i: (-len(units[i].ctx) - len(units[i].cont), i))
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
@@ -111,16 +111,13 @@ def _batches(units: list[Unit], batch_size: int, max_length: int):
             seqs.append(whole)
             scored.append(min(len(u.cont), len(whole) - 1))
         T = max(len(w) for w in seqs) - 1
-        ids = torch.zeros(len(idx), T, dtype=torch.long)
-        tgt = torch.full((len(idx), T), -1, dtype=torch.long)
-        attn = torch.zeros(len(idx), T, dtype=torch.long)
-        smask = torch.zeros(len(idx), T, dtype=torch.bool)
-        for j, (w, n) in enumerate(zip(seqs, scored, strict=True)):
-            L = len(w) - 1
-            ids[j, :L] = torch.tensor(w[:-1])
-            tgt[j, :L] = torch.tensor(w[1:])
-            attn[j, :L] = 1
-            smask[j, L - n:L] = True
+        ids = torch.tensor([w[:-1] + [0] * (T + 1 - len(w)) for w in seqs], dtype=torch.long)
+        tgt = torch.tensor([w[1:] + [-1] * (T + 1 - len(w)) for w in seqs], dtype=torch.long)
+        lengths = torch.tensor([len(w) - 1 for w in seqs])
+        n = torch.tensor(scored)
+        col = torch.arange(T)[None]
+        attn = (col < lengths[:, None]).long()
+        smask = (col < lengths[:, None]) & (col >= (lengths - n)[:, None])
         yield idx, ids, attn, tgt, smask
 
 
@@ -134,31 +131,27 @@ def _units_forward(model, units: list[Unit], steps: int, batch_size: int, max_le
     from ouro_lab.trace import step_signals
 
     dev = model.device
-    per_unit: list = [None] * len(units)
-    for b, (idx, ids, attn, tgt, smask) in enumerate(_batches(units, batch_size, max_length)):
-        if not distributed.owns(b):  # data parallel: each rank runs whole batches of this plan
-            continue
+    chunks = []
+    for idx, ids, attn, tgt, smask in _batches(units, batch_size, max_length):
         out = model(ids.to(dev), attn.to(dev), steps=steps)
-        m = smask.to(dev)
         if signals:
             sig = step_signals(model, out, tgt, smask)
         else:
+            m = smask.to(dev)
             lp, greedy = _head_scores(model, out.step_hidden[-1][m], tgt.to(dev)[m])
             sig = {"target_logprob": lp[None], "target_is_argmax": greedy[None]}
-        counts = smask.sum(1).tolist()
-        a = 0
-        for j, i in enumerate(idx):
-            pos = smask[j].nonzero()[:, 0]
-            per_unit[i] = ({k: v[:, a:a + counts[j]] for k, v in sig.items()}, pos)
-            a += counts[j]
+        rows_cols = smask.nonzero()  # row-major, as step_signals lays tokens out
+        chunks.append((sig, torch.tensor(idx)[rows_cols[:, 0]], rows_cols[:, 1]))
         if progress is not None:
             progress(len(idx))
-    per_unit = distributed.merge(per_unit)  # every rank gets every unit (no-op in one process)
-    names = per_unit[0][0].keys() if per_unit else ()
-    sig = {k: torch.cat([p[0][k] for p in per_unit], 1) for k in names}
-    unit = torch.cat([torch.full((len(p[1]),), i, dtype=torch.long) for i, p in enumerate(per_unit)]) \
-        if per_unit else torch.zeros(0, dtype=torch.long)
-    pos = torch.cat([p[1] for p in per_unit]) if per_unit else torch.zeros(0, dtype=torch.long)
+    if not chunks:
+        empty = torch.zeros(0, dtype=torch.long)
+        return {}, empty, empty, empty
+    unit = torch.cat([c[1] for c in chunks])
+    pos = torch.cat([c[2] for c in chunks])
+    order = torch.sort(unit, stable=True).indices  # unit order; positions stay in order within a unit
+    sig = {k: torch.cat([c[0][k] for c in chunks], 1)[:, order] for k in chunks[0][0]}
+    unit, pos = unit[order], pos[order]
     return sig, unit, pos, pos + 1  # ctx: keys attended = position + 1 (itself included)
 
 
