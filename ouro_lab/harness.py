@@ -132,7 +132,9 @@ def _units_forward(model, units: list[Unit], steps: int, batch_size: int, max_le
 
     dev = model.device
     chunks = []
-    for idx, ids, attn, tgt, smask in _batches(units, batch_size, max_length):
+    for b, (idx, ids, attn, tgt, smask) in enumerate(_batches(units, batch_size, max_length)):
+        if not distributed.owns(b):  # data parallel (torchrun): each rank runs whole batches of this plan
+            continue
         out = model(ids.to(dev), attn.to(dev), steps=steps)
         if signals:
             sig = step_signals(model, out, tgt, smask)
@@ -144,6 +146,7 @@ def _units_forward(model, units: list[Unit], steps: int, batch_size: int, max_le
         chunks.append((sig, torch.tensor(idx)[rows_cols[:, 0]], rows_cols[:, 1]))
         if progress is not None:
             progress(len(idx))
+    chunks = [c for part in distributed.all_gather(chunks) for c in part]  # every rank, every batch
     if not chunks:
         empty = torch.zeros(0, dtype=torch.long)
         return {}, empty, empty, empty

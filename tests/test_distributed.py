@@ -139,25 +139,8 @@ def test_two_gloo_processes_shard_and_gather_in_order(tmp_path):
 # --------------------------------------------------------------------------- a sweep on 2 processes
 
 
-def _toy_model_dir(path, steps: int = 2):
-    """A random 2-layer looped model over the demo tasks' vocabulary (ouro_lab.toy)."""
-    import torch
-
-    from ouro_lab import toy
-    from ouro_lab.loading import save_model
-    from ouro_lab.model import OuroConfig, OuroForCausalLM, init_weights
-
-    cfg = OuroConfig(vocab_size=len(toy.VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, total_ut_steps=steps,
-                     max_position_embeddings=64, bos_token_id=1, eos_token_id=1, pad_token_id=0)
-    model = init_weights(OuroForCausalLM(cfg), std=0.3, seed=0)
-    with torch.no_grad():  # spread the gate so exit steps vary across tokens
-        model.model.early_exit_gate.bias.fill_(-0.5)
-    return save_model(model, path, tokenizer=toy.build_tokenizer())
-
-
 def test_sweep_on_two_gloo_processes_equals_one_process(tmp_path, monkeypatch):
-    """The demo tasks (loop_demo_mc: trace pass + replay + a live early-exit run;
+    """The demo model and tasks (loop_demo_mc: trace pass + replay + a live early-exit run;
     loop_demo_gen: every setting decoded live) swept by `torchrun --nproc-per-node 2 -m
     ouro_lab.cli sweep` and by one process: identical metrics.csv (byte for byte, every
     metric and compute column), exit counts and per-sample rows (wall seconds apart).
@@ -171,12 +154,18 @@ def test_sweep_on_two_gloo_processes_equals_one_process(tmp_path, monkeypatch):
 
     from ouro_lab.sweep import run_sweep
 
-    mdir = _toy_model_dir(tmp_path / "model")
+    mdir = ROOT / "ouro_lab" / "builtin" / "loop-demo"
+    tasks = tmp_path / "tasks"  # the demo task YAMLs over every k-th document (all difficulties)
+    (tasks / "data").mkdir(parents=True)
+    for name, k in (("loop_demo_mc", 45), ("loop_demo_gen", 10)):
+        (tasks / f"{name}.yaml").write_text((ROOT / "tasks" / f"{name}.yaml").read_text())
+        docs = (ROOT / "tasks" / "data" / f"{name}.jsonl").read_text().splitlines()[::k]
+        (tasks / "data" / f"{name}.jsonl").write_text("\n".join(docs) + "\n")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "# ouro-lab sweep recipe.yaml\n"
         f"model: {{path: {mdir}, dtype: float32, device: cpu}}\n"
-        f"tasks: {{names: [loop_demo_mc, loop_demo_gen], include: [{ROOT / 'tasks'}], limit: 6}}\n"
+        f"tasks: {{names: [loop_demo_mc, loop_demo_gen], include: [{tasks}]}}\n"
         "strategies:\n"
         "  - {name: threshold, grid: {q: [0.5]}, live: true}\n"
         "  - {name: confidence, grid: {tau: [0.9]}}\n"
@@ -207,9 +196,13 @@ def test_sweep_on_two_gloo_processes_equals_one_process(tmp_path, monkeypatch):
     m = pd.read_csv(one / "metrics.csv")
     assert {"loop_demo_mc", "loop_demo_gen"} <= set(m.task) and {"replay", "live"} <= set(m["mode"])
     assert m.value.nunique() > 1 and len(s1) > 50  # real, varied numbers were compared
-    # the work was really split: rank 0 ran fewer forwards than the single process
+    # the work was really split: rank 0 ran about half the batches, in the trace pass and live
     p1, p2 = (json.loads((d / "provenance.json").read_text()) for d in (one, two_dir))
-    assert 0 < p2["model_forward_calls"] < p1["model_forward_calls"]
+    assert p1["trace"]["forward_calls"] == 23  # 9 docs x 10 choices in batches of 4
+    assert p2["trace"]["forward_calls"] == 12  # batches 0, 2, ..., 22
+    live1 = p1["model_forward_calls"] - p1["trace"]["forward_calls"]
+    live2 = p2["model_forward_calls"] - p2["trace"]["forward_calls"]
+    assert 0 < live2 < live1
     # rank 0 alone wrote: the same files in both run folders, one cached trace
     assert sorted(p.name for p in two_dir.iterdir()) == sorted(p.name for p in one.iterdir())
     assert len(list((tmp_path / "cache2").glob("trace-*"))) == 1
