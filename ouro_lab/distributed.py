@@ -84,13 +84,17 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
-def init(device: str | None = None, timeout_s: float = 1800.0) -> World:
+def init(device: str | None = None, timeout_s: float | None = None) -> World:
     """Start torch.distributed from the launcher's environment variables, once.
 
     `device` is the device the model will run on ("cpu", "cuda", "cuda:3"; None = the
     best available, as `load_model` picks it): CUDA gets nccl and
     `torch.cuda.set_device(LOCAL_RANK)`, anything else gloo. Without a launcher
     (WORLD_SIZE unset or 1) nothing is started and rank 0 of 1 is returned.
+
+    `timeout_s` (default $OURO_LAB_DIST_TIMEOUT, else 6 hours) bounds how long a rank
+    waits in a collective: in a sweep the other ranks wait while rank 0 alone replays
+    every setting, which on large task sets takes longer than torch's 30-minute default.
     """
     if not launched() or _dist() is not None:
         return world()
@@ -107,8 +111,20 @@ def init(device: str | None = None, timeout_s: float = 1800.0) -> World:
             raise DistributedError(f"model.device: {device!r} but no CUDA device is visible; use cpu")
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=timedelta(seconds=timeout_s or _timeout_from_env()))
     return world()
+
+
+def _timeout_from_env() -> float:
+    raw = os.environ.get("OURO_LAB_DIST_TIMEOUT", "21600")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise DistributedError(f"environment: OURO_LAB_DIST_TIMEOUT={raw!r} is not a positive number of "
+                               "seconds; set e.g. OURO_LAB_DIST_TIMEOUT=21600 or unset it")
+    return value
 
 
 def local_device(device: str | None) -> str | None:

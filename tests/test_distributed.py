@@ -206,3 +206,13 @@ def test_sweep_on_two_gloo_processes_equals_one_process(tmp_path, monkeypatch):
     # rank 0 alone wrote: the same files in both run folders, one cached trace
     assert sorted(p.name for p in two_dir.iterdir()) == sorted(p.name for p in one.iterdir())
     assert len(list((tmp_path / "cache2").glob("trace-*"))) == 1
+
+
+def test_collective_timeout_from_env(monkeypatch):
+    monkeypatch.delenv("OURO_LAB_DIST_TIMEOUT", raising=False)
+    assert D._timeout_from_env() == 21600.0
+    monkeypatch.setenv("OURO_LAB_DIST_TIMEOUT", "90")
+    assert D._timeout_from_env() == 90.0
+    monkeypatch.setenv("OURO_LAB_DIST_TIMEOUT", "soon")
+    with pytest.raises(D.DistributedError, match="OURO_LAB_DIST_TIMEOUT='soon'"):
+        D._timeout_from_env()
