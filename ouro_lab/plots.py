@@ -37,8 +37,10 @@ def _save(fig, path: Path) -> Path:
 
 
 def _colors(names):
+    """tab10 without its grey (grey is for fixed steps)."""
     cmap = plt.get_cmap("tab10")
-    return {n: cmap(i % 10) for i, n in enumerate(names)}
+    palette = [cmap(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]
+    return {n: palette[i % len(palette)] for i, n in enumerate(names)}
 
 
 def accuracy_vs_flops(metrics, task: str, metric: str, path: Path, mode: str = "replay",
@@ -73,6 +75,11 @@ def accuracy_vs_flops(metrics, task: str, metric: str, path: Path, mode: str = "
             fx, fy = frontier_curve(real[x].to_numpy(), real.value.to_numpy())
             ax.step(fx, fy, where="post", color="k", ls="--", lw=1, alpha=0.7, label="Pareto frontier")
         ax.set_xlabel("FLOPs per token (executed)")
+        full = replay[replay.is_full.astype(bool)][x]
+        if len(full) and float(full.iloc[0]) > 0:
+            f = float(full.iloc[0])
+            top = ax.secondary_xaxis("top", functions=(lambda v: v / f, lambda v: v * f))
+            top.set_xlabel("relative to full depth", fontsize=8)
         ax.set_ylabel(metric)
         ax.set_title(f"{task}: {metric} vs compute ({mode})")
         ax.legend(fontsize=7, loc="lower right", ncol=2 if len(strategies) > 5 else 1)
@@ -113,7 +120,7 @@ def exit_histograms(exits, task: str, settings: list[str], path: Path) -> Path:
         ax.set_xlabel("exit step")
         ax.set_ylabel("share of tokens")
         ax.set_title(f"{task}: where tokens exit")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
         return _save(fig, path)
 
 
@@ -141,16 +148,21 @@ def accuracy_by_difficulty(samples, task: str, metric: str, settings: list[str],
                            mode: str = "replay") -> Path:
     """Mean per-document score by the task's `difficulty`, one line per setting, with
     mean steps used on a second axis for the first adaptive setting."""
-    s = samples[(samples.task == task) & (samples["mode"] == mode) & samples.setting.isin(settings)]
+    s = samples[(samples.task == task) & (samples["mode"] == mode)]
+    fixed = sorted((n for n in s.setting.unique() if n.startswith(f"{FIXED}(step=")),
+                   key=lambda n: int(n.split("=")[1].rstrip(")")))
+    adaptive = [n for n in settings if not n.startswith(f"{FIXED}(")]
     with plt.rc_context(STYLE):
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
-        colors = _colors(settings)
-        for name in settings:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.6, 3.8))
+        colors = _colors(adaptive)
+        greys = {n: str(0.75 - 0.6 * i / max(len(fixed) - 1, 1)) for i, n in enumerate(fixed)}
+        for name in fixed + adaptive:
             d = s[s.setting == name].groupby("difficulty", sort=True)
-            ax.plot(d[metric].mean().index, d[metric].mean().to_numpy(), marker="o", color=colors[name],
-                    label=name)
-            ax2.plot(d["steps_used"].mean().index, d["steps_used"].mean().to_numpy(), marker="o",
-                     color=colors[name], label=name)
+            style = dict(color=greys[name], ls="--", marker="s", ms=3) if name in greys else \
+                dict(color=colors[name], marker="o", ms=4)
+            ax.plot(d[metric].mean().index, d[metric].mean().to_numpy(), label=name, **style)
+            if name not in greys:
+                ax2.plot(d["steps_used"].mean().index, d["steps_used"].mean().to_numpy(), label=name, **style)
         ax.set_xlabel("difficulty")
         ax.set_ylabel(metric)
         ax.set_title(f"{task}: {metric} by difficulty")

@@ -198,18 +198,17 @@ def make_plots(run: dict, summary: dict) -> list[tuple[str, Path]]:
 
 
 def _representatives(metrics, task, t) -> list[str]:
-    """Full depth plus, per adaptive strategy, the setting chosen for 'compute saved'
+    """Per adaptive strategy (oracles apart), the setting chosen for 'compute saved'
     (else its median-cost setting)."""
     rep = metrics[(metrics.task == task) & (metrics.metric == t["metric"]) & (metrics["mode"] == t["mode"])]
-    full = rep[rep.is_full.astype(bool)].setting.tolist()[:1]
     chosen = {r["strategy"]: r["chosen"] for r in t["saved"] if r["chosen"]}
-    out = list(full)
+    out = []
     for s, d in rep.groupby("strategy", sort=False):
-        if s == "fixed":
+        if s == "fixed" or (d["kind"] == "select").all():
             continue
         name = chosen.get(s) or d.sort_values("flops_rel").setting.iloc[len(d) // 2]
         out.append(name)
-    return out[:7]
+    return out[:9]
 
 
 def _safe(name: str) -> str:
