@@ -487,11 +487,18 @@ class ReplayLM(LM):
                                "trace again with the same tasks, limit and num_fewshot")
         return self.answers[key]
 
+    def _all(self, requests):
+        a = self.answers
+        try:
+            return [a[(r.task_name, r.doc_id, r.idx)] for r in requests]
+        except KeyError:
+            return [self._get(r) for r in requests]  # names the missing request
+
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        return [self._get(r) for r in requests]
+        return self._all(requests)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        return [self._get(r) for r in requests]
+        return self._all(requests)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         raise HarnessError("generate_until tasks cannot be replayed from a trace; run them live "
@@ -621,9 +628,9 @@ class Scorer:
             insts = self.instances[name]
             task._instances = insts  # an evaluate() in between may have replaced them
             for rtype, reqs in self.by_type[name].items():
+                cloned = [r for r in reqs for _ in range(r.repeats)]  # as evaluate() sends them
                 for r in reqs:
                     r.resps, r.filtered_resps = [], {}
-                cloned = [r for r in reqs for _ in range(r.repeats)]
                 for x, r in zip(getattr(lm, rtype)(cloned), cloned, strict=True):
                     r.resps.append(x)
             acc = {"task": task, "raw_metrics": defaultdict(list), "logged_samples": []}
@@ -635,9 +642,9 @@ class Scorer:
                         reqs = self.by_doc[name][doc_id]
                         resps = [r.filtered_resps[filter_key] for r in reqs]
                         metrics = self._process(name, task, filter_key, doc_id, doc, resps)
-                        example = {"doc_id": doc_id, "doc": doc, "target": task.doc_to_target(doc),
-                                   "filter": filter_key, "metrics": list(metrics)}
-                        example.update(metrics)
+                        # the fields sample_rows reads (evaluate also logs prompts, hashes, target)
+                        example = {"doc_id": doc_id, "doc": doc, "filter": filter_key,
+                                   "metrics": list(metrics), **metrics}
                         acc["logged_samples"].append(example)
                         for metric, value in metrics.items():
                             acc["raw_metrics"][(metric, filter_key)].append(value)
@@ -670,26 +677,32 @@ def sample_rows(results: dict, taskset: TaskSet | None = None) -> dict[str, list
     difficulty where docs carry one), ready for `pandas.DataFrame`."""
     cols: dict[str, list] = defaultdict(list)
     n = 0
+
+    def scalar(v):
+        if isinstance(v, (bool, int, float)):
+            return float(v)
+        if isinstance(v, (tuple, list)) and v and isinstance(v[0], (int, float)):
+            return float(v[0])  # perplexity-style (loglikelihood, weight) pairs
+        return None
+
     for task, samples in (results.get("samples") or {}).items():
-        for s in samples:
-            row = {"task": task, "doc_id": int(s["doc_id"]), "filter": s.get("filter", "none")}
-            for m in s.get("metrics", []):
-                v = s.get(m)
-                if isinstance(v, (bool, int, float)):
-                    row[m] = float(v)
-                elif isinstance(v, (tuple, list)) and v and isinstance(v[0], (int, float)):
-                    row[m] = float(v[0])  # perplexity-style (loglikelihood, weight) pairs
-            doc = s.get("doc")
-            if isinstance(doc, dict) and "difficulty" in doc:
-                row["difficulty"] = doc["difficulty"]
-            for k, v in row.items():
-                if k not in cols:
-                    cols[k] = [None] * n
-                cols[k].append(v)
-            n += 1
-            for col in cols.values():
-                if len(col) < n:
-                    col.append(None)
+        if not samples:
+            continue
+        names = list(dict.fromkeys(m for s in samples for m in s.get("metrics", [])))
+        block = {"task": [task] * len(samples), "doc_id": [int(s["doc_id"]) for s in samples],
+                 "filter": [s.get("filter", "none") for s in samples]}
+        for m in names:
+            block[m] = [scalar(s.get(m)) for s in samples]
+        diff = [s["doc"].get("difficulty") if isinstance(s.get("doc"), dict) else None for s in samples]
+        if any(d is not None for d in diff):
+            block["difficulty"] = diff
+        for k in set(cols) - set(block):
+            cols[k].extend([None] * len(samples))
+        for k, v in block.items():
+            if k not in cols:
+                cols[k] = [None] * n
+            cols[k].extend(v)
+        n += len(samples)
     return dict(cols)
 
 
