@@ -212,3 +212,32 @@ def test_unwritable_output_folder(lab, tmp_path):
     assert code == 2 and len(lines) == 1
     assert lines[0].startswith(f"error: {f}: override output=") and "output" in lines[0]
     assert blocker.read_text() == "not a folder"
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def test_demo_recipe_end_to_end_on_the_demo_model(tmp_path, monkeypatch):
+    """recipes/demo.yaml on the trained demo checkpoint, cut down by overrides (the first 24
+    documents of each task are the easiest ones, so no depth effect is asserted here)."""
+    demo = ROOT / "recipes" / "demo.yaml"
+    if not (ROOT / "ouro_lab" / "builtin" / "loop-demo" / "model.safetensors").is_file():
+        pytest.skip("demo checkpoint not present")
+    monkeypatch.setenv("OURO_LAB_CACHE", str(tmp_path / "cache"))
+    strategies = ("strategies=[{name: threshold, grid: {q: [0.5, 0.9]}}, "
+                  "{name: confidence, grid: {tau: 0.9}}, {name: threshold, grid: {q: 0.5}, live: true}]")
+    out = run_sweep(demo, ["tasks.limit=24", "bootstrap=200", strategies], out=tmp_path / "demo")
+    m = pd.read_csv(out / "metrics.csv")
+    mc = m[(m.task == "loop_demo_mc") & (m.metric == "acc") & (m["mode"] == "replay")]
+    assert set(mc.strategy) == {"fixed", "threshold", "confidence"}
+    fixed = mc[mc.strategy == "fixed"].sort_values("steps_used_mean")
+    assert fixed.steps_used_mean.tolist() == [1, 2, 3, 4] and fixed.flops_rel.is_monotonic_increasing
+    assert fixed.value.iloc[-1] >= 0.9  # the trained model solves its own easy items at full depth
+    conf = mc[mc.strategy == "confidence"].iloc[0]
+    assert conf.steps_used_mean < 4 and conf.flops_rel < 1
+    gen = m[m.task == "loop_demo_gen"]
+    assert set(gen["mode"]) == {"live"} and "exact_match,strip" in set(gen.metric)
+    assert (m[m.task == "loop_demo_mc"]["mode"] == "live").any()
+    for f in ("report.html", "plots/loop_demo_mc_acc_vs_flops.png", "plots/loop_demo_mc_by_difficulty.png",
+              "plots/loop_demo_gen_acc_vs_flops.png"):
+        assert (out / f).is_file(), f
