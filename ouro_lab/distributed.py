@@ -87,8 +87,8 @@ def launched() -> bool:
 def init(device: str | None = None, timeout_s: float | None = None) -> World:
     """Start torch.distributed from the launcher's environment variables, once.
 
-    `device` is the device the model will run on ("cpu", "cuda", "cuda:3"; None = the
-    best available, as `load_model` picks it): CUDA gets nccl and
+    `device` is the device the model will run on ("cpu", "cuda", "cuda:3"; None or
+    "auto" = the best available, as `load_model` picks it): CUDA gets nccl and
     `torch.cuda.set_device(LOCAL_RANK)`, anything else gloo. Without a launcher
     (WORLD_SIZE unset or 1) nothing is started and rank 0 of 1 is returned.
 
@@ -105,7 +105,8 @@ def init(device: str | None = None, timeout_s: float | None = None) -> World:
     import torch
     import torch.distributed as dist
 
-    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    auto = device is None or str(device) == "auto"
+    cuda = torch.cuda.is_available() if auto else str(device).startswith("cuda")
     if cuda:
         if not torch.cuda.is_available():
             raise DistributedError(f"model.device: {device!r} but no CUDA device is visible; use cpu")
@@ -129,9 +130,9 @@ def _timeout_from_env() -> float:
 
 def local_device(device: str | None) -> str | None:
     """The device this rank should load its model on: in a multi-process run `cuda` (and
-    None, the best available, when that is CUDA) becomes `cuda:<LOCAL_RANK>`, one GPU per
-    process; anything else is returned unchanged."""
-    if device not in (None, "cuda") or not launched():
+    None or "auto", the best available, when that is CUDA) becomes `cuda:<LOCAL_RANK>`,
+    one GPU per process; anything else is returned unchanged."""
+    if device not in (None, "auto", "cuda") or not launched():
         return device
     import torch
 

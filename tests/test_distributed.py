@@ -216,3 +216,18 @@ def test_collective_timeout_from_env(monkeypatch):
     monkeypatch.setenv("OURO_LAB_DIST_TIMEOUT", "soon")
     with pytest.raises(D.DistributedError, match="OURO_LAB_DIST_TIMEOUT='soon'"):
         D._timeout_from_env()
+
+
+def test_local_device_is_one_gpu_per_rank(monkeypatch):
+    """(CUDA faked: only the mapping is tested.) In a launched world `cuda`, `auto` and None
+    become cuda:<LOCAL_RANK>; explicit devices stay; a single process changes nothing."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert D.local_device("cuda") == "cuda" and D.local_device(None) is None
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert D.local_device("cuda") == D.local_device("auto") == D.local_device(None) == "cuda:1"
+    assert D.local_device("cuda:3") == "cuda:3" and D.local_device("cpu") == "cpu"
