@@ -627,16 +627,21 @@ class Scorer:
         for name, task in self.task_dict["tasks"].items():
             insts = self.instances[name]
             task._instances = insts  # an evaluate() in between may have replaced them
+            take_first = _only_take_first(task)
             for rtype, reqs in self.by_type[name].items():
                 cloned = [r for r in reqs for _ in range(r.repeats)]  # as evaluate() sends them
                 for r in reqs:
                     r.resps, r.filtered_resps = [], {}
                 for x, r in zip(getattr(lm, rtype)(cloned), cloned, strict=True):
                     r.resps.append(x)
+                if take_first:  # lm-eval's default filter, "none" = take_first, applied inline
+                    for r in reqs:
+                        r.filtered_resps["none"] = r.resps[0]
             acc = {"task": task, "raw_metrics": defaultdict(list), "logged_samples": []}
             self._install_memo(name, task)
             try:
-                task.apply_filters()
+                if not take_first:
+                    task.apply_filters()
                 for filter_key in insts[0].filtered_resps:
                     for doc_id, doc in self.docs[name]:
                         reqs = self.by_doc[name][doc_id]
@@ -654,6 +659,17 @@ class Scorer:
             acc_all[name] = acc
         res = _process_results(acc_all, self.task_dict.get("groups", {}), self.bootstrap_iters)
         return res._to_eval_results(samples=res.samples)
+
+
+def _only_take_first(task) -> bool:
+    """The task's only filter is lm-eval's default ("none": take_first)."""
+    from lm_eval.filters.selection import TakeFirstFilter
+
+    filters = getattr(task, "_filters", None) or []
+    if len(filters) != 1 or filters[0].name != "none" or len(filters[0].filters) != 1:
+        return False
+    f = filters[0].filters[0]
+    return getattr(f, "func", f) is TakeFirstFilter and not getattr(f, "keywords", None)
 
 
 def metric_rows(results: dict) -> list[dict]:
