@@ -783,7 +783,8 @@ def _summary(console, summary: dict, run_dir: Path) -> None:
         for col in ("strategy", "setting", "FLOPs saved", "95% CI", "score change"):
             tab.add_column(col)
         for r in t["saved"]:
-            tab.add_row(r["strategy"], r["chosen"] or "-", f"{r['saved'] * 100:.1f}%",
+            tab.add_row(r["strategy"], r["chosen"] or "none within tolerance",
+                        f"{r['saved'] * 100:.1f}%" if r["chosen"] else "-",
                         f"[{r['ci_low'] * 100:.1f}, {r['ci_high'] * 100:.1f}]",
                         "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}")
         console.print(tab)
