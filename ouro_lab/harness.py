@@ -405,13 +405,12 @@ def _model_fingerprint(model) -> str:
 
 def build_units(taskset: TaskSet, lm: OuroLM) -> list[Unit]:
     """Every scored unit of every loglikelihood / rolling task of `taskset`, in lm-eval's
-    request order (tasks built with the taskset's limit and reset few-shot seeds)."""
-    taskset.reset_seeds()
+    request order. The requests are the taskset's Scorer's (built once, with the taskset's
+    limit and reset few-shot seeds), so the trace pass and scoring share them."""
     units = []
-    for name in taskset.names_of("multiple_choice", *LL_TYPES):
-        task = taskset.tasks[name]
-        task.build_all_requests(limit=_limit(task, taskset.limit), rank=0, world_size=1)
-        for inst in task.instances:
+    scorer = scorer_for(taskset, ll_names(taskset))
+    for name in scorer.instances:
+        for inst in scorer.instances[name]:
             if inst.request_type == "loglikelihood":
                 c, x = lm.encode_request(*inst.args)
                 units.append(Unit(tuple(c), tuple(x), name, inst.doc_id, inst.idx, -1))
@@ -419,6 +418,11 @@ def build_units(taskset: TaskSet, lm: OuroLM) -> list[Unit]:
                 for w, (c, x) in enumerate(lm.rolling_units(inst.args[0])):
                     units.append(Unit(tuple(c), tuple(x), name, inst.doc_id, inst.idx, w))
     return units
+
+
+def ll_names(taskset: TaskSet) -> list[str]:
+    """The taskset's loglikelihood tasks (multiple choice, loglikelihood, rolling), sorted."""
+    return sorted(taskset.names_of("multiple_choice", *LL_TYPES))
 
 
 def _limit(task, limit):
@@ -567,10 +571,9 @@ class Scorer:
 
     MEMO = ("doc_to_choice", "doc_to_target", "doc_to_text")
 
-    def __init__(self, taskset: TaskSet, names: list[str], bootstrap_iters: int = 1000):
+    def __init__(self, taskset: TaskSet, names: list[str]):
         taskset.reset_seeds()
         self.task_dict = taskset.subset(names)
-        self.bootstrap_iters = bootstrap_iters
         self.instances, self.docs, self.by_doc, self.memo, self.results_memo = {}, {}, {}, {}, {}
         self.by_type: dict = {}
         self.results_cache: dict = {}
@@ -619,7 +622,7 @@ class Scorer:
                 return _memo[id(doc)]
             setattr(task, m, wrapped)
 
-    def __call__(self, lm) -> dict:
+    def __call__(self, lm, bootstrap_iters: int = 1000) -> dict:
         """lm-eval's results dict (results, groups, samples, ...) for answers from `lm`."""
         from lm_eval.evaluator_utils import _process_results
 
@@ -657,7 +660,7 @@ class Scorer:
                 for m in self.MEMO:
                     task.__dict__.pop(m, None)
             acc_all[name] = acc
-        res = _process_results(acc_all, self.task_dict.get("groups", {}), self.bootstrap_iters)
+        res = _process_results(acc_all, self.task_dict.get("groups", {}), bootstrap_iters)
         return res._to_eval_results(samples=res.samples)
 
 
@@ -733,12 +736,13 @@ def _token_compute(trace, strategy, exit_step: Tensor, executed: Tensor):
     return used, run
 
 
-def scorer_for(taskset: TaskSet, trace, bootstrap_iters: int = 1000) -> Scorer:
-    """The Scorer of the trace's tasks, built once per taskset and kept on it."""
-    names = sorted({u[0] for u in _unit_meta(trace)})
-    key = (tuple(names), bootstrap_iters)
+def scorer_for(taskset: TaskSet, names) -> Scorer:
+    """The Scorer of tasks `names` (or of a trace's tasks), built once per taskset and kept on it."""
+    if not isinstance(names, (list, tuple)):
+        names = sorted({u[0] for u in _unit_meta(names)})
+    key = tuple(sorted(names))
     if key not in taskset.scorers:
-        taskset.scorers[key] = Scorer(taskset, names, bootstrap_iters)
+        taskset.scorers[key] = Scorer(taskset, list(key))
     return taskset.scorers[key]
 
 
@@ -793,13 +797,15 @@ def _score(taskset, trace, strategy, granularity, bootstrap_iters):
     kind = getattr(strategy, "kind", "skip")
     executed = (exit_step + 1) if kind == "skip" else torch.full_like(exit_step, R)
     flops_used, flops_run = _token_compute(trace, strategy, exit_step, executed)
-    scorer = scorer_for(taskset, trace, bootstrap_iters)
+    scorer = scorer_for(taskset, trace)
     # settings that exit every token at the same step get the same answers: lm-eval's
     # results are a deterministic function of them, computed once
-    key = (trace.meta.get("key"), hashlib.blake2b(exit_step.numpy().tobytes(), digest_size=16).hexdigest())
+    key = (trace.meta.get("key"), bootstrap_iters,
+           hashlib.blake2b(exit_step.numpy().tobytes(), digest_size=16).hexdigest())
     results = scorer.results_cache.get(key)
     if results is None:
-        results = scorer.results_cache[key] = scorer(ReplayLM(answers_from_exits(trace, exit_step)))
+        results = scorer.results_cache[key] = scorer(ReplayLM(answers_from_exits(trace, exit_step)),
+                                                     bootstrap_iters)
     ix = _doc_index(trace)
     cols = {"steps_used": (exit_step + 1).double().numpy(), "steps_executed": executed.double().numpy(),
             "flops_per_token": flops_used.numpy(), "flops_executed_per_token": flops_run.numpy()}
