@@ -4,13 +4,18 @@
     tasks = TaskSet(["loop_demo_mc"], limit=200)             # task objects, built once
     trace, units = trace_pass(model, tok, tasks)             # ONE full-depth pass, cached on disk
     metrics, samples = score(tasks, trace, strategy)         # per setting: no model, lm-eval metrics
+    live, live_samples = evaluate_live(model, tok, tasks, strategy, "copy")   # true early exit
+    gap(metrics, live)                                       # replay versus live, per metric
 
 `score` replays the strategy over the trace (each scored token exits at a step), turns
 that into each request's log-likelihood (sum of the target log-prob at each token's exit
-step) and greedy flag (every target is the argmax at its exit step), and answers
-lm-eval's evaluator from those arrays (`ReplayLM`), so acc, acc_norm, perplexity and the
-rest come from lm-eval's own metric code. Replay assumes earlier tokens' deeper steps
-exist (they did, in the trace pass); `evaluate_live` measures a true early-exit run.
+step) and greedy flag (every target is the argmax at its exit step), and answers lm-eval
+from those arrays (`ReplayLM`): lm-eval's filters, `process_results` and aggregation
+compute acc, acc_norm, perplexity and the rest. The requests are built once per task set
+(`Scorer`, shared with the trace pass) instead of once per setting as
+`lm_eval.evaluator.evaluate` would; tests pin the Scorer's results to `evaluate`'s. lm-eval's
+response cache is never used. Replay assumes earlier tokens' deeper steps exist (they did,
+in the trace pass); `evaluate_live` measures a true early-exit run.
 
 Fixed step k replays to exactly (bit for bit) what `OuroLM(steps=k)` scores: both run
 the same batches through the same code (`_units_forward`), and the k-step model's hidden
@@ -21,6 +26,10 @@ a real early-exit run executes: = used for kind "skip", = R for kind "select"),
 `flops_per_token` / `flops_executed_per_token` (`ouro_lab.flops.ModelCost`, attention
 context from the trace, LM-head readouts from `strategy.readouts`). Per scored
 (continuation) token; prompt tokens are not charged in replay.
+
+Relies on two lm-eval internals (pinned lm-eval < 0.5, tested on 0.4.13):
+`lm_eval.evaluator_utils._process_results` (aggregation) and `TaskManager._factory`
+(building a task with overrides, in `ouro_lab.tasks`).
 """
 
 from __future__ import annotations
