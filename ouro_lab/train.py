@@ -25,7 +25,12 @@ to a "keep looping" label built from the per-step losses, sigmoid(k (improvement
   bring. It exits at step t as soon as further steps stop helping, including at step 1.
 - `label: paper`: improvement = L_{t-1} - L_t (the Ouro paper's form, with L_0 = ln V, the
   loss of a uniform guess). Step 1 always improves on nothing, so the gate almost never
-  exits at step 1 and easy items pay for a step they do not need (measured).
+  exits at step 1 and easy items pay for a step they do not need.
+
+Measured on the demo model (LM frozen, gate re-initialised to zero, 300 gate updates each,
+held-out test items, threshold q = 0.5), mean exit step for k = 1 / 4 / 8 and accuracy at
+exit over all items: `forward` 1.05 / 2.56 / 3.62, 0.94; `paper` 2.63 / 3.76 / 2.30, 0.72
+(the paper form keeps easy items looping and lets the hardest ones out early).
 
 Runs are seeded and resumable: `work_dir/state.pt` holds model, optimiser, data generator
 and curriculum state; `work_dir/training_log.jsonl` one row per update.
