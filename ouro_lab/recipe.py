@@ -202,9 +202,10 @@ class RecipeSource:
 
     def where(self, loc: tuple) -> str:
         loc = tuple(loc)
-        for n in range(len(loc), -1, -1):
+        for n in range(len(loc), -1, -1):  # a value set on the command line wins over the file
             if loc[:n] in self.overrides:
                 return f"{self.file}: override {self.overrides[loc[:n]]}"
+        for n in range(len(loc), -1, -1):
             if loc[:n] in self.lines:
                 return f"{self.file}:{self.lines[loc[:n]]}"
         return str(self.file)

@@ -333,7 +333,7 @@ def _log(console, msg: str) -> None:
 # --------------------------------------------------------------------------- dry run
 
 
-def describe(recipe: Recipe, settings: list[Setting], console) -> None:
+def describe(recipe: Recipe, settings: list[Setting], console, taskset=None) -> None:
     from rich.table import Table
 
     from ouro_lab.flops import ModelCost
@@ -356,14 +356,52 @@ def describe(recipe: Recipe, settings: list[Setting], console) -> None:
         t.add_row(ss[0].strategy, str(len(ss)), "; ".join(s.params_json for s in ss[:6])
                   + (" ..." if len(ss) > 6 else ""), ss[0].granularity, "yes" if ss[0].live else "-")
     console.print(t)
-    live = sum(s.live for s in settings)
     full = cost.token_flops(R, ctx=0)
-    console.print(f"model passes: 1 full-depth trace pass over loglikelihood tasks (0 if a cached trace "
-                  f"matches) + {live} live loglikelihood run(s) + {len(settings)} live run(s) per "
-                  f"generate_until task; replay of {len(settings)} settings needs no model", highlight=False)
     console.print(f"FLOPs per token at full depth ({R} steps, context 0): {full / 1e6:,.3f} MFLOP; per step "
-                  f"{cost.step_flops(0) / 1e6:,.3f} MFLOP + {cost.attn_flops_per_ctx:,} x ctx; trace pass ~ "
-                  "tokens x full depth", highlight=False)
+                  f"{cost.step_flops(0) / 1e6:,.3f} MFLOP + {cost.attn_flops_per_ctx:,} x ctx",
+                  highlight=False)
+    if taskset is None:
+        return
+    ll = taskset.names_of("multiple_choice", "loglikelihood", "loglikelihood_rolling")
+    gen = taskset.names_of("generate_until")
+    live_ll = sum(s.live for s in settings) * len(ll)
+    live_gen = sum(s.kind != "select" and not s.fitted for s in settings) * len(gen)
+    requests, tokens, flops = _request_cost(recipe, taskset, ll, cost, R)
+    for name in recipe.tasks.names:
+        task = taskset.tasks[name]
+        console.print(f"task {name}: {task.OUTPUT_TYPE}, {_n_docs(task, recipe.tasks.limit)} documents",
+                      highlight=False)
+    console.print(f"model passes: {1 if ll else 0} full-depth trace pass ({requests} requests, ~{tokens:,} "
+                  f"tokens, ~{flops / 1e9:,.2f} GFLOP; 0 if a cached trace matches) + {live_ll} live "
+                  f"loglikelihood run(s) + {live_gen} live generation run(s); replaying {len(settings)} "
+                  "settings needs no model", highlight=False)
+
+
+def _n_docs(task, limit) -> int:
+    n = len(task.eval_docs)
+    return min(n, int(limit)) if limit else n
+
+
+def _request_cost(recipe: Recipe, taskset, names: list[str], cost, R: int) -> tuple[int, int, float]:
+    """Requests, tokens and full-depth FLOPs of the trace pass (tokens counted with the
+    checkpoint's tokenizer when it has one, else ~4 characters per token)."""
+    tok = None
+    if any((Path(recipe.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        with contextlib.suppress(Exception):  # an estimate only: fall back to characters
+            from ouro_lab.loading import load_tokenizer
+            tok = load_tokenizer(recipe.model.path)
+    requests = tokens = 0
+    flops = 0.0
+    for name in names:
+        task = taskset.tasks[name]
+        task.build_all_requests(limit=recipe.tasks.limit, rank=0, world_size=1)
+        for inst in task.instances:
+            text = "".join(a for a in inst.args if isinstance(a, str))
+            n = len(tok(text).input_ids) if tok is not None else max(1, len(text) // 4)
+            requests += 1
+            tokens += n
+            flops += cost.sequence_flops(n, R)
+    return requests, tokens, flops
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -372,11 +410,12 @@ def describe(recipe: Recipe, settings: list[Setting], console) -> None:
 def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Path | None = None,
               dry_run: bool = False, console=None) -> Path | None:
     """Run (or with `dry_run`, only validate and describe) a recipe. Returns the run folder."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-call bars; ours are on stderr
     console = console or _console()
     recipe, src = load_recipe(recipe_file, list(overrides))
     settings = expand_settings(recipe, src)
     if dry_run:
-        describe(recipe, settings, console)
+        describe(recipe, settings, console, load_tasks(recipe, src))
         _log(console, f"{src.file}: valid")
         return None
     if out is not None:
@@ -412,7 +451,6 @@ def _threads(n: int | None):
 def _load(recipe: Recipe, src: RecipeSource):
     """Model, tokenizer and tasks; each failure becomes one line naming the recipe field."""
     from ouro_lab.loading import fingerprint, load_model, load_tokenizer
-    from ouro_lab.tasks import TaskSet
 
     try:
         model = load_model(recipe.model.path, dtype=recipe.model.dtype,
@@ -431,6 +469,13 @@ def _load(recipe: Recipe, src: RecipeSource):
             tok = load_tokenizer(recipe.model.path)
         except OuroLabError as e:
             raise RecipeError([src.error(("model", "path"), str(e))]) from None
+    return model, tok, load_tasks(recipe, src), fp
+
+
+def load_tasks(recipe: Recipe, src: RecipeSource):
+    """The recipe's TaskSet (no model needed); unknown names and bad data name their field."""
+    from ouro_lab.tasks import TaskSet
+
     try:
         taskset = TaskSet(list(recipe.tasks.names), include_path=recipe.tasks.include or None,
                           limit=recipe.tasks.limit, num_fewshot=recipe.tasks.num_fewshot,
@@ -444,7 +489,7 @@ def _load(recipe: Recipe, src: RecipeSource):
         if task is not None and not len(task.eval_docs):
             raise RecipeError([src.error(("tasks", "names", i), f"task {name}: its data has no documents "
                                          "(empty file or split); add documents or drop the task")])
-    return model, tok, taskset, fp
+    return taskset
 
 
 def _task_data_error(recipe: Recipe, src: RecipeSource, first: Exception) -> str:

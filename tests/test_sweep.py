@@ -133,6 +133,12 @@ def test_dry_run_and_validate_print_grid_and_cost(lab):
     assert "10 settings" in text and "threshold" in text and "MFLOP" in text and "valid" in text
     code, text = cli("sweep", lab / "r.yaml", "--dry-run", "--out", lab / "never")
     assert code == 0 and not (lab / "never").exists()
+    assert "task tiny_mc: multiple_choice, 8 documents" in text and "1 full-depth trace pass" in text
+    code, text = cli("validate", lab / "r.yaml", "tasks.names=[tiny_mc, nope]")
+    errors = [x for x in text.splitlines() if x.startswith("error:")]
+    assert code == 2 and errors == [f"error: {lab / 'r.yaml'}: override tasks.names=[tiny_mc, nope]: "
+                                    f"tasks.names[1]: task 'nope' not found in {lab / 'tasks'}; add its YAML "
+                                    "folder to include_path"]
 
 
 def test_default_run_folder_is_results_recipe_runid(lab, run1, tmp_path):
