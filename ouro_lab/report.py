@@ -89,7 +89,8 @@ def analyze(run: dict) -> dict:
     B = int(recipe.get("bootstrap", 1000))
     seed = int(recipe.get("seed", 1234))
     out = {"tolerance": tol, "tasks": {}}
-    for task in dict.fromkeys(metrics.task):
+    order = list((recipe.get("tasks") or {}).get("names") or [])
+    for task in sorted(dict.fromkeys(metrics.task), key=lambda t: (order.index(t) if t in order else 1e9, t)):
         metric = primary_metric(metrics, task)
         m = metrics[(metrics.task == task) & (metrics.metric == metric)]
         mode = base_mode(metrics, task)
@@ -234,7 +235,7 @@ def sections(run: dict, summary: dict) -> list[tuple[str, list[str], list[list[s
     tol = summary["tolerance"]
     for task, t in summary["tasks"].items():
         sc = t["scale"]
-        unit = "points" if sc == 100 else "units"
+        unit = ("point" if tol == 1 else "points") if sc == 100 else ("unit" if tol == 1 else "units")
         rows = [[b["budget"], _pct(b["flops_rel"]) + "%", _num(b["fixed"] * sc, 1),
                  b["best"] or "none", _num(np.nan if b["best_value"] is None else b["best_value"] * sc, 1),
                  _pct(b["best_flops_rel"]) + "%"] for b in t["budgets"]]

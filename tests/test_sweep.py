@@ -64,7 +64,7 @@ def test_sweep_writes_every_output(run1):
     assert {"torch", "lm_eval", "python"} <= set(prov["versions"]) and prov["model_fingerprint"]
     assert "git_sha" in prov
     md = (run1 / "report.md").read_text()
-    for heading in ("best strategy at each budget", "compute saved at <= 1 points loss",
+    for heading in ("best strategy at each budget", "compute saved at <= 1 point loss",
                     "area under the curve", "replay versus live", "Provenance"):
         assert heading in md
 
