@@ -108,6 +108,10 @@ def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
                 errors.append(src.error(("strategies", i, "live"), f"{spec.name} only selects a step (an "
                                         "oracle); it cannot run live (set live: false)"))
                 break
+            if spec.live and (spec.granularity or recipe.granularity) == "sequence":
+                errors.append(src.error(("strategies", i, "live"), "live runs decide token by token; use "
+                                        "granularity: token for live settings (or set live: false)"))
+                break
             add(Setting(spec.name, obj.params(), spec.granularity or recipe.granularity, i, spec.live,
                         False, type(obj).kind, fitted, obj, tuple(spec.grid)))
     if errors:
@@ -365,7 +369,8 @@ def describe(recipe: Recipe, settings: list[Setting], console, taskset=None) -> 
     ll = taskset.names_of("multiple_choice", "loglikelihood", "loglikelihood_rolling")
     gen = taskset.names_of("generate_until")
     live_ll = sum(s.live for s in settings) * len(ll)
-    live_gen = sum(s.kind != "select" and not s.fitted for s in settings) * len(gen)
+    decodable = [s for s in settings if s.kind != "select" and not s.fitted and s.granularity == "token"]
+    live_gen = len(decodable) * len(gen)
     requests, tokens, flops = _request_cost(recipe, taskset, ll, cost, R)
     for name in recipe.tasks.names:
         task = taskset.tasks[name]
@@ -570,8 +575,11 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
                 frames.append(_tag(samples, s, "replay"))
                 progress.advance(bar)
         live = [s for s in settings if s.live] if ll_tasks else []
-        jobs = [(s, t) for s in live for t in ll_tasks] + [(s, t) for s in settings for t in gen_tasks
-                                                           if s.kind != "select" and not s.fitted]
+        # generation runs live for every rule that can decode token by token: no oracles (they
+        # read the answer), no calibrated rules (no held-out trace), no per-sequence exits
+        jobs = [(s, t) for s in live for t in ll_tasks] + [
+            (s, t) for s in settings for t in gen_tasks
+            if s.kind != "select" and not s.fitted and s.granularity == "token"]
         if jobs:
             bar = progress.add_task(f"live runs ({recipe.live.kv_policy} KV)", total=len(jobs))
             for s, task in jobs:
