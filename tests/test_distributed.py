@@ -147,6 +147,7 @@ def test_sweep_on_two_gloo_processes_equals_one_process(tmp_path, monkeypatch):
     Exact, no tolerance: each rank runs whole batches of the single-process batch plan,
     so every number comes from the same arithmetic on the same shapes."""
     import json
+    import signal
     import subprocess
     import sys
 
@@ -177,7 +178,7 @@ def test_sweep_on_two_gloo_processes_equals_one_process(tmp_path, monkeypatch):
            "127.0.0.1", "--master-port", str(free_port()), "-m", "ouro_lab.cli", "sweep", str(recipe),
            "--out", str(tmp_path / "two")]
     two = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+                           text=True, start_new_session=True)  # its own group: killed whole below
     try:  # the single-process run meanwhile, here
         monkeypatch.setenv("OURO_LAB_CACHE", str(tmp_path / "cache1"))
         monkeypatch.setenv("OURO_LAB_PROGRESS", "0")
@@ -185,7 +186,9 @@ def test_sweep_on_two_gloo_processes_equals_one_process(tmp_path, monkeypatch):
         one = run_sweep(recipe, out=tmp_path / "one")
         log, _ = two.communicate(timeout=300)
     finally:
-        two.kill()
+        if two.poll() is None:  # a failure here or a hang: stop torchrun and its workers
+            os.killpg(two.pid, signal.SIGKILL)
+            two.wait()
     assert two.returncode == 0, log[-3000:]
     two_dir = tmp_path / "two"
     assert (one / "metrics.csv").read_bytes() == (two_dir / "metrics.csv").read_bytes()
