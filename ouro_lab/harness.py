@@ -543,8 +543,14 @@ def answers_from_exits(trace, exit_step: Tensor) -> dict:
     sig = trace.signals
     lp = sig["target_logprob"].gather(0, exit_step[None])[0]
     greedy = sig["target_is_argmax"].gather(0, exit_step[None])[0]
-    lengths = torch.bincount(trace.request, minlength=len(meta)).tolist()
+    lay = getattr(trace, "_unit_layout", None)
+    if lay is None:  # per trace, once: token counts per unit and the request keys
+        lay = trace._unit_layout = (torch.bincount(trace.request, minlength=len(meta)).tolist(),
+                                    [(u[0], u[1], u[2]) for u in meta], all(u[3] < 0 for u in meta))
+    lengths, keys, plain = lay
     res = _unit_results(lp, greedy, lengths)
+    if plain:  # loglikelihood requests only: one unit each
+        return dict(zip(keys, res, strict=True))
     answers: dict = {}
     for (task, doc_id, idx, window), r in zip(meta, res, strict=True):
         key = (task, doc_id, idx)
@@ -585,6 +591,8 @@ class Scorer:
         self.task_dict = taskset.subset(names)
         self.instances, self.docs, self.by_doc, self.memo, self.results_memo = {}, {}, {}, {}, {}
         self.by_type: dict = {}
+        self.doc_pos: dict = {}  # task -> doc_id -> positions of its requests in instances
+        self.single: dict = {}   # task -> every request answered once (repeats == 1)
         self.results_cache: dict = {}
         for name, task in self.task_dict["tasks"].items():
             lim = _limit(task, taskset.limit)
@@ -597,6 +605,9 @@ class Scorer:
             for v in by.values():
                 v.sort(key=lambda x: x.idx)
             self.by_doc[name] = by
+            self.single[name] = all(r.repeats == 1 for r in self.instances[name])
+            where = {id(inst): i for i, inst in enumerate(self.instances[name])}
+            self.doc_pos[name] = {d: [where[id(r)] for r in v] for d, v in by.items()}
             self.memo[name] = {m: {} for m in self.MEMO}
             self.by_type[name] = defaultdict(list)
             for inst in self.instances[name]:
@@ -639,25 +650,34 @@ class Scorer:
         for name, task in self.task_dict["tasks"].items():
             insts = self.instances[name]
             task._instances = insts  # an evaluate() in between may have replaced them
-            take_first = _only_take_first(task)
-            for rtype, reqs in self.by_type[name].items():
-                cloned = [r for r in reqs for _ in range(r.repeats)]  # as evaluate() sends them
-                for r in reqs:
-                    r.resps, r.filtered_resps = [], {}
-                for x, r in zip(getattr(lm, rtype)(cloned), cloned, strict=True):
-                    r.resps.append(x)
-                if take_first:  # lm-eval's default filter, "none" = take_first, applied inline
+            # Fast path: lm-eval's default filter ("none" = take the first response) and
+            # answers known by key: a doc's filtered responses are its requests' answers,
+            # read straight from the table without writing them into every Instance.
+            direct = isinstance(lm, ReplayLM) and _only_take_first(task) and self.single[name]
+            if not direct:
+                for rtype, reqs in self.by_type[name].items():
+                    cloned = [r for r in reqs for _ in range(r.repeats)]  # as evaluate() sends them
                     for r in reqs:
-                        r.filtered_resps["none"] = r.resps[0]
+                        r.resps, r.filtered_resps = [], {}
+                    for x, r in zip(getattr(lm, rtype)(cloned), cloned, strict=True):
+                        r.resps.append(x)
             acc = {"task": task, "raw_metrics": defaultdict(list), "logged_samples": []}
             self._install_memo(name, task)
             try:
-                if not take_first:
+                if not direct:
                     task.apply_filters()
-                for filter_key in insts[0].filtered_resps:
+                    filter_keys = list(insts[0].filtered_resps)
+                else:
+                    filter_keys = ["none"]
+                    answers = lm._all(insts)
+                    pos = self.doc_pos[name]
+                for filter_key in filter_keys:
                     for doc_id, doc in self.docs[name]:
                         reqs = self.by_doc[name][doc_id]
-                        resps = [r.filtered_resps[filter_key] for r in reqs]
+                        if direct:
+                            resps = [answers[i] for i in pos[doc_id]]
+                        else:
+                            resps = [r.filtered_resps[filter_key] for r in reqs]
                         metrics = self._process(name, task, filter_key, doc_id, doc, resps)
                         # the fields sample_rows reads (evaluate also logs prompts, hashes, target)
                         example = {"doc_id": doc_id, "doc": doc, "filter": filter_key,
@@ -827,10 +847,12 @@ def _score(taskset, trace, strategy, granularity, bootstrap_iters):
         if sel.any():
             row.update({names[k]: float(v[sel].mean()) for k, v in cols.items()})
         metrics.append(row)
-    samples = pd.DataFrame(sample_rows(results))
+    sample_cols = sample_rows(results)
+    samples = pd.DataFrame(sample_cols)
     if len(samples):
-        code = {p: i for i, p in enumerate(ix["pairs"])}
-        rows = np.array([code.get(p, -1) for p in zip(samples.task, samples.doc_id, strict=True)])
+        code = ix.setdefault("code", {p: i for i, p in enumerate(ix["pairs"])})
+        pairs = zip(sample_cols["task"], sample_cols["doc_id"], strict=True)
+        rows = np.array([code.get(p, -1) for p in pairs])
         for k, v in cols.items():
             per_doc = np.bincount(ix["tok_doc"], weights=v, minlength=len(ix["pairs"])) / ix["n_doc"]
             samples[k] = np.where(rows >= 0, per_doc[rows], np.nan)
