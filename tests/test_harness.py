@@ -195,3 +195,24 @@ def test_lm_eval_cli_wrapper_registers_ouro_lab(env, monkeypatch, capsys):
           "--include_path", str(env["root"] / "tasks"), "--limit", "3", "--batch_size", "2"])
     out = capsys.readouterr().out
     assert "tiny_mc" in out and "acc" in out and "ouro-lab" in out
+
+
+def test_scorer_generic_path_matches_fast_path(env, traced):
+    """Answers from any LM object go through lm-eval's own filters; ReplayLM answers take
+    the inline default-filter path: same results."""
+    from ouro_lab.harness import ReplayLM, answers_from_exits, exit_steps, metric_rows, scorer_for
+    from ouro_lab.registry import make_strategy
+
+    class Answers:  # not a ReplayLM
+        def __init__(self, a):
+            self.a = a
+
+        def loglikelihood(self, reqs):
+            return [self.a[(r.task_name, r.doc_id, r.idx)] for r in reqs]
+
+        loglikelihood_rolling = loglikelihood
+
+    trace, _ = traced
+    answers = answers_from_exits(trace, exit_steps(trace, make_strategy("threshold", {"q": 0.6})))
+    sc = scorer_for(env["ts"], trace)
+    assert _values(metric_rows(sc(ReplayLM(answers)))) == _values(metric_rows(sc(Answers(answers))))
