@@ -489,9 +489,10 @@ class ReplayLM(LM):
     """An lm-eval LM that answers loglikelihood requests from precomputed arrays:
     `answers[(task, doc_id, idx)]` = (logprob, is_greedy) or, for rolling, a float."""
 
-    def __init__(self, answers: dict):
+    def __init__(self, answers: dict, positional: dict | None = None):
         super().__init__()
         self.answers = answers
+        self.positional = positional or {}  # task -> answers in the Scorer's instance order
 
     def _get(self, req):
         key = (req.task_name, req.doc_id, req.idx)
@@ -535,6 +536,10 @@ def exit_steps(trace, strategy, granularity: str = "token") -> Tensor:
     from ouro_lab.strategy import replay
 
     return replay(strategy, trace.to_signals(), granularity)
+
+
+def trace_units(trace) -> int:
+    return len(_unit_meta(trace))
 
 
 def answers_from_exits(trace, exit_step: Tensor) -> dict:
@@ -593,6 +598,7 @@ class Scorer:
         self.by_type: dict = {}
         self.doc_pos: dict = {}  # task -> doc_id -> positions of its requests in instances
         self.single: dict = {}   # task -> every request answered once (repeats == 1)
+        self._aligned: dict = {}  # trace key -> its units are this Scorer's requests, in order
         self.results_cache: dict = {}
         for name, task in self.task_dict["tasks"].items():
             lim = _limit(task, taskset.limit)
@@ -615,6 +621,22 @@ class Scorer:
 
     def keys(self) -> set[tuple]:
         return {(i.task_name, i.doc_id, i.idx) for v in self.instances.values() for i in v}
+
+    def positional(self, trace, res: list) -> dict | None:
+        """Per task, the unit results `res` of a trace made from this Scorer's requests
+        (plain loglikelihood units, same order), else None."""
+        key = trace.meta.get("key")
+        if key not in self._aligned:
+            keys = [(u[0], u[1], u[2]) for u in _unit_meta(trace)]
+            mine = [(i.task_name, i.doc_id, i.idx) for v in self.instances.values() for i in v]
+            self._aligned[key] = keys == mine and all(u[3] < 0 for u in _unit_meta(trace))
+        if not self._aligned[key]:
+            return None
+        out, a = {}, 0
+        for name, insts in self.instances.items():
+            out[name] = res[a:a + len(insts)]
+            a += len(insts)
+        return out
 
     def _process(self, name, task, filter_key, doc_id, doc, resps) -> dict:
         """`task.process_results(doc, resps)`, memoized on the exact responses: it is a pure
@@ -669,7 +691,7 @@ class Scorer:
                     filter_keys = list(insts[0].filtered_resps)
                 else:
                     filter_keys = ["none"]
-                    answers = lm._all(insts)
+                    answers = lm.positional.get(name) or lm._all(insts)
                     pos = self.doc_pos[name]
                 for filter_key in filter_keys:
                     for doc_id, doc in self.docs[name]:
@@ -833,8 +855,10 @@ def _score(taskset, trace, strategy, granularity, bootstrap_iters):
            hashlib.blake2b(exit_step.numpy().tobytes(), digest_size=16).hexdigest())
     results = scorer.results_cache.get(key)
     if results is None:
-        results = scorer.results_cache[key] = scorer(ReplayLM(answers_from_exits(trace, exit_step)),
-                                                     bootstrap_iters)
+        answers = answers_from_exits(trace, exit_step)
+        positional = scorer.positional(trace, list(answers.values())) if len(answers) == trace_units(trace) \
+            else None
+        results = scorer.results_cache[key] = scorer(ReplayLM(answers, positional), bootstrap_iters)
     ix = _doc_index(trace)
     cols = {"steps_used": (exit_step + 1).double().numpy(), "steps_executed": executed.double().numpy(),
             "flops_per_token": flops_used.numpy(), "flops_executed_per_token": flops_run.numpy()}
