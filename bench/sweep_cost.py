@@ -194,7 +194,11 @@ def main() -> None:
         for g in gap(replay_rows, lm_rows):
             gaps.append((f"{name} {params}", g))
     n_dyn = len(settings) - len(fixed)
-    if live_times:
+    if not live_times:
+        print(f"re-running lm-eval per setting: {len(fixed)} fixed-k runs measured {t_fixed:.2f} s "
+              f"({t_fixed / t_plain:.1f}x the plain run); early-exit settings not measured "
+              "(--live-samples 0)")
+    else:
         t_rerun = t_fixed + n_dyn * sum(live_times) / len(live_times)
         print(f"re-running lm-eval per setting: {len(fixed)} fixed-k runs measured {t_fixed:.2f} s + "
               f"{n_dyn} early-exit settings x {sum(live_times) / len(live_times):.2f} s (mean of "
