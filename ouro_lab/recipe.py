@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ouro_lab.errors import OuroLabError
+from ouro_lab.files import atomic_write
 
 
 class RecipeError(OuroLabError, ValueError):
@@ -153,15 +154,10 @@ def json_schema() -> dict:
 
 def write_json_schema(path: str | Path) -> Path:
     path = Path(path)
-    atomic_write_text(path, json.dumps(json_schema(), indent=2) + "\n")
+    atomic_write(path, json.dumps(json_schema(), indent=2) + "\n")
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- loading

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import pandas as pd
 
 from ouro_lab import stats
 from ouro_lab.errors import OuroLabError
+from ouro_lab.files import atomic_write
 
 PRIMARY = ("acc", "exact_match", "acc_norm", "f1", "mcc", "bleu")
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -31,16 +31,6 @@ LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per
 
 class RunDirError(OuroLabError):
     """A run folder without the files a report needs."""
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, path)
 
 
 def read_run(run_dir: str | Path) -> dict:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
+from ouro_lab.files import atomic_write
 from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
 
 
@@ -222,15 +223,6 @@ class RunLock:
 
         fcntl.flock(self.fh, fcntl.LOCK_UN)
         self.fh.close()
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, path)
 
 
 def atomic_frame(df, path: Path) -> None:

@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ouro_lab import toy
 from ouro_lab.errors import OuroLabError
+from ouro_lab.files import atomic_write
 from ouro_lab.model import OuroConfig, OuroForCausalLM, exit_distribution, init_weights
 
 
@@ -450,12 +451,8 @@ def export(model: OuroForCausalLM, recipe: TrainRecipe, summary: dict, out: Path
     tmp = out / "training_log.jsonl.tmp"
     shutil.copyfile(log_path, tmp)
     os.replace(tmp, out / "training_log.jsonl")
-    tmp = out / "eval.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "eval.json")
-    tmp = out / "MODEL_CARD.md.tmp"
-    tmp.write_text(model_card(recipe, summary))
-    os.replace(tmp, out / "MODEL_CARD.md")
+    atomic_write(out / "eval.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "MODEL_CARD.md", model_card(recipe, summary))
     return out
 
 
