@@ -980,6 +980,12 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
     from ouro_lab.registry import make_strategy
 
     st = make_strategy(strategy, params or {}) if isinstance(strategy, str) else strategy
+    from ouro_lab.strategy import ExitStrategy
+
+    if type(st).fit is not ExitStrategy.fit:
+        name = strategy if isinstance(strategy, str) else type(st).__name__
+        raise HarnessError(f"eval: strategy {name} calibrates on a "
+                           "held-out split; run it with `ouro-lab sweep` (cross-fitted calibration)")
     ll = ts.names_of("multiple_choice", *LL_TYPES)
     gen = ts.names_of("generate_until")
     metrics, samples = [], []

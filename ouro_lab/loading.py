@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -160,12 +161,21 @@ def load_tokenizer(path: str | Path, bos_token_id: int | None = None, eos_token_
     The published Ouro configs set bos, eos and pad all to 0; the chat (Thinking)
     variants end a turn with id 2 (`<|im_end|>`). Pass the ids to override."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    level = hf_logging.get_verbosity()
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # transformers reads config.json too and frowns at `model_type: ouro` and the published
+        # `rope_scaling: null`; neither matters for a tokenizer
+        hf_logging.set_verbosity_error()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: no tokenizer loadable by AutoTokenizer ({first})") from None
+    finally:
+        hf_logging.set_verbosity(level)
     for name, value in (("bos", bos_token_id), ("eos", eos_token_id), ("pad", pad_token_id)):
         if value is not None:
             setattr(tok, f"{name}_token", tok.convert_ids_to_tokens(value))

@@ -165,6 +165,14 @@ def test_cli_eval_plain_and_with_strategy(env, tmp_path):
     assert r.exit_code != 0
 
 
+def test_eval_refuses_a_calibrating_strategy_in_one_line(env):
+    from ouro_lab.harness import HarnessError, evaluate_tasks
+
+    with pytest.raises(HarnessError, match="budget calibrates on a held-out split; run it with `ouro-lab"):
+        evaluate_tasks(env["mdir"], "tiny_mc", include_path=[env["root"] / "tasks"], limit=2,
+                       strategy="budget", params={"mean_steps": 2.0})
+
+
 def test_ouro_lab_is_registered_with_lm_eval(env):
     from lm_eval.api.registry import get_model
 
