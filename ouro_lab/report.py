@@ -233,7 +233,7 @@ def sections(run: dict, summary: dict) -> list[tuple[str, list[str], list[list[s
                     ["budget", "FLOPs vs full", "fixed", "best setting", "its score", "its FLOPs"], rows,
                     "Budget = the executed FLOPs per token of each fixed step; best = the highest-scoring "
                     "setting (oracles excluded) that costs no more."))
-        rows = [[r["strategy"] + (" (oracle, upper bound)" if r["kind"] == "select" else ""),
+        rows = [[r["strategy"] + (" (oracle: reads the answer)" if r["kind"] == "select" else ""),
                  r["chosen"] or "none within tolerance", _pct(r["saved"]) + "%" if r["chosen"] else "-",
                  f"[{_pct(r['ci_low'])}%, {_pct(r['ci_high'])}%]", _pct(r["delta"], sc, signed=True)]
                 for r in t["saved"]]

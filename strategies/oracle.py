@@ -1,4 +1,10 @@
-"""Upper bound, not a rule: exit at the earliest step whose top-1 already is the target (reads the answer)."""
+"""Upper bound, not a rule: exit at the earliest step whose top-1 already is the target (reads the answer).
+
+It bounds what a per-token exit rule can reach when every scored token has one right
+answer: greedy generation, perplexity, the gold continuation. On multiple-choice tasks
+every choice's continuation is scored as a "target", so the oracle also exits wrong
+choices where they look best and can score below full depth: it bounds nothing there.
+"""
 
 from dataclasses import dataclass
 from typing import ClassVar
