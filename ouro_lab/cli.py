@@ -124,9 +124,9 @@ def trace(model_dir: Path = typer.Argument(..., help="checkpoint folder (config.
 
 @app.command()
 def sweep(recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/demo.yaml)"),
-          overrides: list[str] = typer.Argument(None, help="key=value overrides, dotted keys: tasks.limit=20"),
+          overrides: list[str] = typer.Argument(None, help="key=value overrides: tasks.limit=20"),
           out: Path = typer.Option(None, "--out", help="run folder (default results/<recipe>/<run-id>)"),
-          dry_run: bool = typer.Option(False, "--dry-run", help="validate, print the grid and its cost, stop")):
+          dry_run: bool = typer.Option(False, "--dry-run", help="validate, print grid and cost, stop")):
     """Run a recipe end to end: trace pass, replay every setting, live runs, tables, plots, report."""
     from ouro_lab.sweep import run_sweep
 
@@ -252,8 +252,16 @@ def lm_eval_(ctx: typer.Context):
 
 
 def main() -> None:
+    import signal
+
     from ouro_lab.errors import OuroLabError
 
+    def interrupted(signum, frame):  # typer swallows KeyboardInterrupt (exit 130): say it here
+        typer.echo("interrupted: files already written are kept; rerun the command to resume", err=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
     try:
         app()
     except OuroLabError as e:
@@ -262,7 +270,6 @@ def main() -> None:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted: files already written are kept", err=True)
         sys.exit(130)
 
 

@@ -93,21 +93,26 @@ def test_rerun_in_place_skips_finished_settings(lab, run1):
     assert json.loads((run1 / "provenance.json").read_text())["model_forward_calls"] == 0
 
 
-def test_resume_after_kill_9(lab, run1):
-    out = lab / "killed"
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_resume_after_interruption(lab, run1, sig):
+    out = lab / f"stopped-{sig.name}"
     env = dict(os.environ, OURO_LAB_PROGRESS="0", TQDM_DISABLE="1")
     cmd = [sys.executable, "-m", "ouro_lab.cli", "sweep", str(lab / "r.yaml"), "--out", str(out),
            "bootstrap=200"]
-    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
         if len(list((out / "settings").glob("*.json"))) >= 3:
             break
         time.sleep(0.02)
-    assert p.poll() is None, "the sweep finished before it could be killed"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert p.returncode == -signal.SIGKILL
+    assert p.poll() is None, "the sweep finished before it could be interrupted"
+    p.send_signal(sig)
+    err = p.communicate(timeout=120)[1]
+    if sig == signal.SIGKILL:
+        assert p.returncode == -signal.SIGKILL
+    else:  # Ctrl-C: one line, exit 130, no traceback
+        assert p.returncode == 130, err[-2000:]
+        assert "interrupted" in err and "Traceback" not in err
     assert not (out / "metrics.csv").exists()
     done = len(list((out / "settings").glob("*.json")))
     assert done >= 3
