@@ -151,7 +151,7 @@ class LiveBatch:
             for i, layer in enumerate(model.model.layers):
                 past = self.cache.kv.get((slot, i))
                 kv = None if past is None else (past[0][A], past[1][A])
-                xa, (k, v) = layer(xa, cos[A], sin[A], mask[A], kv)
+                xa, (k, v) = layer(xa, cos[A], sin[A], None if mask is None else mask[A], kv)
                 cols[(slot, i)][0][A] = k[:, :, -1:]
                 cols[(slot, i)][1][A] = v[:, :, -1:]
             xa = model.model.norm(xa)  # (n, 1, H)

@@ -146,7 +146,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
                 kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x (B, T, C); mask (B, 1, T, S) bool, True = may attend; kv = cached (k, v)
+        """x (B, T, C); mask (B, 1, T, S) bool, True = may attend, or None for plain causal
+        attention over this call's tokens alone; kv = cached (k, v)
         of earlier positions, each (B, n_kv, S - T, hd). Returns the output and the
         full (k, v) including this call's positions."""
         B, T, _ = x.shape
@@ -156,7 +157,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k, v = torch.cat((kv[0], k), dim=2), torch.cat((kv[1], v), dim=2)  # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        # mask None = no padding and no cache: SDPA's fused causal kernels skip the masked half
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
         return self.o_proj(y), (k, v)
@@ -333,14 +335,16 @@ class OuroForCausalLM(nn.Module):
         if cache is not None:
             cache.mask = full_mask
             cache.next_pos = position_ids[:, -1] + 1
+        x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if past == 0 and (attention_mask is None or (dev.type != "meta" and bool(new_mask.all()))):
+            return x, (cos, sin, None)  # nothing to mask but the future: plain causal attention
         # query i (absolute past + i) may see key j <= past + i that is a real token; every
         # query also sees itself so padded queries never get an empty (NaN) softmax row.
         q_idx = torch.arange(past, past + T, device=dev)[:, None]
         k_idx = torch.arange(past + T, device=dev)[None, :]
         mask = (k_idx <= q_idx)[None] & full_mask[:, None, :]  # (B, T, S)
         mask = (mask | (k_idx == q_idx)[None])[:, None]          # (B, 1, T, S)
-        x = self.model.embed_tokens(input_ids)  # (B, T, H)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         return x, (cos, sin, mask)
 
     def loop_step(self, x: Tensor, step: int, ctx, cache: KVCache | None = None) -> Tensor:
