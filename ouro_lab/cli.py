@@ -206,11 +206,16 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
           dtype: str = typer.Option(None, help="float32, bfloat16, ... (default: the checkpoint's)"),
           device: str = typer.Option(None, help="cpu, cuda or mps (default: best available)"),
           out: Path = typer.Option(None, "--out", help="folder for metrics.csv and samples.csv"),
-          cache_dir: Path = typer.Option(Path(".cache/ouro-lab"), "--cache-dir", help="trace cache")):
+          cache_dir: Path = typer.Option(None, "--cache-dir",
+                                         help="trace cache (default: $OURO_LAB_CACHE)")):
     """lm-eval metrics of a checkpoint, plain or under an exit strategy (with compute columns)."""
     from ouro_lab.errors import OuroLabError
     from ouro_lab.harness import evaluate_tasks
 
+    if cache_dir is None:
+        from ouro_lab.sweep import cache_dir as default_cache
+
+        cache_dir = default_cache()
     params = {}
     for p in param or []:
         if "=" not in p:

@@ -233,8 +233,11 @@ class LiveBatch:
         self.tokens += alive.long().cpu()
         self.n_fed += 1
         alive_c = alive.cpu()
-        used = ((exit_step.cpu() + 1).double() * step_cost
-                + (self.readouts - readouts_before).double() * self.cost.head_flops)
+        # "used" = what the exits alone need (what replay charges): steps up to the exit and the
+        # rule's readouts there; under policy "full" the executed count also has the steps after
+        need = (self.strategy.readouts(exit_step.cpu()) if self.strategy is not None
+                else self.readouts - readouts_before)
+        used = (exit_step.cpu() + 1).double() * step_cost + need.double() * self.cost.head_flops
         self.flops_used += torch.where(alive_c, used, 0.0)
         out = {"exit": exit_step.cpu(), "logp": exit_logp}
         if tgt is not None:

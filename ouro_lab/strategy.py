@@ -131,7 +131,7 @@ class ExitStrategy:
     def readouts(self, exit_step: Tensor) -> Tensor:
         """LM-head readouts each token needs (N,): one per checked step for rules that
         read the head, else one (the emitted prediction)."""
-        if expand_needs(self.needs) & HEAD_SIGNALS and self.kind == "skip":
+        if expand_needs(self.needs) & HEAD_SIGNALS:
             return exit_step + 1
         return torch.ones_like(exit_step)
 

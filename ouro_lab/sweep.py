@@ -105,6 +105,10 @@ def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
                 errors.append(src.error(("strategies", i, "live"), f"{spec.name} calibrates on data; "
                                         "live runs are only for rules without calibration (set live: false)"))
                 break
+            if fitted and (spec.granularity or recipe.granularity) == "sequence":
+                errors.append(src.error(("strategies", i, "granularity"), f"{spec.name} calibrates its "
+                                        "budget per token; use granularity: token for it"))
+                break
             if spec.live and type(obj).kind == "select":
                 errors.append(src.error(("strategies", i, "live"), f"{spec.name} only selects a step (an "
                                         "oracle); it cannot run live (set live: false)"))
@@ -656,31 +660,34 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
         if t != task:
             continue
         d = per_doc.setdefault(int(doc_id), {"tokens": 0, "steps_used": 0, "steps_executed": 0, "flops": 0.0,
-                                             "seconds": 0.0})
+                                             "flops_used": 0.0, "seconds": 0.0})
         d["tokens"] += rec.get("tokens", 0)
         d["steps_used"] += rec.get("steps_used", 0)
         d["steps_executed"] += rec.get("steps_executed", 0)
         # decode FLOPs for generation, scored-token FLOPs for loglikelihood (prompt prefill apart)
         d["flops"] += rec.get("flops_decode", rec.get("flops_scored", rec.get("flops", 0.0)))
+        d["flops_used"] += rec.get("flops_used_decode", rec.get("flops_used_scored", 0.0))
         d["seconds"] += rec.get("seconds", 0.0)
     comp = pd.DataFrame([{"task": task, "doc_id": k, **v} for k, v in sorted(per_doc.items())])
-    tot = comp[["tokens", "steps_used", "steps_executed", "flops", "seconds"]].sum() if len(comp) else None
+    tot = (comp[["tokens", "steps_used", "steps_executed", "flops", "flops_used", "seconds"]].sum()
+           if len(comp) else None)
     n = max(int(tot["tokens"]), 1) if tot is not None else 1
     rows = []
     for row in harness.metric_rows(results):
         if row["task"] != task:
             continue
         if tot is not None:
-            fpt = float(tot["flops"]) / n
             row.update(steps_used_mean=float(tot["steps_used"]) / n,
                        steps_executed_mean=float(tot["steps_executed"]) / n,
-                       flops_per_token=fpt, flops_executed_per_token=fpt, seconds=float(tot["seconds"]))
+                       flops_per_token=float(tot["flops_used"]) / n,
+                       flops_executed_per_token=float(tot["flops"]) / n, seconds=float(tot["seconds"]))
         rows.append(row)
     samples = pd.DataFrame(harness.sample_rows(results, taskset))
     if len(samples) and len(comp):
         tokens = comp.tokens.clip(lower=1)
         comp = comp.assign(steps_used=comp.steps_used / tokens, steps_executed=comp.steps_executed / tokens,
-                           flops_per_token=comp.flops / tokens, flops_executed_per_token=comp.flops / tokens,
+                           flops_per_token=comp.flops_used / tokens,
+                           flops_executed_per_token=comp.flops / tokens,
                            flops_executed=comp.flops)
         samples = samples.merge(comp, on=["task", "doc_id"], how="left")
     rows = [{k: (v if not (isinstance(v, float) and math.isnan(v)) else None) for k, v in r.items()}

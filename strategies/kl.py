@@ -23,9 +23,3 @@ class Strategy(ExitStrategy):
         if r + 1 < self.min_step:
             return torch.zeros(s.n, dtype=torch.bool)
         return s.kl_prev[r] < self.eps
-
-    def readouts(self, exit_step: Tensor) -> Tensor:
-        # the first check (0-based step min_step-1) compares with step min_step-2: no
-        # readout is needed before that one
-        first = max(0, self.min_step - 2)
-        return (exit_step - first + 1).clamp(min=1)

@@ -30,13 +30,16 @@ def _by_key(rows):
     return {(r["task"], r["metric"]): r for r in rows}
 
 
-def test_full_policy_live_matches_replay(env):
+@pytest.mark.parametrize("rule", [("threshold", {"q": 0.5}), ("confidence", {"tau": 0.5}),
+                                  ("kl", {"eps": 0.05, "min_step": 3})])
+def test_full_policy_live_matches_replay(env, rule):
     """With every step computed (`full`), a live run sees the same states as the trace:
-    same exits, same metrics (up to float noise of token-by-token attention)."""
+    same exits, same metrics (up to float noise of token-by-token attention), and the
+    same FLOPs used, LM-head readouts of head-reading rules included."""
     from ouro_lab.harness import evaluate_live, score
     from ouro_lab.registry import make_strategy
 
-    st = make_strategy("threshold", {"q": 0.5})
+    st = make_strategy(*rule)
     replay, _ = score(env["ts"], env["trace"], st)
     live, samples = evaluate_live(env["model"], env["tok"], env["ts"], st, "full", batch_size=4,
                                   names=["tiny_mc", "tiny_ppl"])
