@@ -181,6 +181,8 @@ def good(lab) -> str:
     (("tiny_mc, tiny_gen", "tiny_mc, tiny_gem"), ":3: tasks.names[1]:", "did you mean"),
     (("q: 0.6}, live: true}", "q: 0.6}, live: true, granularity: sequence}"), ":6: strategies[1].live:",
      "live runs decide token by token"),
+    (("mean_steps: [1.5, 2.5]}}", "mean_steps: [1.5, 2.5]}, granularity: sequence}"),
+     ":7: strategies[2].granularity:", "calibrates its budget per token"),
 ])
 def test_bad_recipe_one_line_exit_2(lab, tmp_path, edit, field, words):
     code, lines, f = _bad(lab, tmp_path, good(lab).replace(*edit))
