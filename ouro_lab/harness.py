@@ -94,15 +94,21 @@ def _head_scores(model, h: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
 
 def _unit_results(lp: Tensor, greedy: Tensor, lengths: list[int]) -> list[tuple[float, bool]]:
     """Per-unit (sum of log-probs in float64, all greedy) from per-token values laid out
-    unit after unit. Every path (plain OuroLM, replay, live) sums through this function."""
+    unit after unit. Every path (plain OuroLM, replay, live) sums through `_unit_sums`."""
     import numpy as np
 
     if not lengths:
         return []
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    sums = np.add.reduceat(lp.double().numpy(), starts)
-    alls = np.logical_and.reduceat(greedy.numpy(), starts)
+    sums, alls = _unit_sums(lp, greedy, np.concatenate(([0], np.cumsum(lengths)[:-1])))
     return list(zip(sums.tolist(), alls.tolist(), strict=True))
+
+
+def _unit_sums(lp: Tensor, greedy: Tensor, starts):
+    """Segment sums of per-token log-probs (float64) and segment all() of greedy flags, for
+    units starting at `starts` (numpy int array, non-empty units): two numpy arrays."""
+    import numpy as np
+
+    return np.add.reduceat(lp.double().numpy(), starts), np.logical_and.reduceat(greedy.numpy(), starts)
 
 
 def _batches(units: list[Unit], batch_size: int, max_length: int):
@@ -489,10 +495,18 @@ class ReplayLM(LM):
     """An lm-eval LM that answers loglikelihood requests from precomputed arrays:
     `answers[(task, doc_id, idx)]` = (logprob, is_greedy) or, for rolling, a float."""
 
-    def __init__(self, answers: dict, positional: dict | None = None):
+    def __init__(self, answers, positional: dict | None = None):
         super().__init__()
-        self.answers = answers
-        self.positional = positional or {}  # task -> answers in the Scorer's instance order
+        self._answers = answers  # a dict, or a function that makes it (when first needed)
+        # task -> answers in the Scorer's instance order: a list of (logprob, is_greedy), or
+        # two numpy arrays (float64 log-probs, bool greedy flags)
+        self.positional = positional or {}
+
+    @property
+    def answers(self) -> dict:
+        if callable(self._answers):
+            self._answers = self._answers()
+        return self._answers
 
     def _get(self, req):
         key = (req.task_name, req.doc_id, req.idx)
@@ -542,18 +556,39 @@ def trace_units(trace) -> int:
     return len(_unit_meta(trace))
 
 
-def answers_from_exits(trace, exit_step: Tensor) -> dict:
-    """lm-eval answers per request from per-token exit steps (see `ReplayLM`)."""
-    meta = _unit_meta(trace)
+def _unit_layout(trace) -> tuple:
+    """Per trace, once: each unit's first token (numpy), the request keys, and whether
+    every unit is a plain loglikelihood request (no rolling windows)."""
+    import numpy as np
+
+    lay = getattr(trace, "_unit_layout", None)
+    if lay is None:
+        meta = _unit_meta(trace)
+        lengths = torch.bincount(trace.request, minlength=len(meta)).numpy()
+        if (lengths == 0).any():
+            raise HarnessError("a unit of this trace has no scored token; trace again with trace_pass")
+        lay = trace._unit_layout = (np.concatenate(([0], np.cumsum(lengths)[:-1])),
+                                    [(u[0], u[1], u[2]) for u in meta], all(u[3] < 0 for u in meta))
+    return lay
+
+
+def unit_arrays(trace, exit_step: Tensor):
+    """Per unit of the trace (its request order): the sum of target log-probs at each
+    token's exit step (float64) and whether every target is the argmax there (bool), as
+    two numpy arrays. What `OuroLM` computes for a model cut to those steps."""
     sig = trace.signals
     lp = sig["target_logprob"].gather(0, exit_step[None])[0]
     greedy = sig["target_is_argmax"].gather(0, exit_step[None])[0]
-    lay = getattr(trace, "_unit_layout", None)
-    if lay is None:  # per trace, once: token counts per unit and the request keys
-        lay = trace._unit_layout = (torch.bincount(trace.request, minlength=len(meta)).tolist(),
-                                    [(u[0], u[1], u[2]) for u in meta], all(u[3] < 0 for u in meta))
-    lengths, keys, plain = lay
-    res = _unit_results(lp, greedy, lengths)
+    return _unit_sums(lp, greedy, _unit_layout(trace)[0])
+
+
+def answers_from_exits(trace, exit_step: Tensor, arrays=None) -> dict:
+    """lm-eval answers per request from per-token exit steps (see `ReplayLM`); `arrays`:
+    `unit_arrays(trace, exit_step)` when already computed."""
+    meta = _unit_meta(trace)
+    _, keys, plain = _unit_layout(trace)
+    sums, alls = unit_arrays(trace, exit_step) if arrays is None else arrays
+    res = list(zip(sums.tolist(), alls.tolist(), strict=True))
     if plain:  # loglikelihood requests only: one unit each
         return dict(zip(keys, res, strict=True))
     answers: dict = {}
@@ -597,6 +632,8 @@ class Scorer:
         self.instances, self.docs, self.by_doc, self.memo, self.results_memo = {}, {}, {}, {}, {}
         self.by_type: dict = {}
         self.doc_pos: dict = {}  # task -> doc_id -> positions of its requests in instances
+        self.spans: dict = {}    # task -> [(doc_id, doc, start, stop)] where those positions are runs
+        self.doc_ids: dict = {}  # task -> ids of its doc objects (the template memo's keys)
         self.single: dict = {}   # task -> every request answered once (repeats == 1)
         self._aligned: dict = {}  # trace key -> its units are this Scorer's requests, in order
         self.results_cache: dict = {}
@@ -614,6 +651,8 @@ class Scorer:
             self.single[name] = all(r.repeats == 1 for r in self.instances[name])
             where = {id(inst): i for i, inst in enumerate(self.instances[name])}
             self.doc_pos[name] = {d: [where[id(r)] for r in v] for d, v in by.items()}
+            self.spans[name] = self._spans(name)
+            self.doc_ids[name] = {id(d) for _, d in self.docs[name]}
             self.memo[name] = {m: {} for m in self.MEMO}
             self.by_type[name] = defaultdict(list)
             for inst in self.instances[name]:
@@ -622,9 +661,9 @@ class Scorer:
     def keys(self) -> set[tuple]:
         return {(i.task_name, i.doc_id, i.idx) for v in self.instances.values() for i in v}
 
-    def positional(self, trace, res: list) -> dict | None:
-        """Per task, the unit results `res` of a trace made from this Scorer's requests
-        (plain loglikelihood units, same order), else None."""
+    def positional(self, trace, *res) -> dict | None:
+        """Per task, the unit results `res` (a list, or arrays: `unit_arrays`) of a trace made
+        from this Scorer's requests (plain loglikelihood units, same order), else None."""
         key = trace.meta.get("key")
         if key not in self._aligned:
             keys = [(u[0], u[1], u[2]) for u in _unit_meta(trace)]
@@ -634,25 +673,67 @@ class Scorer:
             return None
         out, a = {}, 0
         for name, insts in self.instances.items():
-            out[name] = res[a:a + len(insts)]
+            part = tuple(r[a:a + len(insts)] for r in res)
+            out[name] = part if len(part) > 1 else part[0]
             a += len(insts)
         return out
 
-    def _process(self, name, task, filter_key, doc_id, doc, resps) -> dict:
-        """`task.process_results(doc, resps)`, memoized on the exact responses: it is a pure
-        function of them, and many settings of a sweep give a doc the very same answers."""
+    def _spans(self, name) -> list | None:
+        """(doc_id, doc, start, stop) per doc when each doc's requests sit side by side in
+        the instance list (lm-eval builds them so), else None."""
+        spans = []
+        for doc_id, doc in self.docs[name]:
+            p = self.doc_pos[name].get(doc_id)
+            if not p or p != list(range(p[0], p[0] + len(p))):
+                return None
+            spans.append((doc_id, doc, p[0], p[0] + len(p)))
+        return spans
+
+    def _doc_resps(self, name, filter_key, answers):
+        """(doc_id, doc, filtered responses) per doc, in lm-eval's doc order: from `answers`
+        (responses in instance order) or, when None, from the instances' filtered_resps."""
+        if isinstance(answers, tuple):  # (log-probs, greedy flags) arrays
+            answers = list(zip(answers[0].tolist(), answers[1].tolist(), strict=True))
+        if answers is None:
+            by = self.by_doc[name]
+            return ((d, doc, [r.filtered_resps[filter_key] for r in by[d]]) for d, doc in self.docs[name])
+        if self.spans[name] is not None:
+            return ((d, doc, answers[a:b]) for d, doc, a, b in self.spans[name])
+        pos = self.doc_pos[name]
+        return ((d, doc, [answers[i] for i in pos[d]]) for d, doc in self.docs[name])
+
+    def _examples_from_arrays(self, name, task, memo, ll, greedy) -> list[dict]:
+        """`_example` of every doc (filter "none"), answers given as per-request arrays:
+        the memo key of a doc is the bytes of its slice of the arrays (equal bytes, equal
+        answers), and the (logprob, is_greedy) responses are only made for new answers."""
+        lb, gb = ll.astype("<f8", copy=False).tobytes(), greedy.astype(bool, copy=False).tobytes()
+        out = []
+        for doc_id, doc, a, b in self.spans[name]:
+            key = (doc_id, lb[8 * a:8 * b] + gb[a:b])
+            ex = memo.get(key)
+            if ex is None:
+                resps = list(zip(ll[a:b].tolist(), greedy[a:b].tolist(), strict=True))
+                ex = memo[key] = _new_example(task, "none", doc_id, doc, resps)
+            out.append(ex)
+        return out
+
+    def _example(self, memo, task, filter_key, doc_id, doc, resps) -> dict:
+        """`_new_example` memoized on the exact responses: process_results is a pure function
+        of them, and many settings of a sweep give a doc the very same answers. The sample
+        dicts are shared between calls: read-only."""
         try:
-            key = (name, filter_key, doc_id, tuple(resps))
-            hash(key)
-        except TypeError:
-            return task.process_results(doc, resps)
-        hit = self.results_memo.get(key)
-        if hit is None:
-            hit = self.results_memo[key] = task.process_results(doc, resps)
-        return dict(hit)
+            key = (doc_id, tuple(resps))
+            ex = memo.get(key)
+        except TypeError:  # unhashable responses: no memo
+            key = ex = None
+        if ex is None:
+            ex = _new_example(task, filter_key, doc_id, doc, resps)
+            if key is not None:
+                memo[key] = ex
+        return ex
 
     def _install_memo(self, name, task):
-        ids = {id(d) for _, d in self.docs[name]}
+        ids = self.doc_ids[name]
         for m in self.MEMO:
             fn, memo = getattr(task, m), self.memo[name][m]
 
@@ -688,31 +769,40 @@ class Scorer:
             try:
                 if not direct:
                     task.apply_filters()
-                    filter_keys = list(insts[0].filtered_resps)
+                    filter_keys, answers = list(insts[0].filtered_resps), None
                 else:
-                    filter_keys = ["none"]
-                    answers = lm.positional.get(name) or lm._all(insts)
-                    pos = self.doc_pos[name]
+                    filter_keys, answers = ["none"], lm.positional.get(name) or lm._all(insts)
                 for filter_key in filter_keys:
-                    for doc_id, doc in self.docs[name]:
-                        reqs = self.by_doc[name][doc_id]
-                        if direct:
-                            resps = [answers[i] for i in pos[doc_id]]
-                        else:
-                            resps = [r.filtered_resps[filter_key] for r in reqs]
-                        metrics = self._process(name, task, filter_key, doc_id, doc, resps)
-                        # the fields sample_rows reads (evaluate also logs prompts, hashes, target)
-                        example = {"doc_id": doc_id, "doc": doc, "filter": filter_key,
-                                   "metrics": list(metrics), **metrics}
-                        acc["logged_samples"].append(example)
-                        for metric, value in metrics.items():
-                            acc["raw_metrics"][(metric, filter_key)].append(value)
+                    memo = self.results_memo.setdefault((name, filter_key), {})
+                    if isinstance(answers, tuple) and self.spans[name] is not None:
+                        examples = self._examples_from_arrays(name, task, memo, *answers)
+                    else:
+                        examples = [self._example(memo, task, filter_key, d, doc, resps)
+                                    for d, doc, resps in self._doc_resps(name, filter_key, answers)]
+                    acc["logged_samples"] += examples
+                    # raw metrics in doc order, keys in first-seen order, as evaluate() appends them
+                    raw = acc["raw_metrics"]
+                    first = examples[0]["metrics"] if examples else []
+                    if all(ex["metrics"] == first for ex in examples):
+                        for metric in first:
+                            raw[(metric, filter_key)] += [ex[metric] for ex in examples]
+                    else:
+                        for ex in examples:
+                            for metric in ex["metrics"]:
+                                raw[(metric, filter_key)].append(ex[metric])
             finally:
                 for m in self.MEMO:
                     task.__dict__.pop(m, None)
             acc_all[name] = acc
         res = _process_results(acc_all, self.task_dict.get("groups", {}), bootstrap_iters)
         return res._to_eval_results(samples=res.samples)
+
+
+def _new_example(task, filter_key, doc_id, doc, resps) -> dict:
+    """lm-eval's `task.process_results(doc, resps)` as a logged sample with the fields
+    sample_rows reads (evaluate also logs prompts, hashes, target)."""
+    metrics = task.process_results(doc, resps)
+    return {"doc_id": doc_id, "doc": doc, "filter": filter_key, "metrics": list(metrics), **metrics}
 
 
 def _only_take_first(task) -> bool:
@@ -745,11 +835,14 @@ def metric_rows(results: dict) -> list[dict]:
 def sample_rows(results: dict, taskset: TaskSet | None = None) -> dict[str, list]:
     """lm-eval's per-doc samples as columns (task, doc_id, filter, each scalar metric,
     difficulty where docs carry one), ready for `pandas.DataFrame`."""
+    from itertools import chain
+
     cols: dict[str, list] = defaultdict(list)
     n = 0
+    plain = (bool, int, float)
 
     def scalar(v):
-        if isinstance(v, (bool, int, float)):
+        if isinstance(v, plain):
             return float(v)
         if isinstance(v, (tuple, list)) and v and isinstance(v[0], (int, float)):
             return float(v[0])  # perplexity-style (loglikelihood, weight) pairs
@@ -758,11 +851,11 @@ def sample_rows(results: dict, taskset: TaskSet | None = None) -> dict[str, list
     for task, samples in (results.get("samples") or {}).items():
         if not samples:
             continue
-        names = list(dict.fromkeys(m for s in samples for m in s.get("metrics", [])))
+        names = list(dict.fromkeys(chain.from_iterable(s.get("metrics", ()) for s in samples)))
         block = {"task": [task] * len(samples), "doc_id": [int(s["doc_id"]) for s in samples],
                  "filter": [s.get("filter", "none") for s in samples]}
         for m in names:
-            block[m] = [scalar(s.get(m)) for s in samples]
+            block[m] = [float(v) if type(v) in plain else scalar(v) for v in (s.get(m) for s in samples)]
         diff = [s["doc"].get("difficulty") if isinstance(s.get("doc"), dict) else None for s in samples]
         if any(d is not None for d in diff):
             block["difficulty"] = diff
@@ -790,7 +883,10 @@ def _token_compute(trace, strategy, exit_step: Tensor, executed: Tensor):
 def scorer_for(taskset: TaskSet, names) -> Scorer:
     """The Scorer of tasks `names` (or of a trace's tasks), built once per taskset and kept on it."""
     if not isinstance(names, (list, tuple)):
-        names = sorted({u[0] for u in _unit_meta(names)})
+        trace = names
+        names = getattr(trace, "_task_names", None)
+        if names is None:
+            names = trace._task_names = sorted({u[0] for u in _unit_meta(trace)})
     key = tuple(sorted(names))
     if key not in taskset.scorers:
         taskset.scorers[key] = Scorer(taskset, list(key))
@@ -812,7 +908,7 @@ def _doc_index(trace) -> dict:
     tasks = sorted({p[0] for p in pairs})
     task_of_doc = np.array([tasks.index(p[0]) for p in pairs], dtype=np.int64)
     idx = {"pairs": pairs, "tok_doc": tok, "tasks": tasks, "tok_task": task_of_doc[tok],
-           "n_doc": np.bincount(tok, minlength=len(pairs)).astype(float)}
+           "n_doc": np.bincount(tok, minlength=len(pairs)).astype(float), "select": {}, "frames": {}}
     trace._doc_index = idx
     return idx
 
@@ -850,15 +946,17 @@ def _score(taskset, trace, strategy, granularity, bootstrap_iters):
     flops_used, flops_run = _token_compute(trace, strategy, exit_step, executed)
     scorer = scorer_for(taskset, trace)
     # settings that exit every token at the same step get the same answers: lm-eval's
-    # results are a deterministic function of them, computed once
+    # results (and the per-doc metric columns read from them) are a deterministic
+    # function of them, computed once
     key = (trace.meta.get("key"), bootstrap_iters,
            hashlib.blake2b(exit_step.numpy().tobytes(), digest_size=16).hexdigest())
-    results = scorer.results_cache.get(key)
-    if results is None:
-        answers = answers_from_exits(trace, exit_step)
-        positional = scorer.positional(trace, list(answers.values())) if len(answers) == trace_units(trace) \
-            else None
-        results = scorer.results_cache[key] = scorer(ReplayLM(answers, positional), bootstrap_iters)
+    hit = scorer.results_cache.get(key)
+    if hit is None:
+        arrays = unit_arrays(trace, exit_step)
+        lm = ReplayLM(lambda: answers_from_exits(trace, exit_step, arrays), scorer.positional(trace, *arrays))
+        results = scorer(lm, bootstrap_iters)
+        hit = scorer.results_cache[key] = (results, sample_rows(results))
+    results, sample_cols = hit
     ix = _doc_index(trace)
     cols = {"steps_used": (exit_step + 1).double().numpy(), "steps_executed": executed.double().numpy(),
             "flops_per_token": flops_used.numpy(), "flops_executed_per_token": flops_run.numpy()}
@@ -866,21 +964,35 @@ def _score(taskset, trace, strategy, granularity, bootstrap_iters):
              "flops_per_token": "flops_per_token", "flops_executed_per_token": "flops_executed_per_token"}
     metrics = []
     for row in metric_rows(results):
-        members = results.get("group_subtasks", {}).get(row["task"]) or [row["task"]]
-        sel = np.isin(ix["tok_task"], [ix["tasks"].index(t) for t in members if t in ix["tasks"]])
-        if sel.any():
-            row.update({names[k]: float(v[sel].mean()) for k, v in cols.items()})
+        members = tuple(results.get("group_subtasks", {}).get(row["task"]) or [row["task"]])
+        sel = ix["select"].get(members)
+        if sel is None:  # the trace's tokens of these tasks: every token (None) or a mask
+            sel = np.isin(ix["tok_task"], [ix["tasks"].index(t) for t in members if t in ix["tasks"]])
+            sel = ix["select"][members] = None if sel.all() else sel
+        if sel is None or sel.any():
+            row.update({names[k]: float((v if sel is None else v[sel]).mean()) for k, v in cols.items()})
         metrics.append(row)
-    sample_cols = sample_rows(results)
-    samples = pd.DataFrame(sample_cols)
-    if len(samples):
-        code = ix.setdefault("code", {p: i for i, p in enumerate(ix["pairs"])})
+    if not sample_cols.get("doc_id"):
+        return metrics, pd.DataFrame(sample_cols)
+    # the columns that only depend on which docs the samples are (every setting scored from
+    # this trace has the same) as pandas-ready arrays, worked out once; the metric columns
+    # (floats or None) as float arrays: the frame pandas would build from the lists
+    doc_key = tuple(tuple(sample_cols[k]) for k in ("task", "doc_id", "filter"))
+    const = ix["frames"].get(doc_key)
+    if const is None:
+        code = {p: i for i, p in enumerate(ix["pairs"])}
         pairs = zip(sample_cols["task"], sample_cols["doc_id"], strict=True)
-        rows = np.array([code.get(p, -1) for p in pairs])
-        for k, v in cols.items():
-            per_doc = np.bincount(ix["tok_doc"], weights=v, minlength=len(ix["pairs"])) / ix["n_doc"]
-            samples[k] = np.where(rows >= 0, per_doc[rows], np.nan)
-    return metrics, samples
+        fixed = {k: pd.Series(sample_cols[k]).array for k in ("task", "doc_id", "filter", "difficulty")
+                 if k in sample_cols}
+        const = ix["frames"][doc_key] = (np.array([code.get(p, -1) for p in pairs]), fixed)
+    rows, fixed = const
+    frame = {k: fixed[k] if k in fixed else
+             np.array(v, dtype=np.float64) if any(x is not None for x in v) else v
+             for k, v in sample_cols.items()}
+    for k, v in cols.items():
+        per_doc = np.bincount(ix["tok_doc"], weights=v, minlength=len(ix["pairs"])) / ix["n_doc"]
+        frame[k] = np.where(rows >= 0, per_doc[rows], np.nan)
+    return metrics, pd.DataFrame(frame)
 
 
 def evaluate_live(model, tokenizer, taskset: TaskSet, strategy=None, kv_policy: str = "copy",

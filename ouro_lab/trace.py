@@ -46,32 +46,46 @@ def step_signals(model, out, targets: Tensor, mask: Tensor,
     """
     from ouro_lab.model import exit_distribution
 
-    mask = mask.to(out.step_hidden.device).bool()
+    dev = out.step_hidden.device
     R = out.steps
-    gate = out.gate_logits[:, mask].float()  # (R, N)
+    flat = mask.to(dev).bool().reshape(-1).nonzero()[:, 0]  # scored positions, row-major
+    gate = out.gate_logits.flatten(1).index_select(1, flat).float()  # (R, N)
     pdf, cdf = exit_distribution(gate)
-    hid = out.step_hidden[:, mask]            # (R, N, H) model dtype
-    tgt = targets.to(mask.device)[mask].long()  # (N,)
+    hid = out.step_hidden.flatten(1, 2).index_select(1, flat)  # (R, N, H) model dtype
+    tgt = targets.to(dev).reshape(-1).index_select(0, flat).long()  # (N,)
     N, V = hid.shape[1], model.config.vocab_size
-    sig = {name: torch.empty(R, N, dtype=torch.float32, device=hid.device) for name in
-           ("hidden_delta", "entropy", "max_prob", "margin", "kl_prev", "target_logprob")}
-    sig["argmax"] = torch.empty(R, N, dtype=torch.long, device=hid.device)
-    sig["target_is_argmax"] = torch.empty(R, N, dtype=torch.bool, device=hid.device)
 
-    sig["hidden_delta"][0] = math.inf
-    for r in range(1, R):  # one step at a time: float32 copies of two steps, not of all R
-        cur = hid[r].float()
-        sig["hidden_delta"][r] = (cur - hid[r - 1].float()).norm(dim=-1) / cur.norm(dim=-1)
+    inf = torch.full((1, N), math.inf, device=dev)
+    if hid.dtype == torch.float32:  # all steps at once: no float32 copies to bound
+        delta = (hid[1:] - hid[:-1]).norm(dim=-1) / hid[1:].norm(dim=-1)
+    else:  # one step at a time: float32 copies of two steps, not of all R
+        delta = torch.stack([(hid[r].float() - hid[r - 1].float()).norm(dim=-1) / hid[r].float().norm(dim=-1)
+                             for r in range(1, R)]) if R > 1 else inf[:0]
+    sig = {"hidden_delta": torch.cat((inf, delta)), "gate_logit": gate, "exit_pdf": pdf, "exit_cdf": cdf}
 
+    # The head runs on the same token chunks as harness._head_scores (same matmul shapes:
+    # a plain k-step run and the trace agree bit for bit); the signals of as many steps as
+    # fit in `chunk_elements` are then computed together, as (steps, tokens, V) tensors.
     chunk = max(1, chunk_elements // max(V, 1))
+    pieces = []
     for a in range(0, N, chunk):
         b = min(N, a + chunk)
+        group = max(1, min(R, chunk_elements // max((b - a) * V, 1)))
         prev = None
-        for r in range(R):
-            vals, prev = head_signals(model.lm_head(hid[r, a:b]), prev, tgt[a:b])
+        for r0 in range(0, R, group):
+            r1 = min(R, r0 + group)
+            logits = torch.stack([model.lm_head(hid[r, a:b]) for r in range(r0, r1)])  # (S, n, V)
+            vals, prev = steps_head_signals(logits, prev, tgt[a:b])
+            pieces.append((r0, r1, a, b, vals))
+    if len(pieces) == 1 and N > 0:  # one chunk, every step: the values are the signals
+        sig.update(pieces[0][-1])
+    else:
+        for k in ("entropy", "max_prob", "margin", "kl_prev", "target_logprob", "argmax", "target_is_argmax"):
+            dtype = torch.long if k == "argmax" else torch.bool if k == "target_is_argmax" else torch.float32
+            sig[k] = torch.empty(R, N, dtype=dtype, device=dev)
+        for r0, r1, a, b, vals in pieces:
             for k, v in vals.items():
-                sig[k][r, a:b] = v
-    sig.update(gate_logit=gate, exit_pdf=pdf, exit_cdf=cdf)
+                sig[k][r0:r1, a:b] = v
     return {k: sig[k].cpu() for k in SIGNALS}
 
 
@@ -99,6 +113,32 @@ def head_signals(logits: Tensor, prev_logp: Tensor | None = None,
         out["target_logprob"] = torch.where(known, tlp, torch.nan)
         out["target_is_argmax"] = known & (am == target)
     return out, logp
+
+
+def steps_head_signals(logits: Tensor, prev_logp: Tensor | None = None,
+                       target: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """`head_signals` of S consecutive steps at once: logits (S, n, V) -> ({name: (S, n)},
+    log-probs (n, V) of the last step). `prev_logp` is the step before the first (None: the
+    first is step 0, KL +inf). Row by row the same float32 operations as `head_signals`,
+    so the numbers are the same bit for bit; only the Python-level op count drops."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (S, n, V) float32
+    p = logp.exp()
+    top = logp.topk(min(2, logp.shape[-1]), dim=-1)
+    tp = top.values.exp()
+    am = top.indices[..., 0]
+    kl = torch.empty_like(tp[..., 0])
+    kl[0] = math.inf if prev_logp is None else (p[0] * (logp[0] - prev_logp)).sum(-1)
+    if logp.shape[0] > 1:
+        kl[1:] = (p[1:] * (logp[1:] - logp[:-1])).sum(-1)
+    out = {"entropy": -(p * logp).sum(-1), "max_prob": tp[..., 0],
+           "margin": tp[..., 0] - tp[..., 1] if tp.shape[-1] > 1 else tp[..., 0], "argmax": am,
+           "kl_prev": kl}
+    if target is not None:
+        known = target >= 0
+        idx = target.clamp(min=0)[None, :, None].expand(logp.shape[0], -1, 1)
+        out["target_logprob"] = torch.where(known, logp.gather(2, idx)[..., 0], torch.nan)
+        out["target_is_argmax"] = known & (am == target)
+    return out, logp[-1]
 
 
 def random_signals(steps: int, n: int, seed: int = 0, vocab: int = 16) -> dict[str, Tensor]:
@@ -356,5 +396,5 @@ def save_heatmap(trace: Trace, labels: list[str], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["step_signals", "head_signals", "Trace", "TraceError", "trace_text", "random_signals", "encode",
-           "render_table", "save_heatmap", "token_labels"]
+__all__ = ["step_signals", "head_signals", "steps_head_signals", "Trace", "TraceError", "trace_text",
+           "random_signals", "encode", "render_table", "save_heatmap", "token_labels"]

@@ -224,3 +224,27 @@ def test_scorer_generic_path_matches_fast_path(env, traced):
     answers = answers_from_exits(trace, exit_steps(trace, make_strategy("threshold", {"q": 0.6})))
     sc = scorer_for(env["ts"], trace)
     assert _values(metric_rows(sc(ReplayLM(answers)))) == _values(metric_rows(sc(Answers(answers))))
+
+
+def test_score_memo_and_caches_change_nothing(env, traced):
+    """Scored after many other settings (per-doc memo, result and frame caches warm) or on a
+    freshly built Scorer, a setting gets the same metrics and the same samples frame."""
+    import pandas as pd
+
+    from ouro_lab.harness import score
+    from ouro_lab.registry import make_strategy
+
+    trace, _ = traced
+    settings = [make_strategy("fixed", {"step": k}) for k in (1, 2, 3, 4)] + \
+               [make_strategy("threshold", {"q": q}) for q in (0.2, 0.5, 0.8)] + [make_strategy("kl", {})]
+    warm = [score(env["ts"], trace, st) for st in settings + settings[::-1]]
+    for i, st in enumerate(settings):
+        env["ts"].scorers.clear()
+        trace.__dict__.pop("_doc_index", None)  # the per-trace frame caches too
+        cold = score(env["ts"], trace, st)
+        for m, s in (warm[i], warm[-1 - i]):
+            assert _values(m) == _values(cold[0])
+            assert [r["steps_used_mean"] for r in m] == [r["steps_used_mean"] for r in cold[0]]
+            pd.testing.assert_frame_equal(s, cold[1], check_exact=True)
+    cold[1].loc[0, "task"] = "changed"  # a returned frame is the caller's to change
+    assert (score(env["ts"], trace, settings[-1])[1].task != "changed").all()

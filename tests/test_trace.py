@@ -249,3 +249,22 @@ def test_head_signals_is_the_one_definition():
     vals2, _ = head_signals(z, logp, torch.tensor([0, 1, 2, 3, -1]))
     torch.testing.assert_close(vals2["kl_prev"], torch.zeros(5))  # same distribution twice
     assert torch.isnan(vals2["target_logprob"][4]) and not vals2["target_is_argmax"][4]
+
+
+def test_steps_head_signals_is_head_signals_step_by_step_bit_for_bit():
+    """The batched form step_signals uses gives, bit for bit, what head_signals gives one
+    step at a time (so replay, plain k-step runs and live decoding keep agreeing)."""
+    from ouro_lab.trace import head_signals, steps_head_signals
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 7, 19, generator=g) * 3  # (S, n, V)
+    tgt = torch.randint(19, (7,), generator=g)
+    tgt[2] = -1
+    for prev0 in (None, torch.randn(7, 19, generator=g).log_softmax(-1)):
+        got, last = steps_head_signals(z, prev0, tgt)
+        prev = prev0
+        for r in range(4):
+            want, prev = head_signals(z[r], prev, tgt)
+            for k, v in want.items():
+                assert torch.equal(got[k][r].nan_to_num(7.0), v.nan_to_num(7.0)), (k, r)
+        assert torch.equal(last, prev)
