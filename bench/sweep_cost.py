@@ -19,6 +19,18 @@ In one process, on the same prebuilt task objects:
    there), with glibc told to serve blocks >= 64 KiB by mmap and return freed memory at
    once, so that RSS follows live tensor memory.
 
+What each side pays, so the ratio stays fair: both tokenize every request with the same
+`OuroLM.encode_request`, render lm-eval's templates once (`evaluate` builds its requests; the
+sweep builds them once in its `Scorer`, inside the timed trace pass), and run the same
+full-depth forward on the same length-sorted batches. The plain side then reads the last
+step's log-probs and lets lm-eval compute the metrics; the sweep reads every step's signals
+(`step_signals`) and, per setting, replays the strategy, sums each request's log-prob at its
+tokens' exit steps, and has lm-eval's `process_results` and aggregation compute the metrics,
+plus the per-doc samples frame. `process_results` is skipped for a doc only when that doc's
+exact responses were already scored earlier in the same sweep (it is a pure function of
+them), and a whole setting is reused only when its exit steps equal an earlier one's. The
+Scorer is rebuilt for every repeat. Python's cyclic GC is off for both sides alike.
+
 The last line is the cost ratio sweep / plain (target <= 1.15). Without `--model` the demo
 checkpoint ouro_lab/builtin/loop-demo is used; if it is missing, a randomly initialised
 model of the same shape with the demo tokenizer (timings do not depend on the weights).
