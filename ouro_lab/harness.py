@@ -621,7 +621,10 @@ class Scorer:
     as lm-eval does it for one process: answers into `resps`, the task's filters,
     `task.process_results` per doc, then lm-eval's aggregation and stderr
     (`lm_eval.evaluator_utils._process_results`). Template outputs of the cached docs
-    are memoized during a call (rendering is a pure function of the doc). A test pins
+    are memoized during a call (rendering is a pure function of the doc), and so is
+    `process_results` per doc on its exact responses, across calls: a sweep's settings
+    mostly give a doc answers some earlier setting gave it. With default-filter tasks and
+    answers as arrays (`score`), a doc's memo key is the bytes of its answers. Tests pin
     its results to `evaluate`'s, value for value."""
 
     MEMO = ("doc_to_choice", "doc_to_target", "doc_to_text")
