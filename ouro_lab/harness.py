@@ -196,7 +196,7 @@ class OuroLM(TemplateLM):
                  steps: int | None = None, strategy=None, strategy_params: dict | None = None,
                  kv_policy: str = "copy", live: bool | None = None, batch_size: int | str = 8,
                  device: str | None = None, dtype: str | None = None, max_length: int | None = None,
-                 max_gen_toks: int = 256, **kwargs):
+                 max_gen_toks: int | None = None, **kwargs):
         super().__init__()
         from ouro_lab.loading import load_model, load_tokenizer
 
@@ -239,7 +239,9 @@ class OuroLM(TemplateLM):
         self.kv_policy = kv_policy
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or model.config.max_position_embeddings)
-        self.max_gen_toks = int(max_gen_toks)
+        # the task's own max_gen_toks rules; given here, it caps the task's (default 256 if neither)
+        self.max_gen_cap = None if max_gen_toks is None else int(max_gen_toks)
+        self.max_gen_toks = self.max_gen_cap or 256
         self.records: dict[tuple, dict] = {}
 
     @classmethod
@@ -316,6 +318,9 @@ class OuroLM(TemplateLM):
                 if k is not None:
                     self.records.setdefault(k, _empty_record()).update_add(rec)
             return res
+        if self.strategy is not None:  # never score full depth under a strategy's name
+            raise HarnessError("model_args: a strategy on loglikelihood requests needs live=true (a true "
+                               "early-exit run); `ouro-lab eval` and `ouro-lab sweep` replay it from a trace")
         sig, unit, _, _ = _units_forward(self.model, units, self.steps, self.batch_size,
                                          self.max_length, signals=False)
         lengths = torch.bincount(unit, minlength=len(units)).tolist()
@@ -356,6 +361,8 @@ class OuroLM(TemplateLM):
             if eos_text and eos_text not in until:
                 until.append(eos_text)
             max_new = int(gk.pop("max_gen_toks", self.max_gen_toks))
+            if self.max_gen_cap is not None:
+                max_new = min(max_new, self.max_gen_cap)
             if gk.get("do_sample") or (gk.get("temperature") or 0) > 0:
                 raise HarnessError("generate_until: only greedy decoding is supported "
                                    "(set do_sample: false, temperature: 0)")
@@ -1000,7 +1007,7 @@ def _score(taskset, trace, strategy, granularity, bootstrap_iters):
 
 def evaluate_live(model, tokenizer, taskset: TaskSet, strategy=None, kv_policy: str = "copy",
                   batch_size: int = 8, names: list[str] | None = None, bootstrap_iters: int = 1000,
-                  max_gen_toks: int = 256):
+                  max_gen_toks: int | None = None):
     """A true early-exit run of `strategy` under `kv_policy` over `names` (default: every
     task of the taskset, generation included), scored by `lm_eval.evaluator.evaluate`.
 
@@ -1072,7 +1079,8 @@ def gap(replay_metrics: list[dict], live_metrics: list[dict]) -> list[dict]:
 
 def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=None, num_fewshot=None,
                    steps=None, strategy=None, params=None, kv_policy: str = "copy", live: bool = False,
-                   batch_size: int = 8, dtype=None, device=None, cache_dir=None, max_gen_toks: int = 256):
+                   batch_size: int = 8, dtype=None, device=None, cache_dir=None,
+                   max_gen_toks: int | None = None):
     """`ouro-lab eval`: lm-eval metrics of a checkpoint on `tasks` (names or a comma list).
 
     Without `strategy`: a plain lm-eval run of the model (cut to `steps`). With one:

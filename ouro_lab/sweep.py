@@ -653,7 +653,7 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
     from ouro_lab import harness
 
     lm = harness.OuroLM(model=model, tokenizer=tok, strategy=s.obj, kv_policy=recipe.live.kv_policy,
-                        live=True, batch_size=recipe.batch_size, max_gen_toks=recipe.live.max_gen_toks or 256)
+                        live=True, batch_size=recipe.batch_size, max_gen_toks=recipe.live.max_gen_toks)
     results = harness.run_evaluate(lm, taskset, [task], recipe.bootstrap)
     per_doc: dict[int, dict] = {}
     for (t, doc_id, _idx), rec in lm.records.items():

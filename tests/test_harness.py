@@ -117,6 +117,21 @@ def test_generate_until_cuts_and_caps(env):
     # the same prompt decoded alone gives the same text (padding does not leak)
     alone = lm.generate_until(reqs[2:])
     assert alone[0] == outs[2]
+    # an explicit max_gen_toks caps what the task asks for
+    cap = OuroLM(model=env["model"], tokenizer=env["tok"], batch_size=3, max_gen_toks=2)
+    capped = cap.generate_until(reqs)
+    assert capped[0] == outs[0] and all(len(o.split()) <= 2 for o in capped)
+
+
+def test_a_strategy_is_never_scored_at_full_depth_under_its_name(env):
+    from lm_eval.api.instance import Instance
+
+    from ouro_lab.harness import HarnessError, OuroLM
+
+    lm = OuroLM(model=env["model"], tokenizer=env["tok"], strategy="threshold", strategy_params={"q": 0.1},
+                live=False)
+    with pytest.raises(HarnessError, match="needs live=true"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("what is one", " plus two"), 0, ("t", 0, 1))])
 
 
 def test_left_truncation_to_max_length(env):
