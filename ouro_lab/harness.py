@@ -54,6 +54,9 @@ from ouro_lab.tasks import TaskSet
 LL_TYPES = ("loglikelihood", "loglikelihood_rolling")
 
 
+# Bump when what a trace records, or how, changes: cached traces of another format are not reused.
+TRACE_FORMAT = 1
+
 class HarnessError(OuroLabError):
     """Bad arguments to the lm-eval integration (model args, task mix, strategy)."""
 
@@ -196,8 +199,9 @@ class OuroLM(TemplateLM):
                  steps: int | None = None, strategy=None, strategy_params: dict | None = None,
                  kv_policy: str = "copy", live: bool | None = None, batch_size: int | str = 8,
                  device: str | None = None, dtype: str | None = None, max_length: int | None = None,
-                 max_gen_toks: int | None = None, **kwargs):
+                 max_gen_toks: int | None = None, seed: int = 0, **kwargs):
         super().__init__()
+        self.seed = int(seed)  # the run's seed, for randomized exit rules
         from ouro_lab.loading import load_model, load_tokenizer
 
         path = path or pretrained
@@ -221,7 +225,7 @@ class OuroLM(TemplateLM):
         elif kwargs:
             raise HarnessError(f"model_args: unknown argument(s) {', '.join(sorted(kwargs))}; known: path, "
                                "steps, strategy, kv_policy, live, batch_size, device, dtype, max_length, "
-                               "max_gen_toks")
+                               "max_gen_toks, seed")
         if not live and _is_fixed(strategy):
             steps, strategy = min(int(strategy.step), R), None  # fixed k = the model truncated to k steps
         self.steps = R if steps is None else int(steps)
@@ -313,7 +317,7 @@ class OuroLM(TemplateLM):
         if self.live:
             from ouro_lab.live import live_score_units
             res, recs = live_score_units(self.model, units, self.strategy, self.kv_policy,
-                                         self.batch_size, self.max_length, self.steps)
+                                         self.batch_size, self.max_length, self.steps, self.seed)
             for k, rec in zip(keys, recs, strict=True):
                 if k is not None:
                     self.records.setdefault(k, _empty_record()).update_add(rec)
@@ -383,7 +387,8 @@ class OuroLM(TemplateLM):
                            else enc[i][-1:] for i in b]
                 texts, recs = live_generate(self.model, self.tokenizer, prompts, self.strategy,
                                             self.kv_policy, until=list(until), max_new_tokens=max_new,
-                                            steps=self.steps, eos_token_id=self.eot_token_id)
+                                            steps=self.steps, eos_token_id=self.eot_token_id, seed=self.seed,
+                                            row_ids=b)
                 for i, t, rec in zip(b, texts, recs, strict=True):
                     done[i] = (t, rec)
         done = distributed.merge(done)  # every rank gets every request (no-op in one process)
@@ -473,7 +478,7 @@ def trace_pass(model, tokenizer, taskset: TaskSet, batch_size: int = 8, cache_di
     content = hashlib.blake2b(digest_size=16)
     for u in units:
         content.update(json.dumps([u.task, u.doc_id, u.idx, u.window, u.ctx, u.cont]).encode())
-    parts = dict(model=fingerprint or _model_fingerprint(model), dtype=str(model.dtype),
+    parts = dict(format=TRACE_FORMAT, model=fingerprint or _model_fingerprint(model), dtype=str(model.dtype),
                  steps=model.config.total_ut_steps, batch_size=lm.batch_size, max_length=lm.max_length,
                  units=content.hexdigest())
     key = Trace.key(**parts)
@@ -551,12 +556,12 @@ def _unit_meta(trace) -> list[tuple]:
     return trace._unit_meta
 
 
-def exit_steps(trace, strategy, granularity: str = "token") -> Tensor:
+def exit_steps(trace, strategy, granularity: str = "token", seed: int = 0) -> Tensor:
     """Replay `strategy` over the trace: exit step (N,) 0-based. `granularity="sequence"`
-    exits all tokens of one request (unit) together."""
+    exits all tokens of one request (unit) together; `seed` is the run's seed (randomized rules)."""
     from ouro_lab.strategy import replay
 
-    return replay(strategy, trace.to_signals(), granularity)
+    return replay(strategy, trace.to_signals(seed=seed), granularity)
 
 
 def trace_units(trace) -> int:
@@ -923,7 +928,8 @@ def _doc_index(trace) -> dict:
     return idx
 
 
-def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstrap_iters: int = 1000):
+def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstrap_iters: int = 1000,
+          seed: int = 0):
     """Metrics of one strategy setting from the trace, computed by lm-eval.
 
     Returns (metrics, samples): metrics a list of dicts (task, metric, filter, value,
@@ -939,18 +945,18 @@ def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstr
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _score(taskset, trace, strategy, granularity, bootstrap_iters)
+        return _score(taskset, trace, strategy, granularity, bootstrap_iters, seed)
     finally:
         if enabled:
             gc.enable()
 
 
-def _score(taskset, trace, strategy, granularity, bootstrap_iters):
+def _score(taskset, trace, strategy, granularity, bootstrap_iters, seed=0):
     import numpy as np
     import pandas as pd
 
     R = trace.steps
-    exit_step = exit_steps(trace, strategy, granularity)
+    exit_step = exit_steps(trace, strategy, granularity, seed)
     kind = getattr(strategy, "kind", "skip")
     executed = (exit_step + 1) if kind == "skip" else torch.full_like(exit_step, R)
     flops_used, flops_run = _token_compute(trace, strategy, exit_step, executed)

@@ -52,7 +52,7 @@ class LiveBatch:
     `readouts` (LM-head projections), `tokens` (tokens fed)."""
 
     def __init__(self, model, strategy=None, kv_policy: str = "copy", steps: int | None = None,
-                 batch: int = 1, seed: int = 0):
+                 batch: int = 1, seed: int = 0, row_ids=None):
         if kv_policy not in KV_POLICIES:
             raise LiveError(f"kv_policy {kv_policy!r} unknown; use one of {', '.join(KV_POLICIES)}")
         self.model, self.strategy, self.policy = model, strategy, kv_policy
@@ -63,6 +63,9 @@ class LiveBatch:
         self.cache = KVCache()
         self.B = batch
         self.seed = seed
+        # stable ids of the rows' requests: randomized rules draw per (request, token), so
+        # the same slot in two batches does not repeat the same draws
+        self.row_ids = torch.arange(batch) if row_ids is None else torch.as_tensor(row_ids).long()
         self.pos = torch.zeros(batch, dtype=torch.long, device=model.device)
         self.flops = torch.zeros(batch, dtype=torch.float64)
         self.steps_executed = torch.zeros(batch, dtype=torch.long)
@@ -138,7 +141,7 @@ class LiveBatch:
         running = torch.zeros(B, device=dev)
         h_prev32 = None
         logp_prev = None
-        index = torch.arange(self.n_fed * B, (self.n_fed + 1) * B, device=dev)
+        index = (self.row_ids * 1_000_003 + self.n_fed).to(dev)
         step_cost = (self.cost.layer_flops + self.cost.gate_flops
                      + self.cost.attn_flops_per_ctx * ctx.double().cpu())
         readouts_before = self.readouts.clone()
@@ -260,7 +263,8 @@ def _left_pad(seqs: list[list[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def live_generate(model, tokenizer, prompts: list[list[int]], strategy=None, kv_policy: str = "copy",
                   until: list[str] | None = None, max_new_tokens: int = 32, steps: int | None = None,
-                  eos_token_id: int | None = None, seed: int = 0) -> tuple[list[str], list[dict]]:
+                  eos_token_id: int | None = None, seed: int = 0,
+                  row_ids=None) -> tuple[list[str], list[dict]]:
     """Greedy decoding of a batch of prompts (token id lists) with live early exit.
 
     Each row stops at its first `until` string (the text is cut there), at `eos_token_id`
@@ -270,7 +274,7 @@ def live_generate(model, tokenizer, prompts: list[list[int]], strategy=None, kv_
     t0 = time.perf_counter()
     B = len(prompts)
     until = [u for u in (until or []) if u]
-    run = LiveBatch(model, strategy, kv_policy, steps, B, seed)
+    run = LiveBatch(model, strategy, kv_policy, steps, B, seed, row_ids)
     ids, mask = _left_pad([p[:-1] for p in prompts])
     run.prefill(ids, mask)
     prefill_flops, prefill_used = run.flops.clone(), run.flops_used.clone()
@@ -337,7 +341,7 @@ def live_score_units(model, units, strategy=None, kv_policy: str = "copy", batch
         scored = torch.zeros(B, T, dtype=torch.bool)
         for j, n in enumerate(n_scored):
             scored[j, T - n:] = True
-        run = LiveBatch(model, strategy, kv_policy, steps, B, seed)
+        run = LiveBatch(model, strategy, kv_policy, steps, B, seed, idx)
         lp = torch.zeros(B, T)
         greedy = torch.ones(B, T, dtype=torch.bool)
         used = torch.zeros(B, dtype=torch.long)

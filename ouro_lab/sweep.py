@@ -620,8 +620,9 @@ def cache_dir() -> Path:
 def _replay(harness, taskset, trace, strat, s: Setting, recipe: Recipe, tok_task: list[str]):
     import pandas as pd
 
-    rows, samples = harness.score(taskset, trace, strat, s.granularity, bootstrap_iters=recipe.bootstrap)
-    steps = harness.exit_steps(trace, strat, s.granularity)
+    rows, samples = harness.score(taskset, trace, strat, s.granularity, bootstrap_iters=recipe.bootstrap,
+                                  seed=recipe.seed)
+    steps = harness.exit_steps(trace, strat, s.granularity, recipe.seed)
     counts = pd.DataFrame({"task": tok_task, "step": steps.numpy()}).value_counts().reset_index()
     tokens = pd.Series(tok_task).value_counts()
     return {"metrics": rows, "exits": counts.to_dict("records"), "tokens": tokens.to_dict()}, \
@@ -653,6 +654,7 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
     from ouro_lab import harness
 
     lm = harness.OuroLM(model=model, tokenizer=tok, strategy=s.obj, kv_policy=recipe.live.kv_policy,
+                        seed=recipe.seed,
                         live=True, batch_size=recipe.batch_size, max_gen_toks=recipe.live.max_gen_toks)
     results = harness.run_evaluate(lm, taskset, [task], recipe.bootstrap)
     per_doc: dict[int, dict] = {}

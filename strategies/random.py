@@ -24,7 +24,7 @@ def uniform(index: Tensor, *seeds: int) -> Tensor:
     """A uniform number in [0, 1) per token, a pure function of (seeds, index) (splitmix64)."""
     x = index.long()
     for s in seeds:
-        x = x + s * _GOLDEN  # int64 arithmetic wraps around, as the hash wants
+        x = x + ((s * _GOLDEN + (1 << 63)) % (1 << 64) - (1 << 63))  # wrapped to int64, as the hash wants
         x = x ^ _srl(x, 30)
         x = x * _C1
         x = x ^ _srl(x, 27)

@@ -140,3 +140,16 @@ def test_oracle_cannot_decode(env):
     run = LiveBatch(env["model"], make_strategy("oracle", {}), "copy", batch=1)
     with pytest.raises(LiveError, match="target"):
         run.step(torch.tensor([5]), torch.ones(1, dtype=torch.bool))
+
+
+def test_random_exits_differ_between_batches(env):
+    """Randomized rules draw per (request, token): the same slot in two batches does not
+    repeat the same exits (the live baseline's intervals would be too narrow)."""
+    from ouro_lab.harness import Unit
+    from ouro_lab.live import live_score_units
+    from ouro_lab.registry import make_strategy
+
+    units = [Unit((3, 4, 5), (6, 7, 8, 9, 10, 11))] * 8
+    _, recs = live_score_units(env["model"], units, make_strategy("random", {"mean_steps": 2.5}), "copy",
+                               batch_size=1)
+    assert len({r["steps_used"] for r in recs}) > 1
