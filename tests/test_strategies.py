@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import cli, run_cli
 
 from ouro_lab.registry import (
     StrategyError,
@@ -60,25 +61,6 @@ def hand(steps: int, **rows) -> Signals:
     """Signals from per-token step lists: hand(3, exit_cdf=[[.1, .6, 1], ...])."""
     data = {k: torch.tensor(v).T.contiguous() for k, v in rows.items()}
     return Signals(data, steps)
-
-
-def run_cli(monkeypatch, capsys, *args):
-    """`ouro-lab ARGS` in-process, through main() (exit codes and one-line errors)."""
-    from ouro_lab.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["ouro-lab", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, e.value.code or 0, out.out, out.err)
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ouro_lab.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-# --------------------------------------------------------------------------- contract
 
 
 def test_every_builtin_is_found_without_torch():

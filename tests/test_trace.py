@@ -3,13 +3,11 @@ trace file round trip and key, and `ouro-lab trace` end to end."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import cli, run_cli
 
 from ouro_lab.errors import OuroLabError
 from ouro_lab.model import OuroForCausalLM, exit_distribution, init_weights
@@ -174,22 +172,6 @@ def test_trace_text_on_the_fixture(fixture_dir):
         trace_text(model, None, "hello")
     with pytest.raises(OuroLabError, match="token id 999 out of range"):
         trace_text(model, None, ids="1 999")
-
-
-def run_cli(monkeypatch, capsys, *args):
-    """`ouro-lab ARGS` in-process, through main() (exit codes and one-line errors)."""
-    from ouro_lab.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["ouro-lab", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, e.value.code or 0, out.out, out.err)
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ouro_lab.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"})
 
 
 def test_trace_cli_end_to_end(fixture_dir, tmp_path):
