@@ -929,7 +929,7 @@ def _doc_index(trace) -> dict:
 
 
 def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstrap_iters: int = 1000,
-          seed: int = 0):
+          seed: int = 0, exit_step: Tensor | None = None):
     """Metrics of one strategy setting from the trace, computed by lm-eval.
 
     Returns (metrics, samples): metrics a list of dicts (task, metric, filter, value,
@@ -937,7 +937,8 @@ def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstr
     flops_executed_per_token); samples a pandas DataFrame, one row per task x doc (x
     filter) with lm-eval's per-doc metric values, steps used / executed (token means,
     1-based), FLOPs per token used / executed, and `difficulty` where docs carry one.
-    Group rows (e.g. mmlu) get the token means of all their member tasks."""
+    Group rows (e.g. mmlu) get the token means of all their member tasks. `exit_step`:
+    the strategy's replayed exits (`exit_steps(...)`) when the caller already has them."""
     import gc
 
     # the scoring loop allocates a great many small objects while the trace, the docs and
@@ -945,18 +946,19 @@ def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstr
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _score(taskset, trace, strategy, granularity, bootstrap_iters, seed)
+        return _score(taskset, trace, strategy, granularity, bootstrap_iters, seed, exit_step)
     finally:
         if enabled:
             gc.enable()
 
 
-def _score(taskset, trace, strategy, granularity, bootstrap_iters, seed=0):
+def _score(taskset, trace, strategy, granularity, bootstrap_iters, seed=0, exit_step=None):
     import numpy as np
     import pandas as pd
 
     R = trace.steps
-    exit_step = exit_steps(trace, strategy, granularity, seed)
+    if exit_step is None:
+        exit_step = exit_steps(trace, strategy, granularity, seed)
     kind = getattr(strategy, "kind", "skip")
     executed = (exit_step + 1) if kind == "skip" else torch.full_like(exit_step, R)
     flops_used, flops_run = _token_compute(trace, strategy, exit_step, executed)

@@ -308,21 +308,12 @@ def _coerce(v, tp):
         if isinstance(v, str) and v.strip().lower() in ("true", "false"):
             return v.strip().lower() == "true"
         raise TypeError
-    if tp is int:
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
+    if tp in (int, float):  # an int is a valid float, never the reverse; numeric strings parse
+        if isinstance(v, (int,) if tp is int else (int, float)) and not isinstance(v, bool):
+            return tp(v)
         if isinstance(v, str):
             try:
-                return int(v.strip())
-            except ValueError:
-                raise TypeError from None
-        raise TypeError
-    if tp is float:
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-        if isinstance(v, str):
-            try:
-                return float(v.strip())
+                return tp(v.strip())
             except ValueError:
                 raise TypeError from None
         raise TypeError

@@ -620,9 +620,9 @@ def cache_dir() -> Path:
 def _replay(harness, taskset, trace, strat, s: Setting, recipe: Recipe, tok_task: list[str]):
     import pandas as pd
 
+    steps = harness.exit_steps(trace, strat, s.granularity, recipe.seed)  # replayed once, used twice
     rows, samples = harness.score(taskset, trace, strat, s.granularity, bootstrap_iters=recipe.bootstrap,
-                                  seed=recipe.seed)
-    steps = harness.exit_steps(trace, strat, s.granularity, recipe.seed)
+                                  seed=recipe.seed, exit_step=steps)
     counts = pd.DataFrame({"task": tok_task, "step": steps.numpy()}).value_counts().reset_index()
     tokens = pd.Series(tok_task).value_counts()
     return {"metrics": rows, "exits": counts.to_dict("records"), "tokens": tokens.to_dict()}, \
