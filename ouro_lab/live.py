@@ -34,6 +34,7 @@ from ouro_lab.errors import OuroLabError
 from ouro_lab.flops import ModelCost
 from ouro_lab.model import KVCache
 from ouro_lab.strategy import HEAD_SIGNALS, Signals, expand_needs
+from ouro_lab.trace import head_signals
 
 KV_POLICIES = ("full", "copy", "last")
 TARGET_SIGNALS = frozenset({"target_logprob", "target_is_argmax"})
@@ -181,19 +182,12 @@ class LiveBatch:
             h_prev32 = h_prev_full
             logp = None
             if self.head_each_step:
-                logp = F.log_softmax(model.lm_head(xa[:, 0]).float(), dim=-1)  # (n, V)
+                # the one definition of the head signals, shared with traces: replay = live
+                head, logp = head_signals(model.lm_head(xa[:, 0]), None if r == 0 else logp_prev[A],
+                                          None if tgt is None else tgt[A])
                 self.readouts[Acpu] += 1
                 self.flops[Acpu] += self.cost.head_flops
-                p = logp.exp()
-                top = logp.topk(min(2, V), dim=-1)
-                tp = top.values.exp()
-                vals.update(entropy=-(p * logp).sum(-1), max_prob=tp[:, 0],
-                            margin=tp[:, 0] - tp[:, 1] if V > 1 else tp[:, 0], argmax=top.indices[:, 0])
-                if tgt is not None:
-                    vals["target_logprob"] = logp.gather(1, tgt[A, None])[:, 0]
-                    vals["target_is_argmax"] = top.indices[:, 0] == tgt[A]
-                vals["kl_prev"] = (torch.full_like(gate, math.inf) if r == 0 else
-                                   (p * (logp - logp_prev[A])).sum(-1))
+                vals.update(head)
                 lp_full = torch.zeros(B, V, device=dev) if logp_prev is None else logp_prev.clone()
                 lp_full[A] = logp
                 logp_prev = lp_full
