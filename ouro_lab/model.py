@@ -15,7 +15,7 @@ scaling other than the default, dropout, training-time tricks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Scaled dot-product attention, q (B, nh, T, hd) over k, v (B, nkv, S, hd) -> (B, T, nh * hd).
+    `mask` (B, 1, T, S) bool, True = may attend; None = causal over this call's own tokens
+    (T > 1: SDPA's fused causal kernel skips the masked half) or everything (T = 1)."""
+    B, nh, T, hd = q.shape
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                       enable_gqa=k.shape[1] != nh)
+    return y.transpose(1, 2).reshape(B, T, nh * hd)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: OuroConfig):
         super().__init__()
@@ -144,24 +154,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x (B, T, C); mask (B, 1, T, S) bool, True = may attend, or None for plain causal
-        attention over this call's tokens alone; kv = cached (k, v)
-        of earlier positions, each (B, n_kv, S - T, hd). Returns the output and the
-        full (k, v) including this call's positions."""
+    def forward(self, x: Tensor, ctx: Context, slot: tuple[int, int] | None = None) -> Tensor:
+        """x (B, T, C). Without a cache the queries attend over this call's tokens; with one
+        (`ctx.cache`, `slot` = (loop step, layer)) this call's K/V are written into the cache
+        in place and the queries attend over their rows' cached keys."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:
-            k, v = torch.cat((kv[0], k), dim=2), torch.cat((kv[1], v), dim=2)  # (B, nkv, S, hd)
-        # mask None = no padding and no cache: SDPA's fused causal kernels skip the masked half
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
-        return self.o_proj(y), (k, v)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        y = attention(q, k, v, ctx.mask) if ctx.cache is None else ctx.cache.attend(ctx, slot, q, k, v)
+        return self.o_proj(y)
 
 
 class MLP(nn.Module):
@@ -187,42 +190,227 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
-        x = x + self.input_layernorm_2(a)
-        x = x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
-        return x, kv
+    def forward(self, x: Tensor, ctx: Context, slot: tuple[int, int] | None = None) -> Tensor:
+        x = x + self.input_layernorm_2(self.self_attn(self.input_layernorm(x), ctx, slot))
+        return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
 
 
-# --------------------------------------------------------------------------- cache
+# --------------------------------------------------------------------------- attention context, KV cache
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every layer of one call shares: rope tables (n, T, hd) of the call's n rows, the
+    attention mask and, for a cached call, where the call's tokens sit in the cache.
+
+    The call's rows are cache rows `span` = [a, b) (`pick` None), or the rows a + pick of
+    that span (`pick` (n,) sorted, not contiguous: their queries are spread over the span,
+    attend over it in place, and the other rows' outputs are dropped). `mask` (span rows,
+    1, T, width) bool, or None (see `attention`). `cols`: the first column the call writes
+    (every row alike) or the (n, T) columns of each row."""
+
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None
+    cache: KVCache | None = None
+    span: tuple[int, int] = (0, 0)
+    pick: Tensor | None = None
+    cols: int | Tensor = 0
+    width: int = 0
+
+    def select(self, rows: Tensor) -> Context:
+        """The context of a subset of this call's rows: `rows` (m,) sorted CPU indices."""
+        if self.cache is None:
+            return replace(self, cos=self.cos[rows], sin=self.sin[rows],
+                           mask=None if self.mask is None else self.mask[rows])
+        cols = self.cols if isinstance(self.cols, int) else self.cols[rows]
+        pick = rows if self.pick is None else self.pick[rows]
+        a, n = int(pick[0]), len(pick)
+        if int(pick[-1]) - a + 1 == n:  # contiguous: narrow everything to views
+            lo = self.span[0] + a
+            return replace(self, cos=self.cos[rows], sin=self.sin[rows], span=(lo, lo + n), pick=None,
+                           mask=None if self.mask is None else self.mask[a:a + n], cols=cols)
+        return replace(self, cos=self.cos[rows], sin=self.sin[rows], pick=pick, cols=cols)
 
 
 class KVCache:
-    """One (k, v) slot per (loop step, layer), plus the attention mask and the next
-    position of every row, so left-padded batches decode correctly (the official
-    cache forgets the padding while decoding)."""
+    """Keys and values of every (slot, layer), preallocated and written in place.
 
-    def __init__(self):
-        self.kv: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
-        self.mask: Tensor | None = None       # (B, S) 1 = real token, for all cached positions
-        self.next_pos: Tensor | None = None   # (B,) position id of the next token
+    `store` (2, slots, layers, B, n_kv, capacity, head_dim) holds K and V of slot s, layer i,
+    row b, column c. A slot is a loop step (step r reads and writes slot r) or, with
+    `shared=True`, one slot all steps share (Ouro's last-step KV sharing: a token leaves the
+    K/V of the last step it ran). Attention reads the filled columns in place: nothing is
+    concatenated per token and no row subset is copied.
 
+    Every row is its own sequence: `lengths[b]` (CPU) columns used, `real` (B, capacity)
+    marks the columns holding a real token (not padding), `next_pos[b]` is the position id of
+    the row's next token. A call appends T columns to each row it feeds (padding included,
+    masked), so left-padded batches and rows of different lengths decode correctly.
+
+    `KVCache()` takes its sizes from the first call and doubles its capacity when full;
+    `OuroForCausalLM.new_cache(batch, capacity)` preallocates. For prefix reuse and
+    continuous batching: `select(rows)` copies rows (repeated rows expand a shared prefix to a
+    batch), `reset(rows)` empties rows for new sequences, `truncate(lengths)` rolls rows back.
+    """
+
+    def __init__(self, shared: bool = False, steps: int | None = None):
+        self.shared, self.steps = shared, steps
+        self.store: Tensor | None = None
+        self.real: Tensor | None = None
+        self.next_pos: Tensor | None = None
+        self.lengths = torch.zeros(0, dtype=torch.long)
+        self.padded = torch.zeros(0, dtype=torch.bool)  # (B,) CPU: the row holds a padding column
+
+    # -- allocation
+    def allocate(self, cfg: OuroConfig, batch: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str) -> KVCache:
+        """Zeroed storage for `batch` rows of `capacity` columns (zeros: masked columns must
+        hold finite values, since attention multiplies them by a zero weight)."""
+        slots = 1 if self.shared else (self.steps or cfg.total_ut_steps)
+        self.store = torch.zeros(2, slots, cfg.num_hidden_layers, batch, cfg.num_key_value_heads,
+                                 capacity, cfg.head_dim, dtype=dtype, device=device)
+        self.real = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long)
+        self.padded = torch.zeros(batch, dtype=torch.bool)
+        return self
+
+    @property
+    def batch(self) -> int:
+        return 0 if self.store is None else self.store.shape[3]
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.store is None else self.store.shape[5]
+
+    def _grow(self, capacity: int, slots: int | None = None) -> None:
+        old, old_real = self.store, self.real
+        shape = list(old.shape)
+        shape[1], shape[5] = slots or shape[1], capacity
+        self.store = old.new_zeros(shape)
+        self.store[:, :old.shape[1], :, :, :, :old.shape[5]] = old
+        self.real = old_real.new_zeros(old_real.shape[0], capacity)
+        self.real[:, :old_real.shape[1]] = old_real
+
+    # -- one call: reserve columns, then every (step, layer) writes and attends
+    def append(self, real: Tensor, rows: Tensor | None, padded: Tensor | None) -> tuple:
+        """Reserve T columns in each row fed (`rows` (n,) sorted CPU cache rows, None = all);
+        `real` (n, T) bool marks real tokens, `padded` (n,) CPU bool the rows with padding
+        among them (None: no padding).
+        Returns (span, pick, cols, width, mask) for the call's `Context`."""
+        n, T = real.shape
+        if rows is None:
+            rows = torch.arange(self.batch)
+        starts = self.lengths[rows]
+        need = int(starts.max()) + T
+        if need > self.capacity:
+            self._grow(max(need, 2 * self.capacity))
+        uniform = bool((starts == starts[0]).all())
+        a, b = int(rows[0]), int(rows[-1]) + 1
+        pick = None if b - a == n else rows - a
+        dev = real.device
+        if uniform and pick is None:
+            cols = int(starts[0])
+            self.real[a:b, cols:cols + T] = real
+        else:
+            cols = starts[:, None] + torch.arange(T)  # (n, T)
+            self.real[rows.to(dev)[:, None], cols.to(dev)] = real
+        self.lengths[rows] = starts + T
+        if padded is not None:
+            self.padded[rows] |= padded
+        if uniform and pick is None and not self.padded[a:b].any() and (T == 1 or need == T):
+            return (a, b), None, cols, need, None  # nothing to mask: all keys (T = 1) or plain causal
+        q = (self.lengths[a:b, None] - T + torch.arange(T)).to(dev)[:, :, None]  # (span, T, 1) query columns
+        k = torch.arange(need, device=dev)
+        # a query sees the real keys up to its own column, and always itself (padded queries
+        # never get an empty softmax row, whose NaN would poison the row's later tokens)
+        mask = ((k <= q) & self.real[a:b, None, :need]) | (k == q)
+        return (a, b), pick, cols, need, mask[:, None]
+
+    def attend(self, ctx: Context, slot: tuple[int, int], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Write this call's k, v (n, nkv, T, hd) at slot (step, layer), then attend q over
+        the span's cached keys in place. Returns (n, T, nh * hd)."""
+        step, layer = slot
+        s = 0 if self.shared else step
+        if s >= self.store.shape[1]:  # more steps than the cache has slots (extrapolation)
+            self._grow(self.capacity, slots=s + 1)
+        (a, b), T = ctx.span, k.shape[2]
+        store = self.store
+        if isinstance(ctx.cols, int) and ctx.pick is None:
+            store[0, s, layer, a:b, :, ctx.cols:ctx.cols + T] = k
+            store[1, s, layer, a:b, :, ctx.cols:ctx.cols + T] = v
+        else:  # (row, column) pairs: index (n, 1) x (n, T) puts those dims first, (n, T, nkv, hd)
+            rows = (torch.arange(b - a) if ctx.pick is None else ctx.pick).to(k.device)[:, None] + a
+            cols = (ctx.cols if torch.is_tensor(ctx.cols) else ctx.cols + torch.arange(T)[None]).to(k.device)
+            store[0, s, layer, rows, :, cols] = k.transpose(1, 2)
+            store[1, s, layer, rows, :, cols] = v.transpose(1, 2)
+        keys, values = store[0, s, layer, a:b, :, :ctx.width], store[1, s, layer, a:b, :, :ctx.width]
+        if ctx.pick is None:
+            return attention(q, keys, values, ctx.mask)
+        spread = q.new_zeros(b - a, *q.shape[1:])  # the call's queries at their span rows
+        spread[ctx.pick.to(q.device)] = q
+        return attention(spread, keys, values, ctx.mask)[ctx.pick.to(q.device)]
+
+    # -- rows
     def __len__(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
+        return int(self.lengths.max()) if len(self.lengths) else 0
 
-    def get(self, step: int, layer: int):
-        return self.kv.get((step, layer))
+    def get(self, step: int, layer: int) -> tuple[Tensor, Tensor] | None:
+        """The filled (k, v) of a (step, layer), each (B, nkv, len, hd) views, or None."""
+        s = 0 if self.shared else step
+        if self.store is None or s >= self.store.shape[1]:
+            return None
+        return self.store[0, s, layer, :, :, :len(self)], self.store[1, s, layer, :, :, :len(self)]
 
-    def put(self, step: int, layer: int, kv: tuple[Tensor, Tensor]) -> None:
-        self.kv[(step, layer)] = kv
+    @property
+    def kv(self) -> dict[tuple[int, int], tuple[Tensor, Tensor]]:
+        """{(slot, layer): (k, v)} views of the filled columns (slot = step, or 0 when shared)."""
+        if self.store is None:
+            return {}
+        slots, layers = self.store.shape[1:3]
+        return {(s, i): self.get(s, i) for s in range(slots) for i in range(layers)}
+
+    @property
+    def mask(self) -> Tensor | None:
+        """(B, len) bool: the real tokens of the filled columns."""
+        return None if self.real is None else self.real[:, :len(self)]
+
+    def copy_deeper(self, step: int, rows: Tensor, cols: int | Tensor) -> None:
+        """Fill the slots after `step` of `rows` at columns `cols` (int or (n,)) with the K/V
+        of `step` (live `copy` policy: a token that exited at `step` never ran the deeper ones)."""
+        by_col = self.store.permute(3, 5, 0, 1, 2, 4, 6)  # (B, C, 2, slots, layers, nkv, hd) view
+        dev = self.store.device
+        rows = rows.to(dev)
+        cols = cols.to(dev) if torch.is_tensor(cols) else torch.full_like(rows, cols)
+        by_col[rows, cols, :, step + 1:] = by_col[rows, cols, :, step:step + 1]
 
     def select(self, rows: Tensor) -> KVCache:
-        """The cache of a subset of batch rows (for batches that shrink as rows finish)."""
-        out = KVCache()
-        out.kv = {key: (k[rows], v[rows]) for key, (k, v) in self.kv.items()}
-        out.mask = None if self.mask is None else self.mask[rows]
-        out.next_pos = None if self.next_pos is None else self.next_pos[rows]
+        """A new cache holding copies of `rows` (repeats allowed: one prefix, many rows)."""
+        out = KVCache(self.shared, self.steps)
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if self.store is not None:
+            dev = self.store.device
+            out.store = self.store[:, :, :, rows.to(dev)].clone()
+            out.real, out.next_pos = self.real[rows.to(dev)], self.next_pos[rows.to(dev)]
+            out.lengths, out.padded = self.lengths[rows].clone(), self.padded[rows].clone()
         return out
+
+    def reset(self, rows: Tensor) -> None:
+        """Empty `rows`: their next call starts a new sequence at column 0, position 0."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        self.lengths[rows] = 0
+        self.padded[rows] = False
+        self.next_pos[rows.to(self.next_pos.device)] = 0
+
+    def truncate(self, lengths: Tensor) -> None:
+        """Roll every row back to `lengths` (B,) CPU columns (<= its length; rejected
+        speculative tokens); positions go back by the real tokens dropped."""
+        lengths = torch.minimum(torch.as_tensor(lengths, dtype=torch.long), self.lengths)
+        dev = self.real.device
+        c = torch.arange(len(self), device=dev)
+        dropped = (c >= lengths.to(dev)[:, None]) & (c < self.lengths.to(dev)[:, None]) & self.mask
+        self.next_pos -= dropped.sum(1)
+        self.lengths = lengths
 
 
 # --------------------------------------------------------------------------- outputs
@@ -311,50 +499,63 @@ class OuroForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def new_cache(self, batch: int, capacity: int, shared: bool = False, steps: int | None = None) -> KVCache:
+        """A preallocated KV cache for `batch` rows of `capacity` tokens (see `KVCache`)."""
+        return KVCache(shared, steps).allocate(self.config, batch, capacity, self.dtype, self.device)
+
     # -- the pieces of one forward, public so that live early exit can run them row by row
 
     def prepare(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: KVCache | None = None):
-        """Embeddings, rope tables and the attention mask for `input_ids` (B, T).
+                position_ids: Tensor | None = None, cache: KVCache | None = None,
+                rows: Tensor | None = None) -> tuple[Tensor, Context]:
+        """Embeddings and the `Context` (rope tables, attention mask, cache columns) of `input_ids` (B, T).
 
-        `attention_mask` (B, T) marks the real tokens of this call (1) and padding (0);
-        with a cache, the cache remembers earlier calls' masks. Without `position_ids`,
-        positions continue from the cache (per row) or are `arange(T)` (as in the
-        official forward).
+        `attention_mask` (B, T) marks the real tokens of this call (1) and padding (0); the
+        cache remembers earlier calls'. Without `position_ids`, positions count real tokens,
+        from the cache's next position per row (else from 0); with them, a row's next
+        position is its last one + 1. With a cache, `rows` (B,) sorted
+        names the cache rows this call feeds (default: all, in order).
         """
         B, T = input_ids.shape
         dev = input_ids.device
-        new_mask = (torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None
-                    else attention_mask.to(dev).bool())
-        past = len(cache) if cache is not None else 0
+        real = (torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None
+                else attention_mask.to(dev).bool())
+        if cache is not None and cache.store is None:
+            cache.allocate(self.config, B, T, self.dtype, dev)
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.long).cpu()
         if position_ids is None:
-            start = (cache.next_pos if cache is not None and cache.next_pos is not None
-                     else torch.zeros(B, dtype=torch.long, device=dev))
-            position_ids = start[:, None] + torch.arange(T, device=dev)
-        full_mask = new_mask if cache is None or cache.mask is None else torch.cat((cache.mask, new_mask), 1)
-        if cache is not None:
-            cache.mask = full_mask
-            cache.next_pos = position_ids[:, -1] + 1
+            start = (torch.zeros(B, dtype=torch.long, device=dev) if cache is None else
+                     cache.next_pos if rows is None else cache.next_pos[rows.to(dev)])
+            counts = real.long().cumsum(-1)
+            position_ids = start[:, None] + (counts - 1).clamp(min=0)
+            pos_next = start + real.sum(1)
+        else:
+            pos_next = position_ids[:, -1] + 1
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        if past == 0 and (attention_mask is None or (dev.type != "meta" and bool(new_mask.all()))):
-            return x, (cos, sin, None)  # nothing to mask but the future: plain causal attention
-        # query i (absolute past + i) may see key j <= past + i that is a real token; every
-        # query also sees itself so padded queries never get an empty (NaN) softmax row.
-        q_idx = torch.arange(past, past + T, device=dev)[:, None]
-        k_idx = torch.arange(past + T, device=dev)[None, :]
-        mask = (k_idx <= q_idx)[None] & full_mask[:, None, :]  # (B, T, S)
-        mask = (mask | (k_idx == q_idx)[None])[:, None]          # (B, 1, T, S)
-        return x, (cos, sin, mask)
+        # rows holding padding (CPU); on `meta` nothing can be read, so assume every row does
+        padded = (None if attention_mask is None else torch.ones(B, dtype=torch.bool) if dev.type == "meta"
+                  else (~real).any(1).cpu())
+        if cache is not None:
+            if rows is None:
+                cache.next_pos = pos_next
+            else:
+                cache.next_pos[rows.to(dev)] = pos_next
+            span, pick, cols, width, mask = cache.append(real, rows, padded)
+            return x, Context(cos, sin, mask, cache, span, pick, cols, width)
+        if padded is None or not padded.any():
+            return x, Context(cos, sin, None)  # nothing to mask but the future: plain causal attention
+        # query i may see the real keys j <= i, and always itself (no empty, NaN softmax rows)
+        i = torch.arange(T, device=dev)
+        mask = ((i[None, :] <= i[:, None])[None] & real[:, None, :]) | (i[None, :] == i[:, None])
+        return x, Context(cos, sin, mask[:, None])
 
-    def loop_step(self, x: Tensor, step: int, ctx, cache: KVCache | None = None) -> Tensor:
+    def loop_step(self, x: Tensor, step: int, ctx: Context) -> Tensor:
         """One pass through the shared stack, then the final norm. Returns the normed
         state (B, T, H), which is both this step's output and the next step's input."""
-        cos, sin, mask = ctx
         for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, cos, sin, mask, cache.get(step, i) if cache is not None else None)
-            if cache is not None:
-                cache.put(step, i, kv)
+            x = layer(x, ctx, (step, i))
         return self.model.norm(x)  # the normed state feeds the next step
 
     def gate(self, h: Tensor) -> Tensor:
@@ -362,14 +563,15 @@ class OuroForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 steps: int | None = None, position_ids: Tensor | None = None,
-                cache: KVCache | None = None) -> LoopOutput:
+                cache: KVCache | None = None, rows: Tensor | None = None) -> LoopOutput:
         """Run `steps` loop steps (default `total_ut_steps`; fewer really stops early,
-        more extrapolates past the trained depth) and return every step's state and gate."""
+        more extrapolates past the trained depth) and return every step's state and gate.
+        With a cache, `rows` names the cache rows fed (see `prepare`)."""
         steps = self.config.total_ut_steps if steps is None else steps
-        x, ctx = self.prepare(input_ids, attention_mask, position_ids, cache)
+        x, ctx = self.prepare(input_ids, attention_mask, position_ids, cache, rows)
         hidden, gates = [], []
         for r in range(steps):
-            x = self.loop_step(x, r, ctx, cache)
+            x = self.loop_step(x, r, ctx)
             hidden.append(x)
             gates.append(self.gate(x))
         return LoopOutput(torch.stack(hidden), torch.stack(gates), self.lm_head, cache)
@@ -377,28 +579,31 @@ class OuroForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                  max_new_tokens: int = 32, steps: int | None = None, use_cache: bool = True,
-                 eos_token_id: int | None = None) -> Tensor:
+                 eos_token_id: int | None = None, cache: KVCache | None = None) -> Tensor:
         """Greedy decoding from the last step's logits. Left-padded prompts are handled:
         positions count real tokens only (as transformers' generate does). Rows that
-        emitted `eos_token_id` keep emitting it."""
-        B = input_ids.shape[0]
+        emitted `eos_token_id` keep emitting it. `cache`: continue sequences already in a
+        cache (`input_ids` are their next tokens), e.g. a shared prefix prefilled once."""
+        B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, done = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        cache = KVCache() if use_cache else None
-        out = self(ids, mask, steps, pos, cache)
-        for _ in range(max_new_tokens):
-            nxt = out.logits(-1)[:, -1].argmax(-1)
+        ids = torch.cat((input_ids, input_ids.new_zeros(B, max_new_tokens)), 1)
+        mask = torch.cat((mask, mask.new_ones(B, max_new_tokens)), 1)
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        if cache is None and use_cache:
+            cache = self.new_cache(B, T + max_new_tokens, steps=steps)
+        out = self(input_ids, attention_mask, steps, None, cache)  # positions count real tokens
+        for t in range(T, T + max_new_tokens):
+            nxt = self.lm_head(out.step_hidden[-1][:, -1]).argmax(-1)  # the last position only
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done |= nxt == eos_token_id
-            ids = torch.cat((ids, nxt[:, None]), 1)
-            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), 1)
-            if use_cache:
+            ids[:, t] = nxt
+            if t == T + max_new_tokens - 1:
+                break
+            if cache is not None:
                 out = self(nxt[:, None], None, steps, None, cache)
             else:
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                out = self(ids, mask, steps, pos, None)
+                out = self(ids[:, :t + 1], mask[:, :t + 1], steps, None, None)
         return ids
 
     def num_parameters(self) -> int:
@@ -419,5 +624,5 @@ def init_weights(model: OuroForCausalLM, std: float = 0.02, seed: int | None = N
     return model
 
 
-__all__ = ["OuroConfig", "ConfigError", "OuroForCausalLM", "LoopOutput", "KVCache",
+__all__ = ["OuroConfig", "ConfigError", "OuroForCausalLM", "LoopOutput", "KVCache", "Context",
            "exit_distribution", "init_weights"]
