@@ -10,8 +10,9 @@ import pytest
 import torch
 from cli_helpers import run_cli
 
+from ouro_lab.contract import check_contract, synthetic_signals
 from ouro_lab.registry import StrategyError, check_strategy, load_strategy, make_strategy
-from ouro_lab.strategy import ContractError, check_contract, replay, signals_markdown, synthetic_signals
+from ouro_lab.strategy import ContractError, replay, signals_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
