@@ -1,9 +1,10 @@
 """Live early exit: decode token by token, each token stopping at the step its strategy picks.
 
 At every new token, loop step r runs only for the rows still active; after it the
-strategy reads the signals of steps 0..r (`strategy.decide(signals.upto(r), r)`, the
-same call replay makes) and exited rows stop. An exited token never computes its deeper
-steps, yet later tokens attend to its KV at those steps; `kv_policy` says what they see:
+strategy reads the signals of steps 0..r (`decide_checked(strategy, signals, r)`: the
+call replay makes, with the same contract checks) and exited rows stop. An exited token
+never computes its deeper steps, yet later tokens attend to its KV at those steps;
+`kv_policy` says what they see:
 
     full   every token computes every step anyway (exact; the exit only picks the step
            whose prediction is used; no savings)
@@ -38,8 +39,8 @@ from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.flops import ModelCost
 from ouro_lab.model import KVCache
-from ouro_lab.strategy import HEAD_SIGNALS, Signals, expand_needs
-from ouro_lab.trace import head_signals
+from ouro_lab.strategy import HEAD_SIGNALS, Signals, allowed_signals, decide_checked, expand_needs
+from ouro_lab.trace import head_signals, unit_results
 
 KV_POLICIES = ("full", "copy", "last")
 TARGET_SIGNALS = frozenset({"target_logprob", "target_is_argmax"})
@@ -117,6 +118,7 @@ class LiveBatch:
         self.R = steps or model.config.total_ut_steps
         self.cost = ModelCost.from_config(model.config)
         self.needs = expand_needs(strategy.needs) if strategy is not None else set()
+        self.allowed = allowed_signals(strategy) if strategy is not None else frozenset()
         self.cache = KVCache(shared=kv_policy == "last", steps=self.R)
         if capacity:
             self.cache.allocate(model.config, batch, capacity, model.dtype, model.device)
@@ -239,8 +241,8 @@ class LiveBatch:
         dev = self.model.device
         ids = index[A].to(dev)
         s = Signals(sig.data() if sig is not None else {}, self.R, ids, ids, self.seed,
-                    ctx_len[A].to(dev), self.cost, len(A))
-        return self.strategy.decide(s, r).cpu().bool()
+                    ctx_len[A].to(dev), self.cost, len(A)).only(self.allowed)
+        return decide_checked(self.strategy, s, r).cpu()  # the contract, as replay enforces it
 
     def _read_head(self, rows: Tensor, h: Tensor) -> Tensor:
         """The exit step's log-probs of `rows` (a readout only where a prediction is wanted)."""
@@ -404,7 +406,7 @@ def live_generate(model, tokenizer, prompts: list[list[int]], strategy=None, kv_
 @torch.no_grad()
 def live_score_units(model, units, strategy=None, kv_policy: str = "copy", batch_size: int = 8,
                      max_length: int = 4096, steps: int | None = None, seed: int = 0):
-    """Loglikelihood of `units` (ouro_lab.harness.Unit) with every token, prompt included,
+    """Loglikelihood of `units` (ouro_lab.lm.Unit) with every token, prompt included,
     really stopping at its exit step. Returns per-unit (logprob, is_greedy) and records:
     tokens (scored), steps_used / steps_executed (sums over scored tokens), flops (all
     tokens, prompt included), flops_scored, tokens_all, seconds (= decode_seconds: every
@@ -425,8 +427,6 @@ def live_score_units(model, units, strategy=None, kv_policy: str = "copy", batch
 
 def _score_batch(model, units, row_ids, strategy, kv_policy, max_length, steps, seed):
     """One batch of `live_score_units`: every token fed live, the continuation's scored."""
-    from ouro_lab.harness import _unit_results
-
     t0 = time.perf_counter()
     wholes = [(list(u.ctx) + list(u.cont))[-(max_length + 1):] for u in units]
     n_scored = [min(len(u.cont), len(w) - 1) for u, w in zip(units, wholes, strict=True)]
@@ -450,7 +450,7 @@ def _score_batch(model, units, row_ids, strategy, kv_policy, max_length, steps, 
         sums["flops"] += torch.where(sc, run.flops - before[0], 0)
         sums["flops_used"] += torch.where(sc, run.flops_used - before[2], 0)
     seconds = (time.perf_counter() - t0) / B
-    res = [_unit_results(lp[j, scored[j]], greedy[j, scored[j]], [int(scored[j].sum())])[0] for j in range(B)]
+    res = [unit_results(lp[j, scored[j]], greedy[j, scored[j]], [int(scored[j].sum())])[0] for j in range(B)]
     recs = [{"tokens": n_scored[j], "steps_used": int(sums["used"][j]),
              "steps_executed": int(sums["execd"][j]),
              "flops": float(run.flops[j]), "flops_scored": float(sums["flops"][j]),
