@@ -1,4 +1,4 @@
-"""`ouro-lab sweep`: a recipe in; tidy tables, plots and a report out.
+"""`ouro-lab sweep`, the orchestration: a recipe in; tidy tables, plots and a report out.
 
     recipe -> settings (every fixed step + each strategy's grid)
            -> load model, build tasks                      (errors name recipe file, line, field)
@@ -12,6 +12,11 @@ recipe, so rerunning a recipe finds its folder) unless `--out` says otherwise. E
 finished setting is stored at once under `settings/` (one file pair, written atomically),
 so a sweep stopped by Ctrl-C or kill -9 resumes where it stopped; a lock file
 (`flock`, released by the kernel even on kill -9) keeps two sweeps off one folder.
+
+This module is the orchestration only; each step lives in its own: settings
+(`ouro_lab.settings`), the trace pass (`ouro_lab.tracing`), replay scoring
+(`ouro_lab.scoring`), live runs (`ouro_lab.lm.OuroLM` with a strategy), the run folder
+(`ouro_lab.store`), the tables (`ouro_lab.tables`), plots and report (`ouro_lab.report`).
 """
 
 from __future__ import annotations
