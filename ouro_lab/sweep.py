@@ -36,7 +36,7 @@ from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.files import atomic_write
 from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
-from ouro_lab.settings import Setting, cross_fit, expand_settings, folds_of, model_depth
+from ouro_lab.settings import Setting, cross_fit, doc_outcomes, expand_settings, folds_of, model_depth
 from ouro_lab.store import (
     RunLock,
     SettingStore,
@@ -411,8 +411,11 @@ def _replay_all(run: _Run, trace) -> None:
                     _source_hash(s.strategy, run.dirs), s.fitted and canonical(recipe)["calibration"],
                     recipe.bootstrap)
         if not run.store.has(key):
-            strat = cross_fit(s, trace, fold, recipe.calibration.folds) if s.fitted else s.obj
+            strat = (cross_fit(s, trace, fold, recipe.calibration.folds, recipe.seed,
+                               doc_outcomes(run.taskset, trace, s.obj)) if s.fitted else s.obj)
             rec, samples = _replay(run.taskset, trace, strat, s, recipe, tok_task)
+            if s.fitted:
+                rec["fitted"] = strat.fitted_records()  # what each task x fold copy chose
             run.store.save(key, rec, samples)
         run.keep(s, "replay", key)
         run.progress.advance(bar)
