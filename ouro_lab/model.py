@@ -314,11 +314,15 @@ class OuroForCausalLM(nn.Module):
                   else (~real).any(1).cpu())
         if cache is not None:
             if rows is None:
-                cache.next_pos = pos_next
+                rows, cache.next_pos = torch.arange(B), pos_next
             else:
                 cache.next_pos[rows.to(dev)] = pos_next
-            span, pick, cols, width, mask = cache.append(real, rows, padded)
-            return x, Context(cos, sin, mask, cache, span, pick, cols, width)
+            new_padding = padded is not None and bool(padded.any())
+            cols = cache.append(real, rows, padded)
+            fresh = not new_padding and not cols.any() and not cache.padded[rows].any()
+            plain = fresh or (T == 1 and not new_padding)  # causal, or one token over its row's keys
+            mask = None if plain else cache.call_mask(rows, cols, T)
+            return x, cache.context(cos, sin, rows, cols, None, mask)
         if padded is None or not padded.any():
             return x, Context(cos, sin, None)  # nothing to mask but the future: plain causal attention
         # query i may see the real keys j <= i, and always itself (no empty, NaN softmax rows)
