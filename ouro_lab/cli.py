@@ -240,10 +240,11 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
         import pandas as pd
 
         out.mkdir(parents=True, exist_ok=True)
+        from ouro_lab.files import atomic_path
+
         for name, frame in (("metrics.csv", pd.DataFrame(metrics)), ("samples.csv", samples)):
-            tmp = out / f".{name}.tmp"
-            frame.to_csv(tmp, index=False)
-            os.replace(tmp, out / name)
+            with atomic_path(out / name) as tmp:
+                frame.to_csv(tmp, index=False)
         typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'samples.csv'}")
 
 
