@@ -210,10 +210,10 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
                                          help="trace cache (default: $OURO_LAB_CACHE)")):
     """lm-eval metrics of a checkpoint, plain or under an exit strategy (with compute columns)."""
     from ouro_lab.errors import OuroLabError
-    from ouro_lab.harness import evaluate_tasks
+    from ouro_lab.evaluate import evaluate_tasks
 
     if cache_dir is None:
-        from ouro_lab.sweep import cache_dir as default_cache
+        from ouro_lab.store import cache_dir as default_cache
 
         cache_dir = default_cache()
     params = {}
