@@ -63,7 +63,7 @@ def is_disk_full(e: BaseException | None) -> bool:
     library that raised it (OSError 28, pyarrow's OSError text, safetensors' Rust error)."""
     seen = 0
     while e is not None and seen < 8:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, DiskFullError) or isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(e)
         if "No space left on device" in text or "Disk quota exceeded" in text or "os error 28" in text:

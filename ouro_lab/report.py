@@ -62,14 +62,6 @@ def read_run(run_dir: str | Path, verify: bool = True) -> dict:
         prov = read_json(pfile)
         if not isinstance(prov, dict):
             raise DamagedFileError(pfile, "not the provenance record a sweep writes (a JSON object)")
-        recorded = prov.get("files") if verify and isinstance(prov.get("files"), dict) else {}
-        for name, want in recorded.items():  # the tables as the sweep wrote them, byte for byte
-            p = run / name
-            if not p.is_file():
-                raise DamagedFileError(p, "missing (provenance.json lists it)")
-            if isinstance(want, dict) and want.get("checksum") and file_digest(p) != want["checksum"]:
-                raise DamagedFileError(p, "does not match the checksum provenance.json recorded for it "
-                                       "(changed, truncated or damaged after the sweep wrote it)")
         metrics = read_csv(mfile, METRICS_COLUMNS, keep_default_na=True)
         bad = metrics[list(METRICS_COLUMNS[:8])].isna().any(axis=1)
         if bad.any():
@@ -86,6 +78,14 @@ def read_run(run_dir: str | Path, verify: bool = True) -> dict:
         if not efile.is_file():
             raise DamagedFileError(efile, "missing (the exit-step counts the histograms are drawn from)")
         exits = read_csv(efile, EXITS_COLUMNS)
+        recorded = prov.get("files") if verify and isinstance(prov.get("files"), dict) else {}
+        for name, want in recorded.items():  # whole tables, as the sweep wrote them, byte for byte
+            p = run / name
+            if not p.is_file():
+                raise DamagedFileError(p, "missing (provenance.json lists it)")
+            if isinstance(want, dict) and want.get("checksum") and file_digest(p) != want["checksum"]:
+                raise DamagedFileError(p, "does not match the checksum provenance.json recorded for it "
+                                       "(changed, truncated or damaged after the sweep wrote it)")
     except DamagedFileError as e:
         raise RunDirError(f"{e}; {_rebuild_hint(run, prov)}") from None
     return {"dir": run, "metrics": metrics, "samples": samples, "exits": exits, "provenance": prov}

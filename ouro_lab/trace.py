@@ -292,8 +292,11 @@ class Trace:
                                           "truncated or damaged") from None
         if header.get("format") != "ouro-lab-trace" or "request" not in tensors:
             raise TraceError(f"{path}: a safetensors file but not an ouro-lab trace")
-        stored = header.get("checksum")  # traces written before checksums have none
-        if stored is not None and checksum(tensors, header.get("meta", "{}")) != stored:
+        stored = header.get("checksum")
+        if stored is None:
+            raise TraceDamagedError(path, "a trace without a content checksum (written by an older "
+                                          "ouro-lab), so it cannot be checked")
+        if checksum(tensors, header.get("meta", "{}")) != stored:
             raise TraceDamagedError(path, "damaged trace: its content does not match the checksum "
                                           "stored with it")
         try:
