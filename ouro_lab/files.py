@@ -10,6 +10,7 @@ is fsynced, renamed over the target, and the folder fsynced: after a power loss 
 holds the old content or the new, never an empty file. On any failure (Ctrl-C included)
 the temporary is removed; a full disk becomes one `DiskFullError` line naming the file and
 the free space. Temporaries left by a killed process are removed by `sweep_temporaries`.
+And paths as messages show them (`display_path`).
 """
 
 from __future__ import annotations
@@ -137,6 +138,15 @@ def atomic_write(path: str | Path, data: str | bytes, what: str | None = None) -
     with atomic_path(path, what) as tmp, open(tmp, "wb") as f:
         f.write(data if isinstance(data, bytes) else data.encode())
     return path
+
+
+def display_path(path: str | Path) -> str:
+    """A path as messages show it: relative to the working directory when below it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return rel if not rel.startswith("..") else str(path)
 
 
 # --------------------------------------------------------------------------- checked reads
@@ -279,6 +289,6 @@ def folder_problem(path: str | Path) -> str | None:
     return None
 
 
-__all__ = ["atomic_path", "atomic_write", "DiskFullError", "DamagedFileError", "is_disk_full", "free_space",
+__all__ = ["atomic_path", "atomic_write", "display_path", "DiskFullError", "DamagedFileError", "is_disk_full", "free_space",
            "sweep_temporaries", "folder_problem", "temporary", "human_bytes", "digest", "file_digest",
            "read_json", "read_csv", "read_parquet"]

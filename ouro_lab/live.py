@@ -1,9 +1,10 @@
 """Live early exit: decode token by token, each token stopping at the step its strategy picks.
 
 At every new token, loop step r runs only for the rows still active; after it the
-strategy reads the signals of steps 0..r (`strategy.decide(signals.upto(r), r)`, the
-same call replay makes) and exited rows stop. An exited token never computes its deeper
-steps, yet later tokens attend to its KV at those steps; `kv_policy` says what they see:
+strategy reads the signals of steps 0..r (`decide_checked(strategy, signals, r)`: the
+call replay makes, with the same contract checks) and exited rows stop. An exited token
+never computes its deeper steps, yet later tokens attend to its KV at those steps;
+`kv_policy` says what they see:
 
     full   every token computes every step anyway (exact; the exit only picks the step
            whose prediction is used; no savings)
@@ -33,7 +34,7 @@ from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.flops import ModelCost
 from ouro_lab.model import KVCache
-from ouro_lab.strategy import HEAD_SIGNALS, Signals, expand_needs
+from ouro_lab.strategy import HEAD_SIGNALS, Signals, allowed_signals, decide_checked, expand_needs
 from ouro_lab.trace import head_signals, unit_results
 
 KV_POLICIES = ("full", "copy", "last")
@@ -60,6 +61,7 @@ class LiveBatch:
         self.R = steps or model.config.total_ut_steps
         self.cost = ModelCost.from_config(model.config)
         self.needs = expand_needs(strategy.needs) if strategy is not None else set()
+        self.allowed = allowed_signals(strategy) if strategy is not None else frozenset()
         self.head_each_step = bool(self.needs & HEAD_SIGNALS)
         self.cache = KVCache()
         self.B = batch
@@ -199,8 +201,8 @@ class LiveBatch:
                 d = torch.full((A.numel(),), r == R - 1, dtype=torch.bool, device=dev)
             else:
                 s = Signals({k: v[: r + 1, A] for k, v in hist.items()}, R, index[A], index[A],
-                            self.seed, ctx[A], self.cost, A.numel())
-                d = self.strategy.decide(s, r).to(dev).bool()
+                            self.seed, ctx[A], self.cost, A.numel()).only(self.allowed)
+                d = decide_checked(self.strategy, s, r).to(dev)  # the contract, as replay enforces it
             new = A[d & ~decided[A]]
             if new.numel():
                 exit_step[new] = r

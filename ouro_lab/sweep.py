@@ -1,4 +1,4 @@
-"""`ouro-lab sweep`: a recipe in; tidy tables, plots and a report out.
+"""`ouro-lab sweep`, the orchestration: a recipe in; tidy tables, plots and a report out.
 
     recipe -> settings (every fixed step + each strategy's grid)
            -> load model, build tasks                      (errors name recipe file, line, field)
@@ -18,6 +18,11 @@ and redone, a damaged cached trace recomputed. A full disk anywhere is one line 
 being written, free space, rerun to resume) and exit 2; temporaries left by a killed run
 are removed when the next one starts. An unwritable trace cache is found before the
 trace pass: the sweep runs without it and says so (`--require-cache`: it stops).
+
+This module is the orchestration only; each step lives in its own: settings
+(`ouro_lab.settings`), the trace pass (`ouro_lab.tracing`), replay scoring
+(`ouro_lab.scoring`), live runs (`ouro_lab.lm.OuroLM` with a strategy), the run folder
+(`ouro_lab.store`), the tables (`ouro_lab.tables`), plots and report (`ouro_lab.report`).
 """
 
 from __future__ import annotations
