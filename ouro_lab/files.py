@@ -289,6 +289,6 @@ def folder_problem(path: str | Path) -> str | None:
     return None
 
 
-__all__ = ["atomic_path", "atomic_write", "display_path", "DiskFullError", "DamagedFileError", "is_disk_full", "free_space",
-           "sweep_temporaries", "folder_problem", "temporary", "human_bytes", "digest", "file_digest",
-           "read_json", "read_csv", "read_parquet"]
+__all__ = ["atomic_path", "atomic_write", "display_path", "DiskFullError", "DamagedFileError", "is_disk_full",
+           "free_space", "sweep_temporaries", "folder_problem", "temporary", "human_bytes", "digest",
+           "file_digest", "read_json", "read_csv", "read_parquet"]
