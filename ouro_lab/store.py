@@ -13,6 +13,7 @@ removed on failure; a full disk is one `DiskFullError` line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ from ouro_lab.files import (
     digest,
     file_digest,
     folder_problem,
+    is_disk_full,
     read_json,
     read_parquet,
     sweep_temporaries,
@@ -40,6 +42,40 @@ class SweepError(OuroLabError):
 
 def default_run_dir(recipe: Recipe, src: RecipeSource) -> Path:
     return Path("results") / src.file.stem / recipe_hash(recipe)
+
+
+def run_dir_for(recipe: Recipe, src: RecipeSource, out) -> tuple[Path, str]:
+    """The run folder (`--out`, else the recipe's `output`, else the default) and where it
+    was chosen, for messages."""
+    if out is not None:
+        return Path(out), "--out"
+    if recipe.output:
+        return Path(recipe.output), src.where(("output",)) + ": output"
+    return default_run_dir(recipe, src), f"{src.file}: output (default results/)"
+
+
+def check_output(path: Path, what: str) -> None:
+    """`check_writable` without creating anything (for `validate` and `--dry-run`)."""
+    problem = folder_problem(path)
+    if problem:
+        raise SweepError(f"{what}: {path}: output folder not writable ({problem}); choose another folder "
+                         "with --out")
+
+
+@contextlib.contextmanager
+def resumable_on_full_disk(run_dir: Path):
+    """A full disk inside (whichever library was writing) becomes one `DiskFullError` line
+    saying how many finished settings are kept and to rerun to resume."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        path = getattr(e, "path", None) or getattr(e, "filename", None) or run_dir
+        done = len(list((run_dir / "settings").glob("*.json"))) if (run_dir / "settings").is_dir() else 0
+        raise DiskFullError(path, getattr(e, "what", None),
+                            hint=f"{done} finished setting(s) are kept in {run_dir / 'settings'}; free some "
+                                 "space and rerun the same command to resume") from None
 
 
 def check_writable(path: Path, what: str) -> None:

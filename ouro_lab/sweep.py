@@ -40,26 +40,21 @@ from pathlib import Path
 
 from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
-from ouro_lab.files import (
-    DamagedFileError,
-    DiskFullError,
-    atomic_write,
-    file_digest,
-    folder_problem,
-    is_disk_full,
-    sweep_temporaries,
-)
+from ouro_lab.files import DamagedFileError, atomic_write, file_digest, sweep_temporaries
 from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
-from ouro_lab.settings import Setting, cross_fit, expand_settings, folds_of, model_depth
+from ouro_lab.settings import Setting, check_folds, cross_fit, expand_settings, folds_of, model_depth
 from ouro_lab.store import (
     RunLock,
     SettingStore,
     SweepError,
     atomic_frame,
     cache_dir,
+    check_output,
     check_writable,
     default_run_dir,
     jsonable,
+    resumable_on_full_disk,
+    run_dir_for,
     trace_cache,
 )
 from ouro_lab.tables import COLUMNS, assemble, tag_samples
@@ -219,11 +214,9 @@ def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Pat
     console = console or _console()
     recipe, src = load_recipe(recipe_file, list(overrides))
     settings = expand_settings(recipe, src)
-    run_dir, what = _run_dir(recipe, src, out)
+    run_dir, what = run_dir_for(recipe, src, out)
     if dry_run:  # everything the sweep checks before it starts, creating nothing
-        problem = folder_problem(run_dir)
-        if problem:
-            raise SweepError(_unwritable(what, run_dir, problem))
+        check_output(run_dir, what)
         taskset = load_tasks(recipe, src)
         check_folds(recipe, src, settings, taskset)
         describe(recipe, settings, console, taskset)
@@ -233,7 +226,7 @@ def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Pat
     if not distributed.is_main():
         from rich.console import Console
         console = Console(stderr=True, quiet=True)  # rank 0 alone reports, locks and writes
-    try:
+    with resumable_on_full_disk(run_dir):  # a full disk anywhere: one line, finished settings kept
         check_writable(run_dir, what)
         lock = RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext()
         with lock, _threads(recipe.model.threads):
@@ -243,44 +236,6 @@ def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Pat
                     _log(console, f"{run_dir}: removed {len(stale)} temporary file(s) left by an interrupted "
                                   "run")
             return _run(recipe, src, settings, run_dir, console, require_cache)
-    except Exception as e:  # a full disk, whichever library was writing: one line, resumable
-        if not is_disk_full(e):
-            raise
-        path = getattr(e, "path", None) or getattr(e, "filename", None) or run_dir
-        done = len(list((run_dir / "settings").glob("*.json"))) if (run_dir / "settings").is_dir() else 0
-        raise DiskFullError(path, getattr(e, "what", None),
-                            hint=f"{done} finished setting(s) are kept in {run_dir / 'settings'}; free some "
-                                 "space and rerun the same command to resume") from None
-
-
-def _run_dir(recipe: Recipe, src: RecipeSource, out) -> tuple[Path, str]:
-    """The run folder and where it was chosen (for messages)."""
-    if out is not None:
-        return Path(out), "--out"
-    if recipe.output:
-        return Path(recipe.output), src.where(("output",)) + ": output"
-    return default_run_dir(recipe, src), f"{src.file}: output (default results/)"
-
-
-def _unwritable(what: str, run_dir: Path, problem: str) -> str:
-    return f"{what}: {run_dir}: output folder not writable ({problem}); choose another folder with --out"
-
-
-def check_folds(recipe: Recipe, src: RecipeSource, settings: list[Setting], taskset) -> None:
-    """Calibrating rules are cross-fitted over `calibration.folds` document folds: refuse
-    more folds than the loglikelihood tasks have documents (some copy would be fitted on
-    every document, or on none)."""
-    from ouro_lab.lm import LL_TYPES
-
-    if not any(s.fitted for s in settings):
-        return
-    ll = taskset.names_of("multiple_choice", *LL_TYPES)
-    docs = sum(_n_docs(taskset.tasks[name], recipe.tasks.limit) for name in ll)
-    folds = recipe.calibration.folds
-    if ll and folds > docs:
-        raise RecipeError([src.error(("calibration", "folds"), f"{folds} folds, but the loglikelihood tasks "
-                                     f"({', '.join(ll)}) have {docs} documents; use at most {docs} folds, or "
-                                     "more documents (tasks.limit)")])
 
 
 @contextlib.contextmanager
