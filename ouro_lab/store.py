@@ -7,6 +7,7 @@
         metrics.csv, samples.parquet... atomic_frame: a reader never sees half a table
 
 Traces are cached apart, by content, under `cache_dir()` (`trace_cache` checks it first).
+`git_sha()` and `versions()` are what provenance.json records of the code that ran.
 Every write is durable (`ouro_lab.files`): fsynced, renamed into place, its temporary
 removed on failure; a full disk is one `DiskFullError` line.
 """
@@ -17,6 +18,7 @@ import contextlib
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 from ouro_lab.errors import OuroLabError
@@ -176,6 +178,34 @@ class SettingStore:
 
 def _canonical(rec) -> bytes:
     return json.dumps(rec, sort_keys=True, default=jsonable).encode()
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def git_sha() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ouro-lab", "torch", "lm_eval", "transformers", "datasets", "numpy", "pandas", "pydantic",
+                "matplotlib"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
 
 
 def jsonable(x):

@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,15 @@ from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.files import DamagedFileError, atomic_write, file_digest, sweep_temporaries
 from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
-from ouro_lab.settings import Setting, check_folds, cross_fit, expand_settings, folds_of, model_depth
+from ouro_lab.settings import (
+    Setting,
+    check_folds,
+    cross_fit,
+    doc_outcomes,
+    expand_settings,
+    folds_of,
+    model_depth,
+)
 from ouro_lab.store import (
     RunLock,
     SettingStore,
@@ -52,10 +59,12 @@ from ouro_lab.store import (
     check_output,
     check_writable,
     default_run_dir,
+    git_sha,
     jsonable,
     resumable_on_full_disk,
     run_dir_for,
     trace_cache,
+    versions,
 )
 from ouro_lab.tables import COLUMNS, assemble, tag_samples
 
@@ -79,31 +88,6 @@ def _source_hash(name: str, dirs) -> str:
 
 
 # --------------------------------------------------------------------------- provenance
-
-
-def git_sha() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("ouro-lab", "torch", "lm_eval", "transformers", "datasets", "numpy", "pandas", "pydantic",
-                "matplotlib"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[pkg] = version(pkg)
-    return out
 
 
 # --------------------------------------------------------------------------- progress
@@ -457,8 +441,11 @@ def _replay_all(run: _Run, trace) -> None:
                     recipe.bootstrap)
         found = run.stored(s, "replay", key)
         if found is None:
-            strat = cross_fit(s, trace, fold, recipe.calibration.folds) if s.fitted else s.obj
+            strat = (cross_fit(s, trace, fold, recipe.calibration.folds, recipe.seed,
+                               doc_outcomes(run.taskset, trace, s.obj)) if s.fitted else s.obj)
             rec, samples = _replay(run.taskset, trace, strat, s, recipe, tok_task)
+            if s.fitted:
+                rec["fitted"] = strat.fitted_records()  # what each task x fold copy chose
             run.store.save(key, rec, samples, f"setting {s.label}, replay")
         run.keep(s, "replay", key, found)
         run.progress.advance(bar)
