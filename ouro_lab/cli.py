@@ -63,18 +63,29 @@ def inspect(model_dir: Path = typer.Argument(..., help="checkpoint folder (confi
 @app.command()
 def strategies(strategies_dir: list[Path] = typer.Option(None, "--strategies-dir",
                                                          help="extra folder of strategy files (repeatable)"),
-               check: bool = typer.Option(False, "--check",
-                                          help="also import each one and check the contract (loads torch)")):
+               check: bool = typer.Option(False, "--check", help="also build each one with its defaults and "
+                                          "run fit/decide on synthetic signals, every step (loads torch)")):
     """List every exit strategy: name, its rule (first docstring line), parameters."""
     from rich.console import Console
     from rich.table import Table
 
-    from ouro_lab.registry import list_strategies, load_strategy
+    from ouro_lab.errors import OuroLabError
+    from ouro_lab.registry import check_strategy, list_strategies
 
     infos = list_strategies(strategies_dir or ())
     if check:
+        failed = []
         for i in infos:
-            load_strategy(i.name, strategies_dir or ())
+            try:
+                check_strategy(i.name, strategies_dir or ())
+            except OuroLabError as e:
+                failed.append(e)
+        if failed:  # every broken strategy, one line each
+            if os.environ.get("OURO_LAB_DEBUG") == "1":
+                raise failed[0]
+            for e in failed:
+                typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
     t = Table(title=f"{len(infos)} exit strategies", show_lines=False)
     for col in ("name", "rule", "parameters", "from"):
         t.add_column(col, overflow="fold")
@@ -210,10 +221,10 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
                                          help="trace cache (default: $OURO_LAB_CACHE)")):
     """lm-eval metrics of a checkpoint, plain or under an exit strategy (with compute columns)."""
     from ouro_lab.errors import OuroLabError
-    from ouro_lab.harness import evaluate_tasks
+    from ouro_lab.evaluate import evaluate_tasks
 
     if cache_dir is None:
-        from ouro_lab.sweep import cache_dir as default_cache
+        from ouro_lab.store import cache_dir as default_cache
 
         cache_dir = default_cache()
     params = {}
