@@ -139,7 +139,7 @@ def write_checkpoint(path: Path, config: dict | None = None, shard_gb: float = 1
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    words = TEMPLATE + [f"w{i}" for i in range(N_WORDS)]
+    words = (TEMPLATE + [f"w{i}" for i in range(N_WORDS)])[:config["vocab_size"] - len(SPECIAL)]
     make_tokenizer(words, size=config["vocab_size"], special=SPECIAL).save_pretrained(str(path))
     return path
 
@@ -189,11 +189,11 @@ def child_trace(path: Path, dtype: str, docs: int, batch_size: int) -> dict:
 
     import torch
 
-    from ouro_lab.flops import ModelCost
-    from ouro_lab.harness import score, trace_pass
     from ouro_lab.loading import load_model, load_tokenizer
     from ouro_lab.registry import make_strategy
+    from ouro_lab.scoring import score
     from ouro_lab.tasks import TaskSet
+    from ouro_lab.tracing import trace_pass
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     data = write_mmlu_copy(Path(tempfile.mkdtemp(prefix="ouro-1p4b-mmlu-")), docs)
@@ -204,27 +204,29 @@ def child_trace(path: Path, dtype: str, docs: int, batch_size: int) -> dict:
     t0 = time.perf_counter()
     trace, units = trace_pass(model, tok, ts, batch_size=batch_size)
     seconds = time.perf_counter() - t0
-    cost = ModelCost.from_config(model.config)
-    lengths = [len(u.ctx) + len(u.cont) - 1 for u in units]  # one sequence per request
-    tokens = trace.meta.get("tokens_run", sum(lengths))
-    flops = trace.meta.get("flops_run", sum(cost.sequence_flops(n, cost.steps, readouts=0) for n in lengths)
-                           + trace.request.numel() * cost.steps * cost.head_flops)
+    work = trace.meta["work"]
+    lengths = [len(u.ctx) + len(u.cont) - 1 for u in units]
     metrics, _ = score(ts, trace, make_strategy("fixed", {"step": model.config.total_ut_steps}),
                        bootstrap_iters=0)
     acc = next(r["value"] for r in metrics if r["metric"] == "acc")
-    return {"seconds": seconds, "tokens_run": int(tokens), "requests": len(units),
+    return {"seconds": seconds, "tokens_run": work["tokens_run"], "requests": len(units),
+            "prefix_tree_tokens": work["prefix_tree_tokens"], "requested_tokens": work["requested_tokens"],
             "scored_tokens": int(trace.request.numel()), "mean_request_tokens": sum(lengths) / len(units) + 1,
-            "flops": float(flops),
+            "flops": work["flops"],
             "peak_rss": peak_rss(), "rss_loaded": rss_loaded, "acc": acc, "threads": torch.get_num_threads()}
 
 
 def run_child(kind: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--dir", str(args.dir), "--dtype", args.dtype,
-           "--docs", str(args.docs), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if r.returncode:
-        raise SystemExit(f"{kind} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    """One measurement in a fresh interpreter; its result comes back as a JSON file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--child", kind, "--result", str(result), "--dir", str(args.dir),
+               "--dtype", args.dtype, "--docs", str(args.docs), "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if r.returncode or not result.is_file():
+            raise SystemExit(f"{kind} failed:\n{r.stderr[-3000:]}")
+        return json.loads(result.read_text())
 
 
 def inspect(path: Path) -> tuple[str, float]:
@@ -245,6 +247,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--shard-gb", type=float, default=1.0)
     p.add_argument("--child", choices=["load", "trace"], help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -254,28 +257,30 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
         out = (child_load(args.dir, args.dtype) if args.child == "load"
                else child_trace(args.dir, args.dtype, args.docs, args.batch_size))
-        print(json.dumps(out))
+        args.result.write_text(json.dumps(out))
         return out
     if not (args.dir / "model.safetensors.index.json").is_file():
         t0 = time.perf_counter()
         write_checkpoint(args.dir, shard_gb=args.shard_gb)
         print(f"wrote {args.dir} in {time.perf_counter() - t0:.0f} s")
     files = sorted(args.dir.glob("model-*.safetensors"))
-    print(f"checkpoint: {args.dir}: {len(files)} shards, {sum(f.stat().st_size for f in files) / 2**30:.2f} GiB "
-          f"on disk (bfloat16)")
+    gib = 2**30
+    on_disk = sum(f.stat().st_size for f in files) / gib
+    print(f"checkpoint: {args.dir}: {len(files)} shards, {on_disk:.2f} GiB on disk (bfloat16)")
     text, secs = inspect(args.dir)
     print(f"$ ouro-lab inspect {args.dir}   ({secs:.1f} s)\n{text}")
     load = run_child("load", args)
-    gib = 2**30
     ratio = load["peak_rss"] / load["weights_bytes"]
-    print(f"load ({args.dtype}, cpu): {load['seconds']:.1f} s; weights {load['weights_bytes'] / gib:.2f} GiB; "
-          f"peak RSS {load['peak_rss'] / gib:.2f} GiB = {ratio:.3f}x the weights (goal <= 1.2; "
+    print(f"load ({args.dtype}, cpu): {load['seconds']:.1f} s; weights {load['weights_bytes'] / gib:.2f} "
+          f"GiB; peak RSS {load['peak_rss'] / gib:.2f} GiB = {ratio:.3f}x the weights (goal <= 1.2; "
           f"{load['rss_before'] / gib:.2f} GiB before loading)")
     tr = run_child("trace", args)
     print(f"trace pass ({args.dtype}, cpu, {tr['threads']} thread(s), batch {args.batch_size}): {args.docs} "
           f"MMLU-shaped documents, {tr['requests']} requests of {tr['mean_request_tokens']:.0f} tokens on "
-          f"average, {tr['tokens_run']:,} tokens run in {tr['seconds']:.1f} s = "
-          f"{tr['tokens_run'] / tr['seconds']:.1f} tokens/s, {tr['flops'] / tr['seconds'] / 1e9:.1f} GFLOP/s; "
+          f"average ({tr['requested_tokens']:,} tokens one sequence per request; prefix tree "
+          f"{tr['prefix_tree_tokens']:,}); {tr['tokens_run']:,} tokens run in {tr['seconds']:.1f} s = "
+          f"{tr['tokens_run'] / tr['seconds']:.1f} tokens/s, {tr['flops'] / tr['seconds'] / 1e9:.1f} "
+          "GFLOP/s; "
           f"peak RSS {tr['peak_rss'] / gib:.2f} GiB ({tr['rss_loaded'] / gib:.2f} after loading); "
           f"acc {tr['acc']:.3f} (random weights)")
     print(f"ratio: {ratio:.3f}")

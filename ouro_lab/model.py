@@ -314,13 +314,16 @@ class OuroForCausalLM(nn.Module):
     # -- the pieces of one forward, public so that live early exit can run them row by row
 
     def prepare(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: KVCache | None = None):
+                position_ids: Tensor | None = None, cache: KVCache | None = None,
+                mask: Tensor | None = None):
         """Embeddings, rope tables and the attention mask for `input_ids` (B, T).
 
         `attention_mask` (B, T) marks the real tokens of this call (1) and padding (0);
         with a cache, the cache remembers earlier calls' masks. Without `position_ids`,
         positions continue from the cache (per row) or are `arange(T)` (as in the
-        official forward).
+        official forward). `mask` (B, 1, T, S) bool, True = may attend, replaces the mask
+        made from those: tree-structured calls (`ouro_lab.prefix`, several sequences
+        packed in a row) give their own.
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -337,6 +340,8 @@ class OuroForCausalLM(nn.Module):
             cache.next_pos = position_ids[:, -1] + 1
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if mask is not None:
+            return x, (cos, sin, mask)
         if past == 0 and (attention_mask is None or (dev.type != "meta" and bool(new_mask.all()))):
             return x, (cos, sin, None)  # nothing to mask but the future: plain causal attention
         # query i (absolute past + i) may see key j <= past + i that is a real token; every
@@ -362,11 +367,12 @@ class OuroForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 steps: int | None = None, position_ids: Tensor | None = None,
-                cache: KVCache | None = None) -> LoopOutput:
+                cache: KVCache | None = None, mask: Tensor | None = None) -> LoopOutput:
         """Run `steps` loop steps (default `total_ut_steps`; fewer really stops early,
-        more extrapolates past the trained depth) and return every step's state and gate."""
+        more extrapolates past the trained depth) and return every step's state and gate.
+        `mask`: an explicit attention mask (see `prepare`)."""
         steps = self.config.total_ut_steps if steps is None else steps
-        x, ctx = self.prepare(input_ids, attention_mask, position_ids, cache)
+        x, ctx = self.prepare(input_ids, attention_mask, position_ids, cache, mask)
         hidden, gates = [], []
         for r in range(steps):
             x = self.loop_step(x, r, ctx, cache)

@@ -308,7 +308,8 @@ def _resolve_paths(data: dict, base: Path, skip=(), only: tuple | None = None) -
         tasks["include"] = [fix(p) for p in tasks["include"]]
     elif isinstance(tasks, dict) and isinstance(tasks.get("include"), str) and touches(("tasks", "include")):
         tasks["include"] = [fix(tasks["include"])]
-    if isinstance(tasks, dict) and isinstance(tasks.get("data_root"), str) and touches(("tasks", "data_root")):
+    root = tasks.get("data_root") if isinstance(tasks, dict) else None
+    if isinstance(root, str) and touches(("tasks", "data_root")):
         tasks["data_root"] = fix(tasks["data_root"])
     if isinstance(data.get("strategies_dirs"), list) and touches(("strategies_dirs",)):
         data["strategies_dirs"] = [fix(p) for p in data["strategies_dirs"]]

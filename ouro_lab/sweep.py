@@ -386,7 +386,8 @@ def _trace(run: _Run):
     progress.update(bar, total=done, completed=done)
     reused = calls[0] == 0
     run.prov["trace"] = {"key": trace.meta.get("key"), "tokens": trace.n, "reused": reused,
-                         "forward_calls": calls[0], "seconds": round(time.perf_counter() - t0, 3)}
+                         "forward_calls": calls[0], "seconds": round(time.perf_counter() - t0, 3),
+                         "work": trace.meta.get("work")}  # what the pass ran (ouro_lab.prefix)
     _log(run.console, f"trace pass: {'reused cached trace' if reused else 'computed trace'} "
                       f"{trace.meta.get('key')} ({trace.n} tokens, {calls[0]} model forward calls)")
     return trace

@@ -164,3 +164,24 @@ def test_recipe_data_root(full, model_dir, tmp_path, monkeypatch, capsys):
     recipe.write_text(RECIPE.format(path=recipe, model=model_dir, root=", data_root: nowhere"))
     r = run_cli(monkeypatch, capsys, "validate", recipe)
     assert r.returncode == 2 and "tasks.data_root" in r.stderr and "nowhere: no such folder" in r.stderr
+
+
+def test_copies_with_the_same_name_never_share_a_cache(tmp_path):
+    """datasets names a local folder's cache after the folder and config alone: a second copy
+    called ai2_arc (another data root, or the same one rewritten) must not read the first's."""
+    import os
+
+    from ouro_lab.tasks import TaskSet
+
+    def copy(root, n):
+        write_hub_dataset(root / "allenai" / "ai2_arc", {"ARC-Easy": {"train": arc_rows(3),
+                                                                      "test": arc_rows(n, 20)}})
+        return root
+
+    a, b = copy(tmp_path / "a", 3), copy(tmp_path / "b", 5)
+    assert len(TaskSet(["arc_easy"], data_root=a).tasks["arc_easy"].eval_docs) == 3
+    assert len(TaskSet(["arc_easy"], data_root=b).tasks["arc_easy"].eval_docs) == 5
+    copy(a, 4)  # rewritten in place
+    test = a / "allenai" / "ai2_arc" / "ARC-Easy" / "test-00000-of-00001.parquet"
+    os.utime(test, ns=(test.stat().st_atime_ns, test.stat().st_mtime_ns + 1))
+    assert len(TaskSet(["arc_easy"], data_root=a).tasks["arc_easy"].eval_docs) == 4
