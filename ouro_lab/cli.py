@@ -208,6 +208,8 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
           num_fewshot: int = typer.Option(None, "--num-fewshot", help="override every task's few-shot count"),
           steps: int = typer.Option(None, "--steps", help="run the model cut to this many loop steps"),
           strategy: str = typer.Option(None, "--strategy", help="exit strategy (see `ouro-lab strategies`)"),
+          strategies_dir: list[Path] = typer.Option(None, "--strategies-dir",
+                                                    help="extra folder of strategy files (repeatable)"),
           param: list[str] = typer.Option(None, "--param", "-p",
                                           help="strategy parameter key=value, repeatable"),
           kv_policy: str = typer.Option("copy", "--kv-policy", help="live runs: full, copy or last"),
@@ -237,7 +239,8 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
                                       data_root=data_root, limit=limit, num_fewshot=num_fewshot,
                                       steps=steps, strategy=strategy,
                                       params=params, kv_policy=kv_policy, live=live, batch_size=batch_size,
-                                      dtype=dtype, device=device, cache_dir=cache_dir)
+                                      dtype=dtype, device=device, cache_dir=cache_dir,
+                                      strategies_dirs=strategies_dir or ())
     from ouro_lab import distributed
 
     if not distributed.is_main():

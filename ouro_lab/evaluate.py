@@ -95,12 +95,13 @@ def gap(replay_metrics: list[dict], live_metrics: list[dict]) -> list[dict]:
 def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=None, num_fewshot=None,
                    steps=None, strategy=None, params=None, kv_policy: str = "copy", live: bool = False,
                    batch_size: int = 8, dtype=None, device=None, cache_dir=None,
-                   max_gen_toks: int | None = None):
+                   max_gen_toks: int | None = None, strategies_dirs=()):
     """`ouro-lab eval`: lm-eval metrics of a checkpoint on `tasks` (names or a comma list).
 
     Without `strategy`: a plain lm-eval run of the model (cut to `steps`). With one:
     loglikelihood tasks from one cached trace pass + replay (or a true early-exit run
-    with `live`), generation tasks live under `kv_policy`. Returns (metrics, samples)."""
+    with `live`), generation tasks live under `kv_policy`; `strategies_dirs` are extra
+    folders of strategy files. Returns (metrics, samples)."""
     import pandas as pd
 
     from ouro_lab.loading import fingerprint, load_model, load_tokenizer
@@ -117,7 +118,7 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
         raise HarnessError("eval: give either --steps or --strategy, not both")
     from ouro_lab.registry import make_strategy
 
-    st = make_strategy(strategy, params or {}) if isinstance(strategy, str) else strategy
+    st = make_strategy(strategy, params or {}, strategies_dirs) if isinstance(strategy, str) else strategy
     from ouro_lab.strategy import ExitStrategy
 
     if type(st).fit is not ExitStrategy.fit:

@@ -206,50 +206,32 @@ class PrefixTree:
 # --------------------------------------------------------------------------- running a plan
 
 
-class _CacheShim:
-    """What `OuroForCausalLM.prepare` reads and writes on a cache (its mask and next
-    positions), unused here: calls give their own positions and mask."""
+class _PackedRows:
+    """`ouro_lab.cache.KVCache`'s protocol (`append` reserves the call's columns, `attend` runs
+    each layer's attention) for a call of packed rows: every row's queries attend to the
+    heavy path's cached keys (cache row 0, read in place and broadcast to the rows, never
+    copied into the cache) and to their own row's keys under the plan's tree mask. Nothing
+    is written: light subtrees are never attended to again."""
 
-    mask = None
-    next_pos = None
+    def __init__(self, path, length: int, rows: int, mask: Tensor):
+        self.path, self.length, self.rows, self.tree_mask = path, length, rows, mask
+        self.store = ()  # "allocated": prepare() allocates nothing
+        self.next_pos = None
 
-    def __len__(self) -> int:
-        return 0
+    def append(self, real: Tensor, rows, padded) -> tuple:
+        return (0, self.rows), None, 0, self.length + real.shape[1], self.tree_mask
 
+    def attend(self, ctx, slot: tuple[int, int], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        from ouro_lab.cache import attention
 
-class _ReadOnlyPrefix(_CacheShim):
-    """A KVCache stand-in for light calls: every (step, layer) reads the cached path's keys and
-    values expanded to the call's rows, and the call's own keys and values are not kept."""
-
-    def __init__(self, kv: dict, rows: int):
-        self.kv, self.rows = kv, rows
-
-    def get(self, step: int, layer: int):
-        kv = self.kv.get((step, layer))
-        if kv is None:
-            return None
-        return tuple(t.expand(self.rows, -1, -1, -1) for t in kv)
-
-    def put(self, step: int, layer: int, kv) -> None:
-        pass
-
-
-class _Path(_CacheShim):
-    """The one-row KV cache of the heavy path the walk is on: (step, layer) -> (k, v)."""
-
-    def __init__(self):
-        self.kv: dict = {}
-        self.length = 0
-
-    def get(self, step: int, layer: int):
-        return self.kv.get((step, layer))
-
-    def put(self, step: int, layer: int, kv) -> None:
-        self.kv[(step, layer)] = kv
-
-    def truncate(self, depth: int) -> None:
-        self.kv = {key: (k[:, :, :depth], v[:, :, :depth]) for key, (k, v) in self.kv.items()}
-        self.length = depth
+        if self.length:
+            step, layer = slot
+            s = 0 if self.path.shared else step
+            store = self.path.store
+            pk = store[0, s, layer, :1, :, :self.length].expand(self.rows, -1, -1, -1)
+            pv = store[1, s, layer, :1, :, :self.length].expand(self.rows, -1, -1, -1)
+            k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
+        return attention(q, k, v, ctx.mask)
 
 
 @dataclass
@@ -262,43 +244,32 @@ class CallOutput:
     mask: Tensor
 
 
-def _forward(model, ids: Tensor, pos: Tensor, mask: Tensor, cache, steps: int):
-    """`steps` loop steps of `ids` (B, T) at positions `pos` with an explicit attention mask
-    (B, 1, T, S) over the cache's columns and the call's own (a model call: hooks see it)."""
-    return model(ids, None, steps, pos, cache, mask)
-
-
 def _subtree_nodes(tree: PrefixTree, roots: list[int]) -> np.ndarray:
     return np.concatenate([np.arange(r, r + tree.size[r]) for r in roots])
 
 
 @torch.no_grad()
 def run_plan(model, tree: PrefixTree, programs: list[list[tuple]], steps: int, owns=lambda i: True):
-    """Run the programs `owns(i)` accepts; yields a `CallOutput` per call holding scored nodes."""
+    """Run the programs `owns(i)` accepts; yields a `CallOutput` per call holding scored nodes.
+    Every call is a model call (`model(...)`: forward hooks see it)."""
     dev = model.device
     scored = np.zeros(tree.n_nodes, dtype=bool)
     scored[tree.pair_node] = True
     for i, ops in enumerate(programs):
         if not owns(i):
             continue
-        path = _Path()
+        path = model.new_cache(1, max(tree.row, 1))  # the heavy path: one row, written in place
         for op, arg in ops:
+            P = int(path.lengths[0])
             if op == "truncate":
-                path.truncate(arg)
+                path.truncate(torch.tensor([arg]))
                 continue
-            P = path.length
-            if op == "extend":
+            if op == "extend":  # a path: plain causal attention after the cached columns
                 nodes = np.asarray(arg)
-                T = len(nodes)
                 ids = torch.as_tensor(tree.token[nodes])[None].to(dev)
                 pos = torch.as_tensor(tree.depth[nodes])[None].to(dev)
-                q = torch.arange(T, device=dev)[:, None]
-                own = torch.arange(T, device=dev)[None] <= q  # a path: plain causal
-                mask = torch.cat((torch.ones(T, P, dtype=torch.bool, device=dev), own), 1)[None, None]
-                out = _forward(model, ids, pos, mask, path, steps)
-                path.length = P + T
-                where = torch.as_tensor(scored[nodes])[None]
-                yield CallOutput(nodes[scored[nodes]], out, where)
+                out = model(ids, None, steps, pos, path)
+                yield CallOutput(nodes[scored[nodes]], out, torch.as_tensor(scored[nodes])[None])
                 continue
             rows = [_subtree_nodes(tree, roots) for roots in arg]
             B, T = len(rows), max(len(r) for r in rows)
@@ -321,6 +292,6 @@ def run_plan(model, tree: PrefixTree, programs: list[list[tuple]], steps: int, o
                     top[b, :len(rows[b])] = np.repeat(tree.depth[roots], tree.size[roots])
                 above = torch.arange(P, device=dev)[None, None] < torch.as_tensor(top).to(dev)[:, :, None]
                 own = torch.cat((above, own), 2)
-            out = _forward(model, ids, pos, own[:, None], _ReadOnlyPrefix(path.kv, B) if P else None, steps)
+            out = model(ids, None, steps, pos, _PackedRows(path, P, B, own[:, None]))
             where = torch.as_tensor(real & scored[safe])
             yield CallOutput(nodes[where.numpy()], out, where)

@@ -23,7 +23,6 @@ import hashlib
 import importlib
 import importlib.util
 import itertools
-import os
 import sys
 import types
 import typing
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ouro_lab.errors import OuroLabError
+from ouro_lab.files import display_path
 
 ENTRY_POINT_GROUP = "ouro_lab.strategies"
 
@@ -69,15 +69,6 @@ def builtin_dir() -> Path | None:
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
     return None
-
-
-def display_path(path: Path) -> str:
-    """A path as messages show it: relative to the working directory when below it."""
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:
-        return str(path)
-    return rel if not rel.startswith("..") else str(path)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -282,7 +273,7 @@ def check_strategy(name: str, dirs=()) -> None:
     defaults of the declared types), refuse untyped class attributes, build it with its
     defaults and run `ouro_lab.strategy.check_contract` (fit and decide on synthetic
     signals over every step, causality). Raises a one-line error naming the file."""
-    from ouro_lab.strategy import check_contract
+    from ouro_lab.contract import check_contract
 
     cls = load_strategy(name, dirs)
     untyped = untyped_attributes(cls)

@@ -14,8 +14,8 @@ The contract is enforced identically in replay and live decoding (`decide_checke
 `fit_checked`): a rule sees only the signals its `needs` declares (reading another is
 a `ContractError` naming the file and the signal), `decide` must return an (N,) bool
 tensor, and an exception inside `decide` or `fit` becomes one line naming the file and
-the setting. `check_contract` runs a strategy on synthetic signals over every step
-(`ouro-lab strategies --check`, and the test suite for every strategy file found).
+the setting. `ouro_lab.contract.check_contract` runs a strategy on synthetic signals
+over every step (`ouro-lab strategies --check`, and the tests for every strategy file).
 
     @dataclass
     class Strategy(ExitStrategy):
@@ -55,6 +55,10 @@ SIGNALS: dict[str, str] = {
 # Signals that need the LM head's full-vocabulary logits at the step they are read.
 HEAD_SIGNALS = frozenset({"argmax", "entropy", "max_prob", "margin", "kl_prev",
                           "target_logprob", "target_is_argmax"})
+# The direction in which each thresholdable signal means "ready to exit": +1 exit when the
+# signal is at least the threshold, -1 at most (budget and risk fold the sign in).
+DIRECTION = {"exit_cdf": 1, "exit_pdf": 1, "gate_logit": 1, "max_prob": 1, "margin": 1,
+             "entropy": -1, "kl_prev": -1, "hidden_delta": -1}
 # `needs` may use these short names.
 ALIASES = {"gate": ("gate_logit", "exit_pdf", "exit_cdf"), "kl": ("kl_prev",),
            "hidden": ("hidden_delta",), "confidence": ("max_prob", "margin"),
@@ -173,6 +177,10 @@ class ExitStrategy:
     def decide(self, s: Signals, r: int) -> Tensor:  # (N,) bool
         raise NotImplementedError
 
+    def fitted(self) -> dict:
+        """What fit() chose, for the record (the sweep stores it per task and fold)."""
+        return {}
+
     def params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
@@ -192,7 +200,7 @@ def origin(strategy) -> tuple[str, str]:
     wrappers (cross-fitting) name the strategy they wrap (`wrapped`)."""
     import inspect
 
-    from ouro_lab.registry import display_path
+    from ouro_lab.files import display_path
 
     base = getattr(strategy, "wrapped", strategy)
     try:
@@ -285,72 +293,6 @@ def _all_in_group(d: Tensor, group: Tensor) -> Tensor:
     ok = torch.ones(int(inv.max()) + 1 if inv.numel() else 0, dtype=torch.bool)
     ok.scatter_reduce_(0, inv, d, reduce="amin")
     return ok[inv]
-
-
-# --------------------------------------------------------------------------- the self-check
-
-
-def synthetic_signals(steps: int = 4, n: int = 200, seed: int = 0, doc_size: int = 4) -> Signals:
-    """Self-consistent random signals of every name, with attention contexts, a tiny
-    model's cost and an `outcome` (a document of `doc_size` consecutive tokens scores 1
-    when every target is the top-1 at its exit step): what `check_contract` feeds a rule."""
-    from ouro_lab.flops import ModelCost
-    from ouro_lab.trace import random_signals
-
-    data = random_signals(steps, n, seed)
-    g = torch.Generator().manual_seed(seed + 7)
-    ctx = torch.randint(1, 64, (n,), generator=g)
-    cost = ModelCost(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=2, head_dim=16, vocab=16,
-                     steps=steps)
-    doc = torch.arange(n) // doc_size
-    hit = data["target_is_argmax"]
-
-    def outcome(exit_step: Tensor) -> Tensor:
-        ok = hit.gather(0, exit_step[None])[0].double()
-        return torch.zeros(int(doc.max()) + 1, dtype=torch.float64).scatter_reduce(0, doc, ok, "amin")
-
-    return Signals(data, steps, torch.arange(n), doc, seed, ctx, cost, n, outcome)
-
-
-def check_contract(strategy, steps: int = 4, n: int = 200) -> None:
-    """Run `strategy` as replay and live do, on synthetic signals: fit on a calibration
-    set (if it calibrates), decide at every step, replay by token and by sequence, count
-    readouts, and check causality (changing steps after r never changes a decision at
-    steps <= r). Raises ContractError naming the file, the setting and what broke."""
-    src, label = origin(strategy)
-
-    def fail(what: str):
-        raise ContractError(f"{src}: {label}: {what}")
-
-    if type(strategy).fit is not ExitStrategy.fit:
-        fit_checked(strategy, synthetic_signals(steps, 4 * n, seed=99))
-    s = synthetic_signals(steps, n, seed=1)
-    view = s.only(allowed_signals(strategy))
-    first = [decide_checked(strategy, view.upto(r), r) for r in range(steps)]
-    e = replay(strategy, s)
-    if not (e.dtype == torch.long and e.shape == (n,) and int(e.min()) >= 0 and int(e.max()) < steps):
-        fail(f"replay gave exit steps outside [0, {steps})")
-    try:
-        ro = strategy.readouts(e)
-    except Exception as err:
-        raise _raised(strategy, "readouts(exit_step)", err) from err
-    if not (isinstance(ro, Tensor) and ro.shape == (n,) and int(ro.min()) >= 1 and int(ro.max()) <= steps):
-        fail(f"readouts(exit_step) must give (N,) counts in [1, {steps}], got {_what(ro)}")
-    for r in range(steps - 1):
-        other = synthetic_signals(steps, n, seed=50 + r)._data
-        mixed = Signals({k: torch.cat((v[: r + 1], other[k][r + 1:])) for k, v in s._data.items()}, steps,
-                        s.index, s.group, s.seed, s.ctx, s.cost, n).only(view._allowed)
-        for q in range(r + 1):
-            if not torch.equal(first[q], decide_checked(strategy, mixed.upto(q), q)):
-                fail(f"decide(s, r={q}) changed when steps after {r + 1} changed: a decision may read "
-                     "steps 0..r only (keep no state between calls that depends on later steps)")
-    group = torch.arange(n) // 10
-    sg = Signals(dict(s._data), steps, s.index, group, s.seed, s.ctx, s.cost, n)
-    es = replay(strategy, sg, granularity="sequence")
-    same = torch.zeros(int(group.max()) + 1, dtype=es.dtype).scatter_reduce(0, group, es, "amax",
-                                                                             include_self=False)
-    if not (torch.equal(same[group], es) and bool((es >= replay(strategy, sg)).all())):
-        fail("granularity sequence must give one exit per sequence, never before any of its tokens")
 
 
 def signals_markdown() -> str:

@@ -1,4 +1,4 @@
-"""`ouro-lab sweep`: a recipe in; tidy tables, plots and a report out.
+"""`ouro-lab sweep`, the orchestration: a recipe in; tidy tables, plots and a report out.
 
     recipe -> settings (every fixed step + each strategy's grid)
            -> load model, build tasks                      (errors name recipe file, line, field)
@@ -12,6 +12,11 @@ recipe, so rerunning a recipe finds its folder) unless `--out` says otherwise. E
 finished setting is stored at once under `settings/` (one file pair, written atomically),
 so a sweep stopped by Ctrl-C or kill -9 resumes where it stopped; a lock file
 (`flock`, released by the kernel even on kill -9) keeps two sweeps off one folder.
+
+This module is the orchestration only; each step lives in its own: settings
+(`ouro_lab.settings`), the trace pass (`ouro_lab.tracing`), replay scoring
+(`ouro_lab.scoring`), live runs (`ouro_lab.lm.OuroLM` with a strategy), the run folder
+(`ouro_lab.store`), the tables (`ouro_lab.tables`), plots and report (`ouro_lab.report`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.files import atomic_write
 from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
-from ouro_lab.settings import Setting, cross_fit, expand_settings, folds_of, model_depth
+from ouro_lab.settings import Setting, cross_fit, doc_outcomes, expand_settings, folds_of, model_depth
 from ouro_lab.store import (
     RunLock,
     SettingStore,
@@ -408,8 +413,11 @@ def _replay_all(run: _Run, trace) -> None:
                     _source_hash(s.strategy, run.dirs), s.fitted and canonical(recipe)["calibration"],
                     recipe.bootstrap)
         if not run.store.has(key):
-            strat = cross_fit(s, trace, fold, recipe.calibration.folds) if s.fitted else s.obj
+            strat = (cross_fit(s, trace, fold, recipe.calibration.folds, recipe.seed,
+                               doc_outcomes(run.taskset, trace, s.obj)) if s.fitted else s.obj)
             rec, samples = _replay(run.taskset, trace, strat, s, recipe, tok_task)
+            if s.fitted:
+                rec["fitted"] = strat.fitted_records()  # what each task x fold copy chose
             run.store.save(key, rec, samples)
         run.keep(s, "replay", key)
         run.progress.advance(bar)

@@ -112,7 +112,7 @@ class TaskSet:
     num_fewshot: int | None = None
     fewshot_seed: int = 1234
     task_dict: dict = field(init=False, repr=False)
-    scorers: dict = field(init=False, repr=False, default_factory=dict)  # harness.Scorer cache
+    scorers: dict = field(init=False, repr=False, default_factory=dict)  # scoring.Scorer cache
 
     def __post_init__(self):
         _offline_env()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from cli_helpers import cli, run_cli
 
+from ouro_lab.contract import check_contract
 from ouro_lab.registry import (
     StrategyError,
     builtin_dir,
@@ -20,7 +21,7 @@ from ouro_lab.registry import (
     load_strategy,
     make_strategy,
 )
-from ouro_lab.strategy import SIGNALS, ContractError, Signals, check_contract, replay
+from ouro_lab.strategy import SIGNALS, ContractError, Signals, replay
 from ouro_lab.trace import random_signals
 
 ROOT = Path(__file__).resolve().parents[1]
