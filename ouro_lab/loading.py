@@ -9,13 +9,13 @@ file and what to do.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
 from ouro_lab.errors import CheckpointError, ConfigError
+from ouro_lab.files import atomic_path, atomic_write
 from ouro_lab.model import OuroConfig, OuroForCausalLM
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -171,10 +171,9 @@ def save_model(model: OuroForCausalLM, path: str | Path, tokenizer=None) -> Path
         state.pop("lm_head.weight", None)
     cfg = model.config.to_dict()
     cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    tmp = path / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    with atomic_path(path / "model.safetensors", "model weights") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    atomic_write(path / "config.json", json.dumps(cfg, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path
