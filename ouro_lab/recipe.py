@@ -70,6 +70,8 @@ class TasksSpec(_Strict):
     include: list[str] = Field(default_factory=list, description="extra folders of task YAMLs")
     limit: int | None = Field(None, ge=1, description="at most this many documents per task")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: the task's)")
+    data_root: str | None = Field(None, description="local copies of the standard tasks' datasets, "
+                                  "<data_root>/<hub id> (default: $OURO_LAB_DATA)")
 
     @field_validator("names")
     @classmethod
@@ -148,7 +150,8 @@ class Recipe(_Strict):
 
 
 TOP_KEYS = tuple(Recipe.model_fields)
-PATH_FIELDS = (("model", "path"), ("tasks", "include"), ("strategies_dirs",), ("output",))
+PATH_FIELDS = (("model", "path"), ("tasks", "include"), ("tasks", "data_root"), ("strategies_dirs",),
+               ("output",))
 
 
 def json_schema() -> dict:
@@ -340,6 +343,9 @@ def _resolve_paths(data: dict, base: Path, skip=(), only: tuple | None = None) -
         tasks["include"] = [fix(p) for p in tasks["include"]]
     elif isinstance(tasks, dict) and isinstance(tasks.get("include"), str) and touches(("tasks", "include")):
         tasks["include"] = [fix(tasks["include"])]
+    root = tasks.get("data_root") if isinstance(tasks, dict) else None
+    if isinstance(root, str) and touches(("tasks", "data_root")):
+        tasks["data_root"] = fix(tasks["data_root"])
     if isinstance(data.get("strategies_dirs"), list) and touches(("strategies_dirs",)):
         data["strategies_dirs"] = [fix(p) for p in data["strategies_dirs"]]
     if isinstance(data.get("output"), str) and touches(("output",)):
@@ -428,6 +434,10 @@ def check_references(src: RecipeSource, recipe: Recipe | None) -> list[str]:
     for i, inc in enumerate(tasks.get("include") or []):
         if isinstance(inc, str) and not Path(inc).exists():
             errors.append(src.error(("tasks", "include", i), f"{inc}: no such file or folder"))
+    root = tasks.get("data_root")
+    if isinstance(root, str) and not Path(root).is_dir():
+        errors.append(src.error(("tasks", "data_root"), f"{root}: no such folder; point it at the folder "
+                                "holding <hub id>/ dataset copies (see README, Standard tasks offline)"))
     dirs = [d for d in data.get("strategies_dirs") or [] if isinstance(d, str)]
     for i, d in enumerate(dirs):
         if not Path(d).is_dir():

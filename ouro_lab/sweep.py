@@ -266,8 +266,8 @@ def load_tasks(recipe: Recipe, src: RecipeSource):
 
     try:
         taskset = TaskSet(list(recipe.tasks.names), include_path=recipe.tasks.include or None,
-                          limit=recipe.tasks.limit, num_fewshot=recipe.tasks.num_fewshot,
-                          fewshot_seed=recipe.seed)
+                          data_root=recipe.tasks.data_root, limit=recipe.tasks.limit,
+                          num_fewshot=recipe.tasks.num_fewshot, fewshot_seed=recipe.seed)
     except OuroLabError as e:
         raise RecipeError([src.error(_task_field(recipe, str(e)), str(e))]) from None
     except Exception as e:  # datasets / lm-eval failing on the task data itself
@@ -286,7 +286,8 @@ def _task_data_error(recipe: Recipe, src: RecipeSource, first: Exception) -> str
 
     for i, name in enumerate(recipe.tasks.names):
         try:
-            TaskSet([name], include_path=recipe.tasks.include or None, limit=recipe.tasks.limit)
+            TaskSet([name], include_path=recipe.tasks.include or None, data_root=recipe.tasks.data_root,
+                    limit=recipe.tasks.limit)
         except Exception as e:  # noqa: BLE001 (any failure of the data is the user's to fix)
             what = "its data file is empty" if isinstance(e, StopIteration) else \
                 f"its data cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -419,7 +420,8 @@ def _trace(run: _Run):
     progress.update(bar, total=done, completed=done)
     reused = calls[0] == 0
     run.prov["trace"] = {"key": trace.meta.get("key"), "tokens": trace.n, "reused": reused,
-                         "forward_calls": calls[0], "seconds": round(time.perf_counter() - t0, 3)}
+                         "forward_calls": calls[0], "seconds": round(time.perf_counter() - t0, 3),
+                         "work": trace.meta.get("work")}  # what the pass ran (ouro_lab.prefix)
     _log(run.console, f"trace pass: {'reused cached trace' if reused else 'computed trace'} "
                       f"{trace.meta.get('key')} ({trace.n} tokens, {calls[0]} model forward calls)")
     return trace

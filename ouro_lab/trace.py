@@ -53,7 +53,9 @@ def step_signals(model, out, targets: Tensor, mask: Tensor,
     each position should predict (a negative id = unknown: NaN log-prob, not a match),
     `mask` (B, T) bool the positions to score; N = mask.sum(), in row-major order.
     Step 0's `kl_prev` and `hidden_delta` are +inf. `argmax` is int64,
-    `target_is_argmax` bool, the rest float32.
+    `target_is_argmax` bool, the rest float32. `targets` (B, T, K) scores K targets per
+    position (one LM-head readout for all): target_logprob and target_is_argmax are then
+    (R, N, K).
     """
     from ouro_lab.model import exit_distribution
 
@@ -63,7 +65,7 @@ def step_signals(model, out, targets: Tensor, mask: Tensor,
     gate = out.gate_logits.flatten(1).index_select(1, flat).float()  # (R, N)
     pdf, cdf = exit_distribution(gate)
     hid = out.step_hidden.flatten(1, 2).index_select(1, flat)  # (R, N, H) model dtype
-    tgt = targets.to(dev).reshape(-1).index_select(0, flat).long()  # (N,)
+    tgt = targets.to(dev).reshape(-1, *targets.shape[2:]).index_select(0, flat).long()  # (N,) or (N, K)
     N, V = hid.shape[1], model.config.vocab_size
 
     inf = torch.full((1, N), math.inf, device=dev)
@@ -93,7 +95,8 @@ def step_signals(model, out, targets: Tensor, mask: Tensor,
     else:
         for k in ("entropy", "max_prob", "margin", "kl_prev", "target_logprob", "argmax", "target_is_argmax"):
             dtype = torch.long if k == "argmax" else torch.bool if k == "target_is_argmax" else torch.float32
-            sig[k] = torch.empty(R, N, dtype=dtype, device=dev)
+            sig[k] = torch.empty(R, N, *(tgt.shape[1:] if k.startswith("target") else ()),
+                                 dtype=dtype, device=dev)
         for r0, r1, a, b, vals in pieces:
             for k, v in vals.items():
                 sig[k][r0:r1, a:b] = v
@@ -131,7 +134,8 @@ def steps_head_signals(logits: Tensor, prev_logp: Tensor | None = None,
     """`head_signals` of S consecutive steps at once: logits (S, n, V) -> ({name: (S, n)},
     log-probs (n, V) of the last step). `prev_logp` is the step before the first (None: the
     first is step 0, KL +inf). Row by row the same float32 operations as `head_signals`,
-    so the numbers are the same bit for bit; only the Python-level op count drops."""
+    so the numbers are the same bit for bit; only the Python-level op count drops. A
+    `target` (n, K) gives K targets per token: target signals (S, n, K)."""
     logp = F.log_softmax(logits.float(), dim=-1)  # (S, n, V) float32
     p = logp.exp()
     top = logp.topk(min(2, logp.shape[-1]), dim=-1)
@@ -144,7 +148,12 @@ def steps_head_signals(logits: Tensor, prev_logp: Tensor | None = None,
     out = {"entropy": -(p * logp).sum(-1), "max_prob": tp[..., 0],
            "margin": tp[..., 0] - tp[..., 1] if tp.shape[-1] > 1 else tp[..., 0], "argmax": am,
            "kl_prev": kl}
-    if target is not None:
+    if target is not None and target.dim() == 2:  # K targets per token: (S, n, K)
+        known = target >= 0
+        idx = target.clamp(min=0)[None].expand(logp.shape[0], -1, -1)
+        out["target_logprob"] = torch.where(known, logp.gather(2, idx), torch.nan)
+        out["target_is_argmax"] = known & (am[..., None] == target)
+    elif target is not None:
         known = target >= 0
         idx = target.clamp(min=0)[None, :, None].expand(logp.shape[0], -1, 1)
         out["target_logprob"] = torch.where(known, logp.gather(2, idx)[..., 0], torch.nan)

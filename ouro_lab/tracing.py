@@ -3,8 +3,10 @@
     trace, units = trace_pass(model, tok, taskset)   # cached on disk by content
 
 The units are the taskset's `Scorer`'s requests (`ouro_lab.scoring`), encoded by
-`OuroLM` and run through `ouro_lab.lm._units_forward` with every step's signals
-recorded (`ouro_lab.trace.step_signals`); replay and scoring then need no model.
+`OuroLM` and run through `ouro_lab.lm._units_forward` (each distinct prefix once:
+`ouro_lab.prefix`) with every step's signals recorded (`ouro_lab.trace.step_signals`);
+replay and scoring then need no model. `trace.meta["work"]` says what ran: tokens run,
+the prefix tree's tokens, the tokens of one sequence per request, calls, FLOPs.
 
 A cached trace is used only if its content checksum and key check out: a damaged one is
 said in one line, recomputed and overwritten. A cache that cannot be written is said in
@@ -33,7 +35,9 @@ from ouro_lab.trace import Trace, TraceDamagedError
 
 # Bump when what a trace records, or how, changes: cached traces of another format are not reused.
 # 2: trace files carry a content checksum
-TRACE_FORMAT = 2
+# 3: each distinct prefix computed once (ouro_lab.prefix): the same signals, computed in another
+# arithmetic order (float32 values within 1e-5 relative of format 2's); work counts in meta.
+TRACE_FORMAT = 3
 
 
 class TraceCacheError(OuroLabError):
@@ -129,10 +133,11 @@ def trace_pass(model, tokenizer, taskset: TaskSet, batch_size: int = 8, cache_di
             say(f"cached trace {path}: holds trace {trace.meta.get('key')}, not {key}; recomputing it "
                 "(the file will be overwritten)")
     t0 = time.perf_counter()
+    work: dict = {}
     sig, unit, pos, ctx = _units_forward(model, units, model.config.total_ut_steps, lm.batch_size,
-                                         lm.max_length, signals=True, progress=progress)
+                                         lm.max_length, signals=True, progress=progress, stats=work)
     meta = dict(parts, key=key, cost=asdict(ModelCost.from_config(model.config)),
-                seconds=time.perf_counter() - t0, n_units=len(units),
+                seconds=time.perf_counter() - t0, n_units=len(units), work=work,
                 units=[[u.task, u.doc_id, u.idx, u.window] for u in units])
     trace = Trace(sig, unit, pos, ctx, meta)
     if path is not None and distributed.is_main():  # rank 0 alone writes
