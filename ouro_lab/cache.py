@@ -129,7 +129,19 @@ class KVCache:
         self.real = old_real.new_zeros(old_real.shape[0], capacity)
         self.real[:, :old_real.shape[1]] = old_real
 
-    # -- one call: reserve columns, build its context; then every (step, layer) attends
+    # -- one call: `open` (reserve columns, build the Context), then every (step, layer) `attend`s.
+    # These two are the protocol `OuroForCausalLM.prepare` and the layers use: another object
+    # with `store` (not None), `next_pos`, `open` and `attend` can stand in for a cache.
+    def open(self, real: Tensor, rows: Tensor, padded: Tensor | None, cos: Tensor, sin: Tensor) -> Context:
+        """The `Context` of a call feeding `rows` (n,) sorted CPU cache rows: T new columns
+        per row reserved (`append`), the mask built only where one is needed."""
+        T = real.shape[1]
+        new_padding = padded is not None and bool(padded.any())
+        cols = self.append(real, rows, padded)
+        fresh = not new_padding and not cols.any() and not self.padded[rows].any()
+        plain = fresh or (T == 1 and not new_padding)  # causal, or one token over its row's keys
+        return self.context(cos, sin, rows, cols, None, None if plain else self.call_mask(rows, cols, T))
+
     def append(self, real: Tensor, rows: Tensor, padded: Tensor | None) -> Tensor:
         """Reserve T columns in each of `rows` (n,) sorted CPU cache rows for a call whose
         real tokens are `real` (n, T) bool; `padded` (n,) CPU the rows with padding among

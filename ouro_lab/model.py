@@ -317,12 +317,7 @@ class OuroForCausalLM(nn.Module):
                 rows, cache.next_pos = torch.arange(B), pos_next
             else:
                 cache.next_pos[rows.to(dev)] = pos_next
-            new_padding = padded is not None and bool(padded.any())
-            cols = cache.append(real, rows, padded)
-            fresh = not new_padding and not cols.any() and not cache.padded[rows].any()
-            plain = fresh or (T == 1 and not new_padding)  # causal, or one token over its row's keys
-            mask = None if plain else cache.call_mask(rows, cols, T)
-            return x, cache.context(cos, sin, rows, cols, None, mask)
+            return x, cache.open(real, rows, padded, cos, sin)
         if padded is None or not padded.any():
             return x, Context(cos, sin, None)  # nothing to mask but the future: plain causal attention
         # query i may see the real keys j <= i, and always itself (no empty, NaN softmax rows)
