@@ -28,6 +28,7 @@ from torch import Tensor
 from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.live import KV_POLICIES, chunks, live_generate, live_score_units
+from ouro_lab.speculative import speculative_generate
 from ouro_lab.trace import CHUNK_ELEMENTS, step_signals, unit_results
 
 LL_TYPES = ("loglikelihood", "loglikelihood_rolling")  # request types scored from log-probs
@@ -201,7 +202,7 @@ class OuroLM(TemplateLM):
                  steps: int | None = None, strategy=None, strategy_params: dict | None = None,
                  kv_policy: str = "copy", live: bool | None = None, batch_size: int | str = 8,
                  device: str | None = None, dtype: str | None = None, max_length: int | None = None,
-                 max_gen_toks: int | None = None, seed: int = 0, **kwargs):
+                 max_gen_toks: int | None = None, seed: int = 0, draft_len: int | None = None, **kwargs):
         super().__init__()
         self.seed = int(seed)  # the run's seed, for randomized exit rules
         from ouro_lab.loading import load_model, load_tokenizer
@@ -227,8 +228,13 @@ class OuroLM(TemplateLM):
         elif kwargs:
             raise HarnessError(f"model_args: unknown argument(s) {', '.join(sorted(kwargs))}; known: path, "
                                "steps, strategy, kv_policy, live, batch_size, device, dtype, max_length, "
-                               "max_gen_toks, seed")
-        if not live and _is_fixed(strategy):
+                               "max_gen_toks, seed, draft_len")
+        # draft_len: generate_until decodes speculatively (ouro_lab.speculative), `strategy` drafting
+        self.draft_len = None if draft_len in (None, "") else int(draft_len)
+        if self.draft_len is not None and (strategy is None or self.draft_len < 1):
+            raise HarnessError("model_args: draft_len (speculative decoding) needs a draft strategy "
+                               "(strategy=fixed,step=1) and a value >= 1")
+        if not live and _is_fixed(strategy) and self.draft_len is None:
             steps, strategy = min(int(strategy.step), R), None  # fixed k = the model truncated to k steps
         self.steps = R if steps is None else int(steps)
         # live: loglikelihood requests run token by token with early exit (ouro_lab.live)
@@ -315,6 +321,9 @@ class OuroLM(TemplateLM):
         return self._score_units(units, [None] * len(units))
 
     def _score_units(self, units: list[Unit], keys: list) -> list[tuple[float, bool]]:
+        if self.draft_len is not None:
+            raise HarnessError("model_args: draft_len (speculative decoding) is for generate_until tasks; "
+                               "loglikelihood requests are scored at full depth in one parallel pass already")
         if self.live:
             res, recs = live_score_units(self.model, units, self.strategy, self.kv_policy,
                                          self.batch_size, self.max_length, self.steps, self.seed)
@@ -382,10 +391,12 @@ class OuroLM(TemplateLM):
                     continue
                 prompts = [enc[i][-(self.max_length - max_new):] if max_new < self.max_length
                            else enc[i][-1:] for i in part]
-                texts, recs = live_generate(self.model, self.tokenizer, prompts, self.strategy,
-                                            self.kv_policy, until=list(until), max_new_tokens=max_new,
-                                            steps=self.steps, eos_token_id=self.eot_token_id, seed=self.seed,
-                                            row_ids=part, batch_size=self.batch_size)
+                kw = dict(until=list(until), max_new_tokens=max_new, steps=self.steps, seed=self.seed,
+                          eos_token_id=self.eot_token_id, row_ids=part, batch_size=self.batch_size)
+                m, tok, st = self.model, self.tokenizer, self.strategy
+                texts, recs = (live_generate(m, tok, prompts, st, self.kv_policy, **kw)
+                               if self.draft_len is None else
+                               speculative_generate(m, tok, prompts, st, self.draft_len, **kw))
                 for i, t, rec in zip(part, texts, recs, strict=True):
                     done[i] = (t, rec)
         done = distributed.merge(done)  # every rank gets every request (no-op in one process)

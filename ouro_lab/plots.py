@@ -45,10 +45,12 @@ def _colors(names):
 
 
 def accuracy_vs_flops(metrics, task: str, metric: str, path: Path, mode: str = "replay",
-                      x: str = "flops_executed_per_token") -> Path:
+                      x: str = "flops_executed_per_token",
+                      xlabel: str = "FLOPs per token (executed)") -> Path:
     """Accuracy (y, with bootstrap CIs) against executed FLOPs per token (x) for one task:
     fixed steps as labelled points joined by a grey line, every other strategy a curve
-    through its settings, live runs as hollow markers, the Pareto frontier dashed."""
+    through its settings, live runs as hollow markers, the Pareto frontier dashed. Another
+    column of `x` (e.g. measured `decode_s_per_token`, mode "live") draws the same plot."""
     m = metrics[(metrics.task == task) & (metrics.metric == metric)]
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -75,14 +77,15 @@ def accuracy_vs_flops(metrics, task: str, metric: str, path: Path, mode: str = "
         if len(real):
             fx, fy = frontier_curve(real[x].to_numpy(), real.value.to_numpy())
             ax.step(fx, fy, where="post", color="k", ls="--", lw=1, alpha=0.7, label="Pareto frontier")
-        ax.set_xlabel("FLOPs per token (executed)")
+        ax.set_xlabel(xlabel)
         full = replay[replay.is_full.astype(bool)][x]
         if len(full) and float(full.iloc[0]) > 0:
             f = float(full.iloc[0])
             top = ax.secondary_xaxis("top", functions=(lambda v: v / f, lambda v: v * f))
             top.set_xlabel("relative to full depth", fontsize=8)
         ax.set_ylabel(metric)
-        ax.set_title(f"{task}: {metric} vs compute ({mode})")
+        what = "compute" if x.startswith("flops") else "measured time"
+        ax.set_title(f"{task}: {metric} vs {what} ({mode})")
         ax.legend(fontsize=7, loc="lower right", ncol=2 if len(strategies) > 5 else 1)
         return _save(fig, path)
 

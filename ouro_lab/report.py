@@ -163,8 +163,27 @@ def analyze(run: dict) -> dict:
                                   "gap": float(r.value - tw.value),
                                   "replay_flops": float(tw.flops_executed_per_token),
                                   "live_flops": float(r.flops_executed_per_token)})
+        t["speed"] = _speed(m)
         out["tasks"][task] = t
     return out
+
+
+def _speed(m) -> list[dict]:
+    """Live rows with measured seconds: the speed-up over full-depth live decoding (same
+    batch plan) next to the FLOPs saved and the ideal speed-up (the FLOPs ratio)."""
+    if "decode_s_per_token" not in m.columns:
+        return []
+    live = m[(m["mode"] == "live") & m.decode_s_per_token.notna()]
+    full = live[live.is_full.astype(bool)]
+    if not len(full):
+        return []
+    f = full.iloc[0]
+    return [{"setting": r.setting, "value": float(r.value), "decode_s": float(r.decode_s_per_token),
+             "prefill_s": float(r.prefill_s_per_token),
+             "speedup": f.decode_s_per_token / r.decode_s_per_token,
+             "flops_saved": 1 - r.flops_executed_per_token / f.flops_executed_per_token,
+             "ideal": f.flops_executed_per_token / r.flops_executed_per_token,
+             "acceptance": float(r.acceptance)} for _, r in live.sort_values("decode_s_per_token").iterrows()]
 
 
 def _is_fraction(values) -> bool:
@@ -227,6 +246,12 @@ def make_plots(run: dict, summary: dict) -> list[tuple[str, Path]]:
                              plots.accuracy_by_difficulty(samples, task, t["metric"], chosen,
                                                           pdir / f"{_safe(task)}_by_difficulty.png",
                                                           mode=t["mode"])))
+        if t.get("speed"):
+            made.append((f"{task}: {t['metric']} versus measured seconds per token",
+                         plots.accuracy_vs_flops(metrics, task, t["metric"],
+                                                 pdir / f"{_safe(task)}_acc_vs_seconds.png", mode="live",
+                                                 x="decode_s_per_token",
+                                                 xlabel="decode seconds per token (measured)")))
     made.append(("Accuracy by loop step", plots.accuracy_by_step(
         metrics, {k: (v["metric"], v["mode"]) for k, v in summary["tasks"].items()},
         pdir / "accuracy_by_step.png")))
@@ -299,6 +324,20 @@ def sections(run: dict, summary: dict) -> list[tuple[str, list[str], list[list[s
             out.append((f"{task}: replay versus live", ["setting", "KV policy", "replay", "live",
                                                          "gap (live - replay)", "live/replay FLOPs"], rows,
                         "Replay assumes earlier tokens' deeper steps exist; live really stops them."))
+        if t.get("speed"):
+            rows = [[r["setting"], _num(r["value"] * sc, 1), _num(r["decode_s"] * 1e3, 2),
+                     _num(r["prefill_s"] * 1e3, 3), f"{r['speedup']:.2f}x", _pct(r["flops_saved"]) + "%",
+                     f"{r['ideal']:.2f}x", _num(r["speedup"] / r["ideal"], 2),
+                     _pct(r["acceptance"]) + "%" if np.isfinite(r["acceptance"]) else "-"]
+                    for r in t["speed"]]
+            out.append((f"{task}: measured speed (live decoding)",
+                        ["setting", t["metric"], "decode ms/token", "prefill ms/token", "measured speed-up",
+                         "FLOPs saved", "ideal speed-up (FLOPs)", "measured / ideal", "drafts accepted"],
+                        rows,
+                        "Wall-clock seconds measured in this run, every setting on the same batch plan; "
+                        "speed-up = full-depth live decoding's seconds per token / the setting's; ideal = "
+                        "full depth's executed FLOPs per token / the setting's. Speculative settings output "
+                        "full depth's tokens exactly: they trade FLOPs for fewer sequential passes."))
     return out
 
 
