@@ -47,7 +47,7 @@ from ouro_lab.store import (
     default_run_dir,
     jsonable,
 )
-from ouro_lab.tables import COLUMNS, assemble, tag_samples
+from ouro_lab.tables import COLUMNS, assemble, compose_selects, tag_samples
 
 __all__ = ["run_sweep", "load_tasks", "describe", "git_sha", "versions", "Setting", "expand_settings",
            "SweepError", "RunLock", "SettingStore", "cache_dir", "default_run_dir", "COLUMNS"]
@@ -156,17 +156,16 @@ def describe(recipe: Recipe, settings: list[Setting], console, taskset=None) -> 
     requests, tokens, flops = _request_cost(recipe, taskset, ll, cost, R)
     for name in recipe.tasks.names:
         task = taskset.tasks[name]
-        console.print(f"task {name}: {task.OUTPUT_TYPE}, {_n_docs(task, recipe.tasks.limit)} documents",
-                      highlight=False)
+        sel = taskset.selection(name)
+        console.print(f"task {name}: {task.OUTPUT_TYPE}, {sel['documents']} of {sel['of']} documents "
+                      f"({SELECTION[sel['how']]})", highlight=False)
     console.print(f"model passes: {1 if ll else 0} full-depth trace pass ({requests} requests, ~{tokens:,} "
                   f"tokens, ~{flops / 1e9:,.2f} GFLOP; 0 if a cached trace matches) + {live_ll} live "
                   f"loglikelihood run(s) + {live_gen} live generation run(s); replaying {len(settings)} "
                   "settings needs no model", highlight=False)
 
 
-def _n_docs(task, limit) -> int:
-    n = len(task.eval_docs)
-    return min(n, int(limit)) if limit else n
+SELECTION = {"all": "all", "limit": "the first ones: tasks.limit", "sample": "a seeded random sample"}
 
 
 def _request_cost(recipe: Recipe, taskset, names: list[str], cost, R: int) -> tuple[int, int, float]:
@@ -181,7 +180,8 @@ def _request_cost(recipe: Recipe, taskset, names: list[str], cost, R: int) -> tu
     flops = 0.0
     for name in names:
         task = taskset.tasks[name]
-        task.build_all_requests(limit=recipe.tasks.limit, rank=0, world_size=1)
+        task.build_all_requests(limit=recipe.tasks.limit, samples=taskset.samples_of(name), rank=0,
+                                world_size=1)
         for inst in task.instances:
             text = "".join(a for a in inst.args if isinstance(a, str))
             n = len(tok(text).input_ids) if tok is not None else max(1, len(text) // 4)
@@ -266,7 +266,7 @@ def load_tasks(recipe: Recipe, src: RecipeSource):
     try:
         taskset = TaskSet(list(recipe.tasks.names), include_path=recipe.tasks.include or None,
                           limit=recipe.tasks.limit, num_fewshot=recipe.tasks.num_fewshot,
-                          fewshot_seed=recipe.seed)
+                          fewshot_seed=recipe.seed, sample=recipe.tasks.sample, sample_seed=recipe.seed)
     except OuroLabError as e:
         raise RecipeError([src.error(_task_field(recipe, str(e)), str(e))]) from None
     except Exception as e:  # datasets / lm-eval failing on the task data itself
@@ -348,6 +348,8 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     model, tok, taskset, fp = _load(recipe, src)
     prov["model_fingerprint"] = fp
     prov["device"] = str(model.device)
+    prov["tasks"] = {n: {**taskset.selection(n), "chance": taskset.chance(n),  # which documents, chance
+                         "output_type": taskset.output_type(n)} for n in taskset.tasks}
     calls = [0]
     hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     ll_tasks = taskset.names_of("multiple_choice", *LL_TYPES)
@@ -361,7 +363,8 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     hook.remove()
     if not distributed.is_main():
         return run_dir  # rank 0 alone writes results
-    metrics, samples, exits = assemble(run.records, run.frames, recipe)
+    chosen, chosen_frames = compose_selects(settings, run.records, run.frames)  # the oracle
+    metrics, samples, exits = assemble(run.records + chosen, run.frames + chosen_frames, recipe)
     atomic_frame(metrics, run_dir / "metrics.csv")
     atomic_frame(samples, run_dir / "samples.parquet")
     atomic_frame(exits, run_dir / "exits.csv")
@@ -407,6 +410,9 @@ def _replay_all(run: _Run, trace) -> None:
     tok_task = [meta[i][0] for i in trace.request.tolist()]
     bar = run.progress.add_task("replay settings", total=len(run.settings))
     for s in (run.settings if distributed.is_main() else []):  # no model: rank 0 alone
+        if s.kind == "select":  # composed from the fixed steps once they are all scored
+            run.progress.advance(bar)
+            continue
         key = _hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
                     _source_hash(s.strategy, run.dirs), s.fitted and canonical(recipe)["calibration"],
                     recipe.bootstrap)
@@ -436,6 +442,7 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
     bar = run.progress.add_task(f"live runs ({recipe.live.kv_policy} KV)", total=len(jobs))
     for s, task in jobs:
         key = _hash("live", run.fp, recipe.model.dtype, recipe.model.steps, task, recipe.tasks.limit,
+                    recipe.tasks.sample and (recipe.tasks.sample, recipe.seed),
                     recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
                     _source_hash(s.strategy, run.dirs), recipe.live.kv_policy, recipe.live.max_gen_toks,
                     recipe.bootstrap)
