@@ -137,11 +137,14 @@ def trace(model_dir: Path = typer.Argument(..., help="checkpoint folder (config.
 def sweep(recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/demo.yaml)"),
           overrides: list[str] = typer.Argument(None, help="key=value overrides: tasks.limit=20"),
           out: Path = typer.Option(None, "--out", help="run folder (default results/<recipe>/<run-id>)"),
-          dry_run: bool = typer.Option(False, "--dry-run", help="validate, print grid and cost, stop")):
+          dry_run: bool = typer.Option(False, "--dry-run", help="validate, print grid and cost, stop"),
+          require_cache: bool = typer.Option(False, "--require-cache",
+                                             help="stop at once if the trace cache ($OURO_LAB_CACHE) cannot "
+                                                  "be written (default: run without caching, saying so)")):
     """Run a recipe end to end: trace pass, replay every setting, live runs, tables, plots, report."""
     from ouro_lab.sweep import run_sweep
 
-    run_sweep(recipe, overrides or [], out=out, dry_run=dry_run)
+    run_sweep(recipe, overrides or [], out=out, dry_run=dry_run, require_cache=require_cache)
 
 
 @app.command()
@@ -225,11 +228,9 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
     """lm-eval metrics of a checkpoint, plain or under an exit strategy (with compute columns)."""
     from ouro_lab.errors import OuroLabError
     from ouro_lab.evaluate import evaluate_tasks
+    from ouro_lab.store import trace_cache
 
-    if cache_dir is None:
-        from ouro_lab.store import cache_dir as default_cache
-
-        cache_dir = default_cache()
+    cache_dir = trace_cache(log=lambda m: typer.echo(m, err=True), path=cache_dir)  # checked before any pass
     params = {}
     for p in param or []:
         if "=" not in p:
@@ -258,10 +259,11 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
         import pandas as pd
 
         out.mkdir(parents=True, exist_ok=True)
+        from ouro_lab.files import atomic_path
+
         for name, frame in (("metrics.csv", pd.DataFrame(metrics)), ("samples.csv", samples)):
-            tmp = out / f".{name}.tmp"
-            frame.to_csv(tmp, index=False)
-            os.replace(tmp, out / name)
+            with atomic_path(out / name) as tmp:
+                frame.to_csv(tmp, index=False)
         typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'samples.csv'}")
 
 

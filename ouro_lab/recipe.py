@@ -42,6 +42,9 @@ class RecipeError(OuroLabError, ValueError):
 Scalar = int | float | str | bool | None
 
 
+MAX_SETTINGS = 100_000
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -70,6 +73,8 @@ class TasksSpec(_Strict):
     sample: int | None = Field(None, ge=1, description="a random subset of this many documents per task, "
                                "drawn with the recipe's seed (use it rather than limit)")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: the task's)")
+    data_root: str | None = Field(None, description="local copies of the standard tasks' datasets, "
+                                  "<data_root>/<hub id> (default: $OURO_LAB_DATA)")
 
     @model_validator(mode="after")
     def _one_subset(self):
@@ -142,6 +147,8 @@ class Recipe(_Strict):
     tolerance: float = Field(1.0, ge=0, description="accuracy loss (points) allowed for 'compute saved'")
     batch_size: int = Field(8, ge=1)
     output: str | None = Field(None, description="run folder (default results/<recipe>/<run-id>)")
+    max_settings: int = Field(MAX_SETTINGS, ge=1, description="refuse grids that expand to more settings "
+                              "than this (a guard against a typo in a grid; raise it on purpose)")
 
     @model_validator(mode="before")
     @classmethod
@@ -152,7 +159,8 @@ class Recipe(_Strict):
 
 
 TOP_KEYS = tuple(Recipe.model_fields)
-PATH_FIELDS = (("model", "path"), ("tasks", "include"), ("strategies_dirs",), ("output",))
+PATH_FIELDS = (("model", "path"), ("tasks", "include"), ("tasks", "data_root"), ("strategies_dirs",),
+               ("output",))
 
 
 def json_schema() -> dict:
@@ -172,8 +180,17 @@ def write_json_schema(path: str | Path) -> Path:
 # --------------------------------------------------------------------------- loading
 
 
-class _LineLoader(yaml.SafeLoader):
-    pass
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster on a large grid
+
+
+def _parse(text: str) -> tuple[yaml.Node | None, Any]:
+    """The YAML node tree (for line numbers and keys given twice) and its data, parsed once."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    finally:
+        loader.dispose()
 
 
 def _lines(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
@@ -192,6 +209,25 @@ def _lines(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[t
     return out
 
 
+def _duplicate_keys(node: yaml.Node | None, file: Path, path: tuple = ()) -> list[str]:
+    """One error per key given twice in one mapping (YAML keeps the last silently)."""
+    out: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+            line = k.start_mark.line + 1
+            if key in first and key != "<<":
+                out.append(f"{file}:{line}: {_fmt(path + (key,))}: key given twice (lines {first[key]} and "
+                           f"{line}); keep one")
+            first.setdefault(key, line)
+            out += _duplicate_keys(v, file, path + (key,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out += _duplicate_keys(v, file, path + (i,))
+    return out
+
+
 def _fmt(loc: tuple) -> str:
     s = ""
     for p in loc:
@@ -202,8 +238,10 @@ def _fmt(loc: tuple) -> str:
 class RecipeSource:
     """The raw data of a recipe with a way to name where each field came from."""
 
-    def __init__(self, file: Path, data: dict, lines: dict[tuple, int], overrides: dict[tuple, str]):
+    def __init__(self, file: Path, data: dict, lines: dict[tuple, int], overrides: dict[tuple, str],
+                 problems: list[str] = ()):
         self.file, self.data, self.lines, self.overrides = file, data, lines, overrides
+        self.problems = list(problems)  # found while parsing (keys given twice): reported with the rest
 
     def where(self, loc: tuple) -> str:
         loc = tuple(loc)
@@ -267,8 +305,7 @@ def read_source(file: str | Path, overrides: list[str] = ()) -> RecipeSource:
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError([f"{file}: cannot read the recipe ({e.__class__.__name__})"]) from None
     try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.safe_load(text)
+        node, data = _parse(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -279,6 +316,7 @@ def read_source(file: str | Path, overrides: list[str] = ()) -> RecipeSource:
     if not isinstance(data, dict):
         raise RecipeError([f"{file}:1: (top level): a recipe is a mapping with keys {', '.join(TOP_KEYS)}"])
     lines = _lines(node) if node is not None else {}
+    problems = _duplicate_keys(node, file)
     ov: dict[tuple, str] = {}
     base = file.resolve().parent
     data = _resolve_paths(data, base, skip=())
@@ -289,7 +327,7 @@ def read_source(file: str | Path, overrides: list[str] = ()) -> RecipeSource:
         _set(data, path, value, text_)
         ov[path] = text_
         data = _resolve_paths(data, Path.cwd(), skip=(), only=path)
-    return RecipeSource(file, data, lines, ov)
+    return RecipeSource(file, data, lines, ov, problems)
 
 
 def _resolve_paths(data: dict, base: Path, skip=(), only: tuple | None = None) -> dict:
@@ -314,6 +352,9 @@ def _resolve_paths(data: dict, base: Path, skip=(), only: tuple | None = None) -
         tasks["include"] = [fix(p) for p in tasks["include"]]
     elif isinstance(tasks, dict) and isinstance(tasks.get("include"), str) and touches(("tasks", "include")):
         tasks["include"] = [fix(tasks["include"])]
+    root = tasks.get("data_root") if isinstance(tasks, dict) else None
+    if isinstance(root, str) and touches(("tasks", "data_root")):
+        tasks["data_root"] = fix(tasks["data_root"])
     if isinstance(data.get("strategies_dirs"), list) and touches(("strategies_dirs",)):
         data["strategies_dirs"] = [fix(p) for p in data["strategies_dirs"]]
     if isinstance(data.get("output"), str) and touches(("output",)):
@@ -369,7 +410,7 @@ def load_recipe(file: str | Path, overrides: list[str] = (),
     With `check`, also look the strategies up (name, parameter names and types) and check
     that the model folder and include folders exist: still no torch, no model load."""
     src = read_source(file, overrides)
-    errors: list[str] = []
+    errors: list[str] = list(src.problems)
     recipe = None
     try:
         recipe = Recipe.model_validate(src.data)
@@ -402,6 +443,10 @@ def check_references(src: RecipeSource, recipe: Recipe | None) -> list[str]:
     for i, inc in enumerate(tasks.get("include") or []):
         if isinstance(inc, str) and not Path(inc).exists():
             errors.append(src.error(("tasks", "include", i), f"{inc}: no such file or folder"))
+    root = tasks.get("data_root")
+    if isinstance(root, str) and not Path(root).is_dir():
+        errors.append(src.error(("tasks", "data_root"), f"{root}: no such folder; point it at the folder "
+                                "holding <hub id>/ dataset copies (see README, Standard tasks offline)"))
     dirs = [d for d in data.get("strategies_dirs") or [] if isinstance(d, str)]
     for i, d in enumerate(dirs):
         if not Path(d).is_dir():
@@ -417,6 +462,11 @@ def check_references(src: RecipeSource, recipe: Recipe | None) -> list[str]:
             known = _names(registry.list_strategies(dirs_ok))
         except OuroLabError as e:
             return errors + [src.error(("strategies_dirs",), str(e))]
+        size, limit = grid_size(strategies), data.get("max_settings", MAX_SETTINGS)
+        if isinstance(limit, int) and size > limit:  # refused before expanding: that alone takes long
+            return errors + [src.error(("strategies",), f"the grids expand to {size:,} settings, above the "
+                                       f"limit of {limit:,}; shrink the grids, or raise the limit on purpose "
+                                       f"with max_settings: {size} (or the override max_settings={size})")]
         for i, s in enumerate(strategies):
             if not isinstance(s, dict) or not isinstance(s.get("name"), str):
                 continue
@@ -427,6 +477,19 @@ def check_references(src: RecipeSource, recipe: Recipe | None) -> list[str]:
                 field = ("strategies", i, "grid" if s["name"] in known else "name")
                 errors.append(src.error(field, str(e)))
     return errors
+
+
+def grid_size(strategies: list) -> int:
+    """Settings the recipe's strategy grids expand to (a scalar counts as one value),
+    counted without building any: the product of each grid's list lengths, summed."""
+    total = 0
+    for s in strategies:
+        grid = s.get("grid") if isinstance(s, dict) and isinstance(s.get("grid"), dict) else {}
+        n = 1
+        for v in grid.values():
+            n *= max(len(v), 1) if isinstance(v, list | tuple) else 1
+        total += n
+    return total
 
 
 def _names(known) -> set[str]:
@@ -447,7 +510,9 @@ def canonical(recipe: Recipe) -> dict:
 
 
 def recipe_hash(recipe: Recipe, n: int = 10) -> str:
-    """Content hash of the resolved recipe, minus where its results go."""
+    """Content hash of the resolved recipe, minus where its results go and the grid-size
+    guard (neither changes a result)."""
     d = canonical(recipe)
     d.pop("output", None)
+    d.pop("max_settings", None)
     return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=16).hexdigest()[:n]

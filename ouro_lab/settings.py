@@ -205,3 +205,21 @@ def cross_fit(setting: Setting, trace, fold, folds: int, seed: int = 0, outcomes
     cf = CrossFitted()
     cf.needs = getattr(base, "needs", type(base).needs)
     return cf
+
+
+def check_folds(recipe: Recipe, src: RecipeSource, settings: list[Setting], taskset) -> None:
+    """Calibrating rules are cross-fitted over `calibration.folds` document folds: refuse
+    more folds than the loglikelihood tasks have documents (some copy would be fitted on
+    every document, or on none)."""
+    from ouro_lab.lm import LL_TYPES
+
+    if not any(s.fitted for s in settings):
+        return
+    ll = taskset.names_of("multiple_choice", *LL_TYPES)
+    limit = recipe.tasks.limit
+    docs = sum(min(len(taskset.tasks[n].eval_docs), limit or 1 << 62) for n in ll)
+    folds = recipe.calibration.folds
+    if ll and folds > docs:
+        raise RecipeError([src.error(("calibration", "folds"), f"{folds} folds, but the loglikelihood tasks "
+                                     f"({', '.join(ll)}) have {docs} documents; use at most {docs} folds, or "
+                                     "more documents (tasks.limit)")])

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -52,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ouro_lab import toy
 from ouro_lab.errors import OuroLabError
-from ouro_lab.files import atomic_write
+from ouro_lab.files import atomic_path, atomic_write
 from ouro_lab.model import OuroConfig, OuroForCausalLM, exit_distribution, init_weights
 
 
@@ -294,9 +293,8 @@ def evaluate(model: OuroForCausalLM, items: list[toy.Item], q: float = 0.5) -> d
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, "training state") as tmp:
+        torch.save(state, tmp)
 
 
 def _progress(enabled: bool):
@@ -482,9 +480,8 @@ def export(model: OuroForCausalLM, recipe: TrainRecipe, summary: dict, out: Path
 
     save_model(model, out)
     toy.save_tokenizer(out)
-    tmp = out / "training_log.jsonl.tmp"
-    shutil.copyfile(log_path, tmp)
-    os.replace(tmp, out / "training_log.jsonl")
+    with atomic_path(out / "training_log.jsonl") as tmp:
+        shutil.copyfile(log_path, tmp)
     atomic_write(out / "eval.json", json.dumps(summary, indent=2) + "\n")
     atomic_write(out / "MODEL_CARD.md", model_card(recipe, summary))
     return out
