@@ -95,19 +95,22 @@ def gap(replay_metrics: list[dict], live_metrics: list[dict]) -> list[dict]:
 def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=None, num_fewshot=None,
                    steps=None, strategy=None, params=None, kv_policy: str = "copy", live: bool = False,
                    batch_size: int = 8, dtype=None, device=None, cache_dir=None,
-                   max_gen_toks: int | None = None, strategies_dirs=()):
+                   max_gen_toks: int | None = None, strategies_dirs=(), sample: int | None = None,
+                   seed: int = 1234):
     """`ouro-lab eval`: lm-eval metrics of a checkpoint on `tasks` (names or a comma list).
 
     Without `strategy`: a plain lm-eval run of the model (cut to `steps`). With one:
     loglikelihood tasks from one cached trace pass + replay (or a true early-exit run
     with `live`), generation tasks live under `kv_policy`; `strategies_dirs` are extra
-    folders of strategy files. Returns (metrics, samples)."""
+    folders of strategy files; `sample` scores a random subset of that many documents per
+    task (drawn with `seed`) where `limit` takes the first ones. Returns (metrics, samples)."""
     import pandas as pd
 
     from ouro_lab.loading import fingerprint, load_model, load_tokenizer
 
     distributed.init(device)  # under torchrun / accelerate launch: shard batches over the ranks
-    ts = TaskSet(tasks, include_path=include_path, data_root=data_root, limit=limit, num_fewshot=num_fewshot)
+    ts = TaskSet(tasks, include_path=include_path, data_root=data_root, limit=limit, num_fewshot=num_fewshot,
+                 sample=sample, sample_seed=seed)
     model = load_model(model_dir, dtype=dtype, device=distributed.local_device(device))
     tok = load_tokenizer(model_dir)
     if strategy is None:

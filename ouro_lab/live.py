@@ -131,6 +131,9 @@ class LiveBatch:
                  batch: int = 1, seed: int = 0, row_ids=None, capacity: int = 0):
         if kv_policy not in KV_POLICIES:
             raise LiveError(f"kv_policy {kv_policy!r} unknown; use one of {', '.join(KV_POLICIES)}")
+        if getattr(strategy, "kind", "skip") == "select":
+            raise LiveError(f"strategy {type(strategy).__module__} is a select rule (an oracle): it is "
+                            "composed from the fixed-step runs per document and cannot decode")
         self.model, self.strategy, self.policy = model, strategy, kv_policy
         cfg, dev = model.config, model.device
         self.R = steps or cfg.total_ut_steps

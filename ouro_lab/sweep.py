@@ -68,7 +68,7 @@ from ouro_lab.store import (
     trace_cache,
     versions,
 )
-from ouro_lab.tables import COLUMNS, LIVE_SUMS, assemble, live_per_doc, live_row, tag_samples
+from ouro_lab.tables import COLUMNS, LIVE_SUMS, assemble, compose_selects, live_per_doc, live_row, tag_samples
 
 __all__ = ["run_sweep", "load_tasks", "describe", "git_sha", "versions", "Setting", "expand_settings",
            "SweepError", "RunLock", "SettingStore", "cache_dir", "default_run_dir", "COLUMNS"]
@@ -152,8 +152,9 @@ def describe(recipe: Recipe, settings: list[Setting], console, taskset=None) -> 
     requests, tokens, flops = _request_cost(recipe, taskset, ll, cost, R)
     for name in recipe.tasks.names:
         task = taskset.tasks[name]
-        console.print(f"task {name}: {task.OUTPUT_TYPE}, {_n_docs(task, recipe.tasks.limit)} documents",
-                      highlight=False)
+        sel = taskset.selection(name)
+        console.print(f"task {name}: {task.OUTPUT_TYPE}, {sel['documents']} of {sel['of']} documents "
+                      f"({SELECTION[sel['how']]})", highlight=False)
     console.print(f"model passes: {1 if ll else 0} full-depth trace pass ({requests} requests, ~{tokens:,} "
                   f"tokens, ~{flops / 1e9:,.2f} GFLOP; 0 if a cached trace matches) + {live_ll} live "
                   f"loglikelihood run(s) + {live_gen} live generation run(s); replaying "
@@ -161,9 +162,7 @@ def describe(recipe: Recipe, settings: list[Setting], console, taskset=None) -> 
                   "settings needs no model", highlight=False)
 
 
-def _n_docs(task, limit) -> int:
-    n = len(task.eval_docs)
-    return min(n, int(limit)) if limit else n
+SELECTION = {"all": "all", "limit": "the first ones: tasks.limit", "sample": "a seeded random sample"}
 
 
 def _request_cost(recipe: Recipe, taskset, names: list[str], cost, R: int) -> tuple[int, int, float]:
@@ -178,7 +177,8 @@ def _request_cost(recipe: Recipe, taskset, names: list[str], cost, R: int) -> tu
     flops = 0.0
     for name in names:
         task = taskset.tasks[name]
-        task.build_all_requests(limit=recipe.tasks.limit, rank=0, world_size=1)
+        task.build_all_requests(limit=recipe.tasks.limit, samples=taskset.samples_of(name), rank=0,
+                                world_size=1)
         for inst in task.instances:
             text = "".join(a for a in inst.args if isinstance(a, str))
             n = len(tok(text).input_ids) if tok is not None else max(1, len(text) // 4)
@@ -271,7 +271,8 @@ def load_tasks(recipe: Recipe, src: RecipeSource):
     try:
         taskset = TaskSet(list(recipe.tasks.names), include_path=recipe.tasks.include or None,
                           data_root=recipe.tasks.data_root, limit=recipe.tasks.limit,
-                          num_fewshot=recipe.tasks.num_fewshot, fewshot_seed=recipe.seed)
+                          num_fewshot=recipe.tasks.num_fewshot, fewshot_seed=recipe.seed,
+                          sample=recipe.tasks.sample, sample_seed=recipe.seed)
     except OuroLabError as e:
         raise RecipeError([src.error(_task_field(recipe, str(e)), str(e))]) from None
     except Exception as e:  # datasets / lm-eval failing on the task data itself
@@ -379,6 +380,8 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     cache = trace_cache(require_cache, lambda m: _log(console, m)) if ll_tasks else None  # before the pass
     prov["model_fingerprint"] = fp
     prov["device"] = str(model.device)
+    prov["tasks"] = {n: {**taskset.selection(n), "chance": taskset.chance(n),  # which documents, chance
+                         "output_type": taskset.output_type(n)} for n in taskset.tasks}
     calls = [0]
     hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     gen_tasks = taskset.names_of("generate_until")
@@ -392,7 +395,8 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     hook.remove()
     if not distributed.is_main():
         return run_dir  # rank 0 alone writes results
-    metrics, samples, exits = assemble(run.records, run.frames, recipe)
+    chosen, chosen_frames = compose_selects(settings, run.records, run.frames)  # the oracle
+    metrics, samples, exits = assemble(run.records + chosen, run.frames + chosen_frames, recipe)
     tables = {"metrics.csv": metrics, "samples.parquet": samples, "exits.csv": exits}
     for name, frame in tables.items():
         atomic_frame(frame, run_dir / name, f"the {name} table")
@@ -445,6 +449,9 @@ def _replay_all(run: _Run, trace) -> None:
     for s in (run.settings if distributed.is_main() else []):  # no model: rank 0 alone
         if s.kind == "speculative":  # a way to decode, not an exit rule: nothing to replay
             continue
+        if s.kind == "select":  # composed from the fixed steps once they are all scored
+            run.progress.advance(bar)
+            continue
         key = _hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
                     run.source_hash(s.strategy), s.fitted and canonical(recipe)["calibration"],
                     recipe.bootstrap)
@@ -476,6 +483,7 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
     _warm_up(run.model)  # so the first setting's measured seconds carry no one-time costs
     for s, task in jobs:
         key = _hash("live", run.fp, recipe.model.dtype, recipe.model.steps, task, recipe.tasks.limit,
+                    recipe.tasks.sample and (recipe.tasks.sample, recipe.seed),
                     recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
                     run.source_hash(s.params.get("rule", s.strategy)), kv_policy_of(s, recipe),
                     recipe.live.max_gen_toks, recipe.bootstrap)
