@@ -98,10 +98,11 @@ def memory_probe(args) -> None:
     """Subprocess: peak-RSS rise of one trace pass or one plain pass over the first batch."""
     import torch
 
-    from ouro_lab.harness import OuroLM, _batches, _head_scores, build_units
+    from ouro_lab.lm import OuroLM, _batches, _head_scores
     from ouro_lab.loading import load_model, load_tokenizer
     from ouro_lab.tasks import TaskSet
     from ouro_lab.trace import step_signals
+    from ouro_lab.tracing import build_units
 
     torch.set_num_threads(1)
     model, tok = load_model(args.model), load_tokenizer(args.model)
@@ -150,10 +151,13 @@ def main() -> None:
 
     import torch
 
-    from ouro_lab.harness import OuroLM, evaluate_live, gap, metric_rows, run_evaluate, score, trace_pass
+    from ouro_lab.evaluate import evaluate_live, gap
+    from ouro_lab.lm import OuroLM
     from ouro_lab.loading import load_model, load_tokenizer
     from ouro_lab.registry import expand_grid, make_strategy
+    from ouro_lab.scoring import metric_rows, run_evaluate, score
     from ouro_lab.tasks import TaskSet
+    from ouro_lab.tracing import trace_pass
 
     torch.set_num_threads(args.threads)
     args.model = model_dir(args.model)

@@ -107,18 +107,30 @@ def _inspect_text(model, model_dir: Path, text: str) -> list[dict]:
 @app.command()
 def strategies(strategies_dir: list[Path] = typer.Option(None, "--strategies-dir",
                                                          help="extra folder of strategy files (repeatable)"),
-               check: bool = _flag("also import each one and check the contract (loads torch)", "--check"),
+               check: bool = _flag("also build each one with its defaults and run fit/decide on synthetic "
+                                   "signals, every step (loads torch)", "--check"),
                as_json: bool = _flag("print a JSON list instead of a table", "--json")):
     """List every exit strategy: name, its rule (first docstring line), parameters."""
     from rich.console import Console
     from rich.table import Table
 
-    from ouro_lab.registry import list_strategies, load_strategy
+    from ouro_lab.errors import OuroLabError
+    from ouro_lab.registry import check_strategy, list_strategies
 
     infos = list_strategies(strategies_dir or ())
     if check:
+        failed = []
         for i in infos:
-            load_strategy(i.name, strategies_dir or ())
+            try:
+                check_strategy(i.name, strategies_dir or ())
+            except OuroLabError as e:
+                failed.append(e)
+        if failed:  # every broken strategy, one line each
+            if os.environ.get("OURO_LAB_DEBUG") == "1":
+                raise failed[0]
+            for e in failed:
+                typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
     if as_json:
         _print_json([{"name": i.name, "kind": i.kind, "rule": i.doc, "source": i.source,
                       "params": [{"name": p.name, "type": p.type, "default": p.default} for p in i.params]}
@@ -226,7 +238,7 @@ def report(run_dir: Path = typer.Argument(..., help="a sweep's run folder")):
 def compare(run_a: Path = typer.Argument(..., help="first run folder"),
             run_b: Path = typer.Argument(..., help="second run folder")):
     """Set two runs side by side: every shared row with both scores, the difference and FLOPs."""
-    from ouro_lab.report import compare as compare_runs
+    from ouro_lab.compare import compare as compare_runs
 
     typer.echo(compare_runs(run_a, run_b))
 
@@ -281,10 +293,10 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
                                          help="trace cache (default: $OURO_LAB_CACHE)")):
     """lm-eval metrics of a checkpoint, plain or under an exit strategy (with compute columns)."""
     from ouro_lab.errors import OuroLabError
-    from ouro_lab.harness import evaluate_tasks
+    from ouro_lab.evaluate import evaluate_tasks
 
     if cache_dir is None:
-        from ouro_lab.sweep import cache_dir as default_cache
+        from ouro_lab.store import cache_dir as default_cache
 
         cache_dir = default_cache()
     params = {}

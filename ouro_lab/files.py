@@ -1,5 +1,6 @@
 """Atomic file writes: a reader never sees half a file, and an interrupted run never
-leaves one behind (write a hidden temporary beside the target, then `os.replace`)."""
+leaves one behind (write a hidden temporary beside the target, then `os.replace`).
+And paths as messages show them (`display_path`)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,12 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
         tmp.write_text(data)
     os.replace(tmp, path)
     return path
+
+
+def display_path(path: str | Path) -> str:
+    """A path as messages show it: relative to the working directory when below it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return rel if not rel.startswith("..") else str(path)

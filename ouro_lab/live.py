@@ -1,9 +1,10 @@
 """Live early exit: decode token by token, each token stopping at the step its strategy picks.
 
 At every new token, loop step r runs only for the rows still active; after it the
-strategy reads the signals of steps 0..r (`strategy.decide(signals.upto(r), r)`, the
-same call replay makes) and exited rows stop. An exited token never computes its deeper
-steps, yet later tokens attend to its KV at those steps; `kv_policy` says what they see:
+strategy reads the signals of steps 0..r (`decide_checked(strategy, signals, r)`: the
+call replay makes, with the same contract checks) and exited rows stop. An exited token
+never computes its deeper steps, yet later tokens attend to its KV at those steps;
+`kv_policy` says what they see:
 
     full   every token computes every step anyway (exact; the exit only picks the step
            whose prediction is used; no savings)
@@ -33,8 +34,8 @@ from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.flops import ModelCost
 from ouro_lab.model import KVCache
-from ouro_lab.strategy import HEAD_SIGNALS, Signals, expand_needs
-from ouro_lab.trace import head_signals
+from ouro_lab.strategy import HEAD_SIGNALS, Signals, allowed_signals, decide_checked, expand_needs
+from ouro_lab.trace import head_signals, unit_results
 
 KV_POLICIES = ("full", "copy", "last")
 TARGET_SIGNALS = frozenset({"target_logprob", "target_is_argmax"})
@@ -60,6 +61,7 @@ class LiveBatch:
         self.R = steps or model.config.total_ut_steps
         self.cost = ModelCost.from_config(model.config)
         self.needs = expand_needs(strategy.needs) if strategy is not None else set()
+        self.allowed = allowed_signals(strategy) if strategy is not None else frozenset()
         self.head_each_step = bool(self.needs & HEAD_SIGNALS)
         self.cache = KVCache()
         self.B = batch
@@ -101,6 +103,7 @@ class LiveBatch:
         self.tokens += lengths
         self.n_fed += ids.shape[1]
 
+    # over the layout test's function budget: split by issue 14's rewrite
     @torch.no_grad()
     def step(self, tokens: Tensor, alive: Tensor, targets: Tensor | None = None,
              readout: Tensor | None = None) -> dict:
@@ -198,8 +201,8 @@ class LiveBatch:
                 d = torch.full((A.numel(),), r == R - 1, dtype=torch.bool, device=dev)
             else:
                 s = Signals({k: v[: r + 1, A] for k, v in hist.items()}, R, index[A], index[A],
-                            self.seed, ctx[A], self.cost, A.numel())
-                d = self.strategy.decide(s, r).to(dev).bool()
+                            self.seed, ctx[A], self.cost, A.numel()).only(self.allowed)
+                d = decide_checked(self.strategy, s, r).to(dev)  # the contract, as replay enforces it
             new = A[d & ~decided[A]]
             if new.numel():
                 exit_step[new] = r
@@ -312,12 +315,10 @@ def live_generate(model, tokenizer, prompts: list[list[int]], strategy=None, kv_
 @torch.no_grad()
 def live_score_units(model, units, strategy=None, kv_policy: str = "copy", batch_size: int = 8,
                      max_length: int = 4096, steps: int | None = None, seed: int = 0):
-    """Loglikelihood of `units` (ouro_lab.harness.Unit) with every token, prompt included,
+    """Loglikelihood of `units` (ouro_lab.lm.Unit) with every token, prompt included,
     really stopping at its exit step. Returns per-unit (logprob, is_greedy) and records:
     tokens (scored), steps_used / steps_executed (sums over scored tokens), flops (all
     tokens, prompt included), flops_scored, tokens_all, seconds."""
-    from ouro_lab.harness import _unit_results
-
     results: list = [None] * len(units)
     records: list = [None] * len(units)
     order = sorted(range(len(units)), key=lambda i: (-len(units[i].ctx) - len(units[i].cont), i))
@@ -357,7 +358,7 @@ def live_score_units(model, units, strategy=None, kv_policy: str = "copy", batch
         for j, i in enumerate(idx):
             row_lp = lp[j, scored[j]]
             row_g = greedy[j, scored[j]]
-            results[i] = _unit_results(row_lp, row_g, [row_lp.shape[0]])[0]
+            results[i] = unit_results(row_lp, row_g, [row_lp.shape[0]])[0]
             records[i] = {"tokens": n_scored[j], "steps_used": int(used[j]), "steps_executed": int(execd[j]),
                           "flops": float(run.flops[j]), "flops_scored": float(flops_scored[j]),
                           "flops_used_scored": float(used_scored[j]),

@@ -5,7 +5,7 @@
     ouro-lab lm-eval --model ouro-lab --model_args path=ckpt,strategy=threshold,q=0.7 ...
 
 Every argument goes to lm-eval unchanged (`lm-eval run --help`). Model args are
-`ouro_lab.harness.OuroLM`'s: path, steps, strategy (+ its parameters), kv_policy, live,
+`ouro_lab.lm.OuroLM`'s: path, steps, strategy (+ its parameters), kv_policy, live,
 batch_size, device, dtype, max_length, max_gen_toks. Note that lm-eval resolves a task
 YAML's relative `data_files` against the working directory (`ouro-lab eval` resolves
 them against the YAML's folder).
@@ -23,7 +23,7 @@ def register() -> None:
     """Register `OuroLM` with lm-eval's model registry under the name `ouro-lab`."""
     from lm_eval.api.registry import get_model, register_model
 
-    from ouro_lab.harness import OuroLM
+    from ouro_lab.lm import OuroLM
 
     try:
         if get_model(NAME) is OuroLM:

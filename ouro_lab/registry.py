@@ -23,7 +23,6 @@ import hashlib
 import importlib
 import importlib.util
 import itertools
-import os
 import sys
 import types
 import typing
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ouro_lab.errors import OuroLabError
+from ouro_lab.files import display_path
 
 ENTRY_POINT_GROUP = "ouro_lab.strategies"
 
@@ -71,14 +71,6 @@ def builtin_dir() -> Path | None:
     return None
 
 
-def _display(path: Path) -> str:
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:
-        return str(path)
-    return rel if not rel.startswith("..") else str(path)
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.py") if not p.name.startswith("_"))
 
@@ -116,7 +108,7 @@ def discover(dirs=()) -> dict[str, StrategyInfo]:
             folders.append(d)
     for folder in folders:
         for path in _files(folder):
-            add(_parse(path.stem, path, _display(path)))
+            add(_parse(path.stem, path, display_path(path)))
     for ep in _entry_points():
         module, _, cls = ep.value.partition(":")
         path = _module_file(module)
@@ -242,7 +234,55 @@ def _check(cls, info: StrategyInfo) -> type:
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise StrategyError(f"{info.source}: parameter {missing[0]} needs a default value")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as e:  # an annotation naming something the file does not import
+        raise StrategyError(f"{info.source}: a parameter's type cannot be resolved ({type(e).__name__}: "
+                            f"{_first(e)}); import the names its annotations use") from None
+    for f in _params(cls):
+        v = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if not _matches(v, hints.get(f.name, typing.Any)):
+            raise StrategyError(f"{info.source}: parameter {f.name}: {_type_name(hints.get(f.name))} has "
+                                f"default {v!r}, which is not a {_type_name(hints.get(f.name))}; fix the "
+                                "default or the type")
     return cls
+
+
+def untyped_attributes(cls) -> dict:
+    """Class attributes of a strategy written without a type (`q = 0.5`): not parameters
+    (a dataclass field needs an annotation), almost always a mistake."""
+    import inspect
+
+    from ouro_lab.strategy import ExitStrategy
+
+    out = {}
+    for klass in cls.__mro__:
+        if klass is ExitStrategy or not issubclass(klass, ExitStrategy):
+            break
+        annotated = inspect.get_annotations(klass)
+        for k, v in vars(klass).items():
+            if (k.startswith("_") or k in annotated or k in ("needs", "fit_needs", "kind")
+                    or callable(v) or isinstance(v, (staticmethod, classmethod, property))):
+                continue
+            out.setdefault(k, v)
+    return out
+
+
+def check_strategy(name: str, dirs=()) -> None:
+    """What `ouro-lab strategies --check` runs for one strategy: load it (class contract,
+    defaults of the declared types), refuse untyped class attributes, build it with its
+    defaults and run `ouro_lab.strategy.check_contract` (fit and decide on synthetic
+    signals over every step, causality). Raises a one-line error naming the file."""
+    from ouro_lab.contract import check_contract
+
+    cls = load_strategy(name, dirs)
+    untyped = untyped_attributes(cls)
+    if untyped:
+        k, v = next(iter(untyped.items()))
+        raise StrategyError(f"{_info(name, dirs).source}: class attribute {k} = {v!r} has no type, so it "
+                            f"is not a parameter; write `{k}: {type(v).__name__} = {v!r}` (or `{k}: "
+                            "ClassVar[...]` for a constant)")
+    check_contract(make_strategy(name, {}, dirs))
 
 
 def _params(cls):
@@ -270,6 +310,10 @@ def make_strategy(name: str, params: dict | None = None, dirs=()):
             close = difflib.get_close_matches(k, list(known), n=1)
             hint = (f"did you mean {close[0]!r}?" if close else
                     f"known: {', '.join(known) or 'none (it takes no parameters)'}")
+            untyped = untyped_attributes(cls)
+            if k in untyped:
+                hint = (f"{k} = {untyped[k]!r} has no type, so it is not a parameter; write "
+                        f"`{k}: {type(untyped[k]).__name__} = {untyped[k]!r}` in the class")
             raise StrategyError(f"{source}: unknown parameter {k!r}; {hint}")
         try:
             kwargs[k] = _coerce(v, hints.get(k, typing.Any))
@@ -326,6 +370,15 @@ def _coerce(v, tp):
     return v
 
 
+def _matches(v, tp) -> bool:
+    """Whether a default `v` is of type `tp` as written (no string parsing)."""
+    try:
+        c = _coerce(v, tp)
+    except TypeError:
+        return False
+    return not (isinstance(v, str) and not isinstance(c, str))
+
+
 def _type_name(tp) -> str:
     if tp is None:
         return "any"
@@ -355,4 +408,4 @@ def expand_grid(name: str, grid: dict | None = None, dirs=()) -> list:
 
 
 __all__ = ["StrategyError", "StrategyInfo", "Param", "list_strategies", "load_strategy",
-           "make_strategy", "expand_grid", "discover", "builtin_dir", "ENTRY_POINT_GROUP"]
+           "make_strategy", "expand_grid", "discover", "builtin_dir", "check_strategy", "ENTRY_POINT_GROUP"]

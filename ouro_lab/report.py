@@ -325,10 +325,3 @@ def _jsonable(x):
     if isinstance(x, np.generic):
         return x.item()
     return str(x)
-
-
-def compare(run_a: str | Path, run_b: str | Path) -> str:
-    """Two runs side by side (see ouro_lab.compare)."""
-    from ouro_lab.compare import compare as compare_runs
-
-    return compare_runs(run_a, run_b)

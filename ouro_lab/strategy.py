@@ -10,6 +10,13 @@ and answers one question, vectorized over tokens:
 `signals` holds steps 0..r only, so a decision can never read the future: the same
 file drives offline replay over a trace and live, token-by-token decoding.
 
+The contract is enforced identically in replay and live decoding (`decide_checked`,
+`fit_checked`): a rule sees only the signals its `needs` declares (reading another is
+a `ContractError` naming the file and the signal), `decide` must return an (N,) bool
+tensor, and an exception inside `decide` or `fit` becomes one line naming the file and
+the setting. `ouro_lab.contract.check_contract` runs a strategy on synthetic signals
+over every step (`ouro-lab strategies --check`, and the tests for every strategy file).
+
     @dataclass
     class Strategy(ExitStrategy):
         '''Exit at the first step whose cumulative exit probability reaches q (Ouro's Q-exit).'''
@@ -23,10 +30,13 @@ file drives offline replay over a trace and live, token-by-token decoding.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from ouro_lab.errors import OuroLabError
 
 # Per-step signals a trace records, each (R, N): R loop steps, N scored tokens.
 SIGNALS: dict[str, str] = {
@@ -51,6 +61,19 @@ ALIASES = {"gate": ("gate_logit", "exit_pdf", "exit_cdf"), "kl": ("kl_prev",),
            "target": ("target_logprob", "target_is_argmax")}
 
 
+class ContractError(OuroLabError):
+    """A strategy that breaks the contract: one line naming its file and setting."""
+
+
+class UndeclaredSignal(LookupError):
+    """A rule read a signal its `needs` does not declare (not an AttributeError, so
+    `getattr(s, name, default)` cannot hide it)."""
+
+    def __init__(self, name: str, allowed):
+        super().__init__(name)
+        self.name, self.allowed = name, tuple(sorted(allowed))
+
+
 def expand_needs(needs) -> set[str]:
     out: set[str] = set()
     for n in needs:
@@ -69,12 +92,15 @@ class Signals:
     deterministic randomness), `group` (N,) the sequence each token belongs to.
     Optional, for rules with a FLOPs budget: `ctx` (N,) keys each token attends to and
     `cost` (an `ouro_lab.flops.ModelCost`). `n` gives N even when `data` is empty.
+    Calibration sets may carry `outcome`: a function from exit steps (N,) to each
+    document's score under the task's own metric, (D,) floats (see `risk`).
     """
 
     def __init__(self, data: dict[str, Tensor], steps: int, index: Tensor | None = None,
                  group: Tensor | None = None, seed: int = 0, ctx: Tensor | None = None,
-                 cost=None, n: int | None = None):
+                 cost=None, n: int | None = None, outcome=None):
         self._data = data
+        self._allowed: frozenset | None = None  # set by only(): the signals a rule may read
         self.steps = steps
         if n is None:
             n = (next(iter(data.values())).shape[1] if data else
@@ -84,16 +110,31 @@ class Signals:
         self.seed = seed
         self.ctx = ctx
         self.cost = cost
+        self.outcome = outcome
 
     def __getattr__(self, name: str) -> Tensor:
+        if name.startswith("__"):
+            raise AttributeError(name)
         data = self.__dict__.get("_data", {})
         if name in data:
             return data[name]
+        allowed = self.__dict__.get("_allowed")
+        if allowed is not None and name in SIGNALS:
+            raise UndeclaredSignal(name, allowed)
         raise AttributeError(f"signal {name!r} not recorded; declare it in `needs` "
                              f"(known: {sorted(SIGNALS)})")
 
     def __contains__(self, name: str) -> bool:
         return name in self._data
+
+    def only(self, names, outcome: bool = False) -> Signals:
+        """The view a rule gets: the signals `names` only (others raise UndeclaredSignal);
+        `outcome` only where asked (calibration: decisions never see the answer)."""
+        names = frozenset(names)
+        out = Signals({k: v for k, v in self._data.items() if k in names}, self.steps, self.index,
+                      self.group, self.seed, self.ctx, self.cost, self.n, self.outcome if outcome else None)
+        out._allowed = names
+        return out
 
     @property
     def n(self) -> int:
@@ -101,13 +142,17 @@ class Signals:
 
     def upto(self, r: int) -> Signals:
         """The view a causal decision at step r may read: steps 0..r."""
-        return Signals({k: v[: r + 1] for k, v in self._data.items()}, self.steps,
-                       self.index, self.group, self.seed, self.ctx, self.cost, self.n)
+        out = Signals({k: v[: r + 1] for k, v in self._data.items()}, self.steps,
+                      self.index, self.group, self.seed, self.ctx, self.cost, self.n, self.outcome)
+        out._allowed = self._allowed
+        return out
 
     def subset(self, rows: Tensor) -> Signals:
-        return Signals({k: v[:, rows] for k, v in self._data.items()}, self.steps,
-                       self.index[rows], self.group[rows], self.seed,
-                       None if self.ctx is None else self.ctx[rows], self.cost)
+        out = Signals({k: v[:, rows] for k, v in self._data.items()}, self.steps,
+                      self.index[rows], self.group[rows], self.seed,
+                      None if self.ctx is None else self.ctx[rows], self.cost)
+        out._allowed = self._allowed
+        return out
 
 
 @dataclass
@@ -115,6 +160,9 @@ class ExitStrategy:
     """Base of every strategy: subclass it as a dataclass named `Strategy`."""
 
     needs: ClassVar[tuple[str, ...]] = ("gate",)
+    # signals fit() may also read on the calibration split (it may read the answer there:
+    # calibration is offline, so these set no compute charge)
+    fit_needs: ClassVar[tuple[str, ...]] = ()
     # "select": only picks which step's prediction to use (an oracle / upper bound);
     # "skip": a real exit rule whose skipped steps need not run.
     kind: ClassVar[str] = "skip"
@@ -136,15 +184,92 @@ class ExitStrategy:
         return torch.ones_like(exit_step)
 
 
+# --------------------------------------------------------------------------- enforcement
+
+
+def origin(strategy) -> tuple[str, str]:
+    """(the file shown in messages, the setting's label) of a strategy instance;
+    wrappers (cross-fitting) name the strategy they wrap (`wrapped`)."""
+    import inspect
+
+    from ouro_lab.files import display_path
+
+    base = getattr(strategy, "wrapped", strategy)
+    try:
+        path = inspect.getsourcefile(type(base)) or ""
+    except TypeError:
+        path = ""
+    name = Path(path).stem if path else type(base).__module__
+    params = base.params() if isinstance(base, ExitStrategy) else {}
+    label = f"{name}({','.join(f'{k}={v}' for k, v in params.items())})"
+    return (display_path(Path(path)) if path else type(base).__module__), label
+
+
+def allowed_signals(strategy) -> frozenset:
+    """The signals `decide` may read: its `needs`, expanded."""
+    return frozenset(expand_needs(getattr(strategy, "needs", ())))
+
+
+def _what(x) -> str:
+    if isinstance(x, Tensor):
+        return f"a {str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)}"
+    if isinstance(x, bool):
+        return f"a Python bool ({x})"
+    return f"{type(x).__module__}.{type(x).__qualname__}".removeprefix("builtins.") + (
+        f" of shape {tuple(x.shape)}" if hasattr(x, "shape") else "")
+
+
+def _raised(strategy, call: str, e: BaseException) -> ContractError:
+    src, label = origin(strategy)
+    if isinstance(e, UndeclaredSignal):
+        return ContractError(f"{src}: {label}: {call} read signal {e.name!r}, which needs = "
+                             f"{tuple(getattr(strategy, 'needs', ()))} does not declare; add {e.name!r} to "
+                             "needs (what a rule reads sets its compute charge)")
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+    return ContractError(f"{src}: {label}: {call} raised {type(e).__name__}: {msg} "
+                         "(OURO_LAB_DEBUG=1 shows the traceback)")
+
+
+def decide_checked(strategy, s: Signals, r: int) -> Tensor:
+    """`strategy.decide(s, r)` under the contract: `s` restricted to the declared signals
+    (callers pass `s.only(allowed_signals(strategy))`), an (N,) bool tensor back, any
+    exception one line naming the file and the setting. Replay and live both call this."""
+    try:
+        d = strategy.decide(s, r)
+    except ContractError:
+        raise
+    except Exception as e:  # any failure of user code: one line, the cause chained
+        raise _raised(strategy, f"decide(s, r={r})", e) from e
+    if not (isinstance(d, Tensor) and d.dtype == torch.bool and d.shape == (s.n,)):
+        src, label = origin(strategy)
+        raise ContractError(f"{src}: {label}: decide(s, r={r}) must return an (N,) bool tensor "
+                            f"(N = {s.n}), got {_what(d)}; e.g. `return s.exit_cdf[r] >= self.q`")
+    return d
+
+
+def fit_checked(strategy, calibration: Signals) -> None:
+    """`strategy.fit(calibration)` under the contract: `needs` and `fit_needs` readable,
+    any exception one line naming the file and the setting."""
+    view = calibration.only(allowed_signals(strategy) | expand_needs(getattr(strategy, "fit_needs", ())),
+                            outcome=True)
+    try:
+        strategy.fit(view)
+    except ContractError:
+        raise
+    except Exception as e:
+        raise _raised(strategy, "fit(calibration)", e) from e
+
+
 def replay(strategy: ExitStrategy, signals: Signals, granularity: str = "token") -> Tensor:
     """Exit step (N,) int64 in [0, R) of every token: the first step r whose decision
     on steps 0..r is True, else the last step. With `granularity="sequence"` all tokens
     of one `group` exit together, at the first step where all of them would."""
     R = signals.steps
+    view = signals.only(allowed_signals(strategy))
     exit_step = torch.full((signals.n,), R - 1, dtype=torch.long)
     undecided = torch.ones(signals.n, dtype=torch.bool)
     for r in range(R - 1):
-        d = strategy.decide(signals.upto(r), r).bool()
+        d = decide_checked(strategy, view.upto(r), r)
         if granularity == "sequence":
             d = _all_in_group(d, signals.group)
         take = d & undecided
@@ -160,3 +285,12 @@ def _all_in_group(d: Tensor, group: Tensor) -> Tensor:
     ok = torch.ones(int(inv.max()) + 1 if inv.numel() else 0, dtype=torch.bool)
     ok.scatter_reduce_(0, inv, d, reduce="amin")
     return ok[inv]
+
+
+def signals_markdown() -> str:
+    """The README's list of signal names and `needs` aliases, generated from this module."""
+    lines = ["| signal | what it is | reads the LM head |", "|---|---|---|"]
+    lines += [f"| `{k}` | {v} | {'yes' if k in HEAD_SIGNALS else 'no'} |" for k, v in SIGNALS.items()]
+    lines += ["", "Aliases in `needs`: " + "; ".join(
+        f"`{a}` = {', '.join(f'`{x}`' for x in v)}" for a, v in ALIASES.items()) + "."]
+    return "\n".join(lines)

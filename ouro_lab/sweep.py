@@ -31,241 +31,21 @@ from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.files import atomic_write
 from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
+from ouro_lab.settings import Setting, cross_fit, expand_settings, folds_of, model_depth
+from ouro_lab.store import (
+    RunLock,
+    SettingStore,
+    SweepError,
+    atomic_frame,
+    cache_dir,
+    check_writable,
+    default_run_dir,
+    jsonable,
+)
+from ouro_lab.tables import COLUMNS, assemble, tag_samples
 
-
-class SweepError(OuroLabError):
-    """A sweep that cannot start or go on (output folder, lock, resume mismatch)."""
-
-
-# --------------------------------------------------------------------------- settings
-
-
-@dataclass
-class Setting:
-    strategy: str
-    params: dict
-    granularity: str
-    index: int = -1          # the recipe's strategies[index] (-1: the built-in fixed steps)
-    live: bool = False
-    is_full: bool = False
-    kind: str = "skip"
-    fitted: bool = False     # calibrates on data (cross-fitted over folds)
-    obj: object = field(default=None, repr=False)
-    shown: tuple = ()        # the parameters the label shows (those the grid sets)
-
-    @property
-    def params_json(self) -> str:
-        return json.dumps(self.params, sort_keys=True)
-
-    @property
-    def label(self) -> str:
-        inner = ",".join(f"{k}={self.params[k]}" for k in (self.shown or self.params))
-        gran = "" if self.granularity == "token" else "/seq"
-        return f"{self.strategy}({inner}){gran}"
-
-
-def model_depth(recipe: Recipe) -> int:
-    if recipe.model.steps:
-        return recipe.model.steps
-    cfg = json.loads((Path(recipe.model.path) / "config.json").read_text())
-    return int(cfg.get("total_ut_steps", 4))
-
-
-def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
-    """Every fixed step 1..R (R = full depth), then every recipe strategy's grid, in order;
-    duplicates (same strategy, params, granularity) are kept once."""
-    from ouro_lab.registry import expand_grid
-    from ouro_lab.strategy import ExitStrategy
-
-    R = model_depth(recipe)
-    dirs = [Path(d) for d in recipe.strategies_dirs]
-    out, seen = [], {}
-
-    def add(s: Setting):
-        k = (s.strategy, s.params_json, s.granularity)
-        if k not in seen:
-            seen[k] = s
-            out.append(s)
-        else:  # listed twice: one setting, live if either asks
-            seen[k].live |= s.live
-
-    for k in range(1, R + 1):
-        add(Setting("fixed", {"step": k}, "token", -1, is_full=k == R,
-                    obj=expand_grid("fixed", {"step": k}, dirs)[0]))
-    errors = []
-    for i, spec in enumerate(recipe.strategies):
-        try:
-            objs = expand_grid(spec.name, spec.grid, dirs)
-        except OuroLabError as e:
-            errors.append(src.error(("strategies", i, "grid"), str(e)))
-            continue
-        for obj in objs:
-            fitted = type(obj).fit is not ExitStrategy.fit
-            if fitted and spec.live:
-                errors.append(src.error(("strategies", i, "live"), f"{spec.name} calibrates on data; "
-                                        "live runs are only for rules without calibration (set live: false)"))
-                break
-            if fitted and (spec.granularity or recipe.granularity) == "sequence":
-                errors.append(src.error(("strategies", i, "granularity"), f"{spec.name} calibrates its "
-                                        "budget per token; use granularity: token for it"))
-                break
-            if spec.live and type(obj).kind == "select":
-                errors.append(src.error(("strategies", i, "live"), f"{spec.name} only selects a step (an "
-                                        "oracle); it cannot run live (set live: false)"))
-                break
-            if spec.live and (spec.granularity or recipe.granularity) == "sequence":
-                errors.append(src.error(("strategies", i, "live"), "live runs decide token by token; use "
-                                        "granularity: token for live settings (or set live: false)"))
-                break
-            add(Setting(spec.name, obj.params(), spec.granularity or recipe.granularity, i, spec.live,
-                        False, type(obj).kind, fitted, obj, tuple(spec.grid)))
-    if errors:
-        raise RecipeError(errors)
-    return out
-
-
-# --------------------------------------------------------------------------- cross-fitting
-
-
-def folds_of(trace, units_meta: list[tuple], folds: int, seed: int):
-    """(N,) fold of every trace token: a seeded hash of its (task, doc_id), so all
-    requests of a document share a fold."""
-    import torch
-
-    doc_fold = []
-    for task, doc_id, *_ in units_meta:
-        h = hashlib.blake2b(f"{seed}:{task}:{doc_id}".encode(), digest_size=8).digest()
-        doc_fold.append(int.from_bytes(h, "little") % folds)
-    return torch.tensor(doc_fold, dtype=torch.long)[trace.request]
-
-
-def cross_fit(setting: Setting, trace, fold, folds: int):
-    """A strategy made of `folds` copies, copy k fitted on the tokens of every other fold
-    and deciding for the tokens of fold k: no document is scored by a rule fitted on it."""
-    import copy
-
-    from ouro_lab.strategy import ExitStrategy
-
-    fitted = []
-    for k in range(folds):
-        s = copy.deepcopy(setting.obj)
-        rows = (fold != k).nonzero()[:, 0]
-        s.fit(trace.subset(rows).to_signals())
-        fitted.append(s)
-    base = setting.obj
-
-    class CrossFitted(ExitStrategy):
-        needs = type(base).needs
-        kind = type(base).kind
-
-        def decide(self, s, r):
-            import torch
-
-            out = torch.zeros(s.n, dtype=torch.bool)
-            f = fold[s.index]
-            for k, strat in enumerate(fitted):
-                rows = (f == k).nonzero()[:, 0]
-                if len(rows):
-                    out[rows] = strat.decide(s.subset(rows), r).bool()
-            return out
-
-        def readouts(self, exit_step):
-            return base.readouts(exit_step)
-
-    cf = CrossFitted()
-    cf.needs = getattr(base, "needs", type(base).needs)
-    return cf
-
-
-# --------------------------------------------------------------------------- run folder
-
-
-def default_run_dir(recipe: Recipe, src: RecipeSource) -> Path:
-    return Path("results") / src.file.stem / recipe_hash(recipe)
-
-
-def check_writable(path: Path, what: str) -> None:
-    """Create `path` if needed and prove a file can be written there."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise SweepError(f"{what}: {path}: output folder not writable ({e.strerror or e}); "
-                         "choose another folder with --out") from None
-
-
-class RunLock:
-    """An exclusive `flock` on <run>/.lock: a second sweep on the folder fails at once
-    with a clear message; the kernel drops the lock if the holder dies (kill -9)."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-        self.fh = None
-
-    def __enter__(self):
-        import fcntl
-
-        self.fh = open(self.path, "a+")  # noqa: SIM115 (held for the whole sweep)
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.fh.seek(0)
-            holder = self.fh.read().strip() or "another process"
-            self.fh.close()
-            raise SweepError(f"{self.path.parent}: another sweep ({holder}) is writing to this folder; "
-                             "wait for it to finish or use --out for a separate folder") from None
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(f"pid {os.getpid()} on {platform.node()}\n")
-        self.fh.flush()
-        return self
-
-    def __exit__(self, *exc):
-        import fcntl
-
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
-
-
-def atomic_frame(df, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix == ".parquet":
-        df.to_parquet(tmp, index=False)
-    else:
-        df.to_csv(tmp, index=False, float_format="%.10g")
-    os.replace(tmp, path)
-
-
-class SettingStore:
-    """Finished settings, one `<key>.parquet` (samples) + `<key>.json` (metrics, exit
-    counts) pair each; the JSON is written last and marks the setting done."""
-
-    def __init__(self, run_dir: Path):
-        self.dir = run_dir / "settings"
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def has(self, key: str) -> bool:
-        return (self.dir / f"{key}.json").is_file() and (self.dir / f"{key}.parquet").is_file()
-
-    def load(self, key: str):
-        import pandas as pd
-
-        rec = json.loads((self.dir / f"{key}.json").read_text())
-        return rec, pd.read_parquet(self.dir / f"{key}.parquet")
-
-    def save(self, key: str, rec: dict, samples) -> None:
-        atomic_frame(samples, self.dir / f"{key}.parquet")
-        atomic_write(self.dir / f"{key}.json", json.dumps(rec, sort_keys=True, default=_jsonable))
-
-
-def _jsonable(x):
-    import numpy as np
-
-    if isinstance(x, np.generic):
-        return x.item()
-    return str(x)
+__all__ = ["run_sweep", "load_tasks", "describe", "git_sha", "versions", "Setting", "expand_settings",
+           "SweepError", "RunLock", "SettingStore", "cache_dir", "default_run_dir", "COLUMNS"]
 
 
 def _hash(*parts) -> str:
@@ -280,6 +60,7 @@ def _source_hash(name: str, dirs) -> str:
     if info is None or info.path is None:
         return name
     return hashlib.blake2b(info.path.read_bytes(), digest_size=8).hexdigest()
+
 
 
 # --------------------------------------------------------------------------- provenance
@@ -515,10 +296,40 @@ def _task_field(recipe: Recipe, msg: str) -> tuple:
     return ("tasks", "include") if "include" in msg else ("tasks", "names")
 
 
+@dataclass
+class _Run:
+    """What the stages of one running sweep share: inputs, the store, the progress bars,
+    the forward-call counter, provenance, and the finished settings gathered so far."""
+
+    recipe: Recipe
+    settings: list[Setting]
+    model: object
+    tok: object
+    taskset: object
+    fp: str
+    store: SettingStore
+    console: object
+    progress: object
+    calls: list  # [model forward calls so far] (a forward pre-hook counts them)
+    prov: dict
+    records: list = field(default_factory=list)  # (Setting, mode, stored record)
+    frames: list = field(default_factory=list)   # their per-document samples, tagged
+
+    @property
+    def dirs(self) -> list[Path]:
+        return [Path(d) for d in self.recipe.strategies_dirs]
+
+    def keep(self, s: Setting, mode: str, key: str) -> None:
+        """Read a finished setting back from the store (what every later table is made from)."""
+        rec, samples = self.store.load(key)
+        self.records.append((s, mode, rec))
+        self.frames.append(tag_samples(samples, s, mode))
+
+
 def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Path, console) -> Path:
     import torch
 
-    from ouro_lab import harness
+    from ouro_lab.lm import LL_TYPES
 
     t_start = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -534,76 +345,25 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     prov["device"] = str(model.device)
     calls = [0]
     hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    ll_tasks = taskset.names_of("multiple_choice", *harness.LL_TYPES)
+    ll_tasks = taskset.names_of("multiple_choice", *LL_TYPES)
     gen_tasks = taskset.names_of("generate_until")
     store = SettingStore(run_dir)
-    dirs = [Path(d) for d in recipe.strategies_dirs]
-    records, frames = [], []
     with _progress(console) as progress:
-        trace = None
+        run = _Run(recipe, settings, model, tok, taskset, fp, store, console, progress, calls, prov)
         if ll_tasks:
-            bar = progress.add_task("trace pass (loglikelihood tasks)", total=None)
-            t0 = time.perf_counter()
-            trace, _units = harness.trace_pass(model, tok, taskset, batch_size=recipe.batch_size,
-                                               cache_dir=cache_dir(), fingerprint=fp,
-                                               progress=lambda n: progress.advance(bar, n))
-            done = progress.tasks[bar].completed or 1
-            progress.update(bar, total=done, completed=done)
-            reused = calls[0] == 0
-            prov["trace"] = {"key": trace.meta.get("key"), "tokens": trace.n, "reused": reused,
-                             "forward_calls": calls[0], "seconds": round(time.perf_counter() - t0, 3)}
-            _log(console, f"trace pass: {'reused cached trace' if reused else 'computed trace'} "
-                          f"{trace.meta.get('key')} ({trace.n} tokens, {calls[0]} model forward calls)")
-            meta = harness._unit_meta(trace)
-            fold = folds_of(trace, meta, recipe.calibration.folds, recipe.calibration.seed)
-            tok_task = [meta[i][0] for i in trace.request.tolist()]
-            bar = progress.add_task("replay settings", total=len(settings))
-            for s in (settings if distributed.is_main() else []):  # no model: rank 0 alone
-                key = _hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
-                            _source_hash(s.strategy, dirs), s.fitted and canonical(recipe)["calibration"],
-                            recipe.bootstrap)
-                if not store.has(key):
-                    strat = cross_fit(s, trace, fold, recipe.calibration.folds) if s.fitted else s.obj
-                    rec, samples = _replay(harness, taskset, trace, strat, s, recipe, tok_task)
-                    store.save(key, rec, samples)
-                rec, samples = store.load(key)
-                records.append((s, "replay", rec))
-                frames.append(_tag(samples, s, "replay"))
-                progress.advance(bar)
-        live = [s for s in settings if s.live] if ll_tasks else []
-        # generation runs live for every rule that can decode token by token: no oracles (they
-        # read the answer), no calibrated rules (no held-out trace), no per-sequence exits
-        jobs = [(s, t) for s in live for t in ll_tasks] + [
-            (s, t) for s in settings for t in gen_tasks
-            if s.kind != "select" and not s.fitted and s.granularity == "token"]
-        if jobs:
-            bar = progress.add_task(f"live runs ({recipe.live.kv_policy} KV)", total=len(jobs))
-            for s, task in jobs:
-                key = _hash("live", fp, recipe.model.dtype, recipe.model.steps, task, recipe.tasks.limit,
-                            recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
-                            _source_hash(s.strategy, dirs), recipe.live.kv_policy, recipe.live.max_gen_toks,
-                            recipe.bootstrap)
-                if not distributed.broadcast(store.has(key)):  # rank 0 decides; every rank runs it
-                    rec, samples = _live(model, tok, taskset, task, s, recipe)
-                    if distributed.is_main():
-                        store.save(key, rec, samples)
-                if not distributed.is_main():
-                    continue
-                rec, samples = store.load(key)
-                records.append((s, "live", rec))
-                frames.append(_tag(samples, s, "live"))
-                progress.advance(bar)
+            _replay_all(run, _trace(run))
+        _live_all(run, ll_tasks, gen_tasks)
     hook.remove()
     if not distributed.is_main():
         return run_dir  # rank 0 alone writes results
-    metrics, samples, exits = assemble(records, frames, recipe)
+    metrics, samples, exits = assemble(run.records, run.frames, recipe)
     atomic_frame(metrics, run_dir / "metrics.csv")
     atomic_frame(samples, run_dir / "samples.parquet")
     atomic_frame(exits, run_dir / "exits.csv")
     prov.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 wall_s=round(time.perf_counter() - t_start, 2), settings=len(settings),
                 model_forward_calls=calls[0])
-    atomic_write(run_dir / "provenance.json", json.dumps(prov, indent=2, default=_jsonable) + "\n")
+    atomic_write(run_dir / "provenance.json", json.dumps(prov, indent=2, default=jsonable) + "\n")
     from ouro_lab.report import build_report
 
     res = build_report(run_dir)
@@ -611,29 +371,97 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     return run_dir
 
 
-def cache_dir() -> Path:
-    """Where traces are cached by content: $OURO_LAB_CACHE, else ~/.cache/ouro-lab/traces."""
-    env = os.environ.get("OURO_LAB_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "ouro-lab" / "traces"
+def _trace(run: _Run):
+    """The one trace pass over the loglikelihood tasks (a cached trace is reused)."""
+    from ouro_lab.tracing import trace_pass
+
+    progress, calls = run.progress, run.calls
+    bar = progress.add_task("trace pass (loglikelihood tasks)", total=None)
+    t0 = time.perf_counter()
+    trace, _units = trace_pass(run.model, run.tok, run.taskset, batch_size=run.recipe.batch_size,
+                               cache_dir=cache_dir(), fingerprint=run.fp,
+                               progress=lambda n: progress.advance(bar, n))
+    done = progress.tasks[bar].completed or 1
+    progress.update(bar, total=done, completed=done)
+    reused = calls[0] == 0
+    run.prov["trace"] = {"key": trace.meta.get("key"), "tokens": trace.n, "reused": reused,
+                         "forward_calls": calls[0], "seconds": round(time.perf_counter() - t0, 3)}
+    _log(run.console, f"trace pass: {'reused cached trace' if reused else 'computed trace'} "
+                      f"{trace.meta.get('key')} ({trace.n} tokens, {calls[0]} model forward calls)")
+    return trace
 
 
-def _replay(harness, taskset, trace, strat, s: Setting, recipe: Recipe, tok_task: list[str]):
+def _replay_all(run: _Run, trace) -> None:
+    """Every setting replayed over the trace and scored (no model; rank 0 alone), each
+    stored as soon as it is done; settings already in the store are read back."""
+    from ouro_lab.scoring import _unit_meta
+
+    recipe = run.recipe
+    meta = _unit_meta(trace)
+    fold = folds_of(trace, meta, recipe.calibration.folds, recipe.calibration.seed)
+    tok_task = [meta[i][0] for i in trace.request.tolist()]
+    bar = run.progress.add_task("replay settings", total=len(run.settings))
+    for s in (run.settings if distributed.is_main() else []):  # no model: rank 0 alone
+        key = _hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
+                    _source_hash(s.strategy, run.dirs), s.fitted and canonical(recipe)["calibration"],
+                    recipe.bootstrap)
+        if not run.store.has(key):
+            strat = cross_fit(s, trace, fold, recipe.calibration.folds) if s.fitted else s.obj
+            rec, samples = _replay(run.taskset, trace, strat, s, recipe, tok_task)
+            run.store.save(key, rec, samples)
+        run.keep(s, "replay", key)
+        run.progress.advance(bar)
+
+
+def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
+    """The live runs: `live: true` settings on loglikelihood tasks, and every rule that can
+    decode token by token on generation tasks; each stored as soon as it is done."""
+    recipe, settings = run.recipe, run.settings
+    live = [s for s in settings if s.live] if ll_tasks else []
+    # generation runs live for every rule that can decode token by token: no oracles (they
+    # read the answer), no calibrated rules (no held-out trace), no per-sequence exits
+    jobs = [(s, t) for s in live for t in ll_tasks] + [
+        (s, t) for s in settings for t in gen_tasks
+        if s.kind != "select" and not s.fitted and s.granularity == "token"]
+    if not jobs:
+        return
+    bar = run.progress.add_task(f"live runs ({recipe.live.kv_policy} KV)", total=len(jobs))
+    for s, task in jobs:
+        key = _hash("live", run.fp, recipe.model.dtype, recipe.model.steps, task, recipe.tasks.limit,
+                    recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
+                    _source_hash(s.strategy, run.dirs), recipe.live.kv_policy, recipe.live.max_gen_toks,
+                    recipe.bootstrap)
+        if not distributed.broadcast(run.store.has(key)):  # rank 0 decides; every rank runs it
+            rec, samples = _live(run.model, run.tok, run.taskset, task, s, recipe)
+            if distributed.is_main():
+                run.store.save(key, rec, samples)
+        if not distributed.is_main():
+            continue
+        run.keep(s, "live", key)
+        run.progress.advance(bar)
+
+
+def _replay(taskset, trace, strat, s: Setting, recipe: Recipe, tok_task: list[str]):
     import pandas as pd
 
-    steps = harness.exit_steps(trace, strat, s.granularity, recipe.seed)  # replayed once, used twice
-    rows, samples = harness.score(taskset, trace, strat, s.granularity, bootstrap_iters=recipe.bootstrap,
-                                  seed=recipe.seed, exit_step=steps)
+    from ouro_lab.scoring import exit_steps, score
+
+    steps = exit_steps(trace, strat, s.granularity, recipe.seed)  # replayed once, used twice
+    rows, samples = score(taskset, trace, strat, s.granularity, bootstrap_iters=recipe.bootstrap,
+                          seed=recipe.seed, exit_step=steps)
     counts = pd.DataFrame({"task": tok_task, "step": steps.numpy()}).value_counts().reset_index()
     tokens = pd.Series(tok_task).value_counts()
     return {"metrics": rows, "exits": counts.to_dict("records"), "tokens": tokens.to_dict()}, \
-        _with_tokens(samples, trace, harness)
+        _with_tokens(samples, trace)
 
 
-def _with_tokens(samples, trace, harness):
+def _with_tokens(samples, trace):
     """Add `tokens` (scored tokens per document) and FLOPs summed over them."""
     import pandas as pd
 
-    meta = harness._unit_meta(trace)
+    from ouro_lab.scoring import _unit_meta
+
+    meta = _unit_meta(trace)
     per = pd.DataFrame({"task": [meta[i][0] for i in trace.request.tolist()],
                         "doc_id": [meta[i][1] for i in trace.request.tolist()]})
     n = per.value_counts().rename("tokens").reset_index()
@@ -651,12 +479,12 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
 
     import pandas as pd
 
-    from ouro_lab import harness
+    from ouro_lab.lm import OuroLM
+    from ouro_lab.scoring import metric_rows, run_evaluate, sample_rows
 
-    lm = harness.OuroLM(model=model, tokenizer=tok, strategy=s.obj, kv_policy=recipe.live.kv_policy,
-                        seed=recipe.seed,
-                        live=True, batch_size=recipe.batch_size, max_gen_toks=recipe.live.max_gen_toks)
-    results = harness.run_evaluate(lm, taskset, [task], recipe.bootstrap)
+    lm = OuroLM(model=model, tokenizer=tok, strategy=s.obj, kv_policy=recipe.live.kv_policy, seed=recipe.seed,
+                live=True, batch_size=recipe.batch_size, max_gen_toks=recipe.live.max_gen_toks)
+    results = run_evaluate(lm, taskset, [task], recipe.bootstrap)
     per_doc: dict[int, dict] = {}
     for (t, doc_id, _idx), rec in lm.records.items():
         if t != task:
@@ -675,7 +503,7 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
            if len(comp) else None)
     n = max(int(tot["tokens"]), 1) if tot is not None else 1
     rows = []
-    for row in harness.metric_rows(results):
+    for row in metric_rows(results):
         if row["task"] != task:
             continue
         if tot is not None:
@@ -684,7 +512,7 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
                        flops_per_token=float(tot["flops_used"]) / n,
                        flops_executed_per_token=float(tot["flops"]) / n, seconds=float(tot["seconds"]))
         rows.append(row)
-    samples = pd.DataFrame(harness.sample_rows(results, taskset))
+    samples = pd.DataFrame(sample_rows(results, taskset))
     if len(samples) and len(comp):
         tokens = comp.tokens.clip(lower=1)
         comp = comp.assign(steps_used=comp.steps_used / tokens, steps_executed=comp.steps_executed / tokens,
@@ -696,135 +524,6 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
             for r in rows]
     ntok = int(tot["tokens"]) if tot is not None else 0
     return {"metrics": rows, "exits": [], "tokens": {task: ntok}}, samples
-
-
-def _tag(samples, s: Setting, mode: str):
-    samples = samples.copy()
-    samples.insert(0, "setting", s.label)
-    samples.insert(1, "strategy", s.strategy)
-    samples.insert(2, "params", s.params_json)
-    samples.insert(3, "mode", mode)
-    return samples
-
-
-# --------------------------------------------------------------------------- tables
-
-
-COLUMNS = ["task", "strategy", "params", "setting", "granularity", "kind", "mode", "kv_policy", "is_full",
-           "metric", "filter", "value", "stderr", "ci_low", "ci_high", "delta_vs_full", "delta_ci_low",
-           "delta_ci_high", "steps_used_mean", "steps_executed_mean", "flops_per_token",
-           "flops_executed_per_token", "flops_rel", "n_docs"]
-
-
-def _measure(metric: str, filt: str) -> str:
-    return metric if filt in ("none", "", None) else f"{metric},{filt}"
-
-
-def wide_samples(frames):
-    """Per-document rows, one per task x setting x mode x doc; metrics under a filter
-    other than "none" become columns `metric,filter`."""
-    import pandas as pd
-
-    if not frames:
-        return pd.DataFrame()
-    df = pd.concat(frames, ignore_index=True)
-    if "filter" not in df.columns:
-        return df
-    key = ["setting", "strategy", "params", "mode", "task", "doc_id"]
-    metric_cols = [c for c in df.columns if c not in key and c not in SAMPLE_COMPUTE
-                   and c not in ("filter", "difficulty")]
-    parts = []
-    for _, dt in df.groupby("task", sort=True):  # per task: its first filter brings the compute columns
-        out = None
-        for f in sorted(dt["filter"].unique(), key=lambda f: (f != "none", f)):
-            d = dt[dt["filter"] == f].drop(columns="filter")
-            d = d.rename(columns={c: _measure(c, f) for c in metric_cols})
-            if out is None:
-                out = d
-            else:
-                out = out.merge(d[key + [_measure(c, f) for c in metric_cols]], on=key, how="outer")
-        parts.append(out.dropna(axis=1, how="all"))
-    return pd.concat(parts, ignore_index=True)
-
-
-SAMPLE_COMPUTE = {"steps_used", "steps_executed", "flops_per_token", "flops_executed_per_token", "tokens",
-                  "flops", "flops_executed", "seconds"}
-
-
-def assemble(records, frames, recipe: Recipe):
-    """metrics (long: one row per task x setting x mode x metric), samples (wide, per
-    document) and exits (counts per task x setting x step), with paired-bootstrap CIs,
-    FLOPs relative to full depth and differences from full depth."""
-    import numpy as np
-    import pandas as pd
-
-    from ouro_lab import stats
-
-    samples = wide_samples(frames)
-    rows = []
-    for s, mode, rec in records:
-        for m in rec["metrics"]:
-            rows.append({"task": m["task"], "strategy": s.strategy, "params": s.params_json,
-                         "setting": s.label,
-                         "granularity": s.granularity, "kind": "fixed" if s.strategy == "fixed" else s.kind,
-                         "mode": mode, "kv_policy": recipe.live.kv_policy if mode == "live" else "",
-                         "is_full": s.is_full, "metric": _measure(m["metric"], m.get("filter", "none")),
-                         "filter": m.get("filter", "none"), "value": m["value"], "stderr": m.get("stderr"),
-                         **{k: m.get(k, np.nan) for k in ("steps_used_mean", "steps_executed_mean",
-                                                          "flops_per_token", "flops_executed_per_token")}})
-    metrics = pd.DataFrame(rows)
-    for c in COLUMNS:
-        if c not in metrics.columns:
-            metrics[c] = np.nan
-    # the reference mode of a task: replay where a trace exists, else live (generation tasks)
-    base = {t: ("replay" if (d["mode"] == "replay").any() else "live") for t, d in metrics.groupby("task")}
-    full = metrics[metrics.is_full & (metrics["mode"] == metrics.task.map(base))]
-    full_flops = full.groupby("task").flops_executed_per_token.first()
-    metrics["flops_rel"] = metrics.flops_executed_per_token / metrics.task.map(full_flops)
-    fullv = full.set_index(["task", "metric"]).value
-    metrics["delta_vs_full"] = [v - fullv.get((t, m), np.nan) for t, m, v in
-                                zip(metrics.task, metrics.metric, metrics.value, strict=True)]
-    # paired bootstrap over documents, the same resamples for every setting of a task
-    for task in metrics.task.unique():
-        st = samples[samples.task == task] if len(samples) else samples
-        docs = np.sort(st.doc_id.unique()) if len(st) else np.array([])
-        idx = stats.bootstrap_indices(len(docs), recipe.bootstrap, recipe.seed)
-        full_label = full[full.task == task].setting.iloc[0] if len(full[full.task == task]) else None
-        for i in metrics.index[metrics.task == task]:
-            r = metrics.loc[i]
-            if r.metric not in st.columns:
-                continue
-            x = _per_doc(st, r.setting, r["mode"], r.metric, docs)
-            if x is None or not np.isfinite(x).all() or abs(x.mean() - r.value) > 1e-6:
-                continue  # not a mean over documents (perplexity, grouped metrics): no doc-level CI
-            metrics.loc[i, ["ci_low", "ci_high"]] = stats.mean_ci(x, idx)
-            metrics.loc[i, "n_docs"] = len(docs)
-            y = _per_doc(st, full_label, base[task], r.metric, docs) if full_label else None
-            if y is not None and np.isfinite(y).all():
-                metrics.loc[i, ["delta_ci_low", "delta_ci_high"]] = stats.mean_ci(x - y, idx)
-    metrics = metrics[COLUMNS].sort_values(["task", "mode", "strategy", "flops_executed_per_token", "params",
-                                            "metric"], kind="stable").reset_index(drop=True)
-    exits = []
-    for s, mode, rec in records:
-        for e in rec.get("exits", []):
-            exits.append({"task": e["task"], "setting": s.label, "strategy": s.strategy, "mode": mode,
-                          "step": int(e["step"]), "count": int(e["count"])})
-    exits = pd.DataFrame(exits, columns=["task", "setting", "strategy", "mode", "step", "count"])
-    exits = exits.sort_values(["task", "mode", "setting", "step"], kind="stable").reset_index(drop=True)
-    if len(samples):
-        samples = samples.sort_values(["task", "mode", "setting", "doc_id"], kind="stable")
-        samples = samples.reset_index(drop=True)
-    return metrics, samples, exits
-
-
-def _per_doc(st, setting, mode, metric, docs):
-    import numpy as np
-
-    d = st[(st.setting == setting) & (st["mode"] == mode)]
-    if not len(d) or metric not in d.columns:
-        return None
-    v = d.groupby("doc_id")[metric].first().reindex(docs)
-    return v.to_numpy(dtype=np.float64)
 
 
 def _summary(console, summary: dict, run_dir: Path) -> None:
@@ -843,4 +542,3 @@ def _summary(console, summary: dict, run_dir: Path) -> None:
                         "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}")
         console.print(tab)
     _log(console, f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
-

@@ -19,7 +19,15 @@ Two things lm-eval does not do on its own, this module does:
   (on a machine with network; copy `$DATA` over). `datasets.load_dataset(<folder>,
   <config>)` then reads the folder's README `configs:` header and parquet files with
   the hub unreachable (`HF_DATASETS_OFFLINE=1`, `HF_HUB_OFFLINE=1`). `data_root`
-  defaults to `$OURO_LAB_DATA`.
+  defaults to `$OURO_LAB_DATA`. A copy whose card lacks the header (files copied by
+  hand, or the hub's `refs/convert/parquet` branch) still loads when the config's
+  folder holds its splits: `<config>/<split>-*.parquet` or `<config>/<split>/*.parquet`.
+
+  Splits are checked before lm-eval builds a task (it reads the few-shot split even
+  at 0-shot): the split a task scores must exist; a missing few-shot split is fine at
+  0-shot (lm-eval is told it is absent) and at n-shot is one line naming the task and
+  the split. mmlu's subjects (`mmlu_anatomy`, ...) and groups (`mmlu`, `mmlu_stem`,
+  ...) come from the same folder; every subject must be a config of the local copy.
 
 Per-doc metadata (a `difficulty` field, for instance) is read from the docs themselves:
 `TaskSet.doc_meta(task, doc_id, key)`.
@@ -51,6 +59,16 @@ STANDARD: dict[str, tuple[str, str]] = {
 
 class TaskError(OuroLabError):
     """A task name, YAML or local dataset that cannot be used."""
+
+
+def standard_source(name: str) -> tuple[str, str] | None:
+    """(folder under lm_eval/tasks, hub dataset id) of a standard task, mmlu's subjects and
+    groups included (`mmlu_anatomy`, `mmlu_stem`), else None."""
+    if name in STANDARD:
+        return STANDARD[name]
+    if name.startswith("mmlu_"):
+        return STANDARD["mmlu"]
+    return None
 
 
 def _offline_env() -> None:
@@ -102,7 +120,7 @@ class TaskSet:
             self.names = [n for n in self.names.split(",") if n]
         if not self.names:
             raise TaskError("tasks: no task names given; name at least one (e.g. loop_demo_mc)")
-        self.task_dict = build_task_dict(self.names, self.include_path, self.data_root)
+        self.task_dict = build_task_dict(self.names, self.include_path, self.data_root, self.num_fewshot)
         for task in self.tasks.values():
             if self.num_fewshot is not None:
                 task.set_config(key="num_fewshot", value=self.num_fewshot)
@@ -143,8 +161,10 @@ class TaskSet:
         return doc.get(key) if isinstance(doc, dict) else None
 
 
-def build_task_dict(names: list[str], include_path=None, data_root=None) -> dict:
-    """lm-eval's task dict for `names`: see the module docstring for the lookup rules."""
+def build_task_dict(names: list[str], include_path=None, data_root=None,
+                    num_fewshot: int | None = None) -> dict:
+    """lm-eval's task dict for `names`: see the module docstring for the lookup rules.
+    `num_fewshot` (None: each task's own) decides whether a local copy needs its few-shot split."""
     from lm_eval.tasks import TaskManager
 
     _offline_env()
@@ -152,11 +172,11 @@ def build_task_dict(names: list[str], include_path=None, data_root=None) -> dict
     for p in paths:
         if not p.exists():
             raise TaskError(f"include_path {p}: no such folder; point it at a folder of task YAMLs")
-    std = [n for n in names if n in STANDARD]
     lm_dir = _lm_eval_tasks_dir()
-    paths += sorted({lm_dir / STANDARD[n][0] for n in std})
+    paths += sorted({lm_dir / src[0] for src in map(standard_source, names) if src})
     tm = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
     root = Path(data_root or os.environ.get("OURO_LAB_DATA") or "data")
+    factory = _local_copies_factory(tm._factory._meta, num_fewshot)
     built = []
     for name in names:
         entry = tm.task_index.get(name)
@@ -166,24 +186,129 @@ def build_task_dict(names: list[str], include_path=None, data_root=None) -> dict
                             + (f"; did you mean {', '.join(hint)}?" if hint else
                                "; add its YAML folder to include_path"))
         overrides = {}
-        if name in STANDARD:
-            local = root / STANDARD[name][1]
+        src = standard_source(name)
+        if src is not None:
+            local = root / src[1]
             if not local.is_dir():
-                raise TaskError(f"{name}: no local copy of {STANDARD[name][1]} at {local}; download it "
-                                f"there in the hub's layout (hf download {STANDARD[name][1]} --repo-type "
+                raise TaskError(f"{name}: no local copy of {src[1]} at {local}; download it "
+                                f"there in the hub's layout (hf download {src[1]} --repo-type "
                                 f"dataset --local-dir {local}) or set data_root / OURO_LAB_DATA")
             overrides["dataset_path"] = str(local.resolve())
+            factory.local_copies[overrides["dataset_path"]] = src[1]
         elif entry.yaml_path is not None:
             overrides.update(_yaml_overrides(Path(entry.yaml_path)))
         try:
             # lm-eval's factory merges overrides into the YAML's config (and into every member
             # of a group); TaskManager.load() then flattens the built objects.
-            obj = tm._factory.build(entry, overrides=overrides or None, registry=tm._index)
+            obj = factory.build(entry, overrides=overrides or None, registry=tm._index)
         except (FileNotFoundError, ValueError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise TaskError(f"task {name} ({entry.yaml_path}): cannot load its dataset ({msg})") from None
         built.extend(obj if isinstance(obj, list) else [obj])
     return tm.load(built)
+
+
+def _local_copies_factory(meta, num_fewshot: int | None):
+    """lm-eval's TaskFactory, with every leaf task whose data is a local copy of a hub
+    dataset fitted to the splits that copy really has (`fit_local_splits`) before the
+    task object (which reads them) is built. `.local_copies`: resolved folder -> hub id."""
+    from lm_eval.tasks._factory import TaskFactory
+
+    class LocalCopies(TaskFactory):
+        local_copies: dict[str, str] = {}
+
+        def _load_full_config(self, entry, overrides=None):
+            cfg = super()._load_full_config(entry, overrides)
+            if isinstance(cfg.get("task"), str) and cfg.get("dataset_path") in self.local_copies:
+                cfg = fit_local_splits(cfg, num_fewshot, self.local_copies[cfg["dataset_path"]])
+            return cfg
+
+    factory = LocalCopies(meta=meta)
+    factory.local_copies = {}
+    return factory
+
+
+DATA_EXTENSIONS = (".parquet", ".jsonl", ".json", ".csv", ".arrow")
+
+
+def _split_files(folder: Path) -> dict[str, list[str]]:
+    """{split: files} of a config folder without a card entry: `<split>-*.<ext>` files in
+    it (the hub's layout) or `<split>/*.<ext>` (the hub's refs/convert/parquet branch)."""
+    files: dict[str, list[str]] = {}
+    if not folder.is_dir():
+        return files
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder)
+        if not f.is_file() or f.suffix not in DATA_EXTENSIONS or len(rel.parts) > 2:
+            continue
+        split = rel.parts[0] if len(rel.parts) == 2 else f.stem.split("-")[0].split(".")[0]
+        files.setdefault(split, []).append(str(f))
+    return files
+
+
+def local_splits(local: Path, config: str | None, task: str, hub_id: str) -> tuple[set[str], dict]:
+    """The splits of config `config` of the local dataset copy `local`, and the task-config
+    overrides that load it: none when its card (README.md `configs:` header) lists the
+    config, else explicit `data_files` from the config's folder."""
+    import datasets
+
+    label = f"{local} (config {config})" if config else str(local)
+    try:
+        builder = datasets.load_dataset_builder(str(local), config)
+        return set(builder.config.data_files or {}), {}
+    except ValueError as e:
+        if "BuilderConfig" not in str(e):
+            first = str(e).splitlines()[0]
+            raise TaskError(f"{task}: the local copy {label} cannot be read ({first})") from None
+        listed = str(e).split("Available:")[-1].strip(" []") if "Available:" in str(e) else "none"
+        names = [n.strip(" '") for n in listed.split(",")]
+        listed = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    except FileNotFoundError as e:  # no data files at all
+        raise TaskError(f"{task}: the local copy {label} holds no data files ({str(e).splitlines()[0]}); "
+                        f"download it again (hf download {hub_id} --repo-type dataset --local-dir {local})"
+                        ) from None
+    files = _split_files(local / config) if config else {}
+    if not files:
+        raise TaskError(f"{task}: the local copy {local} has no config {config!r}: its README.md `configs:` "
+                        f"header lists {listed} and there is no folder {local / config} with "
+                        f"<split>-*.parquet files; download the whole repository (hf download {hub_id} "
+                        f"--repo-type dataset --local-dir {local}) or add that folder")
+    return set(files), {"dataset_name": None, "dataset_kwargs": {"data_files": files}}
+
+
+def fit_local_splits(cfg: dict, num_fewshot: int | None, hub_id: str) -> dict:
+    """A leaf task's config fitted to its local copy: the split it scores must exist; the
+    split its few-shot examples come from (lm-eval's rule: fewshot_split, else the
+    training, validation, test split) must exist when it runs n-shot, and any configured
+    split the copy lacks is set to None (lm-eval reads the few-shot split even at 0-shot)."""
+    task, local = cfg["task"], Path(cfg["dataset_path"])
+    splits, extra = local_splits(local, cfg.get("dataset_name"), task, hub_id)
+    label = f"{local} (config {cfg['dataset_name']})" if cfg.get("dataset_name") else str(local)
+    cfg = {**cfg, **extra}
+    if extra.get("dataset_kwargs"):
+        cfg["dataset_kwargs"] = {**(cfg.get("dataset_kwargs") or {}), **extra["dataset_kwargs"]}
+    has = ", ".join(sorted(splits)) or "none"
+    sub = "its config folder" if cfg.get("dataset_name") or extra else "data/"
+    scored = cfg.get("test_split") or cfg.get("validation_split")
+    if scored not in splits:
+        raise TaskError(f"{task}: split {scored!r} (the documents it scores) is missing from the local "
+                        f"copy {label}, which has: {has}; add {scored}-*.parquet to {sub} (and to the card's "
+                        "configs header, if it has one)")
+    fs = cfg.get("fewshot_config") if isinstance(cfg.get("fewshot_config"), dict) else {}
+    shots = num_fewshot if num_fewshot is not None else int(cfg.get("num_fewshot") or 0)
+    source = cfg.get("fewshot_split") or fs.get("split")
+    if source is None and not fs.get("samples"):
+        source = cfg.get("training_split") or cfg.get("validation_split") or cfg.get("test_split")
+    if shots > 0 and source is not None and source not in splits:
+        raise TaskError(f"{task}: {shots}-shot prompts take their examples from split {source!r}, which the "
+                        f"local copy {label} lacks (it has: {has}); add {source}-*.parquet to {sub} (and to "
+                        "the card's configs header, if it has one) or run 0-shot (num_fewshot: 0)")
+    for key in ("training_split", "validation_split", "fewshot_split"):
+        if cfg.get(key) is not None and cfg[key] not in splits:
+            cfg[key] = None  # absent, and not needed at this shot count
+    if fs.get("split") is not None and fs["split"] not in splits:
+        cfg["fewshot_config"] = {**fs, "split": None}
+    return cfg
 
 
 def _yaml_overrides(yaml_path: Path) -> dict:

@@ -8,6 +8,8 @@
 The LM head is applied one step at a time and only at scored positions, in chunks of
 tokens, so memory stays at O(chunk x V) and never reaches (R, B, T, V). Everything is
 computed in float32 from the model's own logits (so `argmax` is what the model emits).
+`unit_sums` / `unit_results` turn per-token values into per-request ones: every scoring
+path (plain OuroLM, replay, live) sums through them.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def step_signals(model, out, targets: Tensor, mask: Tensor,
                              for r in range(1, R)]) if R > 1 else inf[:0]
     sig = {"hidden_delta": torch.cat((inf, delta)), "gate_logit": gate, "exit_pdf": pdf, "exit_cdf": cdf}
 
-    # The head runs on the same token chunks as harness._head_scores (same matmul shapes:
+    # The head runs on the same token chunks as lm._head_scores (same matmul shapes:
     # a plain k-step run and the trace agree bit for bit); the signals of as many steps as
     # fit in `chunk_elements` are then computed together, as (steps, tokens, V) tensors.
     chunk = max(1, chunk_elements // max(V, 1))
@@ -139,6 +141,25 @@ def steps_head_signals(logits: Tensor, prev_logp: Tensor | None = None,
         out["target_logprob"] = torch.where(known, logp.gather(2, idx)[..., 0], torch.nan)
         out["target_is_argmax"] = known & (am == target)
     return out, logp[-1]
+
+
+def unit_results(lp: Tensor, greedy: Tensor, lengths: list[int]) -> list[tuple[float, bool]]:
+    """Per-unit (sum of log-probs in float64, all greedy) from per-token values laid out
+    unit after unit. Every path (plain OuroLM, replay, live) sums through `unit_sums`."""
+    import numpy as np
+
+    if not lengths:
+        return []
+    sums, alls = unit_sums(lp, greedy, np.concatenate(([0], np.cumsum(lengths)[:-1])))
+    return list(zip(sums.tolist(), alls.tolist(), strict=True))
+
+
+def unit_sums(lp: Tensor, greedy: Tensor, starts):
+    """Segment sums of per-token log-probs (float64) and segment all() of greedy flags, for
+    units starting at `starts` (numpy int array, non-empty units): two numpy arrays."""
+    import numpy as np
+
+    return np.add.reduceat(lp.double().numpy(), starts), np.logical_and.reduceat(greedy.numpy(), starts)
 
 
 def random_signals(steps: int, n: int, seed: int = 0, vocab: int = 16) -> dict[str, Tensor]:

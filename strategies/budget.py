@@ -20,15 +20,17 @@ DIRECTION = {"exit_cdf": 1, "exit_pdf": 1, "gate_logit": 1, "max_prob": 1, "marg
 @dataclass
 class Strategy(ExitStrategy):
     signal: str = "exit_cdf"
-    mean_steps: float | None = None  # target mean loop steps per token (1-based)
+    mean_steps: float | None = None  # target mean loop steps per token (1-based); 2.0 if flops is unset
     flops: float | None = None       # or: target mean FLOPs per token (needs Signals.cost and .ctx)
     _threshold: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.signal not in DIRECTION:
             raise ValueError(f"parameter signal must be one of {', '.join(DIRECTION)}, got {self.signal!r}")
-        if (self.mean_steps is None) == (self.flops is None):
-            raise ValueError("set exactly one of the parameters mean_steps and flops")
+        if self.mean_steps is not None and self.flops is not None:
+            raise ValueError("set only one of the parameters mean_steps and flops")
+        if self.flops is None and self.mean_steps is None:
+            self.mean_steps = 2.0
         self.needs = (self.signal,)  # what it reads depends on the parameter
 
     def fit(self, calibration: Signals) -> None:

@@ -74,7 +74,7 @@ def test_scorer_equals_lm_eval_evaluate(env, traced):
 
 
 def test_trace_is_cached_by_content(env, traced, monkeypatch):
-    import ouro_lab.harness as h
+    import ouro_lab.tracing as h
 
     trace, units = traced
     monkeypatch.setattr(h, "_units_forward", lambda *a, **k: pytest.fail("ran the model again"))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from cli_helpers import cli, run_cli
 
+from ouro_lab.contract import check_contract
 from ouro_lab.registry import (
     StrategyError,
     builtin_dir,
@@ -20,14 +21,12 @@ from ouro_lab.registry import (
     load_strategy,
     make_strategy,
 )
-from ouro_lab.strategy import SIGNALS, Signals, replay
+from ouro_lab.strategy import SIGNALS, ContractError, Signals, replay
 from ouro_lab.trace import random_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTINS = {"fixed", "threshold", "kl", "budget", "hidden_delta", "confidence", "patience", "oracle",
             "random"}
-# parameters a strategy cannot do without (everything else runs on its defaults)
-REQUIRED = {"budget": {"mean_steps": 2.5}}
 ALL = [i.name for i in list_strategies()]
 
 # The README's example: a complete strategy in one file.
@@ -81,34 +80,9 @@ def test_every_builtin_is_found_without_torch():
 
 @pytest.mark.parametrize("name", ALL)
 def test_contract(name):
-    """Shape, dtype, range, causality and sequence granularity, for every strategy found."""
-    R, N = 4, 200
-    st = make_strategy(name, REQUIRED.get(name, {}))
-    st.fit(sig(R, 500, seed=99))  # calibration: never the reported split
-    s = sig(R, N, seed=1)
-    for r in range(R):
-        d = st.decide(s.upto(r), r)
-        assert d.shape == (N,) and d.dtype == torch.bool, f"decide gave {d.shape} {d.dtype}, not (N,) bool"
-    e = replay(st, s)
-    assert e.dtype == torch.int64 and e.shape == (N,) and int(e.min()) >= 0 and int(e.max()) < R
-    ro = st.readouts(e)
-    assert ro.shape == (N,) and int(ro.min()) >= 1 and int(ro.max()) <= R
-    # causality: replace every step after r by random values; decisions at steps <= r stay
-    for r in range(R - 1):
-        other = random_signals(R, N, seed=50 + r)
-        mixed = Signals({k: torch.cat((v[: r + 1], other[k][r + 1:])) for k, v in s._data.items()}, R)
-        for q in range(r + 1):
-            assert torch.equal(st.decide(s.upto(q), q), st.decide(mixed.upto(q), q))
-        e2 = replay(st, mixed)
-        early = e <= r
-        assert torch.equal(e[early], e2[early]), "an exit at step <= r changed when later steps changed"
-    # one exit per group with granularity="sequence", never earlier than any token's own
-    group = torch.arange(N) // 10
-    sg = Signals(dict(s._data), R, group=group)
-    es = replay(st, sg, granularity="sequence")
-    for g in range(N // 10):
-        assert es[group == g].unique().numel() == 1
-    assert bool((es >= replay(st, sg)).all())
+    """Shape, dtype, range, causality and sequence granularity, for every strategy found,
+    built with its defaults: what `ouro-lab strategies --check` runs."""
+    check_contract(make_strategy(name, {}))
 
 
 def test_every_strategy_declares_known_signals():
@@ -216,13 +190,13 @@ def test_random_matches_its_budget_and_is_deterministic():
     assert not torch.equal(a, replay(make_strategy("random", {"mean_steps": 2.0, "seed": 1}), s))
     assert not torch.equal(a, replay(st, Signals({}, R, n=N, seed=1)))
     assert st.readouts(a).eq(1).all()
-    with pytest.raises(ValueError, match="mean_steps must be in"):
+    with pytest.raises(ContractError, match="mean_steps must be in"):
         replay(make_strategy("random", {"mean_steps": 5.0}), s)
 
 
 def test_budget_calibrates_on_fit_only():
     st = make_strategy("budget", {"mean_steps": 2.0, "signal": "exit_cdf"})
-    with pytest.raises(RuntimeError, match="fit"):
+    with pytest.raises(ContractError, match="raised RuntimeError: budget: call fit"):
         replay(st, sig(4, 10))
     calib, report = sig(4, 20_000, seed=3), sig(4, 20_000, seed=4)
     st.fit(calib)
@@ -275,8 +249,8 @@ def test_budget_flops_target():
 
 
 def test_budget_parameter_errors():
-    with pytest.raises(StrategyError, match="exactly one of the parameters mean_steps and flops"):
-        make_strategy("budget", {})
+    with pytest.raises(StrategyError, match="set only one of the parameters mean_steps and flops"):
+        make_strategy("budget", {"mean_steps": 2, "flops": 1e9})
     with pytest.raises(StrategyError, match="parameter signal must be one of"):
         make_strategy("budget", {"mean_steps": 2, "signal": "target_logprob"})  # would read the answer
 

@@ -1,44 +1,22 @@
 """Tasks offline: YAML folders with relative data files, and standard lm-eval tasks run from
-local copies of their datasets in the hub's layout (README `configs:` header + parquet)."""
+local copies of their datasets in the hub's layout (README `configs:` header + parquet);
+the other stock tasks are in test_stock_tasks.py."""
 
 import logging
 
 import pytest
 from harness_helpers import make_model_dir, make_tasks
+from hub_copies import arc_rows, gsm_rows, write_hub_dataset
 
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
-
-def write_hub_dataset(folder, config: str, splits: dict[str, list[dict]]):
-    """A dataset folder as `hf download <id> --repo-type dataset` leaves it."""
-    import pandas as pd
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = ["---", "configs:", f"- config_name: {config}", "  data_files:"]
-    for split, rows in splits.items():
-        (folder / config).mkdir(exist_ok=True)
-        pd.DataFrame(rows).to_parquet(folder / config / f"{split}-00000-of-00001.parquet")
-        lines += [f"  - split: {split}", f"    path: {config}/{split}-*"]
-    (folder / "README.md").write_text("\n".join(lines + ["---", "", "local copy for tests", ""]))
-
-
-def arc_rows(n, offset=0):
-    return [{"id": f"q{i + offset}", "question": f"what is {w} ?",
-             "choices": {"text": ["one", "two", "three", "four"], "label": ["A", "B", "C", "D"]},
-             "answerKey": "ABCD"[i % 4]} for i, w in enumerate(["one", "two", "three", "red", "blue"][:n])]
-
-
-def gsm_rows(n):
-    return [{"question": f"what is {a} plus one ?", "answer": f"one plus {a} is two .\n#### 2"}
-            for a in ["one", "two", "three", "four", "five", "six", "seven"][:n]]
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    write_hub_dataset(root / "allenai" / "ai2_arc", "ARC-Easy",
-                      {"train": arc_rows(3), "validation": arc_rows(2, 10), "test": arc_rows(5, 20)})
-    write_hub_dataset(root / "openai" / "gsm8k", "main", {"train": gsm_rows(7), "test": gsm_rows(3)})
+    write_hub_dataset(root / "allenai" / "ai2_arc", {"ARC-Easy": {
+        "train": arc_rows(3), "validation": arc_rows(2, 10), "test": arc_rows(5, 20)}})
+    write_hub_dataset(root / "openai" / "gsm8k", {"main": {"train": gsm_rows(7), "test": gsm_rows(3)}})
     return root
 
 

@@ -1,0 +1,365 @@
+"""The model side of lm-eval: `OuroLM` (lm-eval's LM interface) and the scoring units it runs.
+
+    lm = OuroLM(path="ckpt/", steps=2)        # a plain lm-eval LM (the loop cut to k steps)
+    lm = OuroLM(path="ckpt/", strategy="threshold", strategy_params={"q": 0.7})  # live early exit
+
+A request becomes one or more `Unit`s (context + continuation token ids); units run in
+length-sorted, right-padded batches (`_batches`, longest first as lm-eval's Collator) and
+`_units_forward` returns per scored token either every step's signals (the trace pass,
+`ouro_lab.tracing`) or the last step's target log-prob and greedy flag (a plain k-step run).
+
+Fixed step k replays to exactly (bit for bit) what `OuroLM(steps=k)` scores: both run
+the same batches through the same code (`_units_forward`), and the k-step model's hidden
+states are the first k of the full-depth model's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from torch import Tensor
+
+from ouro_lab import distributed
+from ouro_lab.errors import OuroLabError
+from ouro_lab.live import KV_POLICIES, live_generate, live_score_units
+from ouro_lab.trace import CHUNK_ELEMENTS, step_signals, unit_results
+
+LL_TYPES = ("loglikelihood", "loglikelihood_rolling")  # request types scored from log-probs
+
+
+class HarnessError(OuroLabError):
+    """Bad arguments to the lm-eval integration (model args, task mix, strategy)."""
+
+
+# --------------------------------------------------------------------------- scoring units
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One scored token sequence: `ctx` + `cont` token ids, the `cont` tokens scored.
+    A loglikelihood request is one unit, a rolling request one unit per window."""
+
+    ctx: tuple[int, ...]
+    cont: tuple[int, ...]
+    task: str = ""
+    doc_id: int = -1
+    idx: int = 0
+    window: int = -1  # window number of a rolling request, -1 for a plain loglikelihood one
+
+
+def _head_scores(model, h: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
+    """Target log-prob and greedy flag of hidden states h (N, H) — the very arithmetic of
+    `ouro_lab.trace.step_signals` (same chunks, same float32 log-softmax, same topk), so a
+    plain k-step run and a replay of the trace at step k agree bit for bit."""
+    N, V = h.shape[0], model.config.vocab_size
+    lp = torch.empty(N, dtype=torch.float32, device=h.device)
+    greedy = torch.empty(N, dtype=torch.bool, device=h.device)
+    chunk = max(1, CHUNK_ELEMENTS // max(V, 1))
+    for a in range(0, N, chunk):
+        b = min(N, a + chunk)
+        logp = F.log_softmax(model.lm_head(h[a:b]).float(), dim=-1)
+        lp[a:b] = logp.gather(1, tgt[a:b, None])[:, 0]
+        greedy[a:b] = logp.topk(min(2, V), dim=-1).indices[:, 0] == tgt[a:b]
+    return lp.cpu(), greedy.cpu()
+
+
+def _batches(units: list[Unit], batch_size: int, max_length: int):
+    """Length-sorted batches (longest first, as lm-eval's Collator): yields the unit indices
+    and the right-padded batch (ids, attention mask, targets, scored mask)."""
+    order = sorted(range(len(units)), key=lambda i: (-len(units[i].ctx) - len(units[i].cont), i))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        seqs, scored = [], []
+        for i in idx:
+            u = units[i]
+            if not u.cont:
+                raise HarnessError("a request has an empty continuation; nothing to score")
+            whole = (list(u.ctx) + list(u.cont))[-(max_length + 1):]  # left truncation
+            seqs.append(whole)
+            scored.append(min(len(u.cont), len(whole) - 1))
+        T = max(len(w) for w in seqs) - 1
+        ids = torch.tensor([w[:-1] + [0] * (T + 1 - len(w)) for w in seqs], dtype=torch.long)
+        tgt = torch.tensor([w[1:] + [-1] * (T + 1 - len(w)) for w in seqs], dtype=torch.long)
+        lengths = torch.tensor([len(w) - 1 for w in seqs])
+        n = torch.tensor(scored)
+        col = torch.arange(T)[None]
+        attn = (col < lengths[:, None]).long()
+        smask = (col < lengths[:, None]) & (col >= (lengths - n)[:, None])
+        yield idx, ids, attn, tgt, smask
+
+
+@torch.no_grad()
+def _units_forward(model, units: list[Unit], steps: int, batch_size: int, max_length: int,
+                   signals: bool, progress=None):
+    """Run every unit through `steps` loop steps, batch by batch. With `signals`, return
+    every step's signals of every scored token (`step_signals`, (R, N)); else only the
+    last step's target log-prob and greedy flag. Tokens come back unit after unit, in
+    unit order; also returned: each token's unit, position and attention context."""
+    dev = model.device
+    chunks = []
+    for b, (idx, ids, attn, tgt, smask) in enumerate(_batches(units, batch_size, max_length)):
+        if not distributed.owns(b):  # data parallel (torchrun): each rank runs whole batches of this plan
+            continue
+        out = model(ids.to(dev), attn.to(dev), steps=steps)
+        if signals:
+            sig = step_signals(model, out, tgt, smask)
+        else:
+            m = smask.to(dev)
+            lp, greedy = _head_scores(model, out.step_hidden[-1][m], tgt.to(dev)[m])
+            sig = {"target_logprob": lp[None], "target_is_argmax": greedy[None]}
+        rows_cols = smask.nonzero()  # row-major, as step_signals lays tokens out
+        chunks.append((sig, torch.tensor(idx)[rows_cols[:, 0]], rows_cols[:, 1]))
+        if progress is not None:
+            progress(len(idx))
+    chunks = [c for part in distributed.all_gather(chunks) for c in part]  # every rank, every batch
+    if not chunks:
+        empty = torch.zeros(0, dtype=torch.long)
+        return {}, empty, empty, empty
+    unit = torch.cat([c[1] for c in chunks])
+    pos = torch.cat([c[2] for c in chunks])
+    order = torch.sort(unit, stable=True).indices  # unit order; positions stay in order within a unit
+    sig = {k: torch.cat([c[0][k] for c in chunks], 1)[:, order] for k in chunks[0][0]}
+    unit, pos = unit[order], pos[order]
+    return sig, unit, pos, pos + 1  # ctx: keys attended = position + 1 (itself included)
+
+
+# --------------------------------------------------------------------------- the lm-eval LM
+
+
+class OuroLM(TemplateLM):
+    """lm-eval `LM` for ouro-lab checkpoints.
+
+    Build from a checkpoint folder (`path=`, lm-eval's `pretrained=` also works) or from a
+    loaded `model` + `tokenizer`. `steps` truncates the loop (default: the model's depth);
+    `strategy` (an `ExitStrategy`, or a name with `strategy_params`) runs every request
+    live with early exit (`ouro_lab.live`) under `kv_policy` ("full", "copy", "last"); a
+    `fixed` strategy is the same as `steps=k` unless `live=True` (then it too runs token
+    by token, with its compute recorded). Requests are scored in length-sorted
+    batches of `batch_size`, left-truncated to `max_length` (default: the model's
+    `max_position_embeddings`). `generate_until` is greedy, cuts at the `until` strings
+    itself and honours `max_gen_toks`. `loglikelihood_rolling` returns bare floats.
+
+    Live runs keep per-request compute in `self.records` (keyed by (task, doc_id, idx)).
+    """
+
+    def __init__(self, path: str | None = None, pretrained: str | None = None, model=None, tokenizer=None,
+                 steps: int | None = None, strategy=None, strategy_params: dict | None = None,
+                 kv_policy: str = "copy", live: bool | None = None, batch_size: int | str = 8,
+                 device: str | None = None, dtype: str | None = None, max_length: int | None = None,
+                 max_gen_toks: int | None = None, seed: int = 0, **kwargs):
+        super().__init__()
+        self.seed = int(seed)  # the run's seed, for randomized exit rules
+        from ouro_lab.loading import load_model, load_tokenizer
+
+        path = path or pretrained
+        if model is None:
+            if path is None:
+                raise HarnessError("model_args: give path=<checkpoint folder> "
+                                   "(or pass model= and tokenizer=)")
+            model = load_model(path, dtype=dtype, device=device)
+        if tokenizer is None:
+            if path is None:
+                raise HarnessError("OuroLM: pass tokenizer= with model=")
+            tokenizer = load_tokenizer(path)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.path = str(path) if path else None
+        R = model.config.total_ut_steps
+        if isinstance(strategy, str):
+            from ouro_lab.registry import make_strategy
+            params = dict(strategy_params or {})
+            params.update({k: v for k, v in kwargs.items()})
+            strategy = make_strategy(strategy, params)
+        elif kwargs:
+            raise HarnessError(f"model_args: unknown argument(s) {', '.join(sorted(kwargs))}; known: path, "
+                               "steps, strategy, kv_policy, live, batch_size, device, dtype, max_length, "
+                               "max_gen_toks, seed")
+        if not live and _is_fixed(strategy):
+            steps, strategy = min(int(strategy.step), R), None  # fixed k = the model truncated to k steps
+        self.steps = R if steps is None else int(steps)
+        # live: loglikelihood requests run token by token with early exit (ouro_lab.live)
+        if isinstance(live, str):
+            live = live.strip().lower() in ("1", "true", "yes")
+        self.live = bool(live) if live is not None else strategy is not None
+        if self.steps < 1:
+            raise HarnessError(f"model_args: steps must be >= 1, got {steps}")
+        self.strategy = strategy
+        if kv_policy not in KV_POLICIES:
+            raise HarnessError(f"model_args: kv_policy {kv_policy!r} unknown; "
+                               f"use one of {', '.join(KV_POLICIES)}")
+        self.kv_policy = kv_policy
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self.max_length = int(max_length or model.config.max_position_embeddings)
+        # the task's own max_gen_toks rules; given here, it caps the task's (default 256 if neither)
+        self.max_gen_cap = None if max_gen_toks is None else int(max_gen_toks)
+        self.max_gen_toks = self.max_gen_cap or 256
+        self.records: dict[tuple, dict] = {}
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """`--model_args path=ckpt,steps=2` or `path=ckpt,strategy=threshold,q=0.7,kv_policy=copy`
+        (parameters that are not OuroLM's go to the strategy)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """Model args as a dict (what lm-eval's CLI passes); lm-eval's batch_size and device
+        apply unless model_args set them (its default device cuda:0 falls back to the best
+        available one)."""
+        args = dict(arg_dict)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in
+                 ("batch_size", "device") and k not in args}
+        if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+            extra.pop("device")
+        return cls(**args, **extra)
+
+    # -- lm-eval plumbing
+    @property
+    def eot_token_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            eos = self.model.config.eos_token_id
+        return eos[0] if isinstance(eos, list) else int(eos)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "ouro")).replace("/", "__")
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return list(self.tokenizer(string, add_special_tokens=bool(add_special_tokens)).input_ids)
+
+    def tok_decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def encode_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) exactly as lm-eval's TemplateLM.loglikelihood splits them."""
+        if context == "":
+            cont = self.tok_encode(continuation, add_special_tokens=False)
+            if not cont:
+                return [self.prefix_token_id], []
+            return (([self.prefix_token_id], cont) if self.prefix_token_id != cont[0]
+                    else (cont[:1], cont[1:]))
+        return self._encode_pair(context, continuation)
+
+    def rolling_units(self, string: str) -> list[tuple[list[int], list[int]]]:
+        """Disjoint windows of a rolling-loglikelihood text, as lm-eval's HFLM makes them."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        return [make_disjoint_window(w) for w in get_rolling_token_windows(
+            token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+            max_seq_len=self.max_length, context_len=1)]
+
+    # -- the three request types
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        units = [Unit(tuple(c), tuple(x)) for _, c, x in requests]
+        return self._score_units(units, [None] * len(units))
+
+    def _score_units(self, units: list[Unit], keys: list) -> list[tuple[float, bool]]:
+        if self.live:
+            res, recs = live_score_units(self.model, units, self.strategy, self.kv_policy,
+                                         self.batch_size, self.max_length, self.steps, self.seed)
+            for k, rec in zip(keys, recs, strict=True):
+                if k is not None:
+                    self.records.setdefault(k, _empty_record()).update_add(rec)
+            return res
+        if self.strategy is not None:  # never score full depth under a strategy's name
+            raise HarnessError("model_args: a strategy on loglikelihood requests needs live=true (a true "
+                               "early-exit run); `ouro-lab eval` and `ouro-lab sweep` replay it from a trace")
+        sig, unit, _, _ = _units_forward(self.model, units, self.steps, self.batch_size,
+                                         self.max_length, signals=False)
+        lengths = torch.bincount(unit, minlength=len(units)).tolist()
+        return unit_results(sig["target_logprob"][-1], sig["target_is_argmax"][-1], lengths)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        units, keys = [], []
+        for req in requests:
+            c, x = self.encode_request(*req.args)
+            units.append(Unit(tuple(c), tuple(x)))
+            keys.append((req.task_name, req.doc_id, req.idx))
+        return self._score_units(units, keys)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        units, owner, keys = [], [], []
+        for i, req in enumerate(requests):
+            for c, x in self.rolling_units(req.args[0]):
+                units.append(Unit(tuple(c), tuple(x)))
+                owner.append(i)
+                keys.append((req.task_name, req.doc_id, req.idx))
+        res = self._score_units(units, keys)
+        total = [0.0] * len(requests)
+        for i, (lp, _) in zip(owner, res, strict=True):
+            total[i] += lp
+        return total
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        # group by generation kwargs, then length-sorted batches
+        groups = defaultdict(list)
+        for i, req in enumerate(requests):
+            gk = dict(req.args[1] if len(req.args) > 1 else {})
+            until = gk.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            eos_text = self.tok_decode([self.eot_token_id])
+            if eos_text and eos_text not in until:
+                until.append(eos_text)
+            max_new = int(gk.pop("max_gen_toks", self.max_gen_toks))
+            if self.max_gen_cap is not None:
+                max_new = min(max_new, self.max_gen_cap)
+            if gk.get("do_sample") or (gk.get("temperature") or 0) > 0:
+                raise HarnessError("generate_until: only greedy decoding is supported "
+                                   "(set do_sample: false, temperature: 0)")
+            groups[(tuple(until), max_new)].append(i)
+        done: list = [None] * len(requests)  # (text, record) per request
+        plan: list[int] = []  # requests in the order their batches run (records keep it)
+        n_batch = 0
+        for (until, max_new), idx in groups.items():
+            enc = {i: self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in idx}
+            idx = sorted(idx, key=lambda i: (-len(enc[i]), i))
+            for s in range(0, len(idx), self.batch_size):
+                b = idx[s:s + self.batch_size]
+                plan.extend(b)
+                n_batch += 1
+                if not distributed.owns(n_batch - 1):  # data parallel: whole batches per rank
+                    continue
+                prompts = [enc[i][-(self.max_length - max_new):] if max_new < self.max_length
+                           else enc[i][-1:] for i in b]
+                texts, recs = live_generate(self.model, self.tokenizer, prompts, self.strategy,
+                                            self.kv_policy, until=list(until), max_new_tokens=max_new,
+                                            steps=self.steps, eos_token_id=self.eot_token_id, seed=self.seed,
+                                            row_ids=b)
+                for i, t, rec in zip(b, texts, recs, strict=True):
+                    done[i] = (t, rec)
+        done = distributed.merge(done)  # every rank gets every request (no-op in one process)
+        for i in plan:
+            out[i], rec = done[i]
+            r = requests[i]
+            self.records.setdefault((r.task_name, r.doc_id, r.idx), _empty_record()).update_add(rec)
+        return out
+
+
+def _is_fixed(strategy) -> bool:
+    """The `fixed` strategy (exit every token at step k), however the registry named its module."""
+    mod = type(strategy).__module__ if strategy is not None else ""
+    return hasattr(strategy, "step") and (mod.endswith("fixed") or "_fixed_" in mod)
+
+
+class _Record(dict):
+    """Per-request compute of a live run: tokens, sum of exit steps (1-based), steps
+    executed, FLOPs executed (prefill included for loglikelihood), wall seconds."""
+
+    def update_add(self, other: dict) -> None:
+        for k, v in other.items():
+            self[k] = self.get(k, 0) + v
+
+
+def _empty_record() -> _Record:
+    return _Record()

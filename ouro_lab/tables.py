@@ -1,0 +1,139 @@
+"""Tidy tables from finished settings: metrics (long, with paired-bootstrap CIs), samples (wide), exits.
+
+    metrics, samples, exits = assemble(records, frames, recipe)   # -> metrics.csv, samples.parquet, exits.csv
+
+`records` are (Setting, mode, stored record) triples and `frames` the settings' per-document
+samples tagged with `tag_samples`, as the sweep's `SettingStore` keeps them.
+"""
+
+from __future__ import annotations
+
+from ouro_lab.recipe import Recipe
+from ouro_lab.settings import Setting
+
+
+def tag_samples(samples, s: Setting, mode: str):
+    """A setting's per-document samples with its setting, strategy, params and mode in front."""
+    samples = samples.copy()
+    samples.insert(0, "setting", s.label)
+    samples.insert(1, "strategy", s.strategy)
+    samples.insert(2, "params", s.params_json)
+    samples.insert(3, "mode", mode)
+    return samples
+
+
+COLUMNS = ["task", "strategy", "params", "setting", "granularity", "kind", "mode", "kv_policy", "is_full",
+           "metric", "filter", "value", "stderr", "ci_low", "ci_high", "delta_vs_full", "delta_ci_low",
+           "delta_ci_high", "steps_used_mean", "steps_executed_mean", "flops_per_token",
+           "flops_executed_per_token", "flops_rel", "n_docs"]
+
+
+def _measure(metric: str, filt: str) -> str:
+    return metric if filt in ("none", "", None) else f"{metric},{filt}"
+
+
+def wide_samples(frames):
+    """Per-document rows, one per task x setting x mode x doc; metrics under a filter
+    other than "none" become columns `metric,filter`."""
+    import pandas as pd
+
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True)
+    if "filter" not in df.columns:
+        return df
+    key = ["setting", "strategy", "params", "mode", "task", "doc_id"]
+    metric_cols = [c for c in df.columns if c not in key and c not in SAMPLE_COMPUTE
+                   and c not in ("filter", "difficulty")]
+    parts = []
+    for _, dt in df.groupby("task", sort=True):  # per task: its first filter brings the compute columns
+        out = None
+        for f in sorted(dt["filter"].unique(), key=lambda f: (f != "none", f)):
+            d = dt[dt["filter"] == f].drop(columns="filter")
+            d = d.rename(columns={c: _measure(c, f) for c in metric_cols})
+            if out is None:
+                out = d
+            else:
+                out = out.merge(d[key + [_measure(c, f) for c in metric_cols]], on=key, how="outer")
+        parts.append(out.dropna(axis=1, how="all"))
+    return pd.concat(parts, ignore_index=True)
+
+
+SAMPLE_COMPUTE = {"steps_used", "steps_executed", "flops_per_token", "flops_executed_per_token", "tokens",
+                  "flops", "flops_executed", "seconds"}
+
+
+def assemble(records, frames, recipe: Recipe):
+    """metrics (long: one row per task x setting x mode x metric), samples (wide, per
+    document) and exits (counts per task x setting x step), with paired-bootstrap CIs,
+    FLOPs relative to full depth and differences from full depth."""
+    import numpy as np
+    import pandas as pd
+
+    from ouro_lab import stats
+
+    samples = wide_samples(frames)
+    rows = []
+    for s, mode, rec in records:
+        for m in rec["metrics"]:
+            rows.append({"task": m["task"], "strategy": s.strategy, "params": s.params_json,
+                         "setting": s.label,
+                         "granularity": s.granularity, "kind": "fixed" if s.strategy == "fixed" else s.kind,
+                         "mode": mode, "kv_policy": recipe.live.kv_policy if mode == "live" else "",
+                         "is_full": s.is_full, "metric": _measure(m["metric"], m.get("filter", "none")),
+                         "filter": m.get("filter", "none"), "value": m["value"], "stderr": m.get("stderr"),
+                         **{k: m.get(k, np.nan) for k in ("steps_used_mean", "steps_executed_mean",
+                                                          "flops_per_token", "flops_executed_per_token")}})
+    metrics = pd.DataFrame(rows)
+    for c in COLUMNS:
+        if c not in metrics.columns:
+            metrics[c] = np.nan
+    # the reference mode of a task: replay where a trace exists, else live (generation tasks)
+    base = {t: ("replay" if (d["mode"] == "replay").any() else "live") for t, d in metrics.groupby("task")}
+    full = metrics[metrics.is_full & (metrics["mode"] == metrics.task.map(base))]
+    full_flops = full.groupby("task").flops_executed_per_token.first()
+    metrics["flops_rel"] = metrics.flops_executed_per_token / metrics.task.map(full_flops)
+    fullv = full.set_index(["task", "metric"]).value
+    metrics["delta_vs_full"] = [v - fullv.get((t, m), np.nan) for t, m, v in
+                                zip(metrics.task, metrics.metric, metrics.value, strict=True)]
+    # paired bootstrap over documents, the same resamples for every setting of a task
+    for task in metrics.task.unique():
+        st = samples[samples.task == task] if len(samples) else samples
+        docs = np.sort(st.doc_id.unique()) if len(st) else np.array([])
+        idx = stats.bootstrap_indices(len(docs), recipe.bootstrap, recipe.seed)
+        full_label = full[full.task == task].setting.iloc[0] if len(full[full.task == task]) else None
+        for i in metrics.index[metrics.task == task]:
+            r = metrics.loc[i]
+            if r.metric not in st.columns:
+                continue
+            x = _per_doc(st, r.setting, r["mode"], r.metric, docs)
+            if x is None or not np.isfinite(x).all() or abs(x.mean() - r.value) > 1e-6:
+                continue  # not a mean over documents (perplexity, grouped metrics): no doc-level CI
+            metrics.loc[i, ["ci_low", "ci_high"]] = stats.mean_ci(x, idx)
+            metrics.loc[i, "n_docs"] = len(docs)
+            y = _per_doc(st, full_label, base[task], r.metric, docs) if full_label else None
+            if y is not None and np.isfinite(y).all():
+                metrics.loc[i, ["delta_ci_low", "delta_ci_high"]] = stats.mean_ci(x - y, idx)
+    metrics = metrics[COLUMNS].sort_values(["task", "mode", "strategy", "flops_executed_per_token", "params",
+                                            "metric"], kind="stable").reset_index(drop=True)
+    exits = []
+    for s, mode, rec in records:
+        for e in rec.get("exits", []):
+            exits.append({"task": e["task"], "setting": s.label, "strategy": s.strategy, "mode": mode,
+                          "step": int(e["step"]), "count": int(e["count"])})
+    exits = pd.DataFrame(exits, columns=["task", "setting", "strategy", "mode", "step", "count"])
+    exits = exits.sort_values(["task", "mode", "setting", "step"], kind="stable").reset_index(drop=True)
+    if len(samples):
+        samples = samples.sort_values(["task", "mode", "setting", "doc_id"], kind="stable")
+        samples = samples.reset_index(drop=True)
+    return metrics, samples, exits
+
+
+def _per_doc(st, setting, mode, metric, docs):
+    import numpy as np
+
+    d = st[(st.setting == setting) & (st["mode"] == mode)]
+    if not len(d) or metric not in d.columns:
+        return None
+    v = d.groupby("doc_id")[metric].first().reindex(docs)
+    return v.to_numpy(dtype=np.float64)
