@@ -194,18 +194,23 @@ def sweep(recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/demo
                                                   help="folder of task YAMLs, repeatable (tasks.include)"),
           limit: float = typer.Option(None, "--limit", help="documents per task, a fraction if < 1"),
           seed: int = typer.Option(None, "--seed", help="seed of randomized rules and the bootstrap (seed)"),
+          log_samples: bool = _flag("also write lm-eval's samples JSONL per task and setting (log_samples)",
+                                    "--log_samples", "--log-samples"),
           dry_run: bool = _flag("validate, print grid and cost, stop", "--dry-run")):
     """Run a recipe end to end: trace pass, replay every setting, live runs, tables, plots, report."""
     from ouro_lab.sweep import run_sweep
 
-    run_sweep(recipe, _recipe_overrides(overrides, include_path, limit, seed), out=out, dry_run=dry_run)
+    run_sweep(recipe, _recipe_overrides(overrides, include_path, limit, seed, log_samples), out=out,
+              dry_run=dry_run)
 
 
-def _recipe_overrides(overrides, include_path=None, limit=None, seed=None) -> list[str]:
+def _recipe_overrides(overrides, include_path=None, limit=None, seed=None, log_samples=False) -> list[str]:
     """key=value overrides, with the lm-eval style options turned into theirs."""
     import json
 
     out = list(overrides or [])
+    if log_samples:
+        out.append("log_samples=true")
     if include_path:
         out.append("tasks.include=" + json.dumps([str(p) for p in include_path]))
     if limit is not None:
@@ -217,11 +222,12 @@ def _recipe_overrides(overrides, include_path=None, limit=None, seed=None) -> li
 
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
-             overrides: list[str] = typer.Argument(None, help="key=value overrides")):
+             overrides: list[str] = typer.Argument(None, help="key=value overrides"),
+             as_json: bool = _flag("print the plan as one JSON object", "--json")):
     """Check a recipe (every error at once) and print its expanded grid and estimated cost."""
     from ouro_lab.sweep import run_sweep
 
-    run_sweep(recipe, overrides or [], dry_run=True)
+    run_sweep(recipe, overrides or [], dry_run=True, as_json=as_json)
 
 
 @app.command()
@@ -288,11 +294,20 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
           dtype: str = typer.Option(None, help="float32, bfloat16, ... (default: the checkpoint's)"),
           device: str = _device(),
           out: Path = typer.Option(None, "--out", "--output_path", metavar="DIR",
-                                   help="folder for metrics.csv and samples"),
+                                   help="folder for metrics.csv and samples.parquet"),
+          seed: int = typer.Option(1234, "--seed", help="seed of few-shot sampling and randomized rules"),
+          threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: half the "
+                                      "cores this process may use, at most 8: no stall on a busy machine)"),
+          log_samples: bool = _flag("also write lm-eval's samples JSONL per task (needs --output_path)",
+                                    "--log_samples", "--log-samples"),
           cache_dir: Path = typer.Option(None, "--cache-dir",
                                          help="trace cache (default: $OURO_LAB_CACHE)")):
     """lm-eval metrics of a checkpoint, plain or under an exit strategy (with compute columns)."""
     from ouro_lab.errors import OuroLabError
+
+    if log_samples and out is None:
+        raise OuroLabError("eval: --log_samples writes files: give the folder with --output_path DIR")
+    _set_threads(threads)
     from ouro_lab.evaluate import evaluate_tasks
 
     if cache_dir is None:
@@ -305,11 +320,12 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
             raise OuroLabError(f"--param {p!r}: expected key=value, e.g. --param q=0.7")
         k, v = p.split("=", 1)
         params[k.strip()] = v.strip()
+    logs: list | None = [] if log_samples else None
     metrics, samples = evaluate_tasks(model_dir, tasks, include_path=include_path or None,
                                       data_root=data_root, limit=limit, num_fewshot=num_fewshot,
                                       steps=steps, strategy=strategy,
                                       params=params, kv_policy=kv_policy, live=live, batch_size=batch_size,
-                                      dtype=dtype, device=device, cache_dir=cache_dir)
+                                      dtype=dtype, device=device, cache_dir=cache_dir, seed=seed, log=logs)
     from ouro_lab import distributed
 
     if not distributed.is_main():
@@ -320,14 +336,21 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
         typer.echo(f"{r['task']:<24} {r['metric']:<16} {r['filter']:<16} {r['value']:.4f} "
                    f"± {r['stderr']:.4f}{extra}")
     if out is not None:
-        import pandas as pd
+        from ouro_lab.evaluate import write_outputs
 
-        out.mkdir(parents=True, exist_ok=True)
-        for name, frame in (("metrics.csv", pd.DataFrame(metrics)), ("samples.csv", samples)):
-            tmp = out / f".{name}.tmp"
-            frame.to_csv(tmp, index=False)
-            os.replace(tmp, out / name)
-        typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'samples.csv'}")
+        written = write_outputs(metrics, samples, out, strategy=strategy, params=params, steps=steps,
+                                logs=logs)
+        typer.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads: as asked, else half the cores this process may use (at most 8):
+    torch's default, every core, stalls when other work shares the machine."""
+    n = threads or max(1, min(8, len(os.sched_getaffinity(0)) // 2 if hasattr(os, "sched_getaffinity")
+                              else (os.cpu_count() or 2) // 2))
+    import torch
+
+    torch.set_num_threads(n)
 
 
 @app.command(name="lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,

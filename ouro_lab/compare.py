@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from ouro_lab import stats
-from ouro_lab.report import MODE, primary_metric, read_run
+from ouro_lab.report import KEY, MODE, primary_metric, read_run
 
 CONFIG = (("model", ("recipe", "model", "path")), ("model fingerprint", ("model_fingerprint",)),
           ("dtype", ("dtype",)), ("device", ("device",)),
@@ -113,8 +113,8 @@ def compare(run_a, run_b, resamples: int = 1000, seed: int = 0) -> str:
 
 def _task_rows(ra, rb, task, metric, resamples, seed, flagged) -> tuple[list[str], int]:
     ma, mb = ra["metrics"], rb["metrics"]
-    a = ma[(ma.task == task) & (ma.metric == metric)]
-    b = mb[(mb.task == task) & (mb.metric == metric)]
+    a = ma[(ma.task == task) & (ma[KEY] == metric)]
+    b = mb[(mb.task == task) & (mb[KEY] == metric)]
     j = a.merge(b, on=["setting", "strategy", "params", MODE], suffixes=("_a", "_b"))
     scale = 100.0 if ((j.value_a.between(0, 1)) & (j.value_b.between(0, 1))).all() else 1.0
     keys = [(s, param_key(p), m) for s, p, m in zip(j.strategy, j.params, j[MODE], strict=True)]

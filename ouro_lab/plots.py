@@ -45,7 +45,7 @@ STYLE = {"figure.dpi": DPI, "savefig.dpi": DPI, "axes.grid": True, "grid.alpha":
          "axes.spines.top": False, "axes.spines.right": False, "font.size": 9, "legend.fontsize": 7.5,
          "legend.frameon": False, "svg.hashsalt": "ouro-lab", "pdf.fonttype": 42}
 FIXED = "fixed"
-MODE, FILTER = "mode", "filter"
+MODE, KEY = "run_mode", "metric_key"  # metrics.csv's columns (ouro_lab.tables)
 REF = {"full": dict(color="0.2", ls=":", lw=1.1), "chance": dict(color="#B22222", ls="-.", lw=1.0),
        "band": dict(color="0.86", lw=0, zorder=0)}
 
@@ -55,10 +55,11 @@ def _save(fig, path: Path) -> Path:
     path = Path(path).with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None, "Producer": None}}
+    box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.1)  # once, not a draw per format
     for fmt in FORMATS:
         final = path.with_suffix(f".{fmt}")
         tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.{fmt}")
-        fig.savefig(tmp, format=fmt, bbox_inches="tight", metadata=meta[fmt])
+        fig.savefig(tmp, format=fmt, bbox_inches=box, metadata=meta[fmt])
         os.replace(tmp, final)
     plt.close(fig)
     return path
@@ -66,7 +67,6 @@ def _save(fig, path: Path) -> Path:
 
 def _caption(fig, text: str) -> None:
     """The figure's caption, under everything already drawn (axes, labels, a legend below)."""
-    fig.canvas.draw()
     box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
     w, h = fig.get_size_inches()
     fig.text(box.x0 / w, (box.y0 - 0.06) / h, text, ha="left", va="top", fontsize=7, color="0.3",
@@ -82,14 +82,9 @@ def _yerr(d, scale: float = 1.0):
 
 
 def _rows(metrics, task: str, metric: str):
-    """A task's rows of one metric; `metric` may be lm-eval's 'metric,filter' key."""
+    """A task's rows of one metric key ('acc', 'exact_match,strip': ouro_lab.tables)."""
     m = metrics[metrics.task == task]
-    if FILTER in m.columns and "," not in metric and (m.metric == metric).any():
-        return m[m.metric == metric]
-    name, filt = split_metric(metric)
-    if (m.metric == metric).any():
-        return m[m.metric == metric]
-    return m[(m.metric == name) & (m[FILTER].astype(str) == filt)]
+    return m[m[KEY] == metric]
 
 
 def _strategies(rows) -> list[str]:
@@ -196,6 +191,8 @@ def _curve(ax, d, x: str, scale: float, live: bool, points: list, obstacles: lis
     ax.errorbar(xs, ys, yerr=_yerr(d, scale), label=label, **style)
     if s == FIXED:
         names = [f"step {n}" for n in names]
+    elif not any(names):  # a setting without parameters (the oracle): its name
+        names = [s] * len(names)
     points += [(a, b, n, color) for a, b, n in zip(xs, ys, names, strict=True)]
     obstacles += list(zip(xs, ys, strict=True))
 

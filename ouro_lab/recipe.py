@@ -132,6 +132,8 @@ class Recipe(_Strict):
     bootstrap: int = Field(1000, ge=0, le=100_000, description="paired-bootstrap resamples (0: none)")
     tolerance: float = Field(1.0, ge=0, description="accuracy loss (points) allowed for 'compute saved'")
     batch_size: int = Field(8, ge=1)
+    log_samples: bool = Field(False, description="also write lm-eval's samples JSONL per task and setting "
+                                                 "(samples/<run_mode>/<setting>/samples_<task>.jsonl)")
     output: str | None = Field(None, description="run folder (default results/<recipe>/<run-id>)")
 
     @model_validator(mode="before")
@@ -438,7 +440,9 @@ def canonical(recipe: Recipe) -> dict:
 
 
 def recipe_hash(recipe: Recipe, n: int = 10) -> str:
-    """Content hash of the resolved recipe, minus where its results go."""
+    """Content hash of the resolved recipe, minus where its results go and whether
+    per-sample logs are written (neither changes a number)."""
     d = canonical(recipe)
     d.pop("output", None)
+    d.pop("log_samples", None)
     return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=16).hexdigest()[:n]

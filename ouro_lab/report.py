@@ -26,10 +26,10 @@ import pandas as pd
 from ouro_lab import stats
 from ouro_lab.errors import OuroLabError
 from ouro_lab.files import atomic_write
-from ouro_lab.labels import LOWER_IS_BETTER, metric_words, points_scale
+from ouro_lab.labels import metric_words, points_scale
+from ouro_lab.tables import MODE, primary_key
 
-PRIMARY = ("acc", "exact_match", "acc_norm", "f1", "mcc", "bleu")
-MODE, FILTER = "mode", "filter"
+KEY = "metric_key"  # a metric with its filter: the samples.parquet column of its per-document values
 
 
 class RunDirError(OuroLabError):
@@ -52,7 +52,21 @@ def read_run(run_dir: str | Path) -> dict:
             break
     exits = pd.read_csv(run / "exits.csv") if (run / "exits.csv").is_file() else None
     prov = json.loads((run / "provenance.json").read_text()) if (run / "provenance.json").is_file() else {}
+    metrics, samples, exits = (_current_names(f) for f in (metrics, samples, exits))
     return {"dir": run, "metrics": metrics, "samples": samples, "exits": exits, "provenance": prov}
+
+
+def _current_names(frame):
+    """Tables of runs made before the columns were renamed (mode, filter, metric as
+    'metric,filter') read as today's (run_mode, filter_name, metric + metric_key)."""
+    if frame is None:
+        return None
+    frame = frame.rename(columns={k: v for k, v in (("mode", MODE), ("filter", "filter_name"))
+                                  if k in frame.columns and v not in frame.columns})
+    if "metric" in frame.columns and KEY not in frame.columns:
+        frame[KEY] = frame.metric
+        frame["metric"] = frame.metric.str.split(",").str[0]
+    return frame
 
 
 def base_mode(metrics: pd.DataFrame, task: str) -> str:
@@ -61,13 +75,11 @@ def base_mode(metrics: pd.DataFrame, task: str) -> str:
 
 
 def primary_metric(metrics: pd.DataFrame, task: str) -> str:
-    have = list(dict.fromkeys(metrics[metrics.task == task].metric))
-    for m in PRIMARY:
-        for h in have:
-            if h == m or h.startswith(f"{m},"):
-                return h
-    higher = [m for m in have if m not in LOWER_IS_BETTER]
-    return (higher or have)[0]
+    """The task's main metric key: the rows marked `primary`, else chosen as tables does."""
+    m = metrics[metrics.task == task]
+    if "primary" in m.columns and m.primary.astype(bool).any():
+        return str(m[m.primary.astype(bool)][KEY].iloc[0])
+    return primary_key(m[KEY])
 
 
 # --------------------------------------------------------------------------- analysis
@@ -93,7 +105,7 @@ def _analyze_task(run: dict, task: str, tol: float) -> dict | None:
     metrics, samples, prov = run["metrics"], run["samples"], run["provenance"]
     recipe = prov.get("recipe", {})
     metric = primary_metric(metrics, task)
-    m = metrics[(metrics.task == task) & (metrics.metric == metric)]
+    m = metrics[(metrics.task == task) & (metrics[KEY] == metric)]
     mode = base_mode(metrics, task)
     rep = m[m[MODE] == mode]
     full = rep[rep.is_full.astype(bool)]
@@ -288,7 +300,7 @@ def _capital(s: str) -> str:
 def _representatives(metrics, task, t) -> list[str]:
     """Per adaptive strategy (oracles apart), the setting chosen for 'compute saved'
     (else its median-cost setting)."""
-    rep = metrics[(metrics.task == task) & (metrics.metric == t["metric"]) & (metrics[MODE] == t["mode"])]
+    rep = metrics[(metrics.task == task) & (metrics[KEY] == t["metric"]) & (metrics[MODE] == t["mode"])]
     chosen = {r["strategy"]: r["chosen"] for r in t["saved"] if r["chosen"]}
     out = []
     for s, d in rep.groupby("strategy", sort=False):

@@ -20,8 +20,8 @@ import numpy as np
 
 from ouro_lab.labels import strategy_style
 
-FILES = ("metrics.csv", "samples.parquet", "samples.csv", "exits.csv", "summary.json", "provenance.json",
-         "report.md")
+FILES = ("metrics.csv", "samples.parquet", "samples.csv", "exits.csv", "provenance.json")  # where present
+WRITTEN = ("summary.json", "report.md")  # written with the report itself
 
 
 @dataclass
@@ -209,8 +209,8 @@ def provenance_rows(prov: dict) -> list[list[str]]:
 
 def _files(run: dict) -> list[str]:
     d = run["dir"]
-    out = [f for f in FILES if (d / f).is_file()]
-    return out + (["plots/"] if (d / "plots").is_dir() else [])
+    out = [f for f in FILES if (d / f).is_file()] + list(WRITTEN) + ["plots/"]
+    return out + (["samples/"] if (d / "samples").is_dir() else [])
 
 
 def _text(cell) -> str:

@@ -30,8 +30,11 @@ from pathlib import Path
 from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.files import atomic_write
+from ouro_lab.plan import describe, plan
+from ouro_lab.progress import log, stderr_console
+from ouro_lab.progress import progress as progress_bars
 from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
-from ouro_lab.settings import Setting, cross_fit, expand_settings, folds_of, model_depth
+from ouro_lab.settings import Setting, cross_fit, expand_settings, folds_of
 from ouro_lab.store import (
     RunLock,
     SettingStore,
@@ -91,114 +94,27 @@ def versions() -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- progress
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False, disable=os.environ.get("OURO_LAB_PROGRESS") == "0")
-
-
-def _log(console, msg: str) -> None:
-    console.print(msg, highlight=False, markup=False)
-
-
-# --------------------------------------------------------------------------- dry run
-
-
-def describe(recipe: Recipe, settings: list[Setting], console, taskset=None) -> None:
-    from rich.table import Table
-
-    from ouro_lab.flops import ModelCost
-
-    cfg = json.loads((Path(recipe.model.path) / "config.json").read_text())
-    heads = cfg["num_attention_heads"]
-    R = model_depth(recipe)
-    cost = ModelCost(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
-                     cfg.get("num_key_value_heads") or heads,
-                     cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                     cfg["vocab_size"], R, bool(cfg.get("tie_word_embeddings", False)))
-    t = Table(title=f"{len(settings)} settings over {len(recipe.tasks.names)} task(s): "
-                    f"{', '.join(recipe.tasks.names)}")
-    for col in ("strategy", "settings", "params", "granularity", "live"):
-        t.add_column(col, overflow="fold")
-    groups: dict[str, list[Setting]] = {}
-    for s in settings:
-        groups.setdefault(f"{s.strategy}#{s.index}", []).append(s)
-    for ss in groups.values():
-        t.add_row(ss[0].strategy, str(len(ss)), "; ".join(s.params_json for s in ss[:6])
-                  + (" ..." if len(ss) > 6 else ""), ss[0].granularity, "yes" if ss[0].live else "-")
-    console.print(t)
-    full = cost.token_flops(R, ctx=0)
-    console.print(f"FLOPs per token at full depth ({R} steps, context 0): {full / 1e6:,.3f} MFLOP; per step "
-                  f"{cost.step_flops(0) / 1e6:,.3f} MFLOP + {cost.attn_flops_per_ctx:,} x ctx",
-                  highlight=False)
-    if taskset is None:
-        return
-    ll = taskset.names_of("multiple_choice", "loglikelihood", "loglikelihood_rolling")
-    gen = taskset.names_of("generate_until")
-    live_ll = sum(s.live for s in settings) * len(ll)
-    decodable = [s for s in settings if s.kind != "select" and not s.fitted and s.granularity == "token"]
-    live_gen = len(decodable) * len(gen)
-    requests, tokens, flops = _request_cost(recipe, taskset, ll, cost, R)
-    for name in recipe.tasks.names:
-        task = taskset.tasks[name]
-        console.print(f"task {name}: {task.OUTPUT_TYPE}, {_n_docs(task, recipe.tasks.limit)} documents",
-                      highlight=False)
-    console.print(f"model passes: {1 if ll else 0} full-depth trace pass ({requests} requests, ~{tokens:,} "
-                  f"tokens, ~{flops / 1e9:,.2f} GFLOP; 0 if a cached trace matches) + {live_ll} live "
-                  f"loglikelihood run(s) + {live_gen} live generation run(s); replaying {len(settings)} "
-                  "settings needs no model", highlight=False)
-
-
-def _n_docs(task, limit) -> int:
-    n = len(task.eval_docs)
-    return min(n, int(limit)) if limit else n
-
-
-def _request_cost(recipe: Recipe, taskset, names: list[str], cost, R: int) -> tuple[int, int, float]:
-    """Requests, tokens and full-depth FLOPs of the trace pass (tokens counted with the
-    checkpoint's tokenizer when it has one, else ~4 characters per token)."""
-    tok = None
-    if any((Path(recipe.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        with contextlib.suppress(Exception):  # an estimate only: fall back to characters
-            from ouro_lab.loading import load_tokenizer
-            tok = load_tokenizer(recipe.model.path)
-    requests = tokens = 0
-    flops = 0.0
-    for name in names:
-        task = taskset.tasks[name]
-        task.build_all_requests(limit=recipe.tasks.limit, rank=0, world_size=1)
-        for inst in task.instances:
-            text = "".join(a for a in inst.args if isinstance(a, str))
-            n = len(tok(text).input_ids) if tok is not None else max(1, len(text) // 4)
-            requests += 1
-            tokens += n
-            flops += cost.sequence_flops(n, R)
-    return requests, tokens, flops
-
-
 # --------------------------------------------------------------------------- the sweep
 
 
 def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Path | None = None,
-              dry_run: bool = False, console=None) -> Path | None:
-    """Run (or with `dry_run`, only validate and describe) a recipe. Returns the run folder."""
+              dry_run: bool = False, console=None, as_json: bool = False) -> Path | None:
+    """Run (or with `dry_run`, only validate and describe: on stdout, the plan as JSON with
+    `as_json`) a recipe. Returns the run folder."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-call bars; ours are on stderr
-    console = console or _console()
+    console = console or stderr_console()
     recipe, src = load_recipe(recipe_file, list(overrides))
     settings = expand_settings(recipe, src)
     if dry_run:
-        describe(recipe, settings, console, load_tasks(recipe, src))
-        _log(console, f"{src.file}: valid")
+        p = plan(recipe, settings, load_tasks(recipe, src))
+        if as_json:
+            print(json.dumps({"recipe": str(src.file), "valid": True, **p}, indent=2, default=jsonable))
+        else:
+            from rich.console import Console
+
+            out_console = Console()
+            describe(p, out_console)
+            log(out_console, f"{src.file}: valid")
         return None
     if out is not None:
         run_dir, what = Path(out), "--out"
@@ -208,8 +124,7 @@ def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Pat
         run_dir, what = default_run_dir(recipe, src), f"{src.file}: output (default results/)"
     distributed.init(recipe.model.device)  # under torchrun / accelerate launch: join the group
     if not distributed.is_main():
-        from rich.console import Console
-        console = Console(stderr=True, quiet=True)  # rank 0 alone reports, locks and writes
+        console = stderr_console(quiet=True)  # rank 0 alone reports, locks and writes
     check_writable(run_dir, what)
     lock = RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext()
     with lock, _threads(recipe.model.threads):
@@ -312,12 +227,35 @@ class _Run:
     progress: object
     calls: list  # [model forward calls so far] (a forward pre-hook counts them)
     prov: dict
+    run_dir: Path | None = None
     records: list = field(default_factory=list)  # (Setting, mode, stored record)
     frames: list = field(default_factory=list)   # their per-document samples, tagged
 
     @property
     def dirs(self) -> list[Path]:
         return [Path(d) for d in self.recipe.strategies_dirs]
+
+    def samples_dir(self, s: Setting, mode: str) -> Path:
+        """Where a setting's lm-eval samples JSONL go (`log_samples`)."""
+        from ouro_lab.sample_log import safe_name
+
+        return self.run_dir / "samples" / mode / safe_name(s.label)
+
+    def logged(self, s: Setting, mode: str, tasks: list[str]) -> bool:
+        """Nothing to log, or the setting's samples files are all there."""
+        d = self.samples_dir(s, mode)
+        return not self.recipe.log_samples or all((d / f"samples_{t}.jsonl").is_file() for t in tasks)
+
+    def log(self, s: Setting, mode: str, log: dict, samples) -> None:
+        """Write a finished setting's lm-eval samples JSONL (rank 0, `log_samples` only)."""
+        from ouro_lab.sample_log import lm_eval_samples, write_samples
+
+        if not self.recipe.log_samples or not distributed.is_main():
+            return
+        lines = lm_eval_samples(log["results"], log["tasks"], log.get("requests"), samples,
+                                {"setting": s.label, "strategy": s.strategy, "params": s.params,
+                                 "run_mode": mode}, log.get("exit_steps"))
+        write_samples(self.samples_dir(s, mode), lines)
 
     def keep(self, s: Setting, mode: str, key: str) -> None:
         """Read a finished setting back from the store (what every later table is made from)."""
@@ -343,13 +281,19 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     model, tok, taskset, fp = _load(recipe, src)
     prov["model_fingerprint"] = fp
     prov["device"] = str(model.device)
+    cfg = model.config
+    prov["model"] = {"name": Path(recipe.model.path).name, "parameters": model.num_parameters(),
+                     "layers": cfg.num_hidden_layers, "steps": recipe.model.steps or cfg.total_ut_steps,
+                     "hidden": cfg.hidden_size}
+    prov["tasks"] = {t: {"output_type": taskset.output_type(t), "chance": taskset.chance(t)}
+                     for t in taskset.tasks}
     calls = [0]
     hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     ll_tasks = taskset.names_of("multiple_choice", *LL_TYPES)
     gen_tasks = taskset.names_of("generate_until")
     store = SettingStore(run_dir)
-    with _progress(console) as progress:
-        run = _Run(recipe, settings, model, tok, taskset, fp, store, console, progress, calls, prov)
+    with progress_bars(console) as progress:
+        run = _Run(recipe, settings, model, tok, taskset, fp, store, console, progress, calls, prov, run_dir)
         if ll_tasks:
             _replay_all(run, _trace(run))
         _live_all(run, ll_tasks, gen_tasks)
@@ -367,7 +311,7 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     from ouro_lab.report import build_report
 
     res = build_report(run_dir)
-    _summary(console, res["summary"], run_dir)
+    _summary(res["summary"], run_dir)
     return run_dir
 
 
@@ -386,7 +330,7 @@ def _trace(run: _Run):
     reused = calls[0] == 0
     run.prov["trace"] = {"key": trace.meta.get("key"), "tokens": trace.n, "reused": reused,
                          "forward_calls": calls[0], "seconds": round(time.perf_counter() - t0, 3)}
-    _log(run.console, f"trace pass: {'reused cached trace' if reused else 'computed trace'} "
+    log(run.console, f"trace pass: {'reused cached trace' if reused else 'computed trace'} "
                       f"{trace.meta.get('key')} ({trace.n} tokens, {calls[0]} model forward calls)")
     return trace
 
@@ -394,9 +338,11 @@ def _trace(run: _Run):
 def _replay_all(run: _Run, trace) -> None:
     """Every setting replayed over the trace and scored (no model; rank 0 alone), each
     stored as soon as it is done; settings already in the store are read back."""
+    from ouro_lab.lm import LL_TYPES
     from ouro_lab.scoring import _unit_meta
 
     recipe = run.recipe
+    replayed = run.taskset.names_of("multiple_choice", *LL_TYPES)
     meta = _unit_meta(trace)
     fold = folds_of(trace, meta, recipe.calibration.folds, recipe.calibration.seed)
     tok_task = [meta[i][0] for i in trace.request.tolist()]
@@ -405,9 +351,11 @@ def _replay_all(run: _Run, trace) -> None:
         key = _hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
                     _source_hash(s.strategy, run.dirs), s.fitted and canonical(recipe)["calibration"],
                     recipe.bootstrap)
-        if not run.store.has(key):
+        if not run.store.has(key) or not run.logged(s, "replay", replayed):
             strat = cross_fit(s, trace, fold, recipe.calibration.folds) if s.fitted else s.obj
-            rec, samples = _replay(run.taskset, trace, strat, s, recipe, tok_task)
+            log: dict = {}
+            rec, samples = _replay(run.taskset, trace, strat, s, recipe, tok_task, log)
+            run.log(s, "replay", log, samples)
             run.store.save(key, rec, samples)
         run.keep(s, "replay", key)
         run.progress.advance(bar)
@@ -431,9 +379,11 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
                     recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
                     _source_hash(s.strategy, run.dirs), recipe.live.kv_policy, recipe.live.max_gen_toks,
                     recipe.bootstrap)
-        if not distributed.broadcast(run.store.has(key)):  # rank 0 decides; every rank runs it
-            rec, samples = _live(run.model, run.tok, run.taskset, task, s, recipe)
+        if not distributed.broadcast(run.store.has(key) and run.logged(s, "live", [task])):
+            log: dict = {}  # rank 0 decides; every rank runs it
+            rec, samples = _live(run.model, run.tok, run.taskset, task, s, recipe, log)
             if distributed.is_main():
+                run.log(s, "live", log, samples)
                 run.store.save(key, rec, samples)
         if not distributed.is_main():
             continue
@@ -441,14 +391,14 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
         run.progress.advance(bar)
 
 
-def _replay(taskset, trace, strat, s: Setting, recipe: Recipe, tok_task: list[str]):
+def _replay(taskset, trace, strat, s: Setting, recipe: Recipe, tok_task: list[str], log: dict | None = None):
     import pandas as pd
 
     from ouro_lab.scoring import exit_steps, score
 
     steps = exit_steps(trace, strat, s.granularity, recipe.seed)  # replayed once, used twice
     rows, samples = score(taskset, trace, strat, s.granularity, bootstrap_iters=recipe.bootstrap,
-                          seed=recipe.seed, exit_step=steps)
+                          seed=recipe.seed, exit_step=steps, log=log if recipe.log_samples else None)
     counts = pd.DataFrame({"task": tok_task, "step": steps.numpy()}).value_counts().reset_index()
     tokens = pd.Series(tok_task).value_counts()
     return {"metrics": rows, "exits": counts.to_dict("records"), "tokens": tokens.to_dict()}, \
@@ -471,7 +421,7 @@ def _with_tokens(samples, trace):
     return samples
 
 
-def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
+def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe, log: dict | None = None):
     """One setting run live on one task through lm-eval (`OuroLM(strategy=..., live=True)`):
     generate_until decodes token by token; loglikelihood really stops every token (prompt
     included) at its exit step. Compute per scored / generated token from the run's records."""
@@ -485,22 +435,25 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
     lm = OuroLM(model=model, tokenizer=tok, strategy=s.obj, kv_policy=recipe.live.kv_policy, seed=recipe.seed,
                 live=True, batch_size=recipe.batch_size, max_gen_toks=recipe.live.max_gen_toks)
     results = run_evaluate(lm, taskset, [task], recipe.bootstrap)
+    if log is not None:
+        log.update(results=results, tasks=taskset.tasks)
     per_doc: dict[int, dict] = {}
     for (t, doc_id, _idx), rec in lm.records.items():
         if t != task:
             continue
         d = per_doc.setdefault(int(doc_id), {"tokens": 0, "steps_used": 0, "steps_executed": 0, "flops": 0.0,
-                                             "flops_used": 0.0, "seconds": 0.0})
+                                             "flops_used": 0.0, "flops_total": 0.0, "seconds": 0.0})
         d["tokens"] += rec.get("tokens", 0)
         d["steps_used"] += rec.get("steps_used", 0)
         d["steps_executed"] += rec.get("steps_executed", 0)
         # decode FLOPs for generation, scored-token FLOPs for loglikelihood (prompt prefill apart)
         d["flops"] += rec.get("flops_decode", rec.get("flops_scored", rec.get("flops", 0.0)))
         d["flops_used"] += rec.get("flops_used_decode", rec.get("flops_used_scored", 0.0))
+        d["flops_total"] += rec.get("flops", 0.0)  # the whole request: prompt prefill included
         d["seconds"] += rec.get("seconds", 0.0)
     comp = pd.DataFrame([{"task": task, "doc_id": k, **v} for k, v in sorted(per_doc.items())])
-    tot = (comp[["tokens", "steps_used", "steps_executed", "flops", "flops_used", "seconds"]].sum()
-           if len(comp) else None)
+    summed = ["tokens", "steps_used", "steps_executed", "flops", "flops_used", "flops_total", "seconds"]
+    tot = comp[summed].sum() if len(comp) else None
     n = max(int(tot["tokens"]), 1) if tot is not None else 1
     rows = []
     for row in metric_rows(results):
@@ -510,7 +463,9 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
             row.update(steps_used_mean=float(tot["steps_used"]) / n,
                        steps_executed_mean=float(tot["steps_executed"]) / n,
                        flops_per_token=float(tot["flops_used"]) / n,
-                       flops_executed_per_token=float(tot["flops"]) / n, seconds=float(tot["seconds"]))
+                       flops_executed_per_token=float(tot["flops"]) / n,
+                       flops_total_per_token=float(tot["flops_total"]) / n, seconds=float(tot["seconds"]),
+                       seconds_per_token=float(tot["seconds"]) / n)
         rows.append(row)
     samples = pd.DataFrame(sample_rows(results, taskset))
     if len(samples) and len(comp):
@@ -518,7 +473,7 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
         comp = comp.assign(steps_used=comp.steps_used / tokens, steps_executed=comp.steps_executed / tokens,
                            flops_per_token=comp.flops_used / tokens,
                            flops_executed_per_token=comp.flops / tokens,
-                           flops_executed=comp.flops)
+                           flops_executed=comp.flops, flops_total_per_token=comp.flops_total / tokens)
         samples = samples.merge(comp, on=["task", "doc_id"], how="left")
     rows = [{k: (v if not (isinstance(v, float) and math.isnan(v)) else None) for k, v in r.items()}
             for r in rows]
@@ -526,19 +481,26 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
     return {"metrics": rows, "exits": [], "tokens": {task: ntok}}, samples
 
 
-def _summary(console, summary: dict, run_dir: Path) -> None:
+def _summary(summary: dict, run_dir: Path) -> None:
+    """The result, on stdout: per task its headline and the compute-saved table (cells
+    wrap, never cut), then where the run folder and the report are."""
+    from rich.console import Console
     from rich.table import Table
 
+    from ouro_lab.report_page import headline
+
+    console = Console()
     for task, t in summary["tasks"].items():
         sc = t["scale"]
-        tab = Table(title=f"{task}: {t['metric']} (full depth {t['full'] * sc:.1f}); compute saved at "
+        log(console, headline(task, t, summary["tolerance"]))
+        tab = Table(title=f"{task}: {t['metric_words']} (full depth {t['full'] * sc:.1f}); compute saved at "
                           f"<= {summary['tolerance']:g} point loss")
         for col in ("strategy", "setting", "FLOPs saved", "95% CI", "score change"):
-            tab.add_column(col)
+            tab.add_column(col, overflow="fold")
         for r in t["saved"]:
             tab.add_row(r["strategy"], r["chosen"] or "none within tolerance",
                         f"{r['saved'] * 100:.1f}%" if r["chosen"] else "-",
                         f"[{r['ci_low'] * 100:.1f}, {r['ci_high'] * 100:.1f}]",
                         "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}")
         console.print(tab)
-    _log(console, f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
+    log(console, f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")

@@ -155,6 +155,18 @@ class TaskSet:
         for task in self.tasks.values():
             task.set_fewshot_seed(seed=self.fewshot_seed)
 
+    def chance(self, task: str) -> float | None:
+        """Expected accuracy of a uniformly random answer on the documents scored: for
+        multiple choice the mean of 1 / (number of choices); None for other output types."""
+        from lm_eval.evaluator_utils import get_sample_size
+
+        t = self.tasks[task]
+        if t.OUTPUT_TYPE != "multiple_choice":
+            return None
+        docs = t.doc_iterator(rank=0, limit=get_sample_size(t, self.limit), world_size=1)
+        inv = [1.0 / len(t.doc_to_choice(doc)) for _, doc in docs]
+        return sum(inv) / len(inv) if inv else None
+
     def doc_meta(self, task: str, doc_id: int, key: str):
         docs = self.tasks[task].eval_docs
         doc = docs[int(doc_id)]

@@ -19,6 +19,7 @@ strategies:
   - {{name: oracle}}
 bootstrap: 200
 batch_size: 16
+log_samples: true
 """
 
 _made: dict[str, Path] = {}

@@ -45,7 +45,7 @@ def test_compute_saved_and_budgets_agree_with_metrics(run1):
     tol = summary["tolerance"]
     t = summary["tasks"]["tiny_mc"]
     assert t["metric"] == "acc" and t["mode"] == "replay"
-    rows = m[(m.task == "tiny_mc") & (m.metric == "acc") & (m["mode"] == "replay")]
+    rows = m[(m.task == "tiny_mc") & (m.metric == "acc") & (m["run_mode"] == "replay")]
     full = rows[rows.is_full].iloc[0]
     assert t["full"] == pytest.approx(full.value)
     for r in t["saved"]:
@@ -178,11 +178,11 @@ def test_compare_says_what_changed(run1, tmp_path):
     prov["recipe"]["seed"] = 99
     (other / "provenance.json").write_text(json.dumps(prov))
     s = pd.read_parquet(other / "samples.parquet")
-    hit = (s.task == "tiny_mc") & (s.setting == "threshold(q=0.9)") & (s["mode"] == "replay")
+    hit = (s.task == "tiny_mc") & (s.setting == "threshold(q=0.9)") & (s["run_mode"] == "replay")
     s.loc[hit, "acc"] = 1.0  # every document right in B
     s.to_parquet(other / "samples.parquet")
     m = pd.read_csv(other / "metrics.csv")
-    row = ((m.task == "tiny_mc") & (m.setting == "threshold(q=0.9)") & (m["mode"] == "replay")
+    row = ((m.task == "tiny_mc") & (m.setting == "threshold(q=0.9)") & (m["run_mode"] == "replay")
            & (m.metric == "acc"))
     before = float(m.loc[row, "value"].iloc[0])
     m.loc[row, "value"] = s.loc[hit, "acc"].mean()
