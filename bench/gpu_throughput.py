@@ -11,9 +11,10 @@ Two measurements, each the median of `--reps` timed runs after `--warmup` untime
 * prefill: one full-depth forward of `--batch` x `--seq` tokens plus the LM-head readout
   of the last step for every token; FLOPs = `ModelCost.sequence_flops` (causal attention:
   token t attends to t keys; the masked half of the score matrix is not credited).
-* decode: greedy generation of `--new-tokens` tokens per row with the per-(step, layer)
-  KV cache (`model.generate`), its time minus one prefill's; FLOPs = `ModelCost.token_flops`
-  of every token fed after the prompt at its context length (`decode_flops`).
+* decode: greedy generation of `--new-tokens` tokens per row with the static per-(step,
+  layer) KV cache (`model.generate`), its time minus that of its own prefill (a forward
+  and the readout of the last position, which gives the first token); FLOPs =
+  `ModelCost.token_flops` of the n - 1 tokens fed after the prompt (`decode_flops`).
 
 Achieved TFLOP/s = FLOPs / median seconds; utilisation = achieved / peak. Peak memory is
 `torch.cuda.max_memory_allocated`. Without a CUDA device the script exits at once with
@@ -76,11 +77,10 @@ def prefill_flops(cost: ModelCost, batch: int, seq: int, steps: int) -> float:
 
 
 def decode_flops(cost: ModelCost, batch: int, prompt: int, new_tokens: int, steps: int) -> float:
-    """What `model.generate(max_new_tokens=n)` runs after the prefill (whose readout gives
-    the first token): n one-token forwards at full depth, token i (0-based) at context
-    prompt + i + 1 (itself included), and a readout after each but the last."""
-    return batch * sum(cost.token_flops(steps, ctx=prompt + i + 1, readouts=int(i < new_tokens - 1))
-                       for i in range(new_tokens))
+    """What `model.generate(max_new_tokens=n)` runs after its prefill (whose readout of the
+    last position gives the first token): n - 1 one-token forwards at full depth, token i
+    (1-based) at context prompt + i (itself included), each with a readout."""
+    return batch * cost.sequence_flops(new_tokens - 1, steps, readouts=1, past=prompt)
 
 
 def random_model(cfg, device, dtype, seed: int = 0):
@@ -135,6 +135,10 @@ def measure(model, batch: int, seq: int, new_tokens: int, reps: int = 5, warmup:
         with torch.inference_mode():
             model(ids).logits(-1)
 
+    def generate_prefill():  # what generate runs before its first decode step
+        with torch.inference_mode():
+            model.lm_head(model(ids, cache=model.new_cache(batch, seq + new_tokens)).step_hidden[-1][:, -1])
+
     def generate():
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=new_tokens, use_cache=True)
@@ -143,12 +147,12 @@ def measure(model, batch: int, seq: int, new_tokens: int, reps: int = 5, warmup:
         torch.cuda.reset_peak_memory_stats(dev)
     t_pre = _timed(prefill, sync, reps, warmup)
     t_gen = _timed(generate, sync, max(1, reps // 2), 1)
-    t_dec = max(t_gen - t_pre, 1e-9)
+    t_dec = max(t_gen - _timed(generate_prefill, sync, max(1, reps // 2), 1), 1e-9)
     f_pre = prefill_flops(cost, batch, seq, R)
     f_dec = decode_flops(cost, batch, seq, new_tokens, R)
     out = {"prefill_s": t_pre, "prefill_tokens_per_s": batch * seq / t_pre, "prefill_flops": f_pre,
            "prefill_tflops": f_pre / t_pre / 1e12, "decode_s": t_dec,
-           "decode_tokens_per_s": batch * new_tokens / t_dec, "decode_flops": f_dec,
+           "decode_tokens_per_s": batch * (new_tokens - 1) / t_dec, "decode_flops": f_dec,
            "decode_tflops": f_dec / t_dec / 1e12}
     out["peak_mem_gib"] = (torch.cuda.max_memory_allocated(dev) / 2**30) if dev.type == "cuda" else None
     return out

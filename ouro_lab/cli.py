@@ -196,12 +196,14 @@ def sweep(recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/demo
           seed: int = typer.Option(None, "--seed", help="seed of randomized rules and the bootstrap (seed)"),
           log_samples: bool = _flag("also write lm-eval's samples JSONL per task and setting (log_samples)",
                                     "--log_samples", "--log-samples"),
-          dry_run: bool = _flag("validate, print grid and cost, stop", "--dry-run")):
+          dry_run: bool = _flag("validate, print grid and cost, stop", "--dry-run"),
+          require_cache: bool = _flag("stop at once if the trace cache ($OURO_LAB_CACHE) cannot be written "
+                                      "(default: run without caching, saying so)", "--require-cache")):
     """Run a recipe end to end: trace pass, replay every setting, live runs, tables, plots, report."""
     from ouro_lab.sweep import run_sweep
 
     run_sweep(recipe, _recipe_overrides(overrides, include_path, limit, seed, log_samples), out=out,
-              dry_run=dry_run)
+              dry_run=dry_run, require_cache=require_cache)
 
 
 def _recipe_overrides(overrides, include_path=None, limit=None, seed=None, log_samples=False) -> list[str]:
@@ -285,6 +287,8 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
           num_fewshot: int = typer.Option(None, "--num-fewshot", help="override every task's few-shot count"),
           steps: int = typer.Option(None, "--steps", help="run the model cut to this many loop steps"),
           strategy: str = typer.Option(None, "--strategy", help="exit strategy (see `ouro-lab strategies`)"),
+          strategies_dir: list[Path] = typer.Option(None, "--strategies-dir",
+                                                    help="extra folder of strategy files (repeatable)"),
           param: list[str] = typer.Option(None, "--param", "-p",
                                           help="strategy parameter key=value, repeatable"),
           kv_policy: str = typer.Option("copy", "--kv-policy", help="live runs: full, copy or last"),
@@ -309,11 +313,9 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
         raise OuroLabError("eval: --log_samples writes files: give the folder with --output_path DIR")
     _set_threads(threads)
     from ouro_lab.evaluate import evaluate_tasks
+    from ouro_lab.store import trace_cache
 
-    if cache_dir is None:
-        from ouro_lab.store import cache_dir as default_cache
-
-        cache_dir = default_cache()
+    cache_dir = trace_cache(log=lambda m: typer.echo(m, err=True), path=cache_dir)  # checked before any pass
     params = {}
     for p in param or []:
         if "=" not in p:
@@ -325,7 +327,8 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
                                       data_root=data_root, limit=limit, num_fewshot=num_fewshot,
                                       steps=steps, strategy=strategy,
                                       params=params, kv_policy=kv_policy, live=live, batch_size=batch_size,
-                                      dtype=dtype, device=device, cache_dir=cache_dir, seed=seed, log=logs)
+                                      dtype=dtype, device=device, cache_dir=cache_dir, seed=seed, log=logs,
+                                      strategies_dirs=strategies_dir or ())
     from ouro_lab import distributed
 
     if not distributed.is_main():

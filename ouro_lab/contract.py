@@ -30,8 +30,9 @@ from ouro_lab.strategy import (
 
 def synthetic_signals(steps: int = 4, n: int = 200, seed: int = 0, doc_size: int = 4) -> Signals:
     """Self-consistent random signals of every name, with attention contexts, a tiny
-    model's cost and an `outcome` (a document of `doc_size` consecutive tokens scores 1
-    when every target is the top-1 at its exit step): what `check_contract` feeds a rule."""
+    model's cost and an `outcome` (a document of `doc_size` consecutive tokens scores the
+    share of its targets that are the top-1 at their exit step): what `check_contract`
+    feeds a rule."""
     from ouro_lab.flops import ModelCost
     from ouro_lab.trace import random_signals
 
@@ -45,7 +46,7 @@ def synthetic_signals(steps: int = 4, n: int = 200, seed: int = 0, doc_size: int
 
     def outcome(exit_step: Tensor) -> Tensor:
         ok = hit.gather(0, exit_step[None])[0].double()
-        return torch.zeros(int(doc.max()) + 1, dtype=torch.float64).scatter_reduce(0, doc, ok, "amin")
+        return torch.zeros(int(doc.max()) + 1, dtype=torch.float64).index_add(0, doc, ok) / doc_size
 
     return Signals(data, steps, torch.arange(n), doc, seed, ctx, cost, n, outcome)
 

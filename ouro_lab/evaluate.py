@@ -100,15 +100,15 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
                    steps=None, strategy=None, params=None, kv_policy: str = "copy", live: bool = False,
                    batch_size: int = 8, dtype=None, device=None, cache_dir=None,
                    max_gen_toks: int | None = None, seed: int = 1234, log: list | None = None,
-                   console=None):
+                   console=None, strategies_dirs=()):
     """`ouro-lab eval`: lm-eval metrics of a checkpoint on `tasks` (names or a comma list).
 
     Without `strategy`: a plain lm-eval run of the model (cut to `steps`). With one:
     loglikelihood tasks from one cached trace pass + replay (or a true early-exit run
-    with `live`), generation tasks live under `kv_policy`. `seed` seeds few-shot sampling
-    and randomized rules; each stage says on `console` (stderr) how long it took; `log`,
-    a list, receives each part's lm-eval results for `ouro_lab.sample_log`. Returns
-    (metrics, samples)."""
+    with `live`), generation tasks live under `kv_policy`; `strategies_dirs` are extra
+    folders of strategy files. `seed` seeds few-shot sampling and randomized rules; each
+    stage says on `console` (stderr) how long it took; `log`, a list, receives each part's
+    lm-eval results for `ouro_lab.sample_log`. Returns (metrics, samples)."""
     import pandas as pd
 
     from ouro_lab.loading import fingerprint, load_model, load_tokenizer
@@ -134,7 +134,7 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
         raise HarnessError("eval: give either --steps or --strategy, not both")
     from ouro_lab.registry import make_strategy
 
-    st = make_strategy(strategy, params or {}) if isinstance(strategy, str) else strategy
+    st = make_strategy(strategy, params or {}, strategies_dirs) if isinstance(strategy, str) else strategy
     from ouro_lab.strategy import ExitStrategy
 
     if type(st).fit is not ExitStrategy.fit:
@@ -178,8 +178,9 @@ def write_outputs(metrics: list[dict], samples, out, strategy=None, params=None,
     import pandas as pd
 
     from ouro_lab.sample_log import lm_eval_samples, write_samples
+    from ouro_lab.stats import primary_metric
     from ouro_lab.store import atomic_frame
-    from ouro_lab.tables import _measure, param_columns, primary_key
+    from ouro_lab.tables import _measure, param_columns
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +193,7 @@ def write_outputs(metrics: list[dict], samples, out, strategy=None, params=None,
         m.insert(0, "params", json.dumps(p, sort_keys=True))
         m.insert(0, "strategy", name)
         m.insert(3, "metric_key", [_measure(a, b) for a, b in zip(m.metric, m.filter_name, strict=True)])
-        main = {t: primary_key(d.metric_key) for t, d in m.groupby("task")}
+        main = {t: primary_metric(d.metric_key) for t, d in m.groupby("task")}
         m.insert(3, "primary", m.metric_key == m.task.map(main))
         m = param_columns(m)
     written = [out / "metrics.csv", out / "samples.parquet"]

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import zlib
 
+from ouro_lab.stats import LOWER_IS_BETTER  # noqa: F401 (re-exported for plots)
+
 METRIC_WORDS = {
     "acc": "accuracy", "acc_norm": "length-normalised accuracy", "exact_match": "exact match",
     "f1": "F1", "mcc": "Matthews correlation", "bleu": "BLEU", "rouge": "ROUGE", "em": "exact match",
     "perplexity": "perplexity", "word_perplexity": "word perplexity",
     "byte_perplexity": "byte perplexity", "bits_per_byte": "bits per byte",
 }
-LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 # colour-blind-safe (Okabe-Ito first), one marker each; grey is kept for fixed depth
 STYLES = {

@@ -3,13 +3,15 @@
     lm = OuroLM(path="ckpt/", steps=2)        # a plain lm-eval LM (the loop cut to k steps)
     lm = OuroLM(path="ckpt/", strategy="threshold", strategy_params={"q": 0.7})  # live early exit
 
-A request becomes one or more `Unit`s (context + continuation token ids); units run in
-length-sorted, right-padded batches (`_batches`, longest first as lm-eval's Collator) and
-`_units_forward` returns per scored token either every step's signals (the trace pass,
-`ouro_lab.tracing`) or the last step's target log-prob and greedy flag (a plain k-step run).
+A request becomes one or more `Unit`s (context + continuation token ids); `_units_forward`
+runs each distinct prefix of the units once (`ouro_lab.prefix`: shared contexts and
+few-shot prefixes) and returns per scored token either every step's signals (the trace
+pass, `ouro_lab.tracing`) or the last step's target log-prob and greedy flag (a plain
+k-step run). `_batches` is the per-request plan (one sequence per unit), kept as the
+reference that tests and benchmarks compare with.
 
 Fixed step k replays to exactly (bit for bit) what `OuroLM(steps=k)` scores: both run
-the same batches through the same code (`_units_forward`), and the k-step model's hidden
+the same plan through the same code (`_units_forward`), and the k-step model's hidden
 states are the first k of the full-depth model's.
 """
 
@@ -52,32 +54,36 @@ class Unit:
 
 
 def _head_scores(model, h: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
-    """Target log-prob and greedy flag of hidden states h (N, H) — the very arithmetic of
+    """Target log-prob and greedy flag of hidden states h (N, H) for targets `tgt` (N,) or
+    (N, K) (K targets per state, one readout) — the very arithmetic of
     `ouro_lab.trace.step_signals` (same chunks, same float32 log-softmax, same topk), so a
     plain k-step run and a replay of the trace at step k agree bit for bit."""
     N, V = h.shape[0], model.config.vocab_size
-    lp = torch.empty(N, dtype=torch.float32, device=h.device)
-    greedy = torch.empty(N, dtype=torch.bool, device=h.device)
+    lp = torch.empty(tgt.shape, dtype=torch.float32, device=h.device)
+    greedy = torch.empty(tgt.shape, dtype=torch.bool, device=h.device)
     chunk = max(1, CHUNK_ELEMENTS // max(V, 1))
+    many = tgt.dim() == 2
     for a in range(0, N, chunk):
         b = min(N, a + chunk)
         logp = F.log_softmax(model.lm_head(h[a:b]).float(), dim=-1)
-        lp[a:b] = logp.gather(1, tgt[a:b, None])[:, 0]
-        greedy[a:b] = logp.topk(min(2, V), dim=-1).indices[:, 0] == tgt[a:b]
+        t = tgt[a:b] if many else tgt[a:b, None]
+        top = logp.topk(min(2, V), dim=-1).indices[:, :1]
+        got, hit = logp.gather(1, t.clamp(min=0)), top == t
+        lp[a:b], greedy[a:b] = (got, hit) if many else (got[:, 0], hit[:, 0])
     return lp.cpu(), greedy.cpu()
 
 
 def _batches(units: list[Unit], batch_size: int, max_length: int):
-    """Length-sorted batches (longest first, as lm-eval's Collator): yields the unit indices
-    and the right-padded batch (ids, attention mask, targets, scored mask)."""
+    """The per-request plan (lm-eval's HFLM without its context grouping): length-sorted
+    batches, longest first, one right-padded sequence per unit. Yields the unit indices and
+    (ids, attention mask, targets, scored mask). `_units_forward` does not use it (it runs
+    each distinct prefix once); it is the reference tests and benchmarks compare with."""
     order = sorted(range(len(units)), key=lambda i: (-len(units[i].ctx) - len(units[i].cont), i))
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         seqs, scored = [], []
         for i in idx:
             u = units[i]
-            if not u.cont:
-                raise HarnessError("a request has an empty continuation; nothing to score")
             whole = (list(u.ctx) + list(u.cont))[-(max_length + 1):]  # left truncation
             seqs.append(whole)
             scored.append(min(len(u.cont), len(whole) - 1))
@@ -94,36 +100,81 @@ def _batches(units: list[Unit], batch_size: int, max_length: int):
 
 @torch.no_grad()
 def _units_forward(model, units: list[Unit], steps: int, batch_size: int, max_length: int,
-                   signals: bool, progress=None):
-    """Run every unit through `steps` loop steps, batch by batch. With `signals`, return
-    every step's signals of every scored token (`step_signals`, (R, N)); else only the
-    last step's target log-prob and greedy flag. Tokens come back unit after unit, in
-    unit order; also returned: each token's unit, position and attention context."""
+                   signals: bool, progress=None, stats: dict | None = None, row: int | None = None):
+    """Run every unit through `steps` loop steps, each distinct prefix once
+    (`ouro_lab.prefix`: the units' prefix tree, packed rows over a cached shared path). With
+    `signals`, return every step's signals of every scored token (`step_signals`, (R, N));
+    else only the last step's target log-prob and greedy flag. Tokens come back unit after
+    unit, in unit order; also returned: each token's unit, position and attention context.
+    `stats` (a dict) receives the work done: tokens_run (tree nodes + row padding),
+    prefix_tree_tokens, requested_tokens (one sequence per unit), calls, and flops (the
+    matmul FLOPs of every tree node's steps and of the LM-head readouts, padding excluded)."""
+    import numpy as np
+
+    from ouro_lab.prefix import PrefixTree, run_plan
+
+    for u in units:
+        if not u.cont:
+            raise HarnessError("a request has an empty continuation; nothing to score")
+    tree = PrefixTree.build(units, max_length)
+    programs = tree.plan(batch_size, row)  # row: tokens per packed row (default: the longest unit's)
+    # pairs (scored tokens) grouped by node: a call's nodes -> their pairs, K per node at most
+    by_node = np.argsort(tree.pair_node, kind="stable")
+    starts = np.searchsorted(tree.pair_node[by_node], np.arange(tree.n_nodes + 1))
+    remaining = np.bincount(tree.pair_unit, minlength=len(units))
     dev = model.device
     chunks = []
-    for b, (idx, ids, attn, tgt, smask) in enumerate(_batches(units, batch_size, max_length)):
-        if not distributed.owns(b):  # data parallel (torchrun): each rank runs whole batches of this plan
-            continue
-        out = model(ids.to(dev), attn.to(dev), steps=steps)
+    for call in run_plan(model, tree, programs, steps, owns=distributed.owns):
+        a, b = starts[call.nodes], starts[call.nodes + 1]
+        K = int((b - a).max()) if len(a) else 1
+        pidx = np.full((len(a), K), -1, dtype=np.int64)
+        for k in range(K):
+            have = a + k < b
+            pidx[have, k] = by_node[a[have] + k]
+        valid = pidx >= 0
+        tgt = torch.as_tensor(np.where(valid, tree.pair_target[np.maximum(pidx, 0)], -1))
+        node_of_pair = torch.as_tensor(np.nonzero(valid)[0])
+        flat = torch.as_tensor(valid.reshape(-1))
         if signals:
-            sig = step_signals(model, out, tgt, smask)
+            full = torch.full((*call.mask.shape, K), -1, dtype=torch.long)
+            full[call.mask] = tgt
+            sig = step_signals(model, call.out, full, call.mask)
+            sig = {k: (v.flatten(1)[:, flat] if v.dim() == 3 else v[:, node_of_pair]) for k, v in sig.items()}
         else:
-            m = smask.to(dev)
-            lp, greedy = _head_scores(model, out.step_hidden[-1][m], tgt.to(dev)[m])
-            sig = {"target_logprob": lp[None], "target_is_argmax": greedy[None]}
-        rows_cols = smask.nonzero()  # row-major, as step_signals lays tokens out
-        chunks.append((sig, torch.tensor(idx)[rows_cols[:, 0]], rows_cols[:, 1]))
+            lp, greedy = _head_scores(model, call.out.step_hidden[-1][call.mask.to(dev)], tgt.to(dev))
+            sig = {"target_logprob": lp.reshape(-1)[flat][None],
+                   "target_is_argmax": greedy.reshape(-1)[flat][None]}
+        pairs = pidx[valid]
+        chunks.append((sig, torch.as_tensor(pairs)))
         if progress is not None:
-            progress(len(idx))
-    chunks = [c for part in distributed.all_gather(chunks) for c in part]  # every rank, every batch
+            before = int((remaining == 0).sum())
+            np.subtract.at(remaining, tree.pair_unit[pairs], 1)
+            progress(int((remaining == 0).sum()) - before)
+    if stats is not None:
+        from ouro_lab.flops import ModelCost
+
+        cost = ModelCost.from_config(model.config)
+        heads = len(np.unique(tree.pair_node)) * (steps if signals else 1)
+        ctx_sum = float((tree.depth + 1).sum())  # keys each node attends to, itself included
+        per_node = cost.layer_flops + cost.gate_flops
+        flops = steps * (tree.n_nodes * per_node + cost.attn_flops_per_ctx * ctx_sum)
+        flops += heads * cost.head_flops
+        stats.update(tokens_run=int(tree.n_nodes + tree.padding), prefix_tree_tokens=int(tree.n_nodes),
+                     requested_tokens=int(tree.requested), calls=sum(len(p) for p in programs),
+                     flops=float(flops))
+    chunks = [c for part in distributed.all_gather(chunks) for c in part]  # every rank, every call
+    unit = torch.as_tensor(tree.pair_unit)
+    pos = torch.as_tensor(tree.pair_pos)
     if not chunks:
         empty = torch.zeros(0, dtype=torch.long)
         return {}, empty, empty, empty
-    unit = torch.cat([c[1] for c in chunks])
-    pos = torch.cat([c[2] for c in chunks])
-    order = torch.sort(unit, stable=True).indices  # unit order; positions stay in order within a unit
-    sig = {k: torch.cat([c[0][k] for c in chunks], 1)[:, order] for k in chunks[0][0]}
-    unit, pos = unit[order], pos[order]
+    order = torch.cat([c[1] for c in chunks])
+    sig = {}
+    for k in chunks[0][0]:
+        vals = torch.cat([c[0][k] for c in chunks], 1)
+        out = torch.empty((vals.shape[0], len(unit)), dtype=vals.dtype)
+        out[:, order] = vals
+        sig[k] = out
     return sig, unit, pos, pos + 1  # ctx: keys attended = position + 1 (itself included)
 
 

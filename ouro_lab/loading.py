@@ -9,13 +9,13 @@ file and what to do.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
 from ouro_lab.errors import CheckpointError, ConfigError
+from ouro_lab.files import atomic_path, atomic_write
 from ouro_lab.model import OuroConfig, OuroForCausalLM
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -84,14 +84,40 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
+
+def _open(f: Path, backend: str):
+    """safetensors' safe_open; `pread` reads tensors into fresh memory instead of mapping the
+    file (older safetensors without the option map it)."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(f), framework="pt", backend=backend)
+    except TypeError:
+        return safe_open(str(f), framework="pt")
+
+
+def read_state_dict(path: str | Path, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, converted to `dtype` / moved to `device` as it is
+    read: peak memory is the converted weights plus one tensor as stored (converting a
+    whole shard, or the whole state dict, at once would hold both copies). Unconverted CPU
+    tensors stay mapped from the file (no copy, paged in when first used)."""
+    from safetensors import SafetensorError
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(Path(path)):
         try:
-            state.update(load_file(str(f)))
+            with _open(f, "mmap") as fh:
+                stored = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}  # noqa: SIM118 (not a dict)
+            convert = dev.type != "cpu" or any(dtype is not None and _ST_DTYPES.get(d) != dtype
+                                               for d in stored.values())
+            with _open(f, "pread" if convert else "mmap") as fh:
+                for k in stored:
+                    t = fh.get_tensor(k)
+                    state[k] = t.to(device=dev, dtype=dtype or t.dtype) if convert else t
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({msg})") from None
@@ -101,11 +127,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None) -> OuroForCausalLM:
     """Load an Ouro checkpoint folder. `dtype` defaults to the checkpoint's
-    (`torch_dtype`/`dtype` in config.json); `device` to cuda, then mps, then cpu."""
+    (`torch_dtype`/`dtype` in config.json); `device` to cuda, then mps, then cpu. Each
+    tensor is converted as it is read (see `read_state_dict`)."""
     path = Path(path)
     cfg = read_config(path)
-    state = read_state_dict(path)
     torch_dtype = resolve_dtype(dtype, default=cfg.torch_dtype)
+    dev = resolve_device(device)
+    state = read_state_dict(path, dtype=torch_dtype, device=dev)
     with torch.device("meta"):
         model = OuroForCausalLM(cfg)
     expected = model.state_dict()
@@ -125,8 +153,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{path}: {k} has shape {tuple(state[k].shape)}, config.json "
                                   f"implies {tuple(v.shape)}; the config does not match the weights")
-    dev = resolve_device(device)
-    state = {k: v.to(device=dev, dtype=torch_dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -145,10 +171,9 @@ def save_model(model: OuroForCausalLM, path: str | Path, tokenizer=None) -> Path
         state.pop("lm_head.weight", None)
     cfg = model.config.to_dict()
     cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    tmp = path / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    with atomic_path(path / "model.safetensors", "model weights") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    atomic_write(path / "config.json", json.dumps(cfg, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path

@@ -7,7 +7,9 @@ so `load_state_dict(strict=True)` takes ByteDance's Ouro-1.4B / 2.6B as they are
 
 What the official code hides and this file shows: the normed state after every
 loop step and the exit gate's logit for it. `forward` is the loop and nothing
-else; exit policies live in `strategies/`.
+else; exit policies live in `strategies/`. The static KV cache (one slot per loop
+step and layer, written in place, correct under left padding) and the per-call
+attention context live in `ouro_lab/cache.py`.
 
 Left out on purpose: sliding-window attention (Ouro does not use it), rope
 scaling other than the default, dropout, training-time tricks.
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ouro_lab.cache import Context, KVCache, attention
 from ouro_lab.errors import ConfigError
 
 
@@ -144,24 +147,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x (B, T, C); mask (B, 1, T, S) bool, True = may attend, or None for plain causal
-        attention over this call's tokens alone; kv = cached (k, v)
-        of earlier positions, each (B, n_kv, S - T, hd). Returns the output and the
-        full (k, v) including this call's positions."""
+    def forward(self, x: Tensor, ctx: Context, slot: tuple[int, int] | None = None) -> Tensor:
+        """x (B, T, C). Without a cache the queries attend over this call's tokens; with one
+        (`ctx.cache`, `slot` = (loop step, layer)) this call's K/V are written into the cache
+        in place and the queries attend over their rows' cached keys."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:
-            k, v = torch.cat((kv[0], k), dim=2), torch.cat((kv[1], v), dim=2)  # (B, nkv, S, hd)
-        # mask None = no padding and no cache: SDPA's fused causal kernels skip the masked half
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
-        return self.o_proj(y), (k, v)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        y = attention(q, k, v, ctx.mask) if ctx.cache is None else ctx.cache.attend(ctx, slot, q, k, v)
+        return self.o_proj(y)
 
 
 class MLP(nn.Module):
@@ -187,42 +183,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
-        x = x + self.input_layernorm_2(a)
-        x = x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
-        return x, kv
-
-
-# --------------------------------------------------------------------------- cache
-
-
-class KVCache:
-    """One (k, v) slot per (loop step, layer), plus the attention mask and the next
-    position of every row, so left-padded batches decode correctly (the official
-    cache forgets the padding while decoding)."""
-
-    def __init__(self):
-        self.kv: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
-        self.mask: Tensor | None = None       # (B, S) 1 = real token, for all cached positions
-        self.next_pos: Tensor | None = None   # (B,) position id of the next token
-
-    def __len__(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
-
-    def get(self, step: int, layer: int):
-        return self.kv.get((step, layer))
-
-    def put(self, step: int, layer: int, kv: tuple[Tensor, Tensor]) -> None:
-        self.kv[(step, layer)] = kv
-
-    def select(self, rows: Tensor) -> KVCache:
-        """The cache of a subset of batch rows (for batches that shrink as rows finish)."""
-        out = KVCache()
-        out.kv = {key: (k[rows], v[rows]) for key, (k, v) in self.kv.items()}
-        out.mask = None if self.mask is None else self.mask[rows]
-        out.next_pos = None if self.next_pos is None else self.next_pos[rows]
-        return out
+    def forward(self, x: Tensor, ctx: Context, slot: tuple[int, int] | None = None) -> Tensor:
+        x = x + self.input_layernorm_2(self.self_attn(self.input_layernorm(x), ctx, slot))
+        return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
 
 
 # --------------------------------------------------------------------------- outputs
@@ -311,50 +274,63 @@ class OuroForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def new_cache(self, batch: int, capacity: int, shared: bool = False, steps: int | None = None) -> KVCache:
+        """A preallocated KV cache for `batch` rows of `capacity` tokens (see `KVCache`)."""
+        return KVCache(shared, steps).allocate(self.config, batch, capacity, self.dtype, self.device)
+
     # -- the pieces of one forward, public so that live early exit can run them row by row
 
     def prepare(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: KVCache | None = None):
-        """Embeddings, rope tables and the attention mask for `input_ids` (B, T).
+                position_ids: Tensor | None = None, cache: KVCache | None = None,
+                rows: Tensor | None = None) -> tuple[Tensor, Context]:
+        """Embeddings and the `Context` (rope tables, attention mask, cache columns) of `input_ids` (B, T).
 
-        `attention_mask` (B, T) marks the real tokens of this call (1) and padding (0);
-        with a cache, the cache remembers earlier calls' masks. Without `position_ids`,
-        positions continue from the cache (per row) or are `arange(T)` (as in the
-        official forward).
+        `attention_mask` (B, T) marks the real tokens of this call (1) and padding (0); the
+        cache remembers earlier calls'. Without `position_ids`, positions count real tokens,
+        from the cache's next position per row (else from 0); with them, a row's next
+        position is its last one + 1. With a cache, `rows` (B,) sorted
+        names the cache rows this call feeds (default: all, in order).
         """
         B, T = input_ids.shape
         dev = input_ids.device
-        new_mask = (torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None
-                    else attention_mask.to(dev).bool())
-        past = len(cache) if cache is not None else 0
+        real = (torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None
+                else attention_mask.to(dev).bool())
+        if cache is not None and cache.store is None:
+            cache.allocate(self.config, B, T, self.dtype, dev)
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.long).cpu()
         if position_ids is None:
-            start = (cache.next_pos if cache is not None and cache.next_pos is not None
-                     else torch.zeros(B, dtype=torch.long, device=dev))
-            position_ids = start[:, None] + torch.arange(T, device=dev)
-        full_mask = new_mask if cache is None or cache.mask is None else torch.cat((cache.mask, new_mask), 1)
-        if cache is not None:
-            cache.mask = full_mask
-            cache.next_pos = position_ids[:, -1] + 1
+            start = (torch.zeros(B, dtype=torch.long, device=dev) if cache is None else
+                     cache.next_pos if rows is None else cache.next_pos[rows.to(dev)])
+            counts = real.long().cumsum(-1)
+            position_ids = start[:, None] + (counts - 1).clamp(min=0)
+            pos_next = start + real.sum(1)
+        else:
+            pos_next = position_ids[:, -1] + 1
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        if past == 0 and (attention_mask is None or (dev.type != "meta" and bool(new_mask.all()))):
-            return x, (cos, sin, None)  # nothing to mask but the future: plain causal attention
-        # query i (absolute past + i) may see key j <= past + i that is a real token; every
-        # query also sees itself so padded queries never get an empty (NaN) softmax row.
-        q_idx = torch.arange(past, past + T, device=dev)[:, None]
-        k_idx = torch.arange(past + T, device=dev)[None, :]
-        mask = (k_idx <= q_idx)[None] & full_mask[:, None, :]  # (B, T, S)
-        mask = (mask | (k_idx == q_idx)[None])[:, None]          # (B, 1, T, S)
-        return x, (cos, sin, mask)
+        # rows holding padding (CPU); on `meta` nothing can be read, so assume every row does
+        padded = (None if attention_mask is None else torch.ones(B, dtype=torch.bool) if dev.type == "meta"
+                  else (~real).any(1).cpu())
+        if cache is not None:
+            if rows is None:
+                cache.next_pos = pos_next
+            else:
+                cache.next_pos[rows.to(dev)] = pos_next
+            span, pick, cols, width, mask = cache.append(real, rows, padded)
+            return x, Context(cos, sin, mask, cache, span, pick, cols, width)
+        if padded is None or not padded.any():
+            return x, Context(cos, sin, None)  # nothing to mask but the future: plain causal attention
+        # query i may see the real keys j <= i, and always itself (no empty, NaN softmax rows)
+        i = torch.arange(T, device=dev)
+        mask = ((i[None, :] <= i[:, None])[None] & real[:, None, :]) | (i[None, :] == i[:, None])
+        return x, Context(cos, sin, mask[:, None])
 
-    def loop_step(self, x: Tensor, step: int, ctx, cache: KVCache | None = None) -> Tensor:
+    def loop_step(self, x: Tensor, step: int, ctx: Context) -> Tensor:
         """One pass through the shared stack, then the final norm. Returns the normed
         state (B, T, H), which is both this step's output and the next step's input."""
-        cos, sin, mask = ctx
         for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, cos, sin, mask, cache.get(step, i) if cache is not None else None)
-            if cache is not None:
-                cache.put(step, i, kv)
+            x = layer(x, ctx, (step, i))
         return self.model.norm(x)  # the normed state feeds the next step
 
     def gate(self, h: Tensor) -> Tensor:
@@ -362,14 +338,15 @@ class OuroForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 steps: int | None = None, position_ids: Tensor | None = None,
-                cache: KVCache | None = None) -> LoopOutput:
+                cache: KVCache | None = None, rows: Tensor | None = None) -> LoopOutput:
         """Run `steps` loop steps (default `total_ut_steps`; fewer really stops early,
-        more extrapolates past the trained depth) and return every step's state and gate."""
+        more extrapolates past the trained depth) and return every step's state and gate.
+        With a cache, `rows` names the cache rows fed (see `prepare`)."""
         steps = self.config.total_ut_steps if steps is None else steps
-        x, ctx = self.prepare(input_ids, attention_mask, position_ids, cache)
+        x, ctx = self.prepare(input_ids, attention_mask, position_ids, cache, rows)
         hidden, gates = [], []
         for r in range(steps):
-            x = self.loop_step(x, r, ctx, cache)
+            x = self.loop_step(x, r, ctx)
             hidden.append(x)
             gates.append(self.gate(x))
         return LoopOutput(torch.stack(hidden), torch.stack(gates), self.lm_head, cache)
@@ -377,28 +354,31 @@ class OuroForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                  max_new_tokens: int = 32, steps: int | None = None, use_cache: bool = True,
-                 eos_token_id: int | None = None) -> Tensor:
+                 eos_token_id: int | None = None, cache: KVCache | None = None) -> Tensor:
         """Greedy decoding from the last step's logits. Left-padded prompts are handled:
         positions count real tokens only (as transformers' generate does). Rows that
-        emitted `eos_token_id` keep emitting it."""
-        B = input_ids.shape[0]
+        emitted `eos_token_id` keep emitting it. `cache`: continue sequences already in a
+        cache (`input_ids` are their next tokens), e.g. a shared prefix prefilled once."""
+        B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, done = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        cache = KVCache() if use_cache else None
-        out = self(ids, mask, steps, pos, cache)
-        for _ in range(max_new_tokens):
-            nxt = out.logits(-1)[:, -1].argmax(-1)
+        ids = torch.cat((input_ids, input_ids.new_zeros(B, max_new_tokens)), 1)
+        mask = torch.cat((mask, mask.new_ones(B, max_new_tokens)), 1)
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        if cache is None and use_cache:
+            cache = self.new_cache(B, T + max_new_tokens, steps=steps)
+        out = self(input_ids, attention_mask, steps, None, cache)  # positions count real tokens
+        for t in range(T, T + max_new_tokens):
+            nxt = self.lm_head(out.step_hidden[-1][:, -1]).argmax(-1)  # the last position only
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done |= nxt == eos_token_id
-            ids = torch.cat((ids, nxt[:, None]), 1)
-            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), 1)
-            if use_cache:
+            ids[:, t] = nxt
+            if t == T + max_new_tokens - 1:
+                break
+            if cache is not None:
                 out = self(nxt[:, None], None, steps, None, cache)
             else:
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                out = self(ids, mask, steps, pos, None)
+                out = self(ids[:, :t + 1], mask[:, :t + 1], steps, None, None)
         return ids
 
     def num_parameters(self) -> int:
@@ -419,5 +399,5 @@ def init_weights(model: OuroForCausalLM, std: float = 0.02, seed: int | None = N
     return model
 
 
-__all__ = ["OuroConfig", "ConfigError", "OuroForCausalLM", "LoopOutput", "KVCache",
+__all__ = ["OuroConfig", "ConfigError", "OuroForCausalLM", "LoopOutput", "KVCache", "Context",
            "exit_distribution", "init_weights"]

@@ -17,7 +17,6 @@ the caption under each figure says what the error bars are.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +28,7 @@ from matplotlib.ticker import FuncFormatter, PercentFormatter  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
 from ouro_lab import stats  # noqa: E402
+from ouro_lab.files import atomic_path  # noqa: E402
 from ouro_lab.labels import (  # noqa: E402
     LOWER_IS_BETTER,
     flops_unit,
@@ -55,13 +55,13 @@ def _save(fig, path: Path) -> Path:
     path = Path(path).with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None, "Producer": None}}
-    box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.1)  # once, not a draw per format
-    for fmt in FORMATS:
-        final = path.with_suffix(f".{fmt}")
-        tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.{fmt}")
-        fig.savefig(tmp, format=fmt, bbox_inches=box, metadata=meta[fmt])
-        os.replace(tmp, final)
-    plt.close(fig)
+    try:
+        box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.1)  # once, not a draw per format
+        for fmt in FORMATS:
+            with atomic_path(path.with_suffix(f".{fmt}"), "a plot") as tmp:
+                fig.savefig(tmp, format=fmt, bbox_inches=box, metadata=meta[fmt])
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -477,8 +477,9 @@ def trace_heatmap(trace, labels: list[str], path: Path, decode=None) -> Path:
                  "rows: loop steps. Colour and number: probability.")
         path = Path(path).with_suffix(".png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-        fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None})
-        plt.close(fig)
-        os.replace(tmp, path)
+        try:
+            with atomic_path(path, "a trace heatmap") as tmp:
+                fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None})
+        finally:
+            plt.close(fig)
         return path

@@ -41,7 +41,7 @@ def progress(console):
 
 
 def log(console, msg: str) -> None:
-    console.print(msg, highlight=False, markup=False)
+    console.print(msg, highlight=False, markup=False, soft_wrap=True)  # one line, however narrow
 
 
 @contextlib.contextmanager

@@ -42,6 +42,9 @@ class RecipeError(OuroLabError, ValueError):
 Scalar = int | float | str | bool | None
 
 
+MAX_SETTINGS = 100_000
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -67,6 +70,8 @@ class TasksSpec(_Strict):
     include: list[str] = Field(default_factory=list, description="extra folders of task YAMLs")
     limit: int | None = Field(None, ge=1, description="at most this many documents per task")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: the task's)")
+    data_root: str | None = Field(None, description="local copies of the standard tasks' datasets, "
+                                  "<data_root>/<hub id> (default: $OURO_LAB_DATA)")
 
     @field_validator("names")
     @classmethod
@@ -135,6 +140,8 @@ class Recipe(_Strict):
     log_samples: bool = Field(False, description="also write lm-eval's samples JSONL per task and setting "
                                                  "(samples/<run_mode>/<setting>/samples_<task>.jsonl)")
     output: str | None = Field(None, description="run folder (default results/<recipe>/<run-id>)")
+    max_settings: int = Field(MAX_SETTINGS, ge=1, description="refuse grids that expand to more settings "
+                              "than this (a guard against a typo in a grid; raise it on purpose)")
 
     @model_validator(mode="before")
     @classmethod
@@ -145,7 +152,8 @@ class Recipe(_Strict):
 
 
 TOP_KEYS = tuple(Recipe.model_fields)
-PATH_FIELDS = (("model", "path"), ("tasks", "include"), ("strategies_dirs",), ("output",))
+PATH_FIELDS = (("model", "path"), ("tasks", "include"), ("tasks", "data_root"), ("strategies_dirs",),
+               ("output",))
 
 
 def json_schema() -> dict:
@@ -165,8 +173,17 @@ def write_json_schema(path: str | Path) -> Path:
 # --------------------------------------------------------------------------- loading
 
 
-class _LineLoader(yaml.SafeLoader):
-    pass
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster on a large grid
+
+
+def _parse(text: str) -> tuple[yaml.Node | None, Any]:
+    """The YAML node tree (for line numbers and keys given twice) and its data, parsed once."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    finally:
+        loader.dispose()
 
 
 def _lines(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
@@ -185,6 +202,25 @@ def _lines(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[t
     return out
 
 
+def _duplicate_keys(node: yaml.Node | None, file: Path, path: tuple = ()) -> list[str]:
+    """One error per key given twice in one mapping (YAML keeps the last silently)."""
+    out: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+            line = k.start_mark.line + 1
+            if key in first and key != "<<":
+                out.append(f"{file}:{line}: {_fmt(path + (key,))}: key given twice (lines {first[key]} and "
+                           f"{line}); keep one")
+            first.setdefault(key, line)
+            out += _duplicate_keys(v, file, path + (key,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out += _duplicate_keys(v, file, path + (i,))
+    return out
+
+
 def _fmt(loc: tuple) -> str:
     s = ""
     for p in loc:
@@ -195,8 +231,10 @@ def _fmt(loc: tuple) -> str:
 class RecipeSource:
     """The raw data of a recipe with a way to name where each field came from."""
 
-    def __init__(self, file: Path, data: dict, lines: dict[tuple, int], overrides: dict[tuple, str]):
+    def __init__(self, file: Path, data: dict, lines: dict[tuple, int], overrides: dict[tuple, str],
+                 problems: list[str] = ()):
         self.file, self.data, self.lines, self.overrides = file, data, lines, overrides
+        self.problems = list(problems)  # found while parsing (keys given twice): reported with the rest
 
     def where(self, loc: tuple) -> str:
         loc = tuple(loc)
@@ -260,8 +298,7 @@ def read_source(file: str | Path, overrides: list[str] = ()) -> RecipeSource:
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError([f"{file}: cannot read the recipe ({e.__class__.__name__})"]) from None
     try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.safe_load(text)
+        node, data = _parse(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -272,6 +309,7 @@ def read_source(file: str | Path, overrides: list[str] = ()) -> RecipeSource:
     if not isinstance(data, dict):
         raise RecipeError([f"{file}:1: (top level): a recipe is a mapping with keys {', '.join(TOP_KEYS)}"])
     lines = _lines(node) if node is not None else {}
+    problems = _duplicate_keys(node, file)
     ov: dict[tuple, str] = {}
     base = file.resolve().parent
     data = _resolve_paths(data, base, skip=())
@@ -282,7 +320,7 @@ def read_source(file: str | Path, overrides: list[str] = ()) -> RecipeSource:
         _set(data, path, value, text_)
         ov[path] = text_
         data = _resolve_paths(data, Path.cwd(), skip=(), only=path)
-    return RecipeSource(file, data, lines, ov)
+    return RecipeSource(file, data, lines, ov, problems)
 
 
 def _resolve_paths(data: dict, base: Path, skip=(), only: tuple | None = None) -> dict:
@@ -307,6 +345,9 @@ def _resolve_paths(data: dict, base: Path, skip=(), only: tuple | None = None) -
         tasks["include"] = [fix(p) for p in tasks["include"]]
     elif isinstance(tasks, dict) and isinstance(tasks.get("include"), str) and touches(("tasks", "include")):
         tasks["include"] = [fix(tasks["include"])]
+    root = tasks.get("data_root") if isinstance(tasks, dict) else None
+    if isinstance(root, str) and touches(("tasks", "data_root")):
+        tasks["data_root"] = fix(tasks["data_root"])
     if isinstance(data.get("strategies_dirs"), list) and touches(("strategies_dirs",)):
         data["strategies_dirs"] = [fix(p) for p in data["strategies_dirs"]]
     if isinstance(data.get("output"), str) and touches(("output",)):
@@ -362,7 +403,7 @@ def load_recipe(file: str | Path, overrides: list[str] = (),
     With `check`, also look the strategies up (name, parameter names and types) and check
     that the model folder and include folders exist: still no torch, no model load."""
     src = read_source(file, overrides)
-    errors: list[str] = []
+    errors: list[str] = list(src.problems)
     recipe = None
     try:
         recipe = Recipe.model_validate(src.data)
@@ -395,6 +436,10 @@ def check_references(src: RecipeSource, recipe: Recipe | None) -> list[str]:
     for i, inc in enumerate(tasks.get("include") or []):
         if isinstance(inc, str) and not Path(inc).exists():
             errors.append(src.error(("tasks", "include", i), f"{inc}: no such file or folder"))
+    root = tasks.get("data_root")
+    if isinstance(root, str) and not Path(root).is_dir():
+        errors.append(src.error(("tasks", "data_root"), f"{root}: no such folder; point it at the folder "
+                                "holding <hub id>/ dataset copies (see README, Standard tasks offline)"))
     dirs = [d for d in data.get("strategies_dirs") or [] if isinstance(d, str)]
     for i, d in enumerate(dirs):
         if not Path(d).is_dir():
@@ -410,6 +455,11 @@ def check_references(src: RecipeSource, recipe: Recipe | None) -> list[str]:
             known = _names(registry.list_strategies(dirs_ok))
         except OuroLabError as e:
             return errors + [src.error(("strategies_dirs",), str(e))]
+        size, limit = grid_size(strategies), data.get("max_settings", MAX_SETTINGS)
+        if isinstance(limit, int) and size > limit:  # refused before expanding: that alone takes long
+            return errors + [src.error(("strategies",), f"the grids expand to {size:,} settings, above the "
+                                       f"limit of {limit:,}; shrink the grids, or raise the limit on purpose "
+                                       f"with max_settings: {size} (or the override max_settings={size})")]
         for i, s in enumerate(strategies):
             if not isinstance(s, dict) or not isinstance(s.get("name"), str):
                 continue
@@ -420,6 +470,19 @@ def check_references(src: RecipeSource, recipe: Recipe | None) -> list[str]:
                 field = ("strategies", i, "grid" if s["name"] in known else "name")
                 errors.append(src.error(field, str(e)))
     return errors
+
+
+def grid_size(strategies: list) -> int:
+    """Settings the recipe's strategy grids expand to (a scalar counts as one value),
+    counted without building any: the product of each grid's list lengths, summed."""
+    total = 0
+    for s in strategies:
+        grid = s.get("grid") if isinstance(s, dict) and isinstance(s.get("grid"), dict) else {}
+        n = 1
+        for v in grid.values():
+            n *= max(len(v), 1) if isinstance(v, list | tuple) else 1
+        total += n
+    return total
 
 
 def _names(known) -> set[str]:
@@ -440,9 +503,9 @@ def canonical(recipe: Recipe) -> dict:
 
 
 def recipe_hash(recipe: Recipe, n: int = 10) -> str:
-    """Content hash of the resolved recipe, minus where its results go and whether
-    per-sample logs are written (neither changes a number)."""
+    """Content hash of the resolved recipe, minus where its results go, whether per-sample
+    logs are written and the grid-size guard (none of them changes a result)."""
     d = canonical(recipe)
-    d.pop("output", None)
-    d.pop("log_samples", None)
+    for k in ("output", "log_samples", "max_settings"):
+        d.pop(k, None)
     return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=16).hexdigest()[:n]

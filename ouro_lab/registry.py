@@ -171,7 +171,10 @@ _cache: dict[tuple[str, float], type] = {}
 
 def load_strategy(name: str, dirs=()) -> type:
     """The `Strategy` class of strategy `name`, checked against the contract."""
-    info = _info(name, dirs)
+    return _load(_info(name, dirs))
+
+
+def _load(info: StrategyInfo) -> type:
     key = (str(info.path) + info.target, info.path.stat().st_mtime if info.path else 0.0)
     if key not in _cache:
         _cache[key] = _check(_import(info), info)
@@ -299,31 +302,41 @@ def make_strategy(name: str, params: dict | None = None, dirs=()):
 
     Numbers and booleans may also be given as strings ("0.5", "true"), as a command
     line passes them; an int is accepted where a float is expected."""
-    cls = load_strategy(name, dirs)
-    source = _info(name, dirs).source
-    params = dict(params or {})
+    return _builder(name, dirs)(dict(params or {}))
+
+
+def _builder(name: str, dirs):
+    """params -> instance of strategy `name`: the strategy is found, imported and its
+    parameter types read once, however many settings are then built (a 10,000-setting
+    grid discovers the strategies once, not 10,000 times)."""
+    info = _info(name, dirs)
+    cls, source = _load(info), info.source
     known = {f.name: f for f in _params(cls)}
     hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for k, v in params.items():
-        if k not in known:
-            close = difflib.get_close_matches(k, list(known), n=1)
-            hint = (f"did you mean {close[0]!r}?" if close else
-                    f"known: {', '.join(known) or 'none (it takes no parameters)'}")
-            untyped = untyped_attributes(cls)
-            if k in untyped:
-                hint = (f"{k} = {untyped[k]!r} has no type, so it is not a parameter; write "
-                        f"`{k}: {type(untyped[k]).__name__} = {untyped[k]!r}` in the class")
-            raise StrategyError(f"{source}: unknown parameter {k!r}; {hint}")
+
+    def build(params: dict):
+        kwargs = {}
+        for k, v in params.items():
+            if k not in known:
+                close = difflib.get_close_matches(k, list(known), n=1)
+                hint = (f"did you mean {close[0]!r}?" if close else
+                        f"known: {', '.join(known) or 'none (it takes no parameters)'}")
+                untyped = untyped_attributes(cls)
+                if k in untyped:
+                    hint = (f"{k} = {untyped[k]!r} has no type, so it is not a parameter; write "
+                            f"`{k}: {type(untyped[k]).__name__} = {untyped[k]!r}` in the class")
+                raise StrategyError(f"{source}: unknown parameter {k!r}; {hint}")
+            try:
+                kwargs[k] = _coerce(v, hints.get(k, typing.Any))
+            except TypeError:
+                raise StrategyError(f"{source}: parameter {k} must be {_type_name(hints.get(k))}, "
+                                    f"got {v!r}") from None
         try:
-            kwargs[k] = _coerce(v, hints.get(k, typing.Any))
-        except TypeError:
-            raise StrategyError(f"{source}: parameter {k} must be {_type_name(hints.get(k))}, "
-                                f"got {v!r}") from None
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise StrategyError(f"{source}: {_first(e)}") from None
+            return cls(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise StrategyError(f"{source}: {_first(e)}") from None
+
+    return build
 
 
 def _coerce(v, tp):
@@ -403,8 +416,8 @@ def expand_grid(name: str, grid: dict | None = None, dirs=()) -> list:
         if not v:
             raise StrategyError(f"strategy {name}: grid value list for {k} is empty; give at least one value")
         values.append(v)
-    return [make_strategy(name, dict(zip(keys, combo, strict=True)), dirs)
-            for combo in itertools.product(*values)]
+    build = _builder(name, dirs)
+    return [build(dict(zip(keys, combo, strict=True))) for combo in itertools.product(*values)]
 
 
 __all__ = ["StrategyError", "StrategyInfo", "Param", "list_strategies", "load_strategy",

@@ -27,7 +27,7 @@ from ouro_lab import stats
 from ouro_lab.errors import OuroLabError
 from ouro_lab.files import atomic_write
 from ouro_lab.labels import metric_words, points_scale
-from ouro_lab.tables import MODE, primary_key
+from ouro_lab.tables import MODE
 
 KEY = "metric_key"  # a metric with its filter: the samples.parquet column of its per-document values
 
@@ -36,7 +36,20 @@ class RunDirError(OuroLabError):
     """A run folder without the files a report needs."""
 
 
-def read_run(run_dir: str | Path) -> dict:
+# what the report reads of each table: a file without these columns is not the sweep's
+METRICS_COLUMNS = ("task", "strategy", "params", "setting", "kind", MODE, "is_full", KEY, "value",
+                   "flops_rel", "flops_executed_per_token")
+SAMPLES_COLUMNS = ("task", "setting", MODE, "doc_id")
+EXITS_COLUMNS = ("task", "setting", "step", "count")
+
+
+def read_run(run_dir: str | Path, verify: bool = True) -> dict:
+    """The run folder's tables, each checked: a file that is missing, empty, cut short,
+    unparseable, lacks the sweep's columns or (with `verify`) no longer matches the checksum
+    provenance.json recorded for it is refused in one line naming it and the fix. A report
+    is built from whole tables or not at all."""
+    from ouro_lab.files import DamagedFileError, file_digest, read_csv, read_json, read_parquet
+
     run = Path(run_dir)
     if not run.is_dir():
         raise RunDirError(f"{run}: no such run folder")
@@ -44,29 +57,47 @@ def read_run(run_dir: str | Path) -> dict:
     if not mfile.is_file():
         raise RunDirError(f"{mfile}: missing; this is not a finished sweep folder (run `ouro-lab sweep` "
                           "first, or resume it)")
-    metrics = pd.read_csv(mfile, keep_default_na=True)
-    samples = None
-    for name in ("samples.parquet", "samples.csv"):
-        if (run / name).is_file():
-            samples = pd.read_parquet(run / name) if name.endswith("parquet") else pd.read_csv(run / name)
-            break
-    exits = pd.read_csv(run / "exits.csv") if (run / "exits.csv").is_file() else None
-    prov = json.loads((run / "provenance.json").read_text()) if (run / "provenance.json").is_file() else {}
-    metrics, samples, exits = (_current_names(f) for f in (metrics, samples, exits))
+    prov = None
+    try:
+        pfile = run / "provenance.json"
+        if not pfile.is_file():
+            raise DamagedFileError(pfile, "missing")
+        prov = read_json(pfile)
+        if not isinstance(prov, dict):
+            raise DamagedFileError(pfile, "not the provenance record a sweep writes (a JSON object)")
+        metrics = read_csv(mfile, METRICS_COLUMNS, keep_default_na=True)
+        bad = metrics[list(METRICS_COLUMNS[:8])].isna().any(axis=1)
+        if bad.any():
+            raise DamagedFileError(mfile, f"row {int(bad.to_numpy().argmax()) + 2} is incomplete "
+                                   "(a key column is empty)")
+        sfile = next((run / n for n in ("samples.parquet", "samples.csv") if (run / n).is_file()),
+                     run / "samples.parquet")
+        if not sfile.is_file():
+            raise DamagedFileError(sfile, "missing (the per-document table that compute saved and its "
+                                   "intervals are computed from)")
+        samples = (read_parquet(sfile, SAMPLES_COLUMNS) if sfile.suffix == ".parquet"
+                   else read_csv(sfile, SAMPLES_COLUMNS))
+        efile = run / "exits.csv"
+        if not efile.is_file():
+            raise DamagedFileError(efile, "missing (the exit-step counts the histograms are drawn from)")
+        exits = read_csv(efile, EXITS_COLUMNS)
+        recorded = prov.get("files") if verify and isinstance(prov.get("files"), dict) else {}
+        for name, want in recorded.items():  # whole tables, as the sweep wrote them, byte for byte
+            p = run / name
+            if not p.is_file():
+                raise DamagedFileError(p, "missing (provenance.json lists it)")
+            if isinstance(want, dict) and want.get("checksum") and file_digest(p) != want["checksum"]:
+                raise DamagedFileError(p, "does not match the checksum provenance.json recorded for it "
+                                       "(changed, truncated or damaged after the sweep wrote it)")
+    except DamagedFileError as e:
+        raise RunDirError(f"{e}; {_rebuild_hint(run, prov)}") from None
     return {"dir": run, "metrics": metrics, "samples": samples, "exits": exits, "provenance": prov}
 
 
-def _current_names(frame):
-    """Tables of runs made before the columns were renamed (mode, filter, metric as
-    'metric,filter') read as today's (run_mode, filter_name, metric + metric_key)."""
-    if frame is None:
-        return None
-    frame = frame.rename(columns={k: v for k, v in (("mode", MODE), ("filter", "filter_name"))
-                                  if k in frame.columns and v not in frame.columns})
-    if "metric" in frame.columns and KEY not in frame.columns:
-        frame[KEY] = frame.metric
-        frame["metric"] = frame.metric.str.split(",").str[0]
-    return frame
+def _rebuild_hint(run: Path, prov: dict | None) -> str:
+    recipe = prov.get("recipe_file") if isinstance(prov, dict) else None
+    return (f"rerun the sweep to rebuild it (`ouro-lab sweep {recipe or 'RECIPE.yaml'} --out {run}`: "
+            "finished settings are reused)")
 
 
 def base_mode(metrics: pd.DataFrame, task: str) -> str:
@@ -79,7 +110,7 @@ def primary_metric(metrics: pd.DataFrame, task: str) -> str:
     m = metrics[metrics.task == task]
     if "primary" in m.columns and m.primary.astype(bool).any():
         return str(m[m.primary.astype(bool)][KEY].iloc[0])
-    return primary_key(m[KEY])
+    return stats.primary_metric(m[KEY])
 
 
 # --------------------------------------------------------------------------- analysis

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,50 +105,121 @@ def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
 
 
 def folds_of(trace, units_meta: list[tuple], folds: int, seed: int):
-    """(N,) fold of every trace token: a seeded hash of its (task, doc_id), so all
-    requests of a document share a fold."""
+    """(N,) fold of every trace token: a seeded hash of its (task, doc_id)
+    (`stats.doc_folds`, as the report's cross-fitted savings use), so all requests of a
+    document share a fold."""
     import torch
 
-    doc_fold = []
-    for task, doc_id, *_ in units_meta:
-        h = hashlib.blake2b(f"{seed}:{task}:{doc_id}".encode(), digest_size=8).digest()
-        doc_fold.append(int.from_bytes(h, "little") % folds)
-    return torch.tensor(doc_fold, dtype=torch.long)[trace.request]
+    from ouro_lab.stats import doc_folds
+
+    doc_fold = doc_folds([u[0] for u in units_meta], [u[1] for u in units_meta], folds, seed)
+    return torch.as_tensor(doc_fold, dtype=torch.long)[trace.request]
 
 
-def cross_fit(setting: Setting, trace, fold, folds: int):
-    """A strategy made of `folds` copies, copy k fitted on the tokens of every other fold
-    and deciding for the tokens of fold k: no document is scored by a rule fitted on it."""
+def doc_outcomes(taskset, trace, strategy):
+    """For calibration: rows (trace tokens) -> outcome(exit steps of those rows) -> each of
+    their documents' score under its task's primary metric, (D,) float64 in (task, doc)
+    order, scored by lm-eval with every other token at full depth."""
+    import numpy as np
+    import torch
+
+    from ouro_lab.scoring import _unit_meta, score
+    from ouro_lab.stats import primary_metric
+
+    meta, R = _unit_meta(trace), trace.steps
+
+    def for_rows(rows):
+        docs = sorted({(meta[u][0], int(meta[u][1])) for u in trace.request[rows].unique().tolist()})
+
+        def outcome(exit_rows):
+            e = torch.full((trace.n,), R - 1, dtype=torch.long)
+            e[rows] = exit_rows.long()
+            _, samples = score(taskset, trace, strategy, exit_step=e, bootstrap_iters=0)
+            if "filter" in samples.columns:
+                samples = samples[samples["filter"] == sorted(samples["filter"].unique(),
+                                                              key=lambda f: (f != "none", f))[0]]
+            got = {}
+            for task, d in samples.groupby("task"):
+                col = primary_metric([c for c in d.columns if c not in NOT_METRICS])
+                got.update({(task, int(i)): float(v) for i, v in zip(d.doc_id, d[col], strict=True)})
+            return torch.tensor(np.array([got[k] for k in docs], dtype=np.float64))
+
+        return outcome
+
+    return for_rows
+
+
+NOT_METRICS = {"task", "doc_id", "filter", "difficulty", "steps_used", "steps_executed", "flops_per_token",
+               "flops_executed_per_token"}
+
+
+def cross_fit(setting: Setting, trace, fold, folds: int, seed: int = 0, outcomes=None):
+    """A strategy made of copies, per task and fold: copy (t, k) fitted on task t's tokens
+    of every other fold and deciding for task t's tokens of fold k, so no document is
+    scored by a rule fitted on it. `outcomes` (`doc_outcomes`) gives calibration sets
+    their per-document scores. `fitted_records()` says what each copy chose."""
     import copy
 
-    from ouro_lab.strategy import ExitStrategy
+    import torch
 
-    fitted = []
-    for k in range(folds):
-        s = copy.deepcopy(setting.obj)
-        rows = (fold != k).nonzero()[:, 0]
-        s.fit(trace.subset(rows).to_signals())
-        fitted.append(s)
+    from ouro_lab.scoring import _unit_meta
+    from ouro_lab.strategy import ExitStrategy, decide_checked, fit_checked
+
+    meta = _unit_meta(trace)
+    tasks = sorted({u[0] for u in meta})
+    unit_task = torch.tensor([tasks.index(u[0]) for u in meta], dtype=torch.long)
+    part = unit_task[trace.request] * folds + fold  # (N,) which copy decides for each token
+    everything = trace.to_signals(seed=seed)
+    fitted, records = {}, []
+    for t, task in enumerate(tasks):
+        for k in range(folds):
+            rows = ((part // folds == t) & (fold != k)).nonzero()[:, 0]
+            cal = everything.subset(rows)
+            cal.outcome = outcomes(rows) if outcomes is not None else None
+            s = copy.deepcopy(setting.obj)
+            fit_checked(s, cal)
+            fitted[t * folds + k] = s
+            records.append({"task": task, "fold": k, "calibration_tokens": int(rows.numel()), **s.fitted()})
     base = setting.obj
 
     class CrossFitted(ExitStrategy):
         needs = type(base).needs
         kind = type(base).kind
+        wrapped = base  # errors name the strategy's own file and setting
 
         def decide(self, s, r):
-            import torch
-
             out = torch.zeros(s.n, dtype=torch.bool)
-            f = fold[s.index]
-            for k, strat in enumerate(fitted):
-                rows = (f == k).nonzero()[:, 0]
+            p = part[s.index]
+            for key, strat in fitted.items():
+                rows = (p == key).nonzero()[:, 0]
                 if len(rows):
-                    out[rows] = strat.decide(s.subset(rows), r).bool()
+                    out[rows] = decide_checked(strat, s.subset(rows), r)
             return out
 
         def readouts(self, exit_step):
             return base.readouts(exit_step)
 
+        def fitted_records(self):
+            return records
+
     cf = CrossFitted()
     cf.needs = getattr(base, "needs", type(base).needs)
     return cf
+
+
+def check_folds(recipe: Recipe, src: RecipeSource, settings: list[Setting], taskset) -> None:
+    """Calibrating rules are cross-fitted over `calibration.folds` document folds: refuse
+    more folds than the loglikelihood tasks have documents (some copy would be fitted on
+    every document, or on none)."""
+    from ouro_lab.lm import LL_TYPES
+
+    if not any(s.fitted for s in settings):
+        return
+    ll = taskset.names_of("multiple_choice", *LL_TYPES)
+    limit = recipe.tasks.limit
+    docs = sum(min(len(taskset.tasks[n].eval_docs), limit or 1 << 62) for n in ll)
+    folds = recipe.calibration.folds
+    if ll and folds > docs:
+        raise RecipeError([src.error(("calibration", "folds"), f"{folds} folds, but the loglikelihood tasks "
+                                     f"({', '.join(ll)}) have {docs} documents; use at most {docs} folds, or "
+                                     "more documents (tasks.limit)")])

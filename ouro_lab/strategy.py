@@ -55,6 +55,10 @@ SIGNALS: dict[str, str] = {
 # Signals that need the LM head's full-vocabulary logits at the step they are read.
 HEAD_SIGNALS = frozenset({"argmax", "entropy", "max_prob", "margin", "kl_prev",
                           "target_logprob", "target_is_argmax"})
+# The direction in which each thresholdable signal means "ready to exit": +1 exit when the
+# signal is at least the threshold, -1 at most (budget and risk fold the sign in).
+DIRECTION = {"exit_cdf": 1, "exit_pdf": 1, "gate_logit": 1, "max_prob": 1, "margin": 1,
+             "entropy": -1, "kl_prev": -1, "hidden_delta": -1}
 # `needs` may use these short names.
 ALIASES = {"gate": ("gate_logit", "exit_pdf", "exit_cdf"), "kl": ("kl_prev",),
            "hidden": ("hidden_delta",), "confidence": ("max_prob", "margin"),
@@ -172,6 +176,10 @@ class ExitStrategy:
 
     def decide(self, s: Signals, r: int) -> Tensor:  # (N,) bool
         raise NotImplementedError
+
+    def fitted(self) -> dict:
+        """What fit() chose, for the record (the sweep stores it per task and fold)."""
+        return {}
 
     def params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}

@@ -1,4 +1,4 @@
-"""`ouro-lab sweep`: a recipe in; tidy tables, plots and a report out.
+"""`ouro-lab sweep`, the orchestration: a recipe in; tidy tables, plots and a report out.
 
     recipe -> settings (every fixed step + each strategy's grid)
            -> load model, build tasks                      (errors name recipe file, line, field)
@@ -12,6 +12,17 @@ recipe, so rerunning a recipe finds its folder) unless `--out` says otherwise. E
 finished setting is stored at once under `settings/` (one file pair, written atomically),
 so a sweep stopped by Ctrl-C or kill -9 resumes where it stopped; a lock file
 (`flock`, released by the kernel even on kill -9) keeps two sweeps off one folder.
+
+Nothing damaged is used: a stored setting that fails its checksums is said in one line
+and redone, a damaged cached trace recomputed. A full disk anywhere is one line (what was
+being written, free space, rerun to resume) and exit 2; temporaries left by a killed run
+are removed when the next one starts. An unwritable trace cache is found before the
+trace pass: the sweep runs without it and says so (`--require-cache`: it stops).
+
+This module is the orchestration only; each step lives in its own: settings
+(`ouro_lab.settings`), the trace pass (`ouro_lab.tracing`), replay scoring
+(`ouro_lab.scoring`), live runs (`ouro_lab.lm.OuroLM` with a strategy), the run folder
+(`ouro_lab.store`), the tables (`ouro_lab.tables`), plots and report (`ouro_lab.report`).
 """
 
 from __future__ import annotations
@@ -21,7 +32,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,21 +39,34 @@ from pathlib import Path
 
 from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
-from ouro_lab.files import atomic_write
+from ouro_lab.files import DamagedFileError, atomic_write, file_digest, sweep_temporaries
 from ouro_lab.plan import describe, plan
 from ouro_lab.progress import log, stderr_console
 from ouro_lab.progress import progress as progress_bars
 from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
-from ouro_lab.settings import Setting, cross_fit, expand_settings, folds_of
+from ouro_lab.settings import (
+    Setting,
+    check_folds,
+    cross_fit,
+    doc_outcomes,
+    expand_settings,
+    folds_of,
+)
 from ouro_lab.store import (
     RunLock,
     SettingStore,
     SweepError,
     atomic_frame,
     cache_dir,
+    check_output,
     check_writable,
     default_run_dir,
+    git_sha,
     jsonable,
+    resumable_on_full_disk,
+    run_dir_for,
+    trace_cache,
+    versions,
 )
 from ouro_lab.tables import COLUMNS, assemble, tag_samples
 
@@ -66,69 +89,49 @@ def _source_hash(name: str, dirs) -> str:
 
 
 
-# --------------------------------------------------------------------------- provenance
-
-
-def git_sha() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("ouro-lab", "torch", "lm_eval", "transformers", "datasets", "numpy", "pandas", "pydantic",
-                "matplotlib"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[pkg] = version(pkg)
-    return out
-
-
 # --------------------------------------------------------------------------- the sweep
 
 
 def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Path | None = None,
-              dry_run: bool = False, console=None, as_json: bool = False) -> Path | None:
-    """Run (or with `dry_run`, only validate and describe: on stdout, the plan as JSON with
-    `as_json`) a recipe. Returns the run folder."""
+              dry_run: bool = False, console=None, require_cache: bool = False,
+              as_json: bool = False) -> Path | None:
+    """Run (or with `dry_run`, only validate and describe, on stdout: the plan as JSON with
+    `as_json`) a recipe. Returns the run folder.
+
+    `require_cache`: stop at once if the trace cache cannot be written (default: run
+    without caching and say so)."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-call bars; ours are on stderr
     console = console or stderr_console()
     recipe, src = load_recipe(recipe_file, list(overrides))
     settings = expand_settings(recipe, src)
-    if dry_run:
-        p = plan(recipe, settings, load_tasks(recipe, src))
+    run_dir, what = run_dir_for(recipe, src, out)
+    if dry_run:  # everything the sweep checks before it starts, creating nothing
+        check_output(run_dir, what)
+        taskset = load_tasks(recipe, src)
+        check_folds(recipe, src, settings, taskset)
+        p = plan(recipe, settings, taskset)
         if as_json:
             print(json.dumps({"recipe": str(src.file), "valid": True, **p}, indent=2, default=jsonable))
         else:
             from rich.console import Console
 
-            out_console = Console()
-            describe(p, out_console)
-            log(out_console, f"{src.file}: valid")
+            result = Console()  # the result: on stdout
+            describe(p, result)
+            log(result, f"{src.file}: valid")
         return None
-    if out is not None:
-        run_dir, what = Path(out), "--out"
-    elif recipe.output:
-        run_dir, what = Path(recipe.output), src.where(("output",)) + ": output"
-    else:
-        run_dir, what = default_run_dir(recipe, src), f"{src.file}: output (default results/)"
     distributed.init(recipe.model.device)  # under torchrun / accelerate launch: join the group
     if not distributed.is_main():
         console = stderr_console(quiet=True)  # rank 0 alone reports, locks and writes
-    check_writable(run_dir, what)
-    lock = RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext()
-    with lock, _threads(recipe.model.threads):
-        return _run(recipe, src, settings, run_dir, console)
+    with resumable_on_full_disk(run_dir):  # a full disk anywhere: one line, finished settings kept
+        check_writable(run_dir, what)
+        lock = RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext()
+        with lock, _threads(recipe.model.threads):
+            if distributed.is_main():
+                stale = sweep_temporaries(run_dir)
+                if stale:
+                    log(console, f"{run_dir}: removed {len(stale)} temporary file(s) left by an interrupted "
+                                  "run")
+            return _run(recipe, src, settings, run_dir, console, require_cache)
 
 
 @contextlib.contextmanager
@@ -175,8 +178,8 @@ def load_tasks(recipe: Recipe, src: RecipeSource):
 
     try:
         taskset = TaskSet(list(recipe.tasks.names), include_path=recipe.tasks.include or None,
-                          limit=recipe.tasks.limit, num_fewshot=recipe.tasks.num_fewshot,
-                          fewshot_seed=recipe.seed)
+                          data_root=recipe.tasks.data_root, limit=recipe.tasks.limit,
+                          num_fewshot=recipe.tasks.num_fewshot, fewshot_seed=recipe.seed)
     except OuroLabError as e:
         raise RecipeError([src.error(_task_field(recipe, str(e)), str(e))]) from None
     except Exception as e:  # datasets / lm-eval failing on the task data itself
@@ -195,7 +198,8 @@ def _task_data_error(recipe: Recipe, src: RecipeSource, first: Exception) -> str
 
     for i, name in enumerate(recipe.tasks.names):
         try:
-            TaskSet([name], include_path=recipe.tasks.include or None, limit=recipe.tasks.limit)
+            TaskSet([name], include_path=recipe.tasks.include or None, data_root=recipe.tasks.data_root,
+                    limit=recipe.tasks.limit)
         except Exception as e:  # noqa: BLE001 (any failure of the data is the user's to fix)
             what = "its data file is empty" if isinstance(e, StopIteration) else \
                 f"its data cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -227,13 +231,33 @@ class _Run:
     progress: object
     calls: list  # [model forward calls so far] (a forward pre-hook counts them)
     prov: dict
+    cache: Path | None = None   # the trace cache (None: not writable, run without it)
+    require_cache: bool = False
     run_dir: Path | None = None
     records: list = field(default_factory=list)  # (Setting, mode, stored record)
     frames: list = field(default_factory=list)   # their per-document samples, tagged
+    _sources: dict = field(default_factory=dict)
 
     @property
     def dirs(self) -> list[Path]:
         return [Path(d) for d in self.recipe.strategies_dirs]
+
+    def source_hash(self, name: str) -> str:
+        """The strategy file's content hash (one read per strategy, not per setting)."""
+        if name not in self._sources:
+            self._sources[name] = _source_hash(name, self.dirs)
+        return self._sources[name]
+
+    def stored(self, s: Setting, mode: str, key: str):
+        """The finished setting from the store, checked; None if it is not there or is
+        damaged (said in one line: the caller redoes it and the files are overwritten)."""
+        if not self.store.has(key):
+            return None
+        try:
+            return self.store.load(key)
+        except DamagedFileError as e:
+            log(self.console, f"{e}; redoing setting {s.label} ({mode})")
+            return None
 
     def samples_dir(self, s: Setting, mode: str) -> Path:
         """Where a setting's lm-eval samples JSONL go (`log_samples`)."""
@@ -246,7 +270,7 @@ class _Run:
         d = self.samples_dir(s, mode)
         return not self.recipe.log_samples or all((d / f"samples_{t}.jsonl").is_file() for t in tasks)
 
-    def log(self, s: Setting, mode: str, log: dict, samples) -> None:
+    def log_samples(self, s: Setting, mode: str, log: dict, samples) -> None:
         """Write a finished setting's lm-eval samples JSONL (rank 0, `log_samples` only)."""
         from ouro_lab.sample_log import lm_eval_samples, write_samples
 
@@ -257,14 +281,15 @@ class _Run:
                                  "run_mode": mode}, log.get("exit_steps"))
         write_samples(self.samples_dir(s, mode), lines)
 
-    def keep(self, s: Setting, mode: str, key: str) -> None:
-        """Read a finished setting back from the store (what every later table is made from)."""
-        rec, samples = self.store.load(key)
+    def keep(self, s: Setting, mode: str, key: str, found=None) -> None:
+        """A finished setting as the store holds it (what every later table is made from)."""
+        rec, samples = found if found is not None else self.store.load(key)
         self.records.append((s, mode, rec))
         self.frames.append(tag_samples(samples, s, mode))
 
 
-def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Path, console) -> Path:
+def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Path, console,
+         require_cache: bool = False) -> Path:
     import torch
 
     from ouro_lab.lm import LL_TYPES
@@ -272,28 +297,31 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     t_start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     if distributed.is_main():
-        atomic_write(run_dir / "recipe.yaml", src.file.read_text())
+        atomic_write(run_dir / "recipe.yaml", src.file.read_text(), "a copy of the recipe")
     prov = {"run_id": run_dir.name, "recipe_file": str(src.file), "recipe_name": src.file.stem,
             "recipe": canonical(recipe), "recipe_hash": recipe_hash(recipe), "git_sha": git_sha(),
             "versions": versions(), "seed": recipe.seed, "device": recipe.model.device,
             "dtype": recipe.model.dtype, "argv": sys.argv[1:], "host": platform.node(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     model, tok, taskset, fp = _load(recipe, src)
+    check_folds(recipe, src, settings, taskset)
+    ll_tasks = taskset.names_of("multiple_choice", *LL_TYPES)
+    cache = trace_cache(require_cache, lambda m: log(console, m)) if ll_tasks else None  # before the pass
     prov["model_fingerprint"] = fp
     prov["device"] = str(model.device)
     cfg = model.config
     prov["model"] = {"name": Path(recipe.model.path).name, "parameters": model.num_parameters(),
                      "layers": cfg.num_hidden_layers, "steps": recipe.model.steps or cfg.total_ut_steps,
                      "hidden": cfg.hidden_size}
-    prov["tasks"] = {t: {"output_type": taskset.output_type(t), "chance": taskset.chance(t)}
+    prov["tasks"] = {t: {"output_type": taskset.output_type(t), "chance": _round(taskset.chance(t))}
                      for t in taskset.tasks}
     calls = [0]
     hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    ll_tasks = taskset.names_of("multiple_choice", *LL_TYPES)
     gen_tasks = taskset.names_of("generate_until")
     store = SettingStore(run_dir)
     with progress_bars(console) as progress:
-        run = _Run(recipe, settings, model, tok, taskset, fp, store, console, progress, calls, prov, run_dir)
+        run = _Run(recipe, settings, model, tok, taskset, fp, store, console, progress, calls, prov, cache,
+                   require_cache, run_dir)
         if ll_tasks:
             _replay_all(run, _trace(run))
         _live_all(run, ll_tasks, gen_tasks)
@@ -301,18 +329,25 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     if not distributed.is_main():
         return run_dir  # rank 0 alone writes results
     metrics, samples, exits = assemble(run.records, run.frames, recipe)
-    atomic_frame(metrics, run_dir / "metrics.csv")
-    atomic_frame(samples, run_dir / "samples.parquet")
-    atomic_frame(exits, run_dir / "exits.csv")
+    tables = {"metrics.csv": metrics, "samples.parquet": samples, "exits.csv": exits}
+    for name, frame in tables.items():
+        atomic_frame(frame, run_dir / name, f"the {name} table")
     prov.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 wall_s=round(time.perf_counter() - t_start, 2), settings=len(settings),
-                model_forward_calls=calls[0])
-    atomic_write(run_dir / "provenance.json", json.dumps(prov, indent=2, default=jsonable) + "\n")
+                model_forward_calls=calls[0],
+                files={n: {"checksum": file_digest(run_dir / n), "bytes": (run_dir / n).stat().st_size}
+                       for n in tables})  # `ouro-lab report` refuses a table that no longer matches
+    atomic_write(run_dir / "provenance.json", json.dumps(prov, indent=2, default=jsonable) + "\n",
+                 "the provenance record")
     from ouro_lab.report import build_report
 
     res = build_report(run_dir)
     _summary(res["summary"], run_dir)
     return run_dir
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 12)
 
 
 def _trace(run: _Run):
@@ -323,13 +358,15 @@ def _trace(run: _Run):
     bar = progress.add_task("trace pass (loglikelihood tasks)", total=None)
     t0 = time.perf_counter()
     trace, _units = trace_pass(run.model, run.tok, run.taskset, batch_size=run.recipe.batch_size,
-                               cache_dir=cache_dir(), fingerprint=run.fp,
-                               progress=lambda n: progress.advance(bar, n))
+                               cache_dir=run.cache, fingerprint=run.fp,
+                               progress=lambda n: progress.advance(bar, n),
+                               log=lambda m: log(run.console, m), require_cache=run.require_cache)
     done = progress.tasks[bar].completed or 1
     progress.update(bar, total=done, completed=done)
     reused = calls[0] == 0
     run.prov["trace"] = {"key": trace.meta.get("key"), "tokens": trace.n, "reused": reused,
-                         "forward_calls": calls[0], "seconds": round(time.perf_counter() - t0, 3)}
+                         "forward_calls": calls[0], "seconds": round(time.perf_counter() - t0, 3),
+                         "work": trace.meta.get("work")}  # what the pass ran (ouro_lab.prefix)
     log(run.console, f"trace pass: {'reused cached trace' if reused else 'computed trace'} "
                       f"{trace.meta.get('key')} ({trace.n} tokens, {calls[0]} model forward calls)")
     return trace
@@ -349,15 +386,20 @@ def _replay_all(run: _Run, trace) -> None:
     bar = run.progress.add_task("replay settings", total=len(run.settings))
     for s in (run.settings if distributed.is_main() else []):  # no model: rank 0 alone
         key = _hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
-                    _source_hash(s.strategy, run.dirs), s.fitted and canonical(recipe)["calibration"],
+                    run.source_hash(s.strategy), s.fitted and canonical(recipe)["calibration"],
                     recipe.bootstrap)
-        if not run.store.has(key) or not run.logged(s, "replay", replayed):
-            strat = cross_fit(s, trace, fold, recipe.calibration.folds) if s.fitted else s.obj
+        found = run.stored(s, "replay", key)
+        if found is None or not run.logged(s, "replay", replayed):
+            found = None
+            strat = (cross_fit(s, trace, fold, recipe.calibration.folds, recipe.seed,
+                               doc_outcomes(run.taskset, trace, s.obj)) if s.fitted else s.obj)
             log: dict = {}
             rec, samples = _replay(run.taskset, trace, strat, s, recipe, tok_task, log)
-            run.log(s, "replay", log, samples)
-            run.store.save(key, rec, samples)
-        run.keep(s, "replay", key)
+            run.log_samples(s, "replay", log, samples)
+            if s.fitted:
+                rec["fitted"] = strat.fitted_records()  # what each task x fold copy chose
+            run.store.save(key, rec, samples, f"setting {s.label}, replay")
+        run.keep(s, "replay", key, found)
         run.progress.advance(bar)
 
 
@@ -377,17 +419,20 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
     for s, task in jobs:
         key = _hash("live", run.fp, recipe.model.dtype, recipe.model.steps, task, recipe.tasks.limit,
                     recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
-                    _source_hash(s.strategy, run.dirs), recipe.live.kv_policy, recipe.live.max_gen_toks,
+                    run.source_hash(s.strategy), recipe.live.kv_policy, recipe.live.max_gen_toks,
                     recipe.bootstrap)
-        if not distributed.broadcast(run.store.has(key) and run.logged(s, "live", [task])):
-            log: dict = {}  # rank 0 decides; every rank runs it
+        found = run.stored(s, f"live, {task}", key) if distributed.is_main() else None
+        if found is not None and not run.logged(s, "live", [task]):
+            found = None  # its samples JSONL is missing: run it again
+        if not distributed.broadcast(found is not None):  # rank 0 decides; every rank runs it
+            log: dict = {}
             rec, samples = _live(run.model, run.tok, run.taskset, task, s, recipe, log)
             if distributed.is_main():
-                run.log(s, "live", log, samples)
-                run.store.save(key, rec, samples)
+                run.log_samples(s, "live", log, samples)
+                run.store.save(key, rec, samples, f"setting {s.label}, live on {task}")
         if not distributed.is_main():
             continue
-        run.keep(s, "live", key)
+        run.keep(s, "live", key, found)
         run.progress.advance(bar)
 
 

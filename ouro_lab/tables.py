@@ -38,24 +38,10 @@ COLUMNS = ["task", "strategy", "params", "setting", "granularity", "kind", MODE,
            "flops_per_token", "flops_executed_per_token", "flops_total_per_token", "flops_rel",
            "seconds_per_token", "n_docs"]  # the param_<name> columns follow `params`
 TIMING = ("seconds_per_token",)  # wall-clock columns: the only ones two identical runs may differ in
-PRIMARY = ("acc", "exact_match", "acc_norm", "f1", "mcc", "bleu")
-LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
 def _measure(metric: str, filt: str) -> str:
     return metric if filt in ("none", "", None) else f"{metric},{filt}"
-
-
-def primary_key(keys) -> str:
-    """A task's main metric among its metric keys: the first of PRIMARY there (under its
-    first filter), else the first that is not lower-is-better."""
-    have = list(dict.fromkeys(keys))
-    for m in PRIMARY:
-        for k in have:
-            if k == m or k.startswith(f"{m},"):
-                return k
-    higher = [k for k in have if k.split(",")[0] not in LOWER_IS_BETTER]
-    return (higher or have)[0]
 
 
 def param_columns(metrics):
@@ -136,7 +122,7 @@ def assemble(records, frames, recipe: Recipe):
             metrics[c] = np.nan
     # the reference mode of a task: replay where a trace exists, else live (generation tasks)
     base = {t: ("replay" if (d[MODE] == "replay").any() else "live") for t, d in metrics.groupby("task")}
-    main = {t: primary_key(d.metric_key) for t, d in metrics.groupby("task")}
+    main = {t: stats.primary_metric(d.metric_key) for t, d in metrics.groupby("task")}
     metrics["primary"] = metrics.metric_key == metrics.task.map(main)
     full = metrics[metrics.is_full & (metrics[MODE] == metrics.task.map(base))]
     full_flops = full.groupby("task").flops_executed_per_token.first()

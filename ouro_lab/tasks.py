@@ -112,7 +112,7 @@ class TaskSet:
     num_fewshot: int | None = None
     fewshot_seed: int = 1234
     task_dict: dict = field(init=False, repr=False)
-    scorers: dict = field(init=False, repr=False, default_factory=dict)  # harness.Scorer cache
+    scorers: dict = field(init=False, repr=False, default_factory=dict)  # scoring.Scorer cache
 
     def __post_init__(self):
         _offline_env()
@@ -258,16 +258,16 @@ def _split_files(folder: Path) -> dict[str, list[str]]:
     return files
 
 
-def local_splits(local: Path, config: str | None, task: str, hub_id: str) -> tuple[set[str], dict]:
-    """The splits of config `config` of the local dataset copy `local`, and the task-config
-    overrides that load it: none when its card (README.md `configs:` header) lists the
-    config, else explicit `data_files` from the config's folder."""
+def local_splits(local: Path, config: str | None, task: str, hub_id: str) -> tuple[dict, bool]:
+    """The split files of config `config` of the local dataset copy `local`, {split: [files]},
+    and whether its card (README.md `configs:` header) lists the config (else they come
+    from the config's folder and must be given to datasets as `data_files`)."""
     import datasets
 
     label = f"{local} (config {config})" if config else str(local)
     try:
         builder = datasets.load_dataset_builder(str(local), config)
-        return set(builder.config.data_files or {}), {}
+        return {k: list(v) for k, v in (builder.config.data_files or {}).items()}, True
     except ValueError as e:
         if "BuilderConfig" not in str(e):
             first = str(e).splitlines()[0]
@@ -285,22 +285,43 @@ def local_splits(local: Path, config: str | None, task: str, hub_id: str) -> tup
                         f"header lists {listed} and there is no folder {local / config} with "
                         f"<split>-*.parquet files; download the whole repository (hf download {hub_id} "
                         f"--repo-type dataset --local-dir {local}) or add that folder")
-    return set(files), {"dataset_name": None, "dataset_kwargs": {"data_files": files}}
+    return files, False
+
+
+def _datasets_cache(files: dict[str, list[str]]) -> str:
+    """A datasets cache folder of its own for these exact files (paths, sizes, modification
+    times). datasets names the cache of a local folder after the folder's name and config
+    alone: two copies called `mmlu` (another data root, a re-downloaded copy) would
+    silently share the first one's converted data."""
+    import hashlib
+
+    import datasets
+
+    h = hashlib.blake2b(digest_size=12)
+    for split in sorted(files):
+        for f in sorted(files[split]):
+            st = os.stat(f)
+            h.update(f"{split}\0{os.path.realpath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "ouro-lab-local" / h.hexdigest())
 
 
 def fit_local_splits(cfg: dict, num_fewshot: int | None, hub_id: str) -> dict:
     """A leaf task's config fitted to its local copy: the split it scores must exist; the
     split its few-shot examples come from (lm-eval's rule: fewshot_split, else the
     training, validation, test split) must exist when it runs n-shot, and any configured
-    split the copy lacks is set to None (lm-eval reads the few-shot split even at 0-shot)."""
+    split the copy lacks is set to None (lm-eval reads the few-shot split even at 0-shot).
+    The copy gets a datasets cache of its own (`_datasets_cache`)."""
     task, local = cfg["task"], Path(cfg["dataset_path"])
-    splits, extra = local_splits(local, cfg.get("dataset_name"), task, hub_id)
+    files, from_card = local_splits(local, cfg.get("dataset_name"), task, hub_id)
+    splits = set(files)
     label = f"{local} (config {cfg['dataset_name']})" if cfg.get("dataset_name") else str(local)
-    cfg = {**cfg, **extra}
-    if extra.get("dataset_kwargs"):
-        cfg["dataset_kwargs"] = {**(cfg.get("dataset_kwargs") or {}), **extra["dataset_kwargs"]}
+    sub = "its config folder" if cfg.get("dataset_name") else "data/"
+    kwargs = {**(cfg.get("dataset_kwargs") or {}), "cache_dir": _datasets_cache(files)}
+    cfg = {**cfg, "dataset_kwargs": kwargs}
+    if not from_card:
+        kwargs["data_files"] = files
+        cfg["dataset_name"] = None
     has = ", ".join(sorted(splits)) or "none"
-    sub = "its config folder" if cfg.get("dataset_name") or extra else "data/"
     scored = cfg.get("test_split") or cfg.get("validation_split")
     if scored not in splits:
         raise TaskError(f"{task}: split {scored!r} (the documents it scores) is missing from the local "

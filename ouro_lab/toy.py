@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ouro_lab.files import atomic_write
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 DIGITS = [str(d) for d in range(10)]
@@ -218,9 +219,7 @@ def save_tokenizer(path: str | Path) -> Path:
     cfg_file = path / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tmp = cfg_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(tmp, cfg_file)
+    atomic_write(cfg_file, json.dumps(cfg, indent=2) + "\n")
     return path
 
 
@@ -235,9 +234,7 @@ def task_docs(items: list[Item]) -> list[dict]:
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ouro_lab.errors import OuroLabError
+from ouro_lab.files import atomic_path
 from ouro_lab.strategy import SIGNALS, Signals
 
 CHUNK_ELEMENTS = 1 << 25  # tokens x vocab per LM-head chunk (128 MiB of float32 logits)
@@ -33,6 +33,15 @@ CHUNK_ELEMENTS = 1 << 25  # tokens x vocab per LM-head chunk (128 MiB of float32
 
 class TraceError(OuroLabError):
     """A trace file that cannot be read, or traces that cannot be combined."""
+
+
+class TraceDamagedError(TraceError):
+    """A trace file whose bytes are not what was written: unreadable, truncated, or its
+    content no longer matches the checksum stored with it. Never use it: recompute it."""
+
+    def __init__(self, path: Path, problem: str):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{path}: {problem}; delete it and rerun to recompute it")
 
 
 @torch.no_grad()
@@ -44,7 +53,9 @@ def step_signals(model, out, targets: Tensor, mask: Tensor,
     each position should predict (a negative id = unknown: NaN log-prob, not a match),
     `mask` (B, T) bool the positions to score; N = mask.sum(), in row-major order.
     Step 0's `kl_prev` and `hidden_delta` are +inf. `argmax` is int64,
-    `target_is_argmax` bool, the rest float32.
+    `target_is_argmax` bool, the rest float32. `targets` (B, T, K) scores K targets per
+    position (one LM-head readout for all): target_logprob and target_is_argmax are then
+    (R, N, K).
     """
     from ouro_lab.model import exit_distribution
 
@@ -54,7 +65,7 @@ def step_signals(model, out, targets: Tensor, mask: Tensor,
     gate = out.gate_logits.flatten(1).index_select(1, flat).float()  # (R, N)
     pdf, cdf = exit_distribution(gate)
     hid = out.step_hidden.flatten(1, 2).index_select(1, flat)  # (R, N, H) model dtype
-    tgt = targets.to(dev).reshape(-1).index_select(0, flat).long()  # (N,)
+    tgt = targets.to(dev).reshape(-1, *targets.shape[2:]).index_select(0, flat).long()  # (N,) or (N, K)
     N, V = hid.shape[1], model.config.vocab_size
 
     inf = torch.full((1, N), math.inf, device=dev)
@@ -84,7 +95,8 @@ def step_signals(model, out, targets: Tensor, mask: Tensor,
     else:
         for k in ("entropy", "max_prob", "margin", "kl_prev", "target_logprob", "argmax", "target_is_argmax"):
             dtype = torch.long if k == "argmax" else torch.bool if k == "target_is_argmax" else torch.float32
-            sig[k] = torch.empty(R, N, dtype=dtype, device=dev)
+            sig[k] = torch.empty(R, N, *(tgt.shape[1:] if k.startswith("target") else ()),
+                                 dtype=dtype, device=dev)
         for r0, r1, a, b, vals in pieces:
             for k, v in vals.items():
                 sig[k][r0:r1, a:b] = v
@@ -122,7 +134,8 @@ def steps_head_signals(logits: Tensor, prev_logp: Tensor | None = None,
     """`head_signals` of S consecutive steps at once: logits (S, n, V) -> ({name: (S, n)},
     log-probs (n, V) of the last step). `prev_logp` is the step before the first (None: the
     first is step 0, KL +inf). Row by row the same float32 operations as `head_signals`,
-    so the numbers are the same bit for bit; only the Python-level op count drops."""
+    so the numbers are the same bit for bit; only the Python-level op count drops. A
+    `target` (n, K) gives K targets per token: target signals (S, n, K)."""
     logp = F.log_softmax(logits.float(), dim=-1)  # (S, n, V) float32
     p = logp.exp()
     top = logp.topk(min(2, logp.shape[-1]), dim=-1)
@@ -135,7 +148,12 @@ def steps_head_signals(logits: Tensor, prev_logp: Tensor | None = None,
     out = {"entropy": -(p * logp).sum(-1), "max_prob": tp[..., 0],
            "margin": tp[..., 0] - tp[..., 1] if tp.shape[-1] > 1 else tp[..., 0], "argmax": am,
            "kl_prev": kl}
-    if target is not None:
+    if target is not None and target.dim() == 2:  # K targets per token: (S, n, K)
+        known = target >= 0
+        idx = target.clamp(min=0)[None].expand(logp.shape[0], -1, -1)
+        out["target_logprob"] = torch.where(known, logp.gather(2, idx), torch.nan)
+        out["target_is_argmax"] = known & (am[..., None] == target)
+    elif target is not None:
         known = target >= 0
         idx = target.clamp(min=0)[None, :, None].expand(logp.shape[0], -1, 1)
         out["target_logprob"] = torch.where(known, logp.gather(2, idx)[..., 0], torch.nan)
@@ -182,6 +200,18 @@ def random_signals(steps: int, n: int, seed: int = 0, vocab: int = 16) -> dict[s
             "max_prob": top.values[..., 0], "margin": top.values[..., 0] - top.values[..., 1],
             "kl_prev": kl, "target_logprob": logp.gather(-1, target.expand(steps, n)[..., None])[..., 0],
             "target_is_argmax": top.indices[..., 0] == target}
+
+
+def checksum(tensors: dict[str, Tensor], meta_json: str) -> str:
+    """Content hash of a trace file: every tensor's name, dtype, shape and bytes, and the
+    meta JSON. Stored in the file's header; `Trace.load` recomputes and compares it."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(meta_json.encode())
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"\0{k}\0{str(t.dtype)}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "blake2b-128:" + h.hexdigest()
 
 
 def _hash(obj) -> str:
@@ -237,7 +267,8 @@ class Trace:
         return _hash(parts)
 
     def save(self, path: str | Path) -> Path:
-        """Write one safetensors file (meta as JSON in its header), atomically."""
+        """Write one safetensors file (meta as JSON and a content checksum in its header),
+        atomically and durably."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -246,14 +277,16 @@ class Trace:
         tensors.update(request=self.request.long().contiguous().cpu(),
                        position=self.position.long().contiguous().cpu(),
                        ctx=self.ctx.long().contiguous().cpu())
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"format": "ouro-lab-trace",
-                                               "meta": json.dumps(self.meta, default=_jsonable)})
-        os.replace(tmp, path)
+        meta = json.dumps(self.meta, default=_jsonable)
+        with atomic_path(path, "a trace") as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "ouro-lab-trace", "meta": meta,
+                                                   "checksum": checksum(tensors, meta)})
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
+        """Read a trace written by `save`. A file that cannot be read, or whose content no
+        longer matches its checksum, raises `TraceDamagedError`; it is never returned."""
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -264,12 +297,23 @@ class Trace:
                 header = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise TraceError(f"{path}: not a readable trace ({str(e).splitlines()[0]})") from None
+            raise TraceDamagedError(path, f"not a readable trace ({str(e).splitlines()[0]}): "
+                                          "truncated or damaged") from None
         if header.get("format") != "ouro-lab-trace" or "request" not in tensors:
             raise TraceError(f"{path}: a safetensors file but not an ouro-lab trace")
-        signals = {k.removeprefix("signal."): v for k, v in tensors.items() if k.startswith("signal.")}
-        return cls(signals, tensors["request"], tensors["position"], tensors["ctx"],
-                   json.loads(header.get("meta", "{}")))
+        stored = header.get("checksum")
+        if stored is None:
+            raise TraceDamagedError(path, "a trace without a content checksum (written by an older "
+                                          "ouro-lab), so it cannot be checked")
+        if checksum(tensors, header.get("meta", "{}")) != stored:
+            raise TraceDamagedError(path, "damaged trace: its content does not match the checksum "
+                                          "stored with it")
+        try:
+            meta = json.loads(header.get("meta", "{}"))
+            signals = {k.removeprefix("signal."): v for k, v in tensors.items() if k.startswith("signal.")}
+            return cls(signals, tensors["request"], tensors["position"], tensors["ctx"], meta)
+        except (ValueError, KeyError, TraceError) as e:
+            raise TraceDamagedError(path, f"damaged trace: {str(e).splitlines()[0]}") from None
 
     @classmethod
     def cat(cls, traces: list[Trace]) -> Trace:
@@ -394,5 +438,5 @@ def render_table(trace: Trace, labels: list[str], predict: list[str]):
     return t
 
 
-__all__ = ["step_signals", "head_signals", "steps_head_signals", "Trace", "TraceError", "trace_text",
-           "random_signals", "encode", "render_table", "token_labels"]
+__all__ = ["step_signals", "head_signals", "steps_head_signals", "Trace", "TraceError", "TraceDamagedError",
+           "checksum", "trace_text", "random_signals", "encode", "render_table", "token_labels"]

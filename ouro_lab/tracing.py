@@ -3,14 +3,21 @@
     trace, units = trace_pass(model, tok, taskset)   # cached on disk by content
 
 The units are the taskset's `Scorer`'s requests (`ouro_lab.scoring`), encoded by
-`OuroLM` and run through `ouro_lab.lm._units_forward` with every step's signals
-recorded (`ouro_lab.trace.step_signals`); replay and scoring then need no model.
+`OuroLM` and run through `ouro_lab.lm._units_forward` (each distinct prefix once:
+`ouro_lab.prefix`) with every step's signals recorded (`ouro_lab.trace.step_signals`);
+replay and scoring then need no model. `trace.meta["work"]` says what ran: tokens run,
+the prefix tree's tokens, the tokens of one sequence per request, calls, FLOPs.
+
+A cached trace is used only if its content checksum and key check out: a damaged one is
+said in one line, recomputed and overwritten. A cache that cannot be written is said in
+one line and the sweep goes on without it (`require_cache`: it stops instead).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,14 +25,27 @@ from pathlib import Path
 import torch
 
 from ouro_lab import distributed
+from ouro_lab.errors import OuroLabError
+from ouro_lab.files import DiskFullError, human_bytes
 from ouro_lab.flops import ModelCost
 from ouro_lab.lm import LL_TYPES, HarnessError, OuroLM, Unit, _units_forward
 from ouro_lab.scoring import scorer_for
 from ouro_lab.tasks import TaskSet
-from ouro_lab.trace import Trace
+from ouro_lab.trace import Trace, TraceDamagedError
 
 # Bump when what a trace records, or how, changes: cached traces of another format are not reused.
-TRACE_FORMAT = 1
+# 2: trace files carry a content checksum
+# 3: each distinct prefix computed once (ouro_lab.prefix): the same signals, computed in another
+# arithmetic order (float32 values within 1e-5 relative of format 2's); work counts in meta.
+TRACE_FORMAT = 3
+
+
+class TraceCacheError(OuroLabError):
+    """The trace cache was required (`--require-cache`) but cannot be written."""
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _model_fingerprint(model) -> str:
@@ -54,20 +74,41 @@ def build_units(taskset: TaskSet, lm: OuroLM) -> list[Unit]:
     return units
 
 
+def _cache(trace: Trace, path: Path, say, require: bool) -> None:
+    """Save the computed trace; failing to is one line, and the pass's work is kept."""
+    try:
+        trace.save(path)
+        return
+    except DiskFullError as e:
+        problem = f"disk full ({human_bytes(e.free)} free)"
+    except OSError as e:
+        problem = f"{e.strerror or e}"
+    if require:
+        raise TraceCacheError(f"trace cache {path.parent}: could not write {path.name} ({problem}); free "
+                              "space or point OURO_LAB_CACHE to a writable folder (required by "
+                              "--require-cache)")
+    say(f"trace cache {path.parent}: could not write {path.name} ({problem}); going on without caching "
+        "this trace (the next run computes it again)")
+
+
 def ll_names(taskset: TaskSet) -> list[str]:
     """The taskset's loglikelihood tasks (multiple choice, loglikelihood, rolling), sorted."""
     return sorted(taskset.names_of("multiple_choice", *LL_TYPES))
 
 
 def trace_pass(model, tokenizer, taskset: TaskSet, batch_size: int = 8, cache_dir: str | Path | None = None,
-               fingerprint: str | None = None, max_length: int | None = None, progress=None):
+               fingerprint: str | None = None, max_length: int | None = None, progress=None, log=None,
+               require_cache: bool = False):
     """ONE full-depth pass over every loglikelihood request of every task in `taskset`,
     recording each scored token's signals at every step. Returns (Trace, units).
 
     Cached on disk under `cache_dir` by content (model fingerprint, dtype, steps, batch
     size, token ids of every unit): a second call with the same inputs runs no model
     pass. `fingerprint` (e.g. `ouro_lab.loading.fingerprint(path)`) saves hashing the
-    weights of an in-memory model."""
+    weights of an in-memory model. `log(line)` hears about a damaged cached trace (it is
+    recomputed and overwritten) and a trace that could not be cached (the pass goes on,
+    unless `require_cache`); default: stderr."""
+    say = log or _stderr
     lm = OuroLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     units = build_units(taskset, lm)
     if not units:
@@ -82,17 +123,24 @@ def trace_pass(model, tokenizer, taskset: TaskSet, batch_size: int = 8, cache_di
     key = Trace.key(**parts)
     path = Path(cache_dir) / f"trace-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
-        trace = Trace.load(path)
-        if trace.meta.get("key") == key:
-            return trace, units
+        try:
+            trace = Trace.load(path)
+        except TraceDamagedError as e:
+            say(f"cached trace {path}: {e.problem}; recomputing it (the file will be overwritten)")
+        else:
+            if trace.meta.get("key") == key:
+                return trace, units
+            say(f"cached trace {path}: holds trace {trace.meta.get('key')}, not {key}; recomputing it "
+                "(the file will be overwritten)")
     t0 = time.perf_counter()
+    work: dict = {}
     sig, unit, pos, ctx = _units_forward(model, units, model.config.total_ut_steps, lm.batch_size,
-                                         lm.max_length, signals=True, progress=progress)
+                                         lm.max_length, signals=True, progress=progress, stats=work)
     meta = dict(parts, key=key, cost=asdict(ModelCost.from_config(model.config)),
-                seconds=time.perf_counter() - t0, n_units=len(units),
+                seconds=time.perf_counter() - t0, n_units=len(units), work=work,
                 units=[[u.task, u.doc_id, u.idx, u.window] for u in units])
     trace = Trace(sig, unit, pos, ctx, meta)
     if path is not None and distributed.is_main():  # rank 0 alone writes
-        trace.save(path)
+        _cache(trace, path, say, require_cache)
     distributed.barrier()  # no rank looks for the cached file before it is complete
     return trace, units

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -52,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ouro_lab import toy
 from ouro_lab.errors import OuroLabError
-from ouro_lab.files import atomic_write
+from ouro_lab.files import atomic_path, atomic_write
 from ouro_lab.model import OuroConfig, OuroForCausalLM, exit_distribution, init_weights
 
 
@@ -294,9 +293,8 @@ def evaluate(model: OuroForCausalLM, items: list[toy.Item], q: float = 0.5) -> d
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, "training state") as tmp:
+        torch.save(state, tmp)
 
 
 def _progress(enabled: bool):
@@ -322,32 +320,59 @@ def train(recipe: TrainRecipe, resume: bool = True, progress: bool = True) -> di
         torch.set_num_threads(threads)
 
 
-def _train(recipe: TrainRecipe, resume: bool, progress: bool) -> dict:
-    work = Path(recipe.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    state_path, log_path = work / "state.pt", work / "training_log.jsonl"
-    s1, s2, data = recipe.stage1, recipe.stage2, recipe.data
-    torch.manual_seed(recipe.seed)
-    model = build_model(recipe.model, recipe.seed, data.kmax_final)
-    opt1 = torch.optim.AdamW(model.parameters(), lr=s1.lr, betas=(0.9, 0.98), weight_decay=s1.weight_decay)
-    opt2 = torch.optim.AdamW(model.model.early_exit_gate.parameters(), lr=s2.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    st = {"stage": 1, "step": 0, "kmax": data.kmax_start, "elapsed": 0.0, "done1": False,
-          "recipe": recipe.model_dump()}
-    if resume and state_path.is_file():
-        saved = torch.load(state_path, weights_only=True)
-        if saved["recipe"] != st["recipe"]:
-            raise RecipeError(f"{state_path}: left by a different recipe; delete {work} or restore "
+class _Loop:
+    """The state one training run carries through both stages: model, optimisers, data
+    generator, curriculum state `st`, the log file and the progress bars."""
+
+    def __init__(self, recipe: TrainRecipe, state_path: Path):
+        torch.manual_seed(recipe.seed)
+        s1, s2 = recipe.stage1, recipe.stage2
+        self.recipe, self.state_path = recipe, state_path
+        self.model = build_model(recipe.model, recipe.seed, recipe.data.kmax_final)
+        self.opt1 = torch.optim.AdamW(self.model.parameters(), lr=s1.lr, betas=(0.9, 0.98),
+                                      weight_decay=s1.weight_decay)
+        self.opt2 = torch.optim.AdamW(self.model.model.early_exit_gate.parameters(), lr=s2.lr,
+                                      weight_decay=0.0)
+        self.gen = torch.Generator().manual_seed(recipe.seed)
+        self.st = {"stage": 1, "step": 0, "kmax": recipe.data.kmax_start, "elapsed": 0.0, "done1": False,
+                   "recipe": recipe.model_dump()}
+        self.log = self.bar = None
+        self.t0 = 0.0
+
+    def restore(self, log_path: Path, work: Path) -> None:
+        """Pick up the state an interrupted run left (same recipe only); drop log rows after it."""
+        saved = torch.load(self.state_path, weights_only=True)
+        if saved["recipe"] != self.st["recipe"]:
+            raise RecipeError(f"{self.state_path}: left by a different recipe; delete {work} or restore "
                               f"the recipe it was made with")
-        model.load_state_dict(saved["model"])
-        opt1.load_state_dict(saved["opt1"])
-        opt2.load_state_dict(saved["opt2"])
-        gen.set_state(saved["gen"])
-        st = saved["st"]
+        self.model.load_state_dict(saved["model"])
+        self.opt1.load_state_dict(saved["opt1"])
+        self.opt2.load_state_dict(saved["opt2"])
+        self.gen.set_state(saved["gen"])
+        self.st = st = saved["st"]
         if log_path.is_file():  # drop rows written after the saved state
             last = (st["stage"], st["step"])
             kept = [r for r in toy.read_jsonl(log_path) if (r["stage"], r["step"]) <= last]
             toy.write_jsonl(kept, log_path)
+
+    def checkpoint(self) -> None:
+        _save_state(self.state_path, {"model": self.model.state_dict(), "opt1": self.opt1.state_dict(),
+                                      "opt2": self.opt2.state_dict(), "gen": self.gen.get_state(),
+                                      "st": self.st, "recipe": self.st["recipe"]})
+
+    def write(self, row: dict) -> None:
+        self.log.write(json.dumps(row) + "\n")
+        self.log.flush()
+
+
+def _train(recipe: TrainRecipe, resume: bool, progress: bool) -> dict:
+    work = Path(recipe.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    state_path, log_path = work / "state.pt", work / "training_log.jsonl"
+    data = recipe.data
+    loop = _Loop(recipe, state_path)
+    if resume and state_path.is_file():
+        loop.restore(log_path, work)
     elif log_path.is_file():
         log_path.unlink()
     # dev set at level k: the last dev_per_level held-out dev items of levels <= k (k = 2, 3 have
@@ -355,80 +380,19 @@ def _train(recipe: TrainRecipe, resume: bool, progress: bool) -> dict:
     dev_items = toy.test_items(data.dev_per_level, data.kmax_final, recipe.seed + 1, split="dev")
     dev = {k: [it for it in dev_items if it.k <= k][-data.dev_per_level:]
            for k in range(1, data.kmax_final + 1)}
-
-    def checkpoint():
-        _save_state(state_path, {"model": model.state_dict(), "opt1": opt1.state_dict(),
-                                 "opt2": opt2.state_dict(), "gen": gen.get_state(), "st": st,
-                                 "recipe": st["recipe"]})
-
-    t0 = time.perf_counter() - st["elapsed"]
+    loop.t0 = time.perf_counter() - loop.st["elapsed"]
     with open(log_path, "a") as log, _progress(progress) as bar:
-        # ---------------- Stage I
-        task = bar.add_task("stage I ", total=s1.max_steps, completed=st["step"] if st["stage"] == 1
-                            else s1.max_steps, info="")
-        model.train()
-        while st["stage"] == 1 and st["step"] < s1.max_steps and not st["done1"]:
-            lr = s1.lr * min(1.0, (st["step"] + 1) / max(1, s1.warmup_steps))
-            for g in opt1.param_groups:
-                g["lr"] = lr
-            batch = make_batch(s1.batch_size, st["kmax"], gen)
-            loss, stats = stage1_loss(model, batch, s1)
-            opt1.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), s1.grad_clip)
-            opt1.step()
-            st["step"] += 1
-            row = {"stage": 1, "step": st["step"], "kmax": st["kmax"], "lr": lr,
-                   "grad_norm": round(gnorm.item(), 5), **{k: round(v, 6) for k, v in stats.items()}}
-            if st["step"] % s1.eval_every == 0 or st["step"] == s1.max_steps:
-                model.eval()
-                acc = evaluate(model, dev[st["kmax"]])["acc_per_step"]
-                model.train()
-                row["dev_k"], row["dev_acc_per_step"] = st["kmax"], acc
-                if acc[-1] >= s1.advance_at and st["kmax"] < data.kmax_final:
-                    st["kmax"] += 1
-                elif st["kmax"] == data.kmax_final and s1.stop_at is not None and acc[-1] >= s1.stop_at:
-                    st["done1"] = True
-            st["elapsed"] = time.perf_counter() - t0
-            row["time_s"] = round(st["elapsed"], 2)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            info = f"loss {stats['loss']:.3f} kmax {st['kmax']}"
-            if "dev_k" in row:
-                info += f" dev@k{row['dev_k']} {row['dev_acc_per_step'][-1]:.2f}"
-            bar.update(task, completed=st["step"], info=info)
-            if st["step"] % recipe.save_every == 0:
-                checkpoint()
-        if st["stage"] == 1:
-            st.update(stage=2, stage1_steps=st["step"], step=0)
-            st["stage1_time_s"] = round(time.perf_counter() - t0, 2)
-            checkpoint()
-        # ---------------- Stage II: the language model frozen, the gate alone
-        task2 = bar.add_task("stage II", total=s2.steps, completed=st["step"], info="")
-        model.requires_grad_(False)
-        model.model.early_exit_gate.requires_grad_(True)
-        model.eval()
-        while st["step"] < s2.steps:
-            batch = make_batch(s2.batch_size, data.kmax_final, gen)
-            loss, stats = stage2_loss(model, batch, s2)
-            opt2.zero_grad(set_to_none=True)
-            loss.backward()
-            opt2.step()
-            st["step"] += 1
-            st["elapsed"] = time.perf_counter() - t0
-            row = {"stage": 2, "step": st["step"], **{k: round(v, 6) for k, v in stats.items()},
-                   "time_s": round(st["elapsed"], 2)}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.update(task2, completed=st["step"], info=f"bce {stats['loss']:.4f}")
-            if st["step"] % recipe.save_every == 0:
-                checkpoint()
-        st["elapsed"] = time.perf_counter() - t0
-        checkpoint()
+        loop.log, loop.bar = log, bar
+        _stage1(loop, dev)
+        _stage2(loop)
+        loop.st["elapsed"] = time.perf_counter() - loop.t0
+        loop.checkpoint()
+    model, st = loop.model, loop.st
     model.requires_grad_(True)
     model.eval()
     items = toy.test_items(data.test_per_level, data.kmax_final, data.test_seed)
-    summary = {"seed": recipe.seed, "stage1_steps": st.get("stage1_steps", 0), "stage2_steps": s2.steps,
+    summary = {"seed": recipe.seed, "stage1_steps": st.get("stage1_steps", 0),
+               "stage2_steps": recipe.stage2.steps,
                "final_kmax": st["kmax"], "train_time_s": round(st["elapsed"], 1),
                "stage1_time_s": st.get("stage1_time_s"), "parameters": model.num_parameters(),
                "test": evaluate(model, items)}
@@ -436,6 +400,74 @@ def _train(recipe: TrainRecipe, resume: bool, progress: bool) -> dict:
     if recipe.export_dir:
         export(model, recipe, summary, Path(recipe.export_dir), log_path)
     return summary
+
+
+def _stage1(loop: _Loop, dev: dict) -> None:
+    """Stage I: model and gate together, with the curriculum on held-out dev accuracy."""
+    recipe, model, opt1, st = loop.recipe, loop.model, loop.opt1, loop.st
+    s1, data = recipe.stage1, recipe.data
+    task = loop.bar.add_task("stage I ", total=s1.max_steps, completed=st["step"] if st["stage"] == 1
+                             else s1.max_steps, info="")
+    model.train()
+    while st["stage"] == 1 and st["step"] < s1.max_steps and not st["done1"]:
+        lr = s1.lr * min(1.0, (st["step"] + 1) / max(1, s1.warmup_steps))
+        for g in opt1.param_groups:
+            g["lr"] = lr
+        batch = make_batch(s1.batch_size, st["kmax"], loop.gen)
+        loss, stats = stage1_loss(model, batch, s1)
+        opt1.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), s1.grad_clip)
+        opt1.step()
+        st["step"] += 1
+        row = {"stage": 1, "step": st["step"], "kmax": st["kmax"], "lr": lr,
+               "grad_norm": round(gnorm.item(), 5), **{k: round(v, 6) for k, v in stats.items()}}
+        if st["step"] % s1.eval_every == 0 or st["step"] == s1.max_steps:
+            model.eval()
+            acc = evaluate(model, dev[st["kmax"]])["acc_per_step"]
+            model.train()
+            row["dev_k"], row["dev_acc_per_step"] = st["kmax"], acc
+            if acc[-1] >= s1.advance_at and st["kmax"] < data.kmax_final:
+                st["kmax"] += 1
+            elif st["kmax"] == data.kmax_final and s1.stop_at is not None and acc[-1] >= s1.stop_at:
+                st["done1"] = True
+        st["elapsed"] = time.perf_counter() - loop.t0
+        row["time_s"] = round(st["elapsed"], 2)
+        loop.write(row)
+        info = f"loss {stats['loss']:.3f} kmax {st['kmax']}"
+        if "dev_k" in row:
+            info += f" dev@k{row['dev_k']} {row['dev_acc_per_step'][-1]:.2f}"
+        loop.bar.update(task, completed=st["step"], info=info)
+        if st["step"] % recipe.save_every == 0:
+            loop.checkpoint()
+    if st["stage"] == 1:
+        st.update(stage=2, stage1_steps=st["step"], step=0)
+        st["stage1_time_s"] = round(time.perf_counter() - loop.t0, 2)
+        loop.checkpoint()
+
+
+def _stage2(loop: _Loop) -> None:
+    """Stage II: the language model frozen, the gate alone."""
+    recipe, model, opt2, st = loop.recipe, loop.model, loop.opt2, loop.st
+    s2 = recipe.stage2
+    task2 = loop.bar.add_task("stage II", total=s2.steps, completed=st["step"], info="")
+    model.requires_grad_(False)
+    model.model.early_exit_gate.requires_grad_(True)
+    model.eval()
+    while st["step"] < s2.steps:
+        batch = make_batch(s2.batch_size, recipe.data.kmax_final, loop.gen)
+        loss, stats = stage2_loss(model, batch, s2)
+        opt2.zero_grad(set_to_none=True)
+        loss.backward()
+        opt2.step()
+        st["step"] += 1
+        st["elapsed"] = time.perf_counter() - loop.t0
+        row = {"stage": 2, "step": st["step"], **{k: round(v, 6) for k, v in stats.items()},
+               "time_s": round(st["elapsed"], 2)}
+        loop.write(row)
+        loop.bar.update(task2, completed=st["step"], info=f"bce {stats['loss']:.4f}")
+        if st["step"] % recipe.save_every == 0:
+            loop.checkpoint()
 
 
 # --------------------------------------------------------------------------- export
@@ -448,9 +480,8 @@ def export(model: OuroForCausalLM, recipe: TrainRecipe, summary: dict, out: Path
 
     save_model(model, out)
     toy.save_tokenizer(out)
-    tmp = out / "training_log.jsonl.tmp"
-    shutil.copyfile(log_path, tmp)
-    os.replace(tmp, out / "training_log.jsonl")
+    with atomic_path(out / "training_log.jsonl") as tmp:
+        shutil.copyfile(log_path, tmp)
     atomic_write(out / "eval.json", json.dumps(summary, indent=2) + "\n")
     atomic_write(out / "MODEL_CARD.md", model_card(recipe, summary))
     return out

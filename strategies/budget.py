@@ -10,11 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ouro_lab.strategy import HEAD_SIGNALS, ExitStrategy, Signals
-
-# +1: exit when the signal is at least the threshold; -1: at most (the sign is folded in)
-DIRECTION = {"exit_cdf": 1, "exit_pdf": 1, "gate_logit": 1, "max_prob": 1, "margin": 1,
-             "entropy": -1, "kl_prev": -1, "hidden_delta": -1}
+from ouro_lab.strategy import DIRECTION, HEAD_SIGNALS, ExitStrategy, Signals
 
 
 @dataclass
@@ -71,6 +67,9 @@ class Strategy(ExitStrategy):
             k = int(torch.searchsorted(cost_at, torch.tensor([target * (1 + 1e-12)],
                                                               dtype=torch.float64), side="right")) - 1
             self._threshold = float(uniq[k])
+
+    def fitted(self) -> dict:
+        return {"threshold": self.threshold} if self._threshold is not None else {}
 
     @property
     def threshold(self) -> float:

@@ -13,16 +13,20 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
 
 
-def make_tokenizer():
+def make_tokenizer(words: list[str] | None = None, size: int | None = None, special=None):
+    """A word-level tokenizer: `special` (pad, eos, unk tokens; default SPECIAL) then `words`
+    (default WORDS), padded with `<extra_i>` tokens to `size` ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    special = special or SPECIAL
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(special + (WORDS if words is None else words)))}
+    vocab.update({f"<extra_{i}>": i for i in range(len(vocab), size or 0)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=special[-1]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=special[0], eos_token=special[1],
+                                   unk_token=special[-1])
 
 
 def make_model_dir(path: Path, seed: int = 0, steps: int = 4, std: float = 0.3) -> Path:

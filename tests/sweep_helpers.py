@@ -50,6 +50,15 @@ def finished_run(root: Path) -> Path:
     return _made["run1"]
 
 
+def untimed(path):
+    """metrics.csv without its wall-clock columns (the only ones identical runs may differ in)."""
+    import pandas as pd
+
+    from ouro_lab.tables import TIMING
+
+    return pd.read_csv(path).drop(columns=list(TIMING))
+
+
 def cli(*args, cwd=None):
     """`ouro-lab ARGS` in-process through `main()`: (exit code, stdout + stderr)."""
     from ouro_lab import cli as cli_mod

@@ -236,3 +236,19 @@ def test_debug_env_keeps_the_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ouro_lab.cli", "strategies", "--strategies-dir", tmp_path,
                           "--check"], capture_output=True, text=True, env=env)
     assert out.returncode != 0 and "Traceback" in out.stderr and "ZeroDivisionError" in out.stderr
+
+
+def test_eval_takes_strategies_dir(tmp_path, monkeypatch, capsys):
+    """`ouro-lab eval --strategy NAME` found no file outside strategies/, though its own
+    error said to pass --strategies-dir."""
+    from harness_helpers import make_model_dir, make_tasks
+
+    mdir, tasks = make_model_dir(tmp_path / "m"), make_tasks(tmp_path / "tasks", n=4)
+    write(tmp_path / "rules", "fine", GOOD.removeprefix(HEAD))
+    base = ["eval", mdir, "--tasks", "tiny_mc", "--include-path", tasks, "--strategy", "fine",
+            "--cache-dir", tmp_path / "cache", "-p", "q=0.4"]
+    out = run_cli(monkeypatch, capsys, *base)
+    assert out.returncode == 2 and "unknown strategy 'fine'" in out.stderr
+    assert "--strategies-dir" in out.stderr
+    out = run_cli(monkeypatch, capsys, *base, "--strategies-dir", tmp_path / "rules")
+    assert out.returncode == 0 and "tiny_mc" in out.stdout and "acc" in out.stdout, out.stderr

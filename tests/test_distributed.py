@@ -206,8 +206,10 @@ def test_sweep_on_two_gloo_processes_equals_one_process(tmp_path, monkeypatch):
     assert m.value.nunique() > 1 and len(s1) > 50  # real, varied numbers were compared
     # the work was really split: rank 0 ran about half the batches, in the trace pass and live
     p1, p2 = (json.loads((d / "provenance.json").read_text()) for d in (one, two_dir))
-    assert p1["trace"]["forward_calls"] == 23  # 9 docs x 10 choices in batches of 4
-    assert p2["trace"]["forward_calls"] == 12  # batches 0, 2, ..., 22
+    work = p1["trace"]["work"]  # 9 docs x 10 one-token choices: each context runs once
+    assert p1["trace"]["forward_calls"] == work["calls"] == p2["trace"]["work"]["calls"]
+    assert work["prefix_tree_tokens"] * 9 < work["requested_tokens"]
+    assert 0 < p2["trace"]["forward_calls"] < p1["trace"]["forward_calls"]  # rank 0: its programs only
     live1 = p1["model_forward_calls"] - p1["trace"]["forward_calls"]
     live2 = p2["model_forward_calls"] - p2["trace"]["forward_calls"]
     assert 0 < live2 < live1

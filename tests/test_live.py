@@ -114,6 +114,35 @@ def test_live_generate_without_exit_is_greedy_generate(env):
     assert cut[0] == texts[0][: texts[0].find(texts[0].split()[1])]
 
 
+@pytest.mark.parametrize("rule, eos", [(None, 9), (("fixed", {"step": 2}), 10)])
+def test_continuous_batching_equals_one_batch(env, rule, eos):
+    """Two rows serving five prompts (a finished row takes the next prompt, its cache row
+    reset and prefilled while the other row decodes) give each prompt the same text and
+    compute as one batch of all five; without a rule, the model's own greedy continuation."""
+    import torch
+
+    from ouro_lab.live import live_generate
+    from ouro_lab.registry import make_strategy
+
+    model, tok = env["model"], env["tok"]
+    prompts = [[5, 6, 7, 8, 9], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18]]
+    st = None if rule is None else make_strategy(*rule)  # `eos` stops rows after 1-6 tokens
+    kw = dict(max_new_tokens=6, eos_token_id=eos)
+    one, rec1 = live_generate(model, tok, prompts, st, "copy", **kw)
+    two, rec2 = live_generate(model, tok, prompts, st, "copy", batch_size=2, **kw)
+    assert one == two and len({r["tokens"] for r in rec2}) > 1
+    for a, b in zip(rec1, rec2, strict=True):
+        assert (a["tokens"], a["steps_executed"], a["prefill_tokens"]) == (b["tokens"], b["steps_executed"],
+                                                                           b["prefill_tokens"])
+        assert a["flops_decode"] == pytest.approx(b["flops_decode"])
+        assert b["prefill_seconds"] >= 0 and b["decode_seconds"] > 0
+    if rule is None:
+        for p, text, rec in zip(prompts, two, rec2, strict=True):
+            ref = model.generate(torch.tensor([p]), max_new_tokens=rec["tokens"], eos_token_id=eos)
+            ref = [t for t in ref[0, len(p):].tolist() if t != eos]
+            assert text == tok.decode(ref, skip_special_tokens=True)
+
+
 def test_generation_under_a_strategy_saves_compute(env):
     from ouro_lab.harness import evaluate_live
     from ouro_lab.registry import make_strategy

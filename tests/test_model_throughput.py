@@ -80,8 +80,9 @@ def test_gpu_bench_flop_accounting_matches_counted_matmuls():
         return B * R * cost.attn_flops_per_ctx * ctx_sum
 
     assert pre == g.prefill_flops(cost, B, P, R) - attn(P * (P + 1) / 2)
-    assert gen - pre == g.decode_flops(cost, B, P, n, R) - attn(sum(P + i + 1 for i in range(n)))
-    assert g.decode_flops(cost, 1, P, n, R) == cost.sequence_flops(n, R, readouts=1, past=P) - cost.head_flops
+    gen_prefill = pre - B * (P - 1) * cost.head_flops  # generate reads the head at the last position only
+    assert gen - gen_prefill == g.decode_flops(cost, B, P, n, R) - attn(sum(P + i for i in range(1, n)))
+    assert g.decode_flops(cost, 1, P, n, R) == cost.sequence_flops(n - 1, R, readouts=1, past=P)
 
 
 def test_gpu_bench_measure_runs_on_any_device_and_reports(capsys):

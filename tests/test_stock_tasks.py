@@ -129,22 +129,59 @@ def test_copies_without_card_header(tmp_path, lm):
 
 RECIPE = """# ouro-lab sweep {path}
 model: {{path: {model}, threads: 1}}
-tasks: {{names: [piqa], num_fewshot: 2, limit: 2}}
+tasks: {{names: [piqa], num_fewshot: 2, limit: 2{root}}}
 strategies: [{{name: threshold, grid: {{q: 0.5}}}}]
 """
 
 
 @pytest.mark.parametrize("command", ["eval", "validate", "sweep"])
 def test_cli_refuses_n_shot_without_the_split(bare, model_dir, tmp_path, monkeypatch, capsys, command):
+    """`tasks.data_root` (relative to the recipe) in validate and sweep; --data-root in eval."""
     if command == "eval":
         args = ["eval", model_dir, "--tasks", "piqa", "--num-fewshot", "2", "--data-root", bare]
     else:
+        (tmp_path / "data").symlink_to(bare)
         recipe = tmp_path / "r.yaml"
-        recipe.write_text(RECIPE.format(path=recipe, model=model_dir))
-        monkeypatch.setenv("OURO_LAB_DATA", str(bare))
+        recipe.write_text(RECIPE.format(path=recipe, model=model_dir, root=", data_root: data"))
         args = [command, recipe, f"output={tmp_path / 'out'}"]
     r = run_cli(monkeypatch, capsys, *args)
     assert r.returncode == 2, r.stderr
     line = r.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
     assert "piqa: 2-shot prompts take their examples from split 'train'" in line
+    if command != "eval":
+        assert "tasks.names[0]" in line
+
+
+def test_recipe_data_root(full, model_dir, tmp_path, monkeypatch, capsys):
+    """A recipe's data_root reaches the tasks (validate builds them and counts the requests);
+    a missing folder is one line naming the field."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(path=recipe, model=model_dir, root=f", data_root: {full}"))
+    r = run_cli(monkeypatch, capsys, "validate", recipe)
+    assert r.returncode == 0, r.stderr
+    assert "piqa" in r.stderr and "valid" in r.stderr
+    recipe.write_text(RECIPE.format(path=recipe, model=model_dir, root=", data_root: nowhere"))
+    r = run_cli(monkeypatch, capsys, "validate", recipe)
+    assert r.returncode == 2 and "tasks.data_root" in r.stderr and "nowhere: no such folder" in r.stderr
+
+
+def test_copies_with_the_same_name_never_share_a_cache(tmp_path):
+    """datasets names a local folder's cache after the folder and config alone: a second copy
+    called ai2_arc (another data root, or the same one rewritten) must not read the first's."""
+    import os
+
+    from ouro_lab.tasks import TaskSet
+
+    def copy(root, n):
+        write_hub_dataset(root / "allenai" / "ai2_arc", {"ARC-Easy": {"train": arc_rows(3),
+                                                                      "test": arc_rows(n, 20)}})
+        return root
+
+    a, b = copy(tmp_path / "a", 3), copy(tmp_path / "b", 5)
+    assert len(TaskSet(["arc_easy"], data_root=a).tasks["arc_easy"].eval_docs) == 3
+    assert len(TaskSet(["arc_easy"], data_root=b).tasks["arc_easy"].eval_docs) == 5
+    copy(a, 4)  # rewritten in place
+    test = a / "allenai" / "ai2_arc" / "ARC-Easy" / "test-00000-of-00001.parquet"
+    os.utime(test, ns=(test.stat().st_atime_ns, test.stat().st_mtime_ns + 1))
+    assert len(TaskSet(["arc_easy"], data_root=a).tasks["arc_easy"].eval_docs) == 4

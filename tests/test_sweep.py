@@ -83,17 +83,11 @@ def test_new_strategies_reuse_the_trace_and_same_recipe_twice_gives_identical_me
     assert json.loads((run1 / "provenance.json").read_text())["trace"]["forward_calls"] > 0
     assert {"kl", "random"} <= set(pd.read_csv(a / "metrics.csv").strategy)
     b = run_sweep(lab / "mc.yaml", out=lab / "mc_b")
-    pd.testing.assert_frame_equal(_untimed(a / "metrics.csv"), _untimed(b / "metrics.csv"))
+    pd.testing.assert_frame_equal(sweep_helpers.untimed(a / "metrics.csv"),
+                                  sweep_helpers.untimed(b / "metrics.csv"))
     wall = ["seconds"]  # wall-clock time of live runs is the one thing that may differ
     pd.testing.assert_frame_equal(pd.read_parquet(a / "samples.parquet").drop(columns=wall),
                                   pd.read_parquet(b / "samples.parquet").drop(columns=wall))
-
-
-def _untimed(path):
-    """metrics.csv without its wall-clock columns (the only ones identical runs may differ in)."""
-    from ouro_lab.tables import TIMING
-
-    return pd.read_csv(path).drop(columns=list(TIMING))
 
 
 def test_rerun_in_place_skips_finished_settings(lab, run1):
@@ -133,7 +127,8 @@ def test_resume_after_interruption(lab, run1, sig):
     assert code == 0, text[-2000:]
     assert "reused cached trace" in text
     assert all((out / "settings" / k).read_bytes() == v for k, v in kept.items())  # not redone
-    pd.testing.assert_frame_equal(_untimed(out / "metrics.csv"), _untimed(run1 / "metrics.csv"))
+    pd.testing.assert_frame_equal(sweep_helpers.untimed(out / "metrics.csv"),
+                                  sweep_helpers.untimed(run1 / "metrics.csv"))
 
 
 def test_two_sweeps_on_one_folder_do_not_mix(lab, run1):

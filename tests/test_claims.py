@@ -1,0 +1,159 @@
+"""Claims that cannot be silently wrong (issue 11): one FLOPs denominator, cross-fitted
+"cheapest within tolerance", Hoeffding-Bentkus p-values and the `risk` strategy's
+certified guarantee on synthetic data."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ouro_lab import stats
+from ouro_lab.registry import make_strategy
+from ouro_lab.strategy import Signals
+
+
+def test_saved_uses_each_settings_own_tokens():
+    """Generation: a setting that emits fewer tokens was charged per *full depth's* token
+    (the kv_policy=last run reported 84.8% saved beside flops_rel 0.25)."""
+    n = 50
+    full_tok, cheap_tok = np.full(n, 8.0), np.full(n, 2.0)  # the cheap setting stops after 2 tokens
+    full_flops, cheap_flops = full_tok * 100.0, cheap_tok * 25.0  # 25 FLOPs per token vs 100
+    ok = np.ones(n)
+    res = stats.compute_saved(ok[None], cheap_flops[None], cheap_tok[None], ok, full_flops,
+                              stats.bootstrap_indices(n, 50, 0), full_tokens=full_tok)
+    assert res["flops_rel"] == pytest.approx(0.25) and res["saved"] == pytest.approx(1 - res["flops_rel"])
+    assert res["ci_low"] == pytest.approx(0.75) and res["ci_high"] == pytest.approx(0.75)
+    cf = stats.compute_saved_crossfit(ok[None], cheap_flops[None], cheap_tok[None], ok, full_flops,
+                                      np.arange(n) % 2, stats.bootstrap_indices(n, 20, 0),
+                                      full_tokens=full_tok)
+    assert cf["saved"] == pytest.approx(0.75) and cf["flops_rel"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="full_tokens"):
+        stats.compute_saved(ok[None], cheap_flops[None], cheap_tok[None], ok, full_flops, np.zeros((0, n)))
+
+
+def test_crossfit_is_not_fooled_by_selection():
+    """Twenty settings that all lose 2 points (tolerance 1): in sample, the luckiest one
+    looks within tolerance and "saves" compute; cross-fitted, the choice made on the other
+    folds is scored on documents it never saw, and the loss shows."""
+    rng = np.random.default_rng(0)
+    n, S, tol = 300, 20, 0.01
+    full = np.ones(n)
+    flops, tok = np.linspace(20, 60, S)[:, None] * np.ones(n), np.ones(n)
+    insample, held = [], []
+    for seed in range(30):
+        r = np.random.default_rng(seed)
+        correct = (r.random((S, n)) >= 0.02).astype(float)  # each loses ~2 points
+        fold = stats.doc_folds(["t"] * n, range(n), 2, seed)
+        a = stats.compute_saved(correct, flops, tok, full, np.full(n, 100.0), np.zeros((0, n)), tolerance=tol)
+        b = stats.compute_saved_crossfit(correct, flops, tok, full, np.full(n, 100.0), fold, np.zeros((0, n)),
+                                         tolerance=tol)
+        if a["setting"] >= 0:
+            insample.append(a["delta"])
+        held.append(b["delta"])
+    assert len(insample) >= 5 and min(insample) >= -tol - 1e-12  # chosen where it looks fine
+    assert np.mean(held) < -tol  # held out, the ~2-point loss is there
+    assert rng is not None
+
+
+def test_crossfit_chooses_per_fold_on_the_other_folds():
+    n = 40
+    fold = np.arange(n) % 2
+    full = np.ones(n)
+    good0 = np.where(fold == 0, 1.0, 0.0)  # right on fold 0, wrong on fold 1
+    flops = np.stack([np.full(n, 10.0), np.full(n, 50.0)])
+    correct = np.stack([good0, np.ones(n)])
+    res = stats.compute_saved_crossfit(correct, flops, np.ones(n), full, np.full(n, 100.0), fold,
+                                       np.zeros((0, n)), tolerance=0.01)
+    # fold 0 is chosen on fold 1's documents (setting 0 fails there: setting 1), and vice versa
+    assert res["chosen"] == [1, 0]
+    assert res["delta"] == pytest.approx(-0.5)  # setting 0 scored on fold 1: all wrong
+    assert res["flops_rel"] == pytest.approx(0.3) and res["saved"] == pytest.approx(0.7)
+
+
+def test_doc_folds_are_a_function_of_the_document():
+    a = stats.doc_folds(["x", "x", "y"], [0, 1, 0], 3, 7)
+    b = stats.doc_folds(["y", "x"], [0, 1], 3, 7)
+    assert a[2] == b[0] and a[1] == b[1] and set(a) <= {0, 1, 2}
+
+
+def test_hb_pvalue():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for r, n, d in [(0.0, 100, 0.05), (0.02, 300, 0.05), (0.04, 1000, 0.05), (0.1, 50, 0.2)]:
+        h = math.exp(-n * (r * math.log(r / d) if r else 0) - n * (1 - r) * math.log((1 - r) / (1 - d)))
+        b = math.e * scipy_stats.binom.cdf(math.ceil(n * r - 1e-9), n, d)
+        assert stats.hb_pvalue(r, n, d) == pytest.approx(min(h, b, 1.0), rel=1e-9)
+    assert stats.hb_pvalue(0.05, 200, 0.05) == 1.0  # no evidence at the boundary
+    assert stats.hb_pvalue(0.01, 2000, 0.05) < stats.hb_pvalue(0.01, 200, 0.05)
+    assert stats.hb_pvalue(0.0, 0, 0.05) == 1.0
+    assert stats.fixed_sequence([0.01, 0.05, 0.2, 0.01], 0.1) == 2
+
+
+def _population(n=8000, steps=4, seed=0):
+    """Documents of difficulty k (the first step that gets it right; k = 5: never), an
+    exit cdf that rises with the step and falls with difficulty, noisily."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(1, steps + 2, (n,), generator=g)
+    r = torch.arange(1, steps + 1)[:, None].double()
+    cdf = torch.sigmoid(1.5 * (r - k[None].clamp(max=steps)) + torch.randn(steps, n, generator=g,
+                                                                             dtype=torch.float64))
+    cdf = cdf.cummax(0).values.float()
+    cdf[-1] = 1.0
+    return k, cdf
+
+
+def test_risk_guarantee_holds_over_random_splits():
+    """Over 150 seeded calibration draws (300 documents each), the population accuracy
+    loss of the certified threshold exceeds delta in at most about alpha of them; picking
+    the most aggressive threshold whose calibration loss is <= delta (no test) does not."""
+    R, delta, alpha, S, ncal = 4, 0.05, 0.1, 150, 300
+    k, cdf = _population()
+
+    def score(exits, kk):
+        return ((exits + 1 >= kk) & (kk <= R)).double()
+
+    ladder = torch.tensor(make_strategy("risk", {}).ladder())
+
+    def exits_at(t, c):  # (T,) thresholds -> (T, N) exit steps
+        hit = c[None, : R - 1] >= t[:, None, None]
+        return torch.where(hit.any(1), hit.int().argmax(1), R - 1)
+
+    full = score(torch.full((k.numel(),), R - 1), k)
+    violated = naive_violated = 0
+    mean_steps = []
+    for seed in range(S):
+        rows = torch.randperm(k.numel(), generator=torch.Generator().manual_seed(1000 + seed))[:ncal]
+        kk = k[rows]
+        cal = Signals({"exit_cdf": cdf[:, rows]}, R, n=ncal, outcome=lambda e, kk=kk: score(e, kk))
+        st = make_strategy("risk", {"delta": delta, "alpha": alpha})
+        st.fit(cal)
+        e = exits_at(torch.tensor([st.fitted()["threshold"]]), cdf)[0]
+        violated += float((full - score(e, k)).clamp(0, 1).mean()) > delta
+        mean_steps.append(float((e + 1).double().mean()))
+        cal_full = score(torch.full((ncal,), R - 1), kk)
+        cal_loss = (cal_full - score(exits_at(ladder, cdf[:, rows]), kk)).clamp(0, 1)
+        t_naive = ladder[cal_loss.mean(1) <= delta].min()
+        naive_loss = (full - score(exits_at(t_naive[None], cdf)[0], k)).clamp(0, 1).mean()
+        naive_violated += float(naive_loss) > delta
+    assert violated / S <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / S)
+    assert naive_violated / S > 2 * alpha  # the check has teeth: without the test it fails
+    assert np.mean(mean_steps) < 3.5  # and the certificate is not vacuous: it does exit early
+
+
+def test_risk_falls_back_to_full_depth_when_nothing_is_certified():
+    k, cdf = _population(n=40)
+    st = make_strategy("risk", {"delta": 0.01, "alpha": 0.05})  # 40 documents cannot certify 1 point
+    st.fit(Signals({"exit_cdf": cdf}, 4, n=40, outcome=lambda e: ((e + 1 >= k) & (k <= 4)).double()))
+    rec = st.fitted()
+    assert not rec["certified"] and rec["threshold"] == math.inf and rec["docs"] == 40
+    assert not st.decide(Signals({"exit_cdf": cdf}, 4), 2).any()
+
+
+def test_risk_refuses_to_fit_without_outcomes():
+    from ouro_lab.contract import synthetic_signals
+    from ouro_lab.strategy import ContractError, fit_checked
+
+    s = synthetic_signals()
+    s.outcome = None
+    with pytest.raises(ContractError, match=r"risk\.py: risk\(signal=exit_cdf.*no per-document outcome"):
+        fit_checked(make_strategy("risk", {}), s)
