@@ -70,12 +70,16 @@ def test_readme_metrics_snippet_runs_on_a_real_run(run1, tmp_path):
     scope["plt"].close("all")
 
 
-def test_readme_python_snippet_runs_as_written(monkeypatch):
+def test_readme_python_snippets_run_as_written(monkeypatch, tmp_path):
+    """The model snippet (it defines `ids`) and the step-by-step one, from the repository root."""
     monkeypatch.chdir(ROOT)
-    code = _readme_block("load_model")
+    monkeypatch.setenv("OURO_LAB_CACHE", str(tmp_path / "cache"))
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(_readme_block("out.step_hidden"), "README.md", "exec"), scope)
     assert "ids" in scope and scope["out"].step_hidden.shape[0] == 4
+    scope = {}
+    exec(compile(_readme_block("trace_pass(model"), "README.md", "exec"), scope)
+    assert {m["task"] for m in scope["metrics"]} == {"loop_demo_mc"} and scope["live"]
 
 
 def _lines(path):
