@@ -100,15 +100,17 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
                    steps=None, strategy=None, params=None, kv_policy: str = "copy", live: bool = False,
                    batch_size: int = 8, dtype=None, device=None, cache_dir=None,
                    max_gen_toks: int | None = None, seed: int = 1234, log: list | None = None,
-                   console=None, strategies_dirs=()):
+                   console=None, strategies_dirs=(), sample: int | None = None):
     """`ouro-lab eval`: lm-eval metrics of a checkpoint on `tasks` (names or a comma list).
 
     Without `strategy`: a plain lm-eval run of the model (cut to `steps`). With one:
     loglikelihood tasks from one cached trace pass + replay (or a true early-exit run
     with `live`), generation tasks live under `kv_policy`; `strategies_dirs` are extra
-    folders of strategy files. `seed` seeds few-shot sampling and randomized rules; each
-    stage says on `console` (stderr) how long it took; `log`, a list, receives each part's
-    lm-eval results for `ouro_lab.sample_log`. Returns (metrics, samples)."""
+    folders of strategy files; `sample` scores a random subset of that many documents per
+    task (drawn with `seed`) where `limit` takes the first ones. `seed` also seeds few-shot
+    sampling and randomized rules; each stage says on `console` (stderr) how long it took;
+    `log`, a list, receives each part's lm-eval results for `ouro_lab.sample_log`. Returns
+    (metrics, samples)."""
     import pandas as pd
 
     from ouro_lab.loading import fingerprint, load_model, load_tokenizer
@@ -118,7 +120,7 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
     console = console or stderr_console(quiet=not distributed.is_main())
     with stage(console, "eval: tasks and model", announce=False):
         ts = TaskSet(tasks, include_path=include_path, data_root=data_root, limit=limit,
-                     num_fewshot=num_fewshot, fewshot_seed=seed)
+                     num_fewshot=num_fewshot, fewshot_seed=seed, sample=sample, sample_seed=seed)
         model = load_model(model_dir, dtype=dtype, device=distributed.local_device(device))
         tok = load_tokenizer(model_dir)
     if strategy is None:

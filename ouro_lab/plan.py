@@ -47,8 +47,7 @@ def plan(recipe: Recipe, settings: list[Setting], taskset=None) -> dict:
     gen = taskset.names_of("generate_until")
     decodable = [s for s in settings if s.kind != "select" and not s.fitted and s.granularity == "token"]
     requests, tokens, flops = _request_cost(recipe, taskset, ll, cost, R)
-    out["tasks"] = {name: {"output_type": taskset.tasks[name].OUTPUT_TYPE,
-                           "documents": _n_docs(taskset.tasks[name], recipe.tasks.limit)}
+    out["tasks"] = {name: {"output_type": taskset.tasks[name].OUTPUT_TYPE, **taskset.selection(name)}
                     for name in recipe.tasks.names}
     out["passes"] = {"trace_passes": 1 if ll else 0, "trace_requests": requests, "trace_tokens": tokens,
                      "trace_flops": flops, "live_loglikelihood_runs": sum(s.live for s in settings) * len(ll),
@@ -74,7 +73,8 @@ def describe(p: dict, console) -> None:
                   f"{p['flops_per_token_full'] / 1e6:,.3f} MFLOP; per step {p['flops_per_step'] / 1e6:,.3f} "
                   f"MFLOP + {p['attn_flops_per_ctx']:,} x ctx", highlight=False)
     for name, t in p["tasks"].items():
-        console.print(f"task {name}: {t['output_type']}, {t['documents']} documents", highlight=False)
+        console.print(f"task {name}: {t['output_type']}, {t['documents']} of {t['of']} documents "
+                      f"({SELECTION[t['how']]})", highlight=False)
     if "passes" in p:
         q = p["passes"]
         live = f"{q['live_loglikelihood_runs']} live loglikelihood run(s)"
@@ -85,9 +85,7 @@ def describe(p: dict, console) -> None:
                       "settings needs no model", highlight=False)
 
 
-def _n_docs(task, limit) -> int:
-    n = len(task.eval_docs)
-    return min(n, int(limit)) if limit else n
+SELECTION = {"all": "all", "limit": "the first ones: tasks.limit", "sample": "a seeded random sample"}
 
 
 def _request_cost(recipe: Recipe, taskset, names: list[str], cost, R: int) -> tuple[int, int, float]:
@@ -102,7 +100,8 @@ def _request_cost(recipe: Recipe, taskset, names: list[str], cost, R: int) -> tu
     flops = 0.0
     for name in names:
         task = taskset.tasks[name]
-        task.build_all_requests(limit=recipe.tasks.limit, rank=0, world_size=1)
+        task.build_all_requests(limit=recipe.tasks.limit, samples=taskset.samples_of(name), rank=0,
+                                world_size=1)
         for inst in task.instances:
             text = "".join(a for a in inst.args if isinstance(a, str))
             n = len(tok(text).input_ids) if tok is not None else max(1, len(text) // 4)

@@ -68,7 +68,7 @@ from ouro_lab.store import (
     trace_cache,
     versions,
 )
-from ouro_lab.tables import COLUMNS, assemble, tag_samples
+from ouro_lab.tables import COLUMNS, assemble, compose_selects, tag_samples
 
 __all__ = ["run_sweep", "load_tasks", "describe", "git_sha", "versions", "Setting", "expand_settings",
            "SweepError", "RunLock", "SettingStore", "cache_dir", "default_run_dir", "COLUMNS"]
@@ -179,7 +179,8 @@ def load_tasks(recipe: Recipe, src: RecipeSource):
     try:
         taskset = TaskSet(list(recipe.tasks.names), include_path=recipe.tasks.include or None,
                           data_root=recipe.tasks.data_root, limit=recipe.tasks.limit,
-                          num_fewshot=recipe.tasks.num_fewshot, fewshot_seed=recipe.seed)
+                          num_fewshot=recipe.tasks.num_fewshot, fewshot_seed=recipe.seed,
+                          sample=recipe.tasks.sample, sample_seed=recipe.seed)
     except OuroLabError as e:
         raise RecipeError([src.error(_task_field(recipe, str(e)), str(e))]) from None
     except Exception as e:  # datasets / lm-eval failing on the task data itself
@@ -313,8 +314,8 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     prov["model"] = {"name": Path(recipe.model.path).name, "parameters": model.num_parameters(),
                      "layers": cfg.num_hidden_layers, "steps": recipe.model.steps or cfg.total_ut_steps,
                      "hidden": cfg.hidden_size}
-    prov["tasks"] = {t: {"output_type": taskset.output_type(t), "chance": _round(taskset.chance(t))}
-                     for t in taskset.tasks}
+    prov["tasks"] = {n: {**taskset.selection(n), "chance": _round(taskset.chance(n)),  # documents, chance
+                         "output_type": taskset.output_type(n)} for n in taskset.tasks}
     calls = [0]
     hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     gen_tasks = taskset.names_of("generate_until")
@@ -328,7 +329,8 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     hook.remove()
     if not distributed.is_main():
         return run_dir  # rank 0 alone writes results
-    metrics, samples, exits = assemble(run.records, run.frames, recipe)
+    chosen, chosen_frames = compose_selects(settings, run.records, run.frames)  # the oracle
+    metrics, samples, exits = assemble(run.records + chosen, run.frames + chosen_frames, recipe)
     tables = {"metrics.csv": metrics, "samples.parquet": samples, "exits.csv": exits}
     for name, frame in tables.items():
         atomic_frame(frame, run_dir / name, f"the {name} table")
@@ -385,6 +387,9 @@ def _replay_all(run: _Run, trace) -> None:
     tok_task = [meta[i][0] for i in trace.request.tolist()]
     bar = run.progress.add_task("replay settings", total=len(run.settings))
     for s in (run.settings if distributed.is_main() else []):  # no model: rank 0 alone
+        if s.kind == "select":  # composed from the fixed steps once they are all scored
+            run.progress.advance(bar)
+            continue
         key = _hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
                     run.source_hash(s.strategy), s.fitted and canonical(recipe)["calibration"],
                     recipe.bootstrap)
@@ -418,6 +423,7 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
     bar = run.progress.add_task(f"live runs ({recipe.live.kv_policy} KV)", total=len(jobs))
     for s, task in jobs:
         key = _hash("live", run.fp, recipe.model.dtype, recipe.model.steps, task, recipe.tasks.limit,
+                    recipe.tasks.sample and (recipe.tasks.sample, recipe.seed),
                     recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
                     run.source_hash(s.strategy), recipe.live.kv_policy, recipe.live.max_gen_toks,
                     recipe.bootstrap)

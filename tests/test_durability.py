@@ -438,6 +438,8 @@ def test_damaged_stored_settings_are_said_in_one_line_and_redone(lab, run1, tmp_
     a, b = files_[-1].with_suffix(".parquet"), files_[-2].with_suffix(".parquet")  # another setting's file
     shutil.copyfile(b, a)
     damaged.append((a, "does not match the checksum in"))
+    shutil.copyfile(files_[-4], files_[-3])  # another setting's json under this one's name
+    damaged.append((files_[-3], "(a swapped file)"))
     code, text = cli("sweep", lab / "r.yaml", "--out", run)
     assert code == 0 and "Traceback" not in text, text[-3000:]
     redone = [x for x in text.splitlines() if "; redoing setting " in x]

@@ -89,7 +89,8 @@ def _lines(path):
 def test_sweep_writes_lm_eval_samples_per_task_and_setting(run1):
     root = run1 / "samples"
     settings = {p.name for p in (root / "replay").iterdir()}
-    assert {"fixed(step=4)", "threshold(q=0.6)", "budget(mean_steps=1.5)", "oracle()"} <= settings
+    assert {"fixed(step=4)", "threshold(q=0.6)", "budget(mean_steps=1.5)"} <= settings
+    assert "oracle()" not in settings  # composed from the fixed steps' documents: no lm-eval run of its own
     assert {p.name for p in (root / "live" / "threshold(q=0.6)").iterdir()} == {
         "samples_tiny_mc.jsonl", "samples_tiny_gen.jsonl"}
     s = pd.read_parquet(run1 / "samples.parquet")
