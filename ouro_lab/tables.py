@@ -245,7 +245,12 @@ def _composed_metrics(comp, full_frame, full_rows) -> list[dict]:
             continue  # not a mean over documents (corpus-level metrics): no per-document choice
         x, t = d[col].to_numpy(float), d.tokens.to_numpy(float)
         n = max(t.sum(), 1e-300)
-        rows.append({"task": fr["task"], "metric": col, "filter": f, "value": float(x.mean()),
+        live = {}  # what live runs measure, for the documents as composed
+        if "flops_total_per_token" in d.columns and d.flops_total_per_token.notna().all():
+            live["flops_total_per_token"] = float((d.flops_total_per_token * t).sum() / n)
+        if "seconds" in d.columns and d.seconds.notna().all():
+            live["seconds_per_token"] = float(d.seconds.sum() / n)
+        rows.append({**live, "task": fr["task"], "metric": col, "filter": f, "value": float(x.mean()),
                      "stderr": float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else None,
                      "steps_used_mean": float((d.steps_used * t).sum() / n),
                      "steps_executed_mean": float((d.steps_executed * t).sum() / n),

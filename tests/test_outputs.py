@@ -213,7 +213,7 @@ def test_cli_speaks_lm_eval(run1, monkeypatch, capsys):
     plan = json.loads(out.stdout)  # stdout holds the result and nothing else
     assert plan["valid"] and plan["tasks"]["tiny_mc"]["documents"] == 8 and plan["settings"] == 10
     out = run_cli(monkeypatch, capsys, "sweep", lab / "r.yaml", "--dry-run", "--limit", "3", "--seed", "5")
-    assert out.returncode == 0 and "task tiny_mc: multiple_choice, 3 documents" in out.stdout
+    assert out.returncode == 0 and "task tiny_mc: multiple_choice, 3 of 8 documents" in out.stdout
     names = [s["name"] for s in json.loads(run_cli(monkeypatch, capsys, "strategies", "--json").stdout)]
     assert {"threshold", "kl", "oracle"} <= set(names)
     info = json.loads(run_cli(monkeypatch, capsys, "inspect", lab / "ckpt", "--json").stdout)
