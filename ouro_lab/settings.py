@@ -125,7 +125,8 @@ def _speculative(spec, i: int, dirs, src: RecipeSource, errors: list) -> list[Se
             return []
         draft = Setting(spec.draft.name, obj.params(), "token", shown=tuple(spec.draft.grid)).label
         for n in lens:
-            params = {"draft": draft, "draft_len": n, "rule": spec.draft.name, "rule_params": obj.params()}
+            params = {"draft": draft, "draft_len": n, "draft_rule": spec.draft.name,
+                      **{f"draft_{k}": v for k, v in obj.params().items()}}  # flat: one param_ column each
             out.append(Setting("speculative", params, "token", i, kind="speculative", obj=obj,
                                shown=("draft", "draft_len"), draft_len=n))
     return out

@@ -23,6 +23,7 @@ strategies:
   - {{name: oracle}}
 """ + SPECULATIVE + """bootstrap: 200
 batch_size: 16
+log_samples: true
 """
 
 _made: dict[str, Path] = {}
@@ -53,6 +54,15 @@ def finished_run(root: Path) -> Path:
     return _made["run1"]
 
 
+def untimed(path):
+    """metrics.csv without its wall-clock columns (the only ones identical runs may differ in)."""
+    import pandas as pd
+
+    from ouro_lab.tables import TIMING
+
+    return pd.read_csv(path).drop(columns=list(TIMING))
+
+
 def cli(*args, cwd=None):
     """`ouro-lab ARGS` in-process through `main()`: (exit code, stdout + stderr)."""
     from ouro_lab import cli as cli_mod
@@ -74,12 +84,3 @@ def cli(*args, cwd=None):
         sys.argv = old
         os.chdir(cwd0)
     return code, out.getvalue() + err.getvalue()
-
-
-def metrics_of(run: Path):
-    """A run's metrics.csv without the measured wall-time columns (no two runs reproduce them)."""
-    import pandas as pd
-
-    from ouro_lab.tables import WALL_COLUMNS
-
-    return pd.read_csv(Path(run) / "metrics.csv").drop(columns=WALL_COLUMNS)
