@@ -21,8 +21,9 @@ its own:
 - trace: `trace_pass` over `--docs` MMLU-shaped documents (lm-eval's own `mmlu_anatomy`
   task on a local copy in the hub's layout: 5-shot prompts first_n from dev, questions of
   ~40 words, 4 one-token choices) at full depth in `--dtype` on CPU: tokens run through the
-  model, tokens/s, achieved GFLOP/s, peak RSS, and the accuracy lm-eval scores (chance: the
-  weights are random).
+  model, tokens/s, achieved GFLOP/s (FLOPs of the prefix tree's tokens: `trace.meta["work"]`),
+  CPU seconds (on a shared machine wall time is not the process's own), peak RSS, and the
+  accuracy lm-eval scores (chance: the weights are random).
 
 The last line is `ratio: X`, the load's peak RSS over the weights' bytes.
 """
@@ -201,15 +202,15 @@ def child_trace(path: Path, dtype: str, docs: int, batch_size: int) -> dict:
     tok = load_tokenizer(path)
     ts = TaskSet(["mmlu_anatomy"], data_root=data, num_fewshot=5)
     rss_loaded = peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trace, units = trace_pass(model, tok, ts, batch_size=batch_size)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     work = trace.meta["work"]
     lengths = [len(u.ctx) + len(u.cont) - 1 for u in units]
     metrics, _ = score(ts, trace, make_strategy("fixed", {"step": model.config.total_ut_steps}),
                        bootstrap_iters=0)
     acc = next(r["value"] for r in metrics if r["metric"] == "acc")
-    return {"seconds": seconds, "tokens_run": work["tokens_run"], "requests": len(units),
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens_run": work["tokens_run"], "requests": len(units),
             "prefix_tree_tokens": work["prefix_tree_tokens"], "requested_tokens": work["requested_tokens"],
             "scored_tokens": int(trace.request.numel()), "mean_request_tokens": sum(lengths) / len(units) + 1,
             "flops": work["flops"],
@@ -280,7 +281,8 @@ def main(argv=None) -> dict:
           f"average ({tr['requested_tokens']:,} tokens one sequence per request; prefix tree "
           f"{tr['prefix_tree_tokens']:,}); {tr['tokens_run']:,} tokens run in {tr['seconds']:.1f} s = "
           f"{tr['tokens_run'] / tr['seconds']:.1f} tokens/s, {tr['flops'] / tr['seconds'] / 1e9:.1f} "
-          "GFLOP/s; "
+          f"GFLOP/s ({tr['cpu_seconds']:.1f} CPU s: {tr['tokens_run'] / tr['cpu_seconds']:.1f} tokens per "
+          "CPU second); "
           f"peak RSS {tr['peak_rss'] / gib:.2f} GiB ({tr['rss_loaded'] / gib:.2f} after loading); "
           f"acc {tr['acc']:.3f} (random weights)")
     print(f"ratio: {ratio:.3f}")

@@ -223,7 +223,14 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
           device: str = typer.Option(None, help="cpu, cuda or mps (default: best available)"),
           out: Path = typer.Option(None, "--out", help="folder for metrics.csv and samples.csv"),
           cache_dir: Path = typer.Option(None, "--cache-dir",
-                                         help="trace cache (default: $OURO_LAB_CACHE)")):
+                                         help="trace cache (default: $OURO_LAB_CACHE)"),
+          apply_chat_template: bool = typer.Option(False, "--apply-chat-template",
+                                                   help="render requests with the tokenizer's chat template"),
+          system_instruction: str = typer.Option(None, "--system-instruction", help="system message"),
+          fewshot_as_multiturn: bool = typer.Option(False, "--fewshot-as-multiturn",
+                                                    help="few-shot examples as chat turns"),
+          chat_template: str = typer.Option(None, "--chat-template",
+                                            help="chat template file (or text) overriding the tokenizer's")):
     """lm-eval metrics of a checkpoint, plain or under an exit strategy (with compute columns)."""
     from ouro_lab.errors import OuroLabError
     from ouro_lab.evaluate import evaluate_tasks
@@ -241,7 +248,11 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
                                       steps=steps, strategy=strategy,
                                       params=params, kv_policy=kv_policy, live=live, batch_size=batch_size,
                                       dtype=dtype, device=device, cache_dir=cache_dir,
-                                      strategies_dirs=strategies_dir or ())
+                                      strategies_dirs=strategies_dir or (),
+                                      chat={"apply_chat_template": apply_chat_template,
+                                            "system_instruction": system_instruction,
+                                            "fewshot_as_multiturn": fewshot_as_multiturn,
+                                            "chat_template": chat_template})
     from ouro_lab import distributed
 
     if not distributed.is_main():

@@ -153,12 +153,7 @@ def _units_forward(model, units: list[Unit], steps: int, batch_size: int, max_le
     if stats is not None:
         from ouro_lab.flops import ModelCost
 
-        cost = ModelCost.from_config(model.config)
-        heads = len(np.unique(tree.pair_node)) * (steps if signals else 1)
-        ctx_sum = float((tree.depth + 1).sum())  # keys each node attends to, itself included
-        per_node = cost.layer_flops + cost.gate_flops
-        flops = steps * (tree.n_nodes * per_node + cost.attn_flops_per_ctx * ctx_sum)
-        flops += heads * cost.head_flops
+        flops = tree.flops(ModelCost.from_config(model.config), steps, steps if signals else 1)
         stats.update(tokens_run=int(tree.n_nodes + tree.padding), prefix_tree_tokens=int(tree.n_nodes),
                      requested_tokens=int(tree.requested), calls=sum(len(p) for p in programs),
                      flops=float(flops))
@@ -201,7 +196,8 @@ class OuroLM(TemplateLM):
                  steps: int | None = None, strategy=None, strategy_params: dict | None = None,
                  kv_policy: str = "copy", live: bool | None = None, batch_size: int | str = 8,
                  device: str | None = None, dtype: str | None = None, max_length: int | None = None,
-                 max_gen_toks: int | None = None, seed: int = 0, **kwargs):
+                 max_gen_toks: int | None = None, seed: int = 0, chat_template: str | None = None,
+                 **kwargs):
         super().__init__()
         self.seed = int(seed)  # the run's seed, for randomized exit rules
         from ouro_lab.loading import load_model, load_tokenizer
@@ -218,6 +214,11 @@ class OuroLM(TemplateLM):
             tokenizer = load_tokenizer(path)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.path = str(path) if path else None
+        from ouro_lab.chat import ChatTemplate
+
+        # lm-eval's chat interface; `chat_template` (a Jinja file or text) overrides the tokenizer's
+        self.chat = ChatTemplate(tokenizer, chat_template,
+                                 source=f"tokenizer of {path}" if path else "the tokenizer")
         R = model.config.total_ut_steps
         if isinstance(strategy, str):
             from ouro_lab.registry import make_strategy
@@ -227,7 +228,7 @@ class OuroLM(TemplateLM):
         elif kwargs:
             raise HarnessError(f"model_args: unknown argument(s) {', '.join(sorted(kwargs))}; known: path, "
                                "steps, strategy, kv_policy, live, batch_size, device, dtype, max_length, "
-                               "max_gen_toks, seed")
+                               "max_gen_toks, seed, chat_template")
         if not live and _is_fixed(strategy):
             steps, strategy = min(int(strategy.step), R), None  # fixed k = the model truncated to k steps
         self.steps = R if steps is None else int(steps)
@@ -279,7 +280,16 @@ class OuroLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return str(getattr(self.tokenizer, "name_or_path", "ouro")).replace("/", "__")
+        return self.chat.tokenizer_name
+
+    # -- lm-eval's chat-template interface (--apply_chat_template, --system_instruction,
+    #    --fewshot_as_multiturn): `ouro_lab.chat.ChatTemplate`
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.chat.chat_template(chat_template)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        return self.chat.apply_chat_template(chat_history, add_generation_prompt)
 
     @property
     def device(self):

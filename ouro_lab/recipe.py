@@ -61,6 +61,8 @@ class ModelSpec(_Strict):
                               description="loop depth R (default: the checkpoint's total_ut_steps)")
     threads: int | None = Field(None, ge=1, le=1024,
                                 description="CPU threads for torch (default: torch's; 1 suits tiny models)")
+    chat_template: str | None = Field(None, description="chat template overriding the tokenizer's: a Jinja "
+                                      "file (relative to the recipe) or the template text")
 
 
 class TasksSpec(_Strict):
@@ -72,6 +74,11 @@ class TasksSpec(_Strict):
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: the task's)")
     data_root: str | None = Field(None, description="local copies of the standard tasks' datasets, "
                                   "<data_root>/<hub id> (default: $OURO_LAB_DATA)")
+    apply_chat_template: bool | str = Field(False, description="render requests with the model's chat "
+                                            "template (a string: one of the tokenizer's named templates)")
+    system_instruction: str | None = Field(None, description="system message (chat) or prompt prefix")
+    fewshot_as_multiturn: bool = Field(False, description="few-shot examples as chat turns "
+                                       "(needs apply_chat_template)")
 
     @field_validator("names")
     @classmethod
@@ -338,6 +345,9 @@ def _resolve_paths(data: dict, base: Path, skip=(), only: tuple | None = None) -
     model = data.get("model")
     if isinstance(model, dict) and "path" in model and touches(("model", "path")):
         model["path"] = fix(model["path"])
+    chat = model.get("chat_template") if isinstance(model, dict) else None
+    if isinstance(chat, str) and "{" not in chat and touches(("model", "chat_template")):
+        model["chat_template"] = fix(chat)  # a file; template text (Jinja braces) stays as it is
     tasks = data.get("tasks")
     if isinstance(tasks, dict) and isinstance(tasks.get("include"), list) and touches(("tasks", "include")):
         tasks["include"] = [fix(p) for p in tasks["include"]]

@@ -166,8 +166,16 @@ def run_evaluate(lm, taskset: TaskSet, names: list[str], bootstrap_iters: int = 
     from lm_eval.evaluator import evaluate
 
     taskset.reset_seeds()
+    if taskset.chat is None:
+        taskset.chat = getattr(lm, "chat", None)
+    chat = taskset.request_kwargs()
+    if chat.get("apply_chat_template") and hasattr(lm, "chat"):
+        lm.chat = taskset.chat  # the task set's template renders its requests, for every LM alike
     return evaluate(lm=lm, task_dict=taskset.subset(names), limit=taskset.limit,
-                    bootstrap_iters=bootstrap_iters, log_samples=True, cache_requests=False)
+                    bootstrap_iters=bootstrap_iters, log_samples=True, cache_requests=False,
+                    system_instruction=taskset.system_instruction,
+                    apply_chat_template=taskset.apply_chat_template,
+                    fewshot_as_multiturn=taskset.fewshot_as_multiturn)
 
 
 class Scorer:
@@ -190,6 +198,7 @@ class Scorer:
 
     def __init__(self, taskset: TaskSet, names: list[str]):
         taskset.reset_seeds()
+        chat = taskset.request_kwargs()  # lm-eval's chat switches, as run_evaluate passes them
         self.task_dict = taskset.subset(names)
         self.instances, self.docs, self.by_doc, self.memo, self.results_memo = {}, {}, {}, {}, {}
         self.by_type: dict = {}
@@ -201,7 +210,7 @@ class Scorer:
         self.results_cache: dict = {}
         for name, task in self.task_dict["tasks"].items():
             lim = _limit(task, taskset.limit)
-            task.build_all_requests(limit=lim, rank=0, world_size=1)
+            task.build_all_requests(limit=lim, rank=0, world_size=1, **chat)
             self.instances[name] = list(task.instances)
             self.docs[name] = list(task.doc_iterator(rank=0, limit=lim, world_size=1))
             by = defaultdict(list)

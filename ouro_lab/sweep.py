@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
@@ -152,10 +153,10 @@ def describe(recipe: Recipe, settings: list[Setting], console, taskset=None) -> 
         task = taskset.tasks[name]
         console.print(f"task {name}: {task.OUTPUT_TYPE}, {_n_docs(task, recipe.tasks.limit)} documents",
                       highlight=False)
-    console.print(f"model passes: {1 if ll else 0} full-depth trace pass ({requests} requests, ~{tokens:,} "
-                  f"tokens, ~{flops / 1e9:,.2f} GFLOP; 0 if a cached trace matches) + {live_ll} live "
-                  f"loglikelihood run(s) + {live_gen} live generation run(s); replaying {len(settings)} "
-                  "settings needs no model", highlight=False)
+    console.print(f"model passes: {1 if ll else 0} full-depth trace pass ({requests} requests, "
+                  f"~{tokens:,} distinct prefix tokens, ~{flops / 1e9:,.2f} GFLOP; 0 if a cached trace "
+                  f"matches) + {live_ll} live loglikelihood run(s) + {live_gen} live generation run(s); "
+                  f"replaying {len(settings)} settings needs no model", highlight=False)
 
 
 def _n_docs(task, limit) -> int:
@@ -164,25 +165,26 @@ def _n_docs(task, limit) -> int:
 
 
 def _request_cost(recipe: Recipe, taskset, names: list[str], cost, R: int) -> tuple[int, int, float]:
-    """Requests, tokens and full-depth FLOPs of the trace pass (tokens counted with the
-    checkpoint's tokenizer when it has one, else ~4 characters per token)."""
-    tok = None
-    if any((Path(recipe.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        with contextlib.suppress(Exception):  # an estimate only: fall back to characters
-            from ouro_lab.loading import load_tokenizer
-            tok = load_tokenizer(recipe.model.path)
-    requests = tokens = 0
-    flops = 0.0
+    """Requests, tokens and full-depth FLOPs of the trace pass, which runs each distinct prefix
+    of the requests once (`ouro_lab.prefix`): the requests' prefix tree, tokenized with the
+    checkpoint's tokenizer when it has one, else over characters at ~4 characters a token."""
+    from ouro_lab.prefix import PrefixTree
+
+    tok = taskset.chat.tokenizer if taskset.chat is not None else None
+    encode = (lambda t: tuple(tok(t, add_special_tokens=False).input_ids)) if tok is not None else tuple
+    units = []
     for name in names:
         task = taskset.tasks[name]
-        task.build_all_requests(limit=recipe.tasks.limit, rank=0, world_size=1)
+        task.build_all_requests(limit=recipe.tasks.limit, rank=0, world_size=1, **taskset.request_kwargs())
         for inst in task.instances:
-            text = "".join(a for a in inst.args if isinstance(a, str))
-            n = len(tok(text).input_ids) if tok is not None else max(1, len(text) // 4)
-            requests += 1
-            tokens += n
-            flops += cost.sequence_flops(n, R)
-    return requests, tokens, flops
+            parts = [a for a in inst.args if isinstance(a, str)]
+            ctx, cont = (parts[0], parts[1]) if len(parts) > 1 else ("", parts[0])
+            units.append(SimpleNamespace(ctx=encode(ctx) or (0,), cont=encode(cont) or (0,)))
+    if not units:
+        return 0, 0, 0.0
+    tree = PrefixTree.build(units, max_length=1 << 30)
+    per = 1 if tok is not None else 4
+    return len(units), tree.n_nodes // per, tree.flops(cost, R, R) / per
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -257,19 +259,26 @@ def _load(recipe: Recipe, src: RecipeSource):
             tok = load_tokenizer(recipe.model.path)
         except OuroLabError as e:
             raise RecipeError([src.error(("model", "path"), str(e))]) from None
-    return model, tok, load_tasks(recipe, src), fp
+    return model, tok, load_tasks(recipe, src, tok), fp
 
 
-def load_tasks(recipe: Recipe, src: RecipeSource):
+def load_tasks(recipe: Recipe, src: RecipeSource, tok=None):
     """The recipe's TaskSet (no model needed); unknown names and bad data name their field."""
     from ouro_lab.tasks import TaskSet
 
+    chat_field = ("model", "chat_template") if recipe.model.chat_template else ("tasks",
+                                                                                "apply_chat_template")
     try:
         taskset = TaskSet(list(recipe.tasks.names), include_path=recipe.tasks.include or None,
                           data_root=recipe.tasks.data_root, limit=recipe.tasks.limit,
-                          num_fewshot=recipe.tasks.num_fewshot, fewshot_seed=recipe.seed)
+                          num_fewshot=recipe.tasks.num_fewshot, fewshot_seed=recipe.seed,
+                          system_instruction=recipe.tasks.system_instruction,
+                          apply_chat_template=recipe.tasks.apply_chat_template,
+                          fewshot_as_multiturn=recipe.tasks.fewshot_as_multiturn)
+        taskset.use_tokenizer(tok, recipe.model.chat_template, recipe.model.path)
     except OuroLabError as e:
-        raise RecipeError([src.error(_task_field(recipe, str(e)), str(e))]) from None
+        field = chat_field if "chat" in str(e) else _task_field(recipe, str(e))  # chat: from ouro_lab.chat
+        raise RecipeError([src.error(field, str(e))]) from None
     except Exception as e:  # datasets / lm-eval failing on the task data itself
         raise RecipeError([_task_data_error(recipe, src, e)]) from None
     for i, name in enumerate(recipe.tasks.names):

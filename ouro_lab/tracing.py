@@ -62,6 +62,8 @@ def build_units(taskset: TaskSet, lm: OuroLM) -> list[Unit]:
     request order. The requests are the taskset's Scorer's (built once, with the taskset's
     limit and reset few-shot seeds), so the trace pass and scoring share them."""
     units = []
+    if taskset.chat is None:
+        taskset.chat = lm.chat  # chat-formatted requests: the model's own tokenizer template
     scorer = scorer_for(taskset, ll_names(taskset))
     for name in scorer.instances:
         for inst in scorer.instances[name]:

@@ -3,6 +3,7 @@ trace reuse, resume after kill -9, the lock, and every bad input (one line, exit
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,13 +133,17 @@ def test_two_sweeps_on_one_folder_do_not_mix(lab, run1):
     assert (run1 / "metrics.csv").is_file()
 
 
-def test_dry_run_and_validate_print_grid_and_cost(lab):
+def test_dry_run_and_validate_print_grid_and_cost(lab, run1):
     code, text = cli("validate", lab / "r.yaml", "tasks.limit=3")
     assert code == 0, text
     assert "10 settings" in text and "threshold" in text and "MFLOP" in text and "valid" in text
     code, text = cli("sweep", lab / "r.yaml", "--dry-run", "--out", lab / "never")
     assert code == 0 and not (lab / "never").exists()
     assert "task tiny_mc: multiple_choice, 8 documents" in text and "1 full-depth trace pass" in text
+    # the estimate is the requests' prefix tree, what the trace pass really runs (issue 13)
+    est = int(re.search(r"~([\d,]+) distinct prefix tokens", text).group(1).replace(",", ""))
+    work = json.loads((run1 / "provenance.json").read_text())["trace"]["work"]
+    assert abs(est - work["prefix_tree_tokens"]) <= 0.05 * work["prefix_tree_tokens"]
     code, text = cli("validate", lab / "r.yaml", "tasks.names=[tiny_mc, nope]")
     errors = [x for x in text.splitlines() if x.startswith("error:")]
     assert code == 2 and errors == [f"error: {lab / 'r.yaml'}: override tasks.names=[tiny_mc, nope]: "
