@@ -3,7 +3,12 @@
 `OuroForCausalLM.prepare` builds a `Context` per call: rope tables, the attention mask
 and, with a cache, where the call's tokens sit in it. Every layer's attention then either
 attends over the call's own tokens (`attention`) or writes its K/V into the `KVCache` and
-attends over the rows' cached keys (`KVCache.attend`), in place.
+attends over the rows' cached keys in place (`KVCache.attend`).
+
+The cache serves every path: `generate`, prefill, live early exit (rows at different loop
+steps in one call: each row names its own slot), speculative verification (rows rolled
+back by different amounts) and prefix reuse (a prefix prefilled once, its row copied to
+a batch, continuations run against it).
 """
 
 from __future__ import annotations
@@ -25,40 +30,43 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return y.transpose(1, 2).reshape(B, T, nh * hd)
 
 
+@dataclass(frozen=True)
+class Run:
+    """Call rows [i, j) that attend in one SDPA call: cache rows [a, a + j - i), all at the
+    same first column and slot, over columns [0, width), with `mask` (j - i, 1, T, width) or None."""
+
+    i: int
+    j: int
+    a: int
+    slot: int | None  # None: the loop step being run
+    width: int
+    mask: Tensor | None
+
 
 @dataclass(frozen=True)
 class Context:
-    """What every layer of one call shares: rope tables (n, T, hd) of the call's n rows, the
-    attention mask and, for a cached call, where the call's tokens sit in the cache.
-
-    The call's rows are cache rows `span` = [a, b) (`pick` None), or the rows a + pick of
-    that span (`pick` (n,) sorted, not contiguous: their queries are spread over the span,
-    attend over it in place, and the other rows' outputs are dropped). `mask` (span rows,
-    1, T, width) bool, or None (see `attention`). `cols`: the first column the call writes
-    (every row alike) or the (n, T) columns of each row."""
+    """What every layer of one call shares: rope tables (n, T, hd) of the call's n rows and
+    the attention mask; for a cached call, the cache rows (n,) CPU, sorted, the first column
+    each row writes (`cols`, T columns from there), optionally each row's own slot
+    (`slots`: rows at different loop steps in one call) and the `runs` of rows that attend
+    together. Without a cache, `mask` is (n, 1, T, T) or None (plain causal)."""
 
     cos: Tensor
     sin: Tensor
     mask: Tensor | None
     cache: KVCache | None = None
-    span: tuple[int, int] = (0, 0)
-    pick: Tensor | None = None
-    cols: int | Tensor = 0
-    width: int = 0
+    rows: Tensor | None = None
+    cols: Tensor | None = None
+    slots: Tensor | None = None
+    runs: tuple[Run, ...] = ()
 
-    def select(self, rows: Tensor) -> Context:
-        """The context of a subset of this call's rows: `rows` (m,) sorted CPU indices."""
+    def select(self, idx: Tensor) -> Context:
+        """The context of a subset of this call's rows: `idx` (m,) sorted CPU positions."""
+        mask = None if self.mask is None else self.mask[idx.to(self.mask.device)]
         if self.cache is None:
-            return replace(self, cos=self.cos[rows], sin=self.sin[rows],
-                           mask=None if self.mask is None else self.mask[rows])
-        cols = self.cols if isinstance(self.cols, int) else self.cols[rows]
-        pick = rows if self.pick is None else self.pick[rows]
-        a, n = int(pick[0]), len(pick)
-        if int(pick[-1]) - a + 1 == n:  # contiguous: narrow everything to views
-            lo = self.span[0] + a
-            return replace(self, cos=self.cos[rows], sin=self.sin[rows], span=(lo, lo + n), pick=None,
-                           mask=None if self.mask is None else self.mask[a:a + n], cols=cols)
-        return replace(self, cos=self.cos[rows], sin=self.sin[rows], pick=pick, cols=cols)
+            return replace(self, cos=self.cos[idx], sin=self.sin[idx], mask=mask)
+        return self.cache.context(self.cos[idx], self.sin[idx], self.rows[idx], self.cols[idx],
+                                  None if self.slots is None else self.slots[idx], mask)
 
 
 class KVCache:
@@ -68,7 +76,7 @@ class KVCache:
     row b, column c. A slot is a loop step (step r reads and writes slot r) or, with
     `shared=True`, one slot all steps share (Ouro's last-step KV sharing: a token leaves the
     K/V of the last step it ran). Attention reads the filled columns in place: nothing is
-    concatenated per token and no row subset is copied.
+    concatenated per token and no row is copied.
 
     Every row is its own sequence: `lengths[b]` (CPU) columns used, `real` (B, capacity)
     marks the columns holding a real token (not padding), `next_pos[b]` is the position id of
@@ -121,64 +129,95 @@ class KVCache:
         self.real = old_real.new_zeros(old_real.shape[0], capacity)
         self.real[:, :old_real.shape[1]] = old_real
 
-    # -- one call: reserve columns, then every (step, layer) writes and attends
-    def append(self, real: Tensor, rows: Tensor | None, padded: Tensor | None) -> tuple:
-        """Reserve T columns in each row fed (`rows` (n,) sorted CPU cache rows, None = all);
-        `real` (n, T) bool marks real tokens, `padded` (n,) CPU bool the rows with padding
-        among them (None: no padding).
-        Returns (span, pick, cols, width, mask) for the call's `Context`."""
+    # -- one call: `open` (reserve columns, build the Context), then every (step, layer) `attend`s.
+    # These two are the protocol `OuroForCausalLM.prepare` and the layers use: another object
+    # with `store` (not None), `next_pos`, `open` and `attend` can stand in for a cache.
+    def open(self, real: Tensor, rows: Tensor, padded: Tensor | None, cos: Tensor, sin: Tensor) -> Context:
+        """The `Context` of a call feeding `rows` (n,) sorted CPU cache rows: T new columns
+        per row reserved (`append`), the mask built only where one is needed."""
+        T = real.shape[1]
+        new_padding = padded is not None and bool(padded.any())
+        cols = self.append(real, rows, padded)
+        fresh = not new_padding and not cols.any() and not self.padded[rows].any()
+        plain = fresh or (T == 1 and not new_padding)  # causal, or one token over its row's keys
+        return self.context(cos, sin, rows, cols, None, None if plain else self.call_mask(rows, cols, T))
+
+    def append(self, real: Tensor, rows: Tensor, padded: Tensor | None) -> Tensor:
+        """Reserve T columns in each of `rows` (n,) sorted CPU cache rows for a call whose
+        real tokens are `real` (n, T) bool; `padded` (n,) CPU the rows with padding among
+        them (None: none). Returns the first column of each row (n,) CPU."""
         n, T = real.shape
-        if rows is None:
-            rows = torch.arange(self.batch)
         starts = self.lengths[rows]
         need = int(starts.max()) + T
         if need > self.capacity:
             self._grow(max(need, 2 * self.capacity))
-        uniform = bool((starts == starts[0]).all())
-        a, b = int(rows[0]), int(rows[-1]) + 1
-        pick = None if b - a == n else rows - a
-        dev = real.device
-        if uniform and pick is None:
-            cols = int(starts[0])
-            self.real[a:b, cols:cols + T] = real
+        a = int(rows[0])
+        if bool((starts == starts[0]).all()) and int(rows[-1]) - a + 1 == n:
+            c = int(starts[0])
+            self.real[a:a + n, c:c + T] = real
         else:
-            cols = starts[:, None] + torch.arange(T)  # (n, T)
-            self.real[rows.to(dev)[:, None], cols.to(dev)] = real
+            dev = real.device
+            self.real[rows.to(dev)[:, None], (starts[:, None] + torch.arange(T)).to(dev)] = real
         self.lengths[rows] = starts + T
         if padded is not None:
             self.padded[rows] |= padded
-        if uniform and pick is None and not self.padded[a:b].any() and (T == 1 or need == T):
-            return (a, b), None, cols, need, None  # nothing to mask: all keys (T = 1) or plain causal
-        q = (self.lengths[a:b, None] - T + torch.arange(T)).to(dev)[:, :, None]  # (span, T, 1) query columns
-        k = torch.arange(need, device=dev)
-        # a query sees the real keys up to its own column, and always itself (padded queries
-        # never get an empty softmax row, whose NaN would poison the row's later tokens)
-        mask = ((k <= q) & self.real[a:b, None, :need]) | (k == q)
-        return (a, b), pick, cols, need, mask[:, None]
+        return starts
+
+    def call_mask(self, rows: Tensor, cols: Tensor, T: int) -> Tensor:
+        """(n, 1, T, width) bool: a query sees the real keys of its row up to its own column,
+        and always itself (a padded query never gets an empty softmax row, whose NaN would
+        poison the row's later tokens)."""
+        dev = self.real.device
+        width = int(cols.max()) + T
+        q = (cols[:, None] + torch.arange(T)).to(dev)[:, :, None]  # (n, T, 1) query columns
+        k = torch.arange(width, device=dev)
+        return (((k <= q) & self.real[rows.to(dev)][:, None, :width]) | (k == q))[:, None]
+
+    def context(self, cos: Tensor, sin: Tensor, rows: Tensor, cols: Tensor, slots: Tensor | None = None,
+                mask: Tensor | None = None) -> Context:
+        """The `Context` of a call feeding cache `rows` at columns `cols` (both (n,) CPU),
+        each row at slot `slots` (n,) (None: the step run), with the call's `mask` or None:
+        then T = 1 (padded rows read their `real` mask in place) or a fresh, unpadded causal call."""
+        T = cos.shape[1]
+        r, c = rows.tolist(), cols.tolist()
+        s = [None] * len(r) if slots is None else slots.tolist()
+        runs, i = [], 0
+        for j in range(1, len(r) + 1):
+            if j < len(r) and r[j] == r[j - 1] + 1 and c[j] == c[i] and s[j] == s[i]:
+                continue
+            a, width = r[i], c[i] + T
+            m = (mask[i:j, :, :, :width] if mask is not None else
+                 self.real[a:a + j - i, None, None, :width] if self.padded[a:a + j - i].any() else None)
+            runs.append(Run(i, j, a, s[i], width, m))
+            i = j
+        return Context(cos, sin, mask, self, rows, cols, slots, tuple(runs))
 
     def attend(self, ctx: Context, slot: tuple[int, int], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Write this call's k, v (n, nkv, T, hd) at slot (step, layer), then attend q over
-        the span's cached keys in place. Returns (n, T, nh * hd)."""
+        """Write this call's k, v (n, nkv, T, hd) at (step, layer) `slot` (or each row's own
+        slot), then attend q over each run's cached keys in place. Returns (n, T, nh * hd)."""
         step, layer = slot
+        top = step if ctx.slots is None else int(ctx.slots.max())
+        if not self.shared and top >= self.store.shape[1]:  # more steps than slots (extrapolation)
+            self._grow(self.capacity, slots=top + 1)
+        T, store = k.shape[2], self.store
         s = 0 if self.shared else step
-        if s >= self.store.shape[1]:  # more steps than the cache has slots (extrapolation)
-            self._grow(self.capacity, slots=s + 1)
-        (a, b), T = ctx.span, k.shape[2]
-        store = self.store
-        if isinstance(ctx.cols, int) and ctx.pick is None:
-            store[0, s, layer, a:b, :, ctx.cols:ctx.cols + T] = k
-            store[1, s, layer, a:b, :, ctx.cols:ctx.cols + T] = v
-        else:  # (row, column) pairs: index (n, 1) x (n, T) puts those dims first, (n, T, nkv, hd)
-            rows = (torch.arange(b - a) if ctx.pick is None else ctx.pick).to(k.device)[:, None] + a
-            cols = (ctx.cols if torch.is_tensor(ctx.cols) else ctx.cols + torch.arange(T)[None]).to(k.device)
-            store[0, s, layer, rows, :, cols] = k.transpose(1, 2)
-            store[1, s, layer, rows, :, cols] = v.transpose(1, 2)
-        keys, values = store[0, s, layer, a:b, :, :ctx.width], store[1, s, layer, a:b, :, :ctx.width]
-        if ctx.pick is None:
-            return attention(q, keys, values, ctx.mask)
-        spread = q.new_zeros(b - a, *q.shape[1:])  # the call's queries at their span rows
-        spread[ctx.pick.to(q.device)] = q
-        return attention(spread, keys, values, ctx.mask)[ctx.pick.to(q.device)]
+        if len(ctx.runs) == 1 and ctx.slots is None:  # one block of rows and columns: slices
+            a, n, c = ctx.runs[0].a, k.shape[0], int(ctx.cols[0])
+            store[0, s, layer, a:a + n, :, c:c + T] = k
+            store[1, s, layer, a:a + n, :, c:c + T] = v
+        else:  # (slot, row, column) triples: index (n, 1) x (n, 1) x (n, T) gives (n, T, nkv, hd)
+            dev = k.device
+            slots = (torch.full((k.shape[0],), s) if ctx.slots is None or self.shared else ctx.slots)
+            sl, rows = slots.to(dev)[:, None], ctx.rows.to(dev)[:, None]
+            cols = (ctx.cols[:, None] + torch.arange(T)).to(dev)
+            store[0, :, layer][sl, rows, :, cols] = k.transpose(1, 2)
+            store[1, :, layer][sl, rows, :, cols] = v.transpose(1, 2)
+        out = []
+        for run in ctx.runs:
+            rs = s if run.slot is None or self.shared else run.slot
+            kv = store[:, rs, layer, run.a:run.a + run.j - run.i, :, :run.width]
+            out.append(attention(q[run.i:run.j], kv[0], kv[1], run.mask))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     # -- rows
     def __len__(self) -> int:
@@ -204,13 +243,11 @@ class KVCache:
         """(B, len) bool: the real tokens of the filled columns."""
         return None if self.real is None else self.real[:, :len(self)]
 
-    def copy_deeper(self, step: int, rows: Tensor, cols: int | Tensor) -> None:
-        """Fill the slots after `step` of `rows` at columns `cols` (int or (n,)) with the K/V
+    def copy_deeper(self, step: int, rows: Tensor, cols: Tensor) -> None:
+        """Fill the slots after `step` of `rows` at columns `cols` (both (n,)) with the K/V
         of `step` (live `copy` policy: a token that exited at `step` never ran the deeper ones)."""
         by_col = self.store.permute(3, 5, 0, 1, 2, 4, 6)  # (B, C, 2, slots, layers, nkv, hd) view
-        dev = self.store.device
-        rows = rows.to(dev)
-        cols = cols.to(dev) if torch.is_tensor(cols) else torch.full_like(rows, cols)
+        rows, cols = rows.to(self.store.device), cols.to(self.store.device)
         by_col[rows, cols, :, step + 1:] = by_col[rows, cols, :, step:step + 1]
 
     def select(self, rows: Tensor) -> KVCache:
@@ -242,4 +279,4 @@ class KVCache:
         self.lengths = lengths
 
 
-__all__ = ["Context", "KVCache", "attention"]
+__all__ = ["Context", "KVCache", "Run", "attention"]

@@ -207,7 +207,8 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
                                                   help="folder(s) of task YAMLs (default: tasks/)"),
           data_root: Path = typer.Option(None, "--data-root", help="local dataset copies for standard tasks "
                                          "(<root>/<hub id>; default $OURO_LAB_DATA)"),
-          limit: float = typer.Option(None, "--limit", help="docs per task (a fraction if < 1)"),
+          limit: float = typer.Option(None, "--limit", help="first docs of each file (fraction if < 1)"),
+          sample: int = typer.Option(None, "--sample", help="a seeded random subset of N docs per task"),
           num_fewshot: int = typer.Option(None, "--num-fewshot", help="override every task's few-shot count"),
           steps: int = typer.Option(None, "--steps", help="run the model cut to this many loop steps"),
           strategy: str = typer.Option(None, "--strategy", help="exit strategy (see `ouro-lab strategies`)"),
@@ -248,7 +249,7 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
                                       steps=steps, strategy=strategy,
                                       params=params, kv_policy=kv_policy, live=live, batch_size=batch_size,
                                       dtype=dtype, device=device, cache_dir=cache_dir,
-                                      strategies_dirs=strategies_dir or (),
+                                      strategies_dirs=strategies_dir or (), sample=sample,
                                       chat={"apply_chat_template": apply_chat_template,
                                             "system_instruction": system_instruction,
                                             "fewshot_as_multiturn": fewshot_as_multiturn,
@@ -257,6 +258,9 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
 
     if not distributed.is_main():
         return  # data parallel: every rank holds every result; rank 0 alone prints and writes
+    if limit is not None:
+        typer.echo("warning: --limit scores the first documents of each file, not a sample; pass "
+                   "--sample N for a seeded random subset", err=True)
     for r in metrics:
         extra = (f"  steps {r['steps_used_mean']:.2f} used / {r['steps_executed_mean']:.2f} run, "
                  f"{r['flops_executed_per_token'] / 1e6:,.3f} MFLOP/token" if "steps_used_mean" in r else "")

@@ -38,6 +38,7 @@ def synthetic_signals(steps: int = 4, n: int = 200, seed: int = 0, doc_size: int
 
     data = random_signals(steps, n, seed)
     g = torch.Generator().manual_seed(seed + 7)
+    data["doc_correct"] = torch.rand(steps, n, generator=g) < 0.4  # a select rule's per-document view
     ctx = torch.randint(1, 64, (n,), generator=g)
     cost = ModelCost(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=2, head_dim=16, vocab=16,
                      steps=steps)

@@ -95,15 +95,18 @@ def gap(replay_metrics: list[dict], live_metrics: list[dict]) -> list[dict]:
 def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=None, num_fewshot=None,
                    steps=None, strategy=None, params=None, kv_policy: str = "copy", live: bool = False,
                    batch_size: int = 8, dtype=None, device=None, cache_dir=None,
-                   max_gen_toks: int | None = None, strategies_dirs=(), chat: dict | None = None):
+                   max_gen_toks: int | None = None, strategies_dirs=(), sample: int | None = None,
+                   seed: int = 1234, chat: dict | None = None):
     """`ouro-lab eval`: lm-eval metrics of a checkpoint on `tasks` (names or a comma list).
 
     Without `strategy`: a plain lm-eval run of the model (cut to `steps`). With one:
     loglikelihood tasks from one cached trace pass + replay (or a true early-exit run
     with `live`), generation tasks live under `kv_policy`; `strategies_dirs` are extra
-    folders of strategy files. `chat`: lm-eval's chat switches (apply_chat_template,
-    system_instruction, fewshot_as_multiturn) and `chat_template` (an override of the
-    tokenizer's: a Jinja file or text). Returns (metrics, samples)."""
+    folders of strategy files; `sample` scores a random subset of that many documents per
+    task (drawn with `seed`) where `limit` takes the first ones. `chat`: lm-eval's chat
+    switches (apply_chat_template, system_instruction, fewshot_as_multiturn) and
+    `chat_template` (an override of the tokenizer's: a Jinja file or text). Returns
+    (metrics, samples)."""
     import pandas as pd
 
     from ouro_lab.loading import fingerprint, load_model, load_tokenizer
@@ -112,7 +115,7 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
     chat = dict(chat or {})
     override = chat.pop("chat_template", None)
     ts = TaskSet(tasks, include_path=include_path, data_root=data_root, limit=limit, num_fewshot=num_fewshot,
-                 **chat)
+                 sample=sample, sample_seed=seed, **chat)
     tok = load_tokenizer(model_dir)
     ts.use_tokenizer(tok, override, model_dir)  # a missing chat template: one line before any model load
     model = load_model(model_dir, dtype=dtype, device=distributed.local_device(device))

@@ -5,7 +5,7 @@ never leaves one behind.
         frame.to_csv(tmp)
     atomic_write(run / "provenance.json", text)    # str or bytes
 
-A write goes to a hidden temporary beside the target (`.<name>.<pid>.tmp<suffix>`), which
+A write goes to a hidden temporary beside the target (`.<name>.<pid>.tmp`), which
 is fsynced, renamed over the target, and the folder fsynced: after a power loss the target
 holds the old content or the new, never an empty file. On any failure (Ctrl-C included)
 the temporary is removed; a full disk becomes one `DiskFullError` line naming the file and
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ouro_lab.errors import OuroLabError
 
-# ".<name>.<pid>.tmp<suffix>" (this module, sweep tables, plots), and "<name>.tmp<pid>" (older traces)
+# ".<name>.<pid>.tmp" (this module), ".<stem>.<pid>.tmp.png" (older plots), "<name>.tmp<pid>" (older traces)
 _TEMPORARY = (re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp(\.[A-Za-z0-9]+)?$"),
               re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$"))
 STALE_AFTER_S = 24 * 3600  # a temporary this old is stale even if its pid is alive again (reused)
@@ -95,10 +95,11 @@ def human_bytes(n: int | None) -> str:
 
 
 def temporary(path: str | Path) -> Path:
-    """The hidden temporary a write of `path` goes through (keeps the suffix last, so that
-    writers that infer the format from it, like matplotlib, still do)."""
+    """The hidden temporary a write of `path` goes through. It ends in `.tmp`, so that no
+    glob for the target's kind (`settings/*.json`) ever sees it; writers that infer the
+    format from the name (matplotlib) must be told it (`format="png"`)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _fsync(path: Path, directory: bool = False) -> None:

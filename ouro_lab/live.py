@@ -1,10 +1,14 @@
 """Live early exit: decode token by token, each token stopping at the step its strategy picks.
 
-At every new token, loop step r runs only for the rows still active; after it the
-strategy reads the signals of steps 0..r (`decide_checked(strategy, signals, r)`: the
-call replay makes, with the same contract checks) and exited rows stop. An exited token
-never computes its deeper steps, yet later tokens attend to its KV at those steps;
-`kv_policy` says what they see:
+Decoding advances in ticks: one tick runs one loop step for every busy row of the batch,
+each row at its own step (the steps share their weights, so rows at different steps share
+one matmul; each reads and writes its own KV slot). After its step a row's strategy reads
+the signals of steps 0..r (`decide_checked(strategy, signals, r)`: the call replay makes,
+with the same contract checks); a row whose token exits starts its next token in the next
+tick. So a batch of mixed depths costs its rows' own steps, not its deepest row's.
+
+An exited token never computes its deeper steps, yet later tokens attend to its KV at
+those steps; `kv_policy` says what they see:
 
     full   every token computes every step anyway (exact; the exit only picks the step
            whose prediction is used; no savings)
@@ -12,18 +16,16 @@ never computes its deeper steps, yet later tokens attend to its KV at those step
     last   one K/V slot per layer shared by all steps; each token leaves the K/V of the
            last step it computed (Ouro's last-step KV sharing)
 
-The K/V live in the model's static cache (`ouro_lab.model.KVCache`), written in place;
-a step that runs for a subset of rows attends over their cache rows without copying
-them. FLOPs are counted as executed (`ouro_lab.flops.ModelCost`: loop steps actually run
-at the token's attention context, LM-head readouts actually made) and wall time measured,
-prefill and decode apart.
+The K/V live in the static cache (`ouro_lab.cache.KVCache`), written in place. FLOPs are
+counted as executed (`ouro_lab.flops.ModelCost`: loop steps actually run at the token's
+attention context, LM-head readouts actually made) and wall time measured, prefill and
+decode apart.
 
 `live_generate` prefills all prompt tokens but the last at full depth in one parallel
-pass, then feeds the last prompt token and every generated token live; with more prompts
-than `batch_size` rows, a finished row takes the next prompt (continuous batching).
-`live_score_units` (lm-eval loglikelihood requests) runs every token live, prompt
-included, so the gap to one-pass replay (which assumes earlier tokens' deeper steps exist)
-can be measured.
+pass, then feeds the last prompt token and every generated token live; a finished row
+takes the next prompt (continuous batching). `live_score_units` (lm-eval loglikelihood
+requests) runs every token live, prompt included, so the gap to one-pass replay (which
+assumes earlier tokens' deeper steps exist) can be measured.
 """
 
 from __future__ import annotations
@@ -36,117 +38,147 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ouro_lab import distributed
+from ouro_lab.cache import KVCache
 from ouro_lab.errors import OuroLabError
 from ouro_lab.flops import ModelCost
-from ouro_lab.model import KVCache
 from ouro_lab.strategy import HEAD_SIGNALS, Signals, allowed_signals, decide_checked, expand_needs
 from ouro_lab.trace import head_signals, unit_results
 
 KV_POLICIES = ("full", "copy", "last")
 TARGET_SIGNALS = frozenset({"target_logprob", "target_is_argmax"})
 GATE_SIGNALS = frozenset({"gate_logit", "exit_pdf", "exit_cdf"})
-COUNTERS = ("flops", "flops_used", "steps_executed", "readouts", "tokens")
+COUNTERS = ("flops", "flops_used", "steps_executed", "readouts", "tokens", "fed")
+# Live runs take requests in chunks of this many batches, `batch_size` rows each, with
+# continuous batching inside a chunk (a finished row takes the chunk's next request).
+# Chunks, not ranks, fix the schedule, so data-parallel runs compute what one process does.
+CONTINUOUS_BATCHES = 4
 
 
 class LiveError(OuroLabError):
     """A strategy or setting that cannot run live."""
 
 
-class _StepSignals:
-    """The signals one token's active rows have read so far, defined exactly as
-    `ouro_lab.trace.step_signals`. Compact: row i is the i-th row still active; `keep`
-    drops the rows that exited."""
+def chunks(order: list[int], batch_size: int) -> list[list[int]]:
+    """`order` cut into the chunks live runs schedule (see CONTINUOUS_BATCHES)."""
+    n = batch_size * CONTINUOUS_BATCHES
+    return [order[s:s + n] for s in range(0, len(order), n)]
 
-    def __init__(self, needs: set[str], steps: int, targets: Tensor | None):
-        self.needs, self.R, self.tgt = needs, steps, targets
-        self.hist: dict[str, list[Tensor]] = {k: [] for k in needs}
-        self.remaining = self.running = self.h_prev = self.logp_prev = None
 
-    def add(self, model, r: int, h: Tensor) -> Tensor | None:
-        """Signals of step r from the rows' states h (n, H); returns the step's log-probs
-        (n, V) when the rule reads the head."""
+class _RowSignals:
+    """The signals each row's current token has read so far, every row at its own step,
+    defined exactly as `ouro_lab.trace.step_signals` (so replay and live decide alike)."""
+
+    def __init__(self, needs: set[str], steps: int, batch: int, device):
+        self.needs, self.R = needs, steps
+        dtypes = {"argmax": torch.long, "target_is_argmax": torch.bool}
+        self.hist = {k: torch.zeros(steps, batch, dtype=dtypes.get(k, torch.float32), device=device)
+                     for k in needs}
+        self.remaining = torch.ones(batch, device=device)
+        self.running = torch.zeros(batch, device=device)
+        self.h_prev = self.logp_prev = None
+
+    def start(self, rows: Tensor) -> None:
+        self.remaining[rows] = 1.0
+        self.running[rows] = 0.0
+
+    def add(self, model, rows: Tensor, steps: Tensor, h: Tensor, targets: Tensor | None) -> Tensor | None:
+        """Signals of `rows` (device) at their `steps` (device) from states h (n, H); returns
+        the log-probs (n, V) when the rule reads the head."""
+        first, last = steps == 0, steps == self.R - 1
         vals: dict[str, Tensor] = {}
         if self.needs & GATE_SIGNALS:
             gate = model.gate(h).float()
-            lam = torch.sigmoid(gate)
-            if self.remaining is None:
-                self.remaining, self.running = torch.ones_like(lam), torch.zeros_like(lam)
-            pdf = lam * self.remaining if r < self.R - 1 else self.remaining
-            self.remaining = self.remaining * (1 - lam)
-            self.running = self.running + pdf
-            cdf = self.running.clamp(max=1.0) if r < self.R - 1 else torch.ones_like(pdf)
-            vals.update(gate_logit=gate, exit_pdf=pdf, exit_cdf=cdf)
+            lam, rem = torch.sigmoid(gate), self.remaining[rows]
+            pdf = torch.where(last, rem, lam * rem)
+            self.remaining[rows] = rem * (1 - lam)
+            run = self.running[rows] + pdf
+            self.running[rows] = run
+            vals.update(gate_logit=gate, exit_pdf=pdf, exit_cdf=torch.where(last, 1.0, run.clamp(max=1.0)))
         if "hidden_delta" in self.needs:
             h32 = h.float()
-            vals["hidden_delta"] = (torch.full_like(h32[:, 0], math.inf) if self.h_prev is None else
-                                    (h32 - self.h_prev).norm(dim=-1) / h32.norm(dim=-1))
-            self.h_prev = h32
+            if self.h_prev is None:
+                self.h_prev = torch.zeros(self.remaining.shape[0], h.shape[-1], device=h.device)
+            delta = (h32 - self.h_prev[rows]).norm(dim=-1) / h32.norm(dim=-1)
+            vals["hidden_delta"] = torch.where(first, math.inf, delta)
+            self.h_prev[rows] = h32
         logp = None
         if self.needs & HEAD_SIGNALS:  # the one definition of the head signals: replay = live
-            head, logp = head_signals(model.lm_head(h), self.logp_prev, self.tgt)
+            prev = None if self.logp_prev is None else self.logp_prev[rows]
+            head, logp = head_signals(model.lm_head(h), prev, targets)
+            head["kl_prev"] = torch.where(first, math.inf, head["kl_prev"])
+            if self.logp_prev is None:
+                self.logp_prev = torch.zeros(self.remaining.shape[0], logp.shape[-1], device=h.device)
+            self.logp_prev[rows] = logp
             vals.update(head)
-            self.logp_prev = logp
         for k in self.needs:
-            self.hist[k].append(vals[k])
+            self.hist[k][steps, rows] = vals[k]
         return logp
 
-    def keep(self, idx: Tensor) -> None:
-        """Keep rows `idx` (positions among the current rows)."""
-        self.hist = {k: [v[idx] for v in vs] for k, vs in self.hist.items()}
-        for name in ("remaining", "running", "h_prev", "logp_prev", "tgt"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name)[idx])
-
-    def data(self) -> dict[str, Tensor]:
-        return {k: torch.stack(v) for k, v in self.hist.items()}
+    def upto(self, r: int, rows: Tensor) -> dict[str, Tensor]:
+        return {k: v[:r + 1, rows] for k, v in self.hist.items()}
 
 
 class LiveBatch:
-    """The decoding state of B rows: the static KV cache, positions and the compute counters.
+    """The decoding state of B rows: the static KV cache, each row's token in flight and
+    the compute counters (B,) on the CPU: `flops`, `flops_used`, `steps_executed`,
+    `readouts` (LM-head projections), `tokens` (tokens decoded), `fed` (tokens fed).
 
-    `step(tokens, alive, ...)` feeds one token per row (rows with `alive` False are
-    padding: masked out, nothing computed) and returns each row's exit step and, where
-    asked, the exit step's log-probabilities. Counters (B,) on the CPU: `flops`,
-    `flops_used`, `steps_executed`, `readouts` (LM-head projections), `tokens` (tokens fed).
-    `capacity` preallocates the cache for that many tokens per row (else it grows)."""
+    `tick(rows, tokens)` starts new tokens in idle rows and runs one loop step for every
+    busy row; `step(tokens, alive)` feeds one token per alive row and ticks until all have
+    exited. `capacity` preallocates the cache for that many tokens per row (else it grows)."""
 
     def __init__(self, model, strategy=None, kv_policy: str = "copy", steps: int | None = None,
                  batch: int = 1, seed: int = 0, row_ids=None, capacity: int = 0):
         if kv_policy not in KV_POLICIES:
             raise LiveError(f"kv_policy {kv_policy!r} unknown; use one of {', '.join(KV_POLICIES)}")
+        if getattr(strategy, "kind", "skip") == "select":
+            raise LiveError(f"strategy {type(strategy).__module__} is a select rule (an oracle): it is "
+                            "composed from the fixed-step runs per document and cannot decode")
         self.model, self.strategy, self.policy = model, strategy, kv_policy
-        self.R = steps or model.config.total_ut_steps
-        self.cost = ModelCost.from_config(model.config)
+        cfg, dev = model.config, model.device
+        self.R = steps or cfg.total_ut_steps
+        self.cost = ModelCost.from_config(cfg)
         self.needs = expand_needs(strategy.needs) if strategy is not None else set()
         self.allowed = allowed_signals(strategy) if strategy is not None else frozenset()
         self.cache = KVCache(shared=kv_policy == "last", steps=self.R)
         if capacity:
-            self.cache.allocate(model.config, batch, capacity, model.dtype, model.device)
+            self.cache.allocate(cfg, batch, capacity, model.dtype, dev)
         self.B, self.seed = batch, seed
         # stable ids of the rows' requests: randomized rules draw per (request, token), so
         # the same slot in two batches does not repeat the same draws
         self.row_ids = torch.arange(batch) if row_ids is None else torch.as_tensor(row_ids).long().clone()
-        self.fed = torch.zeros(batch, dtype=torch.long)  # tokens fed per row (live draws' index)
-        self.flops = torch.zeros(batch, dtype=torch.float64)
-        # FLOPs the exit steps alone would cost (what replay charges): steps up to the exit
-        # at the token's context plus the readouts made; equals `flops` unless policy "full"
-        self.flops_used = torch.zeros(batch, dtype=torch.float64)
-        self.steps_executed = torch.zeros(batch, dtype=torch.long)
-        self.readouts = torch.zeros(batch, dtype=torch.long)
-        self.tokens = torch.zeros(batch, dtype=torch.long)
-
-    def _ctx_lengths(self) -> Tensor:
-        """Keys each row's latest token attends to, itself included (positions count real tokens)."""
-        return self.cache.next_pos.cpu()
+        for name in COUNTERS:
+            setattr(self, name, torch.zeros(batch, dtype=torch.float64 if "flops" in name else torch.long))
+        # the token in flight in each row (CPU): next step to run (-1: idle), cache column,
+        # decided exit (-1: not yet), readout wanted, draw index, keys attended, step cost,
+        # and the counters when it started
+        self.next_step = torch.full((batch,), -1, dtype=torch.long)
+        long = dict(dtype=torch.long)
+        self.col, self.exit_at = torch.zeros(batch, **long), torch.full((batch,), -1)
+        self.want, self.index = torch.zeros(batch, dtype=torch.bool), torch.zeros(batch, **long)
+        self.ctx_len, self.step_cost = torch.zeros(batch, **long), torch.zeros(batch, dtype=torch.float64)
+        self.at_start = {k: torch.zeros_like(getattr(self, k))
+                         for k in ("flops", "flops_used", "steps_executed", "readouts")}
+        H, hd = cfg.hidden_size, cfg.head_dim
+        self.h = torch.zeros(batch, 1, H, dtype=model.dtype, device=dev)
+        self.cos, self.sin = (torch.zeros(batch, 1, hd, dtype=model.dtype, device=dev) for _ in range(2))
+        self.tgt = torch.full((batch,), -1, dtype=torch.long, device=dev)
+        self.logp = torch.full((batch, cfg.vocab_size), math.nan, device=dev)  # exit log-probs
+        self.sig = _RowSignals(self.needs, self.R, batch, dev) if self.needs else None
+        self.states: Tensor | None = None  # (R, B, H) per-step states, when `step` keeps them
 
     def start(self, rows: Tensor, request_ids) -> None:
         """Empty `rows` for new requests: cache rows, counters, draw ids."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         if self.cache.store is not None:
             self.cache.reset(rows)
-        for name in COUNTERS + ("fed",):
+        for name in COUNTERS:
             getattr(self, name)[rows] = 0
         self.row_ids[rows] = torch.as_tensor(request_ids, dtype=torch.long)
+
+    def record(self, row: int) -> dict:
+        """The compute counters of one row (its request since `start`)."""
+        return {name: getattr(self, name)[row].item() for name in COUNTERS}
 
     @torch.no_grad()
     def prefill(self, ids: Tensor, mask: Tensor, rows: Tensor | None = None) -> None:
@@ -166,82 +198,93 @@ class LiveBatch:
         self.tokens[rows] += lengths
         self.fed[rows] += lengths
 
-    @torch.no_grad()
-    def step(self, tokens: Tensor, alive: Tensor, targets: Tensor | None = None,
-             readout: Tensor | None = None, keep_states: bool = False) -> dict:
-        """Feed one token per row. `targets` (B,) the next token (for target signals and
-        scoring), `readout` (B,) bool: rows whose prediction is wanted (default: alive).
-
-        Returns {exit (B,) 0-based, logp (B, V) float32 of the exit step for readout rows
-        (NaN elsewhere), target_logprob (B,), target_is_argmax (B,) if targets; with
-        `keep_states`, states: (R, B, H) each row's state after every step it ran}."""
-        model, R, dev, B = self.model, self.R, self.model.device, tokens.shape[0]
-        alive = alive.cpu().bool()
-        readout = alive if readout is None else (readout.cpu().bool() & alive)
+    def _start_tokens(self, rows: Tensor, tokens: Tensor, targets: Tensor | None,
+                      readout: Tensor | None) -> None:
+        """New tokens (m,) in idle `rows` (m,) sorted CPU: embedded, placed in the cache, at step 0."""
         if self.needs & TARGET_SIGNALS and targets is None:
             raise LiveError(f"strategy {type(self.strategy).__module__} reads the target token, "
                             "which decoding does not know; it can only be replayed")
-        tgt = None if targets is None else targets.to(dev).long()
-        x, ctx = model.prepare(tokens.to(dev)[:, None], alive[:, None], None, self.cache)
-        ctx_len = self._ctx_lengths()
-        step_cost = (self.cost.layer_flops + self.cost.gate_flops
-                     + self.cost.attn_flops_per_ctx * ctx_len.double())
-        exit_step = torch.full((B,), R - 1, dtype=torch.long)
-        decided = torch.zeros(B, dtype=torch.bool)
-        exit_logp = torch.full((B, model.config.vocab_size), math.nan, device=dev)
-        H = model.config.hidden_size
-        states = torch.zeros(R, B, H, dtype=x.dtype, device=dev) if keep_states else None
-        readouts_before = self.readouts.clone()
-        A = alive.nonzero()[:, 0]  # the rows still computing; h, sig are compact over them
-        sig = _StepSignals(self.needs, R, None if tgt is None else tgt[A.to(dev)]) if self.needs else None
-        index = self.row_ids * 1_000_003 + self.fed
-        h = x if len(A) == B else x[A.to(dev)]
-        for r in range(R):
-            if len(A) == 0:
-                break
-            h = model.loop_step(h, r, ctx if len(A) == B else ctx.select(A))
-            self.flops[A] += step_cost[A]
-            self.steps_executed[A] += 1
-            if states is not None:
-                states[r, A.to(dev)] = h[:, 0]
-            logp = sig.add(model, r, h[:, 0]) if sig is not None else None
-            if logp is not None:
-                self.readouts[A] += 1
-                self.flops[A] += self.cost.head_flops
-            stop = self._decide(r, A, sig, index, ctx_len)
-            done = (stop & ~decided[A]).nonzero()[:, 0]  # positions among A of the rows exiting now
-            if len(done):
-                exit_step[A[done]] = r
-                decided[A[done]] = True
-                want = done[readout[A[done]]]
-                if len(want):
-                    exit_logp[A[want].to(dev)] = (logp[want.to(dev)] if logp is not None
-                                                  else self._read_head(A[want], h[want.to(dev), 0]))
-            if self.policy != "full" and len(done):
-                keep = (~stop).nonzero()[:, 0]
-                A, h = A[keep], h[keep.to(dev)]
-                if sig is not None:
-                    sig.keep(keep.to(dev))
-        if self.policy == "copy":
-            self._copy_deeper(exit_step, alive)
-        self._account(exit_step, alive, step_cost, readouts_before)
-        out = {"exit": exit_step, "logp": exit_logp}
-        if tgt is not None:
-            out["target_logprob"] = exit_logp.gather(1, tgt.clamp(min=0)[:, None])[:, 0].cpu()
-            top1 = exit_logp.topk(min(2, exit_logp.shape[-1]), dim=-1).indices[:, 0]  # as head_signals
-            out["target_is_argmax"] = (top1 == tgt).cpu()
-        if states is not None:
-            out["states"] = states
-        return out
+        dev, every = self.model.device, len(rows) == self.B
+        x, ctx = self.model.prepare(tokens.to(dev)[:, None], None, None, self.cache, None if every else rows)
+        at = slice(None) if every else rows.to(dev)
+        self.h[at], self.cos[at], self.sin[at] = x, ctx.cos, ctx.sin
+        self.tgt[at] = -1 if targets is None else targets.to(dev).long()
+        self.logp[at] = math.nan
+        self.col[rows], self.next_step[rows], self.exit_at[rows] = ctx.cols, 0, -1
+        self.want[rows] = True if readout is None else readout.bool()
+        self.index[rows] = self.row_ids[rows] * 1_000_003 + self.fed[rows]
+        self.ctx_len[rows] = self.cache.next_pos[at].cpu()  # keys the token attends to, itself included
+        self.step_cost[rows] = (self.cost.layer_flops + self.cost.gate_flops
+                                + self.cost.attn_flops_per_ctx * self.ctx_len[rows].double())
+        for k, v in self.at_start.items():
+            v[rows] = getattr(self, k)[rows]
+        if self.sig is not None:
+            self.sig.start(at)
 
-    def _decide(self, r: int, A: Tensor, sig: _StepSignals | None, index: Tensor, ctx_len: Tensor) -> Tensor:
-        """(len(A),) CPU bool: which active rows exit at step r (the last step always)."""
+    @torch.no_grad()
+    def tick(self, rows: Tensor | None = None, tokens: Tensor | None = None, targets: Tensor | None = None,
+             readout: Tensor | None = None) -> dict | None:
+        """Start `tokens` in idle `rows` (CPU, sorted; `targets`, `readout` (m,) optional),
+        then run one loop step for every busy row. Returns None if no row was busy, else
+        {busy: rows that ran (CPU), done: rows whose token finished (CPU), exit: their
+        0-based exit steps, steps / flops / flops_used: what each finished token cost}.
+        A finished row's exit log-probs (readout rows) are in `self.logp`."""
+        if rows is not None and len(rows):
+            self._start_tokens(rows, tokens, targets, readout)
+        busy = (self.next_step >= 0).nonzero()[:, 0]
+        if not len(busy):
+            return None
+        model, dev, R = self.model, self.model.device, self.R
+        steps = self.next_step[busy]
+        every = len(busy) == self.B
+        at = slice(None) if every else busy.to(dev)
+        uniform = bool((steps == steps[0]).all())
+        ctx = self.cache.context(self.cos[at], self.sin[at], busy, self.col[busy], None if uniform else steps)
+        h = model.loop_step(self.h if every else self.h[at], int(steps[0]), ctx)
+        self.h[at] = h
+        self.flops[busy] += self.step_cost[busy]
+        self.steps_executed[busy] += 1
+        if self.states is not None:
+            self.states[steps.to(dev), busy.to(dev)] = h[:, 0]
+        logp = None
+        if self.sig is not None:
+            tgt = None if not self.needs & TARGET_SIGNALS else self.tgt[at]
+            logp = self.sig.add(model, busy.to(dev), steps.to(dev), h[:, 0], tgt)
+        if logp is not None:
+            self.readouts[busy] += 1
+            self.flops[busy] += self.cost.head_flops
+        self._decide_all(busy, steps, h[:, 0], logp)
+        done = (self.exit_at[busy] >= 0) & ((steps == R - 1) | (self.policy != "full"))
+        finished = busy[done]
+        self.next_step[busy] += 1
+        self.next_step[finished] = -1
+        return self._finish(busy, finished)
+
+    def _decide_all(self, busy: Tensor, steps: Tensor, h: Tensor, logp: Tensor | None) -> None:
+        """Exit decisions of the busy rows that have not exited, grouped by their step."""
+        undecided = self.exit_at[busy] < 0
+        for r in steps[undecided].unique().tolist():
+            pos = (undecided & (steps == r)).nonzero()[:, 0]  # positions among busy
+            rows = busy[pos]
+            stop = self._decide(r, rows)
+            new, new_pos = rows[stop], pos[stop]
+            if not len(new):
+                continue
+            self.exit_at[new] = r
+            want = self.want[new]
+            if want.any():
+                rd, pd = new[want].to(self.model.device), new_pos[want].to(self.model.device)
+                self.logp[rd] = logp[pd] if logp is not None else self._read_head(new[want], h[pd])
+
+    def _decide(self, r: int, rows: Tensor) -> Tensor:
+        """(len(rows),) CPU bool: which of `rows` (all at step r) exit there (the last step always)."""
         if r == self.R - 1 or self.strategy is None:
-            return torch.full((len(A),), r == self.R - 1, dtype=torch.bool)
+            return torch.full((len(rows),), r == self.R - 1, dtype=torch.bool)
         dev = self.model.device
-        ids = index[A].to(dev)
-        s = Signals(sig.data() if sig is not None else {}, self.R, ids, ids, self.seed,
-                    ctx_len[A].to(dev), self.cost, len(A)).only(self.allowed)
+        ids = self.index[rows].to(dev)
+        data = self.sig.upto(r, rows.to(dev)) if self.sig is not None else {}
+        s = Signals(data, self.R, ids, ids, self.seed, self.ctx_len[rows].to(dev), self.cost,
+                    len(rows)).only(self.allowed)
         return decide_checked(self.strategy, s, r).cpu()  # the contract, as replay enforces it
 
     def _read_head(self, rows: Tensor, h: Tensor) -> Tensor:
@@ -250,27 +293,54 @@ class LiveBatch:
         self.flops[rows] += self.cost.head_flops
         return F.log_softmax(self.model.lm_head(h).float(), dim=-1)
 
-    def _copy_deeper(self, exit_step: Tensor, alive: Tensor) -> None:
-        """`copy` policy: the deeper slots of a token that exited at step e get its K/V of step e."""
-        cols = self.cache.lengths - 1  # the column each row's token was just written to
-        for e in range(self.R - 1):
-            rows = (alive & (exit_step == e)).nonzero()[:, 0]
-            if len(rows):
-                self.cache.copy_deeper(e, rows, cols[rows])
-
-    def _account(self, exit_step: Tensor, alive: Tensor, step_cost: Tensor, readouts_before: Tensor) -> None:
-        # "used" = what the exits alone need (what replay charges): steps up to the exit and the
-        # rule's readouts there; under policy "full" the executed count also has the steps after
+    def _finish(self, busy: Tensor, rows: Tensor) -> dict:
+        """Finished tokens: `copy` fills their deeper slots; "used" FLOPs (what replay
+        charges: steps up to the exit and the rule's readouts there; under `full` the
+        executed count also has the steps after) and token counts."""
+        exit_step = self.exit_at[rows]
+        if self.policy == "copy":
+            for e in exit_step[exit_step < self.R - 1].unique().tolist():
+                sel = rows[exit_step == e]
+                self.cache.copy_deeper(e, sel, self.col[sel])
         need = (self.strategy.readouts(exit_step) if self.strategy is not None
-                else self.readouts - readouts_before)
-        used = (exit_step + 1).double() * step_cost + need.double() * self.cost.head_flops
-        self.flops_used += torch.where(alive, used, 0.0)
-        self.tokens += alive.long()
-        self.fed += alive.long()
+                else self.readouts[rows] - self.at_start["readouts"][rows])
+        used = (exit_step + 1).double() * self.step_cost[rows] + need.double() * self.cost.head_flops
+        self.flops_used[rows] += used
+        self.tokens[rows] += 1
+        self.fed[rows] += 1
+        return {"busy": busy, "done": rows, "exit": exit_step,
+                **{k: getattr(self, k)[rows] - self.at_start[k][rows] for k in ("flops", "flops_used")},
+                "steps": self.steps_executed[rows] - self.at_start["steps_executed"][rows]}
 
-    def record(self, row: int) -> dict:
-        """The compute counters of one row (its request since `start`)."""
-        return {name: getattr(self, name)[row].item() for name in COUNTERS}
+    @torch.no_grad()
+    def step(self, tokens: Tensor, alive: Tensor, targets: Tensor | None = None,
+             readout: Tensor | None = None, keep_states: bool = False) -> dict:
+        """Feed one token per alive row and tick until every one has exited. `targets` (B,)
+        the next tokens (for target signals and scoring), `readout` (B,) bool: rows whose
+        prediction is wanted (default: alive). Returns {exit (B,) 0-based, logp (B, V)
+        float32 of the exit step for readout rows (NaN elsewhere), target_logprob (B,),
+        target_is_argmax (B,) if targets; with `keep_states`, states: (R, B, H) each row's
+        state after every step it ran}."""
+        alive = alive.cpu().bool()
+        rows = alive.nonzero()[:, 0]
+        pick = (lambda t: None if t is None else t.cpu()[rows])
+        self.states = (torch.zeros(self.R, self.B, self.h.shape[-1], dtype=self.h.dtype, device=self.h.device)
+                       if keep_states else None)
+        exit_step = torch.full((self.B,), self.R - 1, dtype=torch.long)
+        out = self.tick(rows, tokens.cpu()[rows], pick(targets), pick(readout))
+        while out is not None:
+            exit_step[out["done"]] = out["exit"]
+            out = self.tick()
+        logp = torch.where(alive.to(self.logp.device)[:, None], self.logp, math.nan)
+        res = {"exit": exit_step, "logp": logp}
+        if targets is not None:
+            tgt = targets.to(logp.device).long()
+            res["target_logprob"] = logp.gather(1, tgt.clamp(min=0)[:, None])[:, 0].cpu()
+            top1 = logp.topk(min(2, logp.shape[-1]), dim=-1).indices[:, 0]  # as head_signals
+            res["target_is_argmax"] = (top1 == tgt).cpu()
+        if keep_states:
+            res["states"], self.states = self.states, None
+        return res
 
 
 def _left_pad(seqs: list[list[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
@@ -290,8 +360,8 @@ class Generation:
     Rows take prompts in order; a row stops at its first `until` string (the text is cut
     there), at `eos_token_id` or after `max_new_tokens` predictions, and the next prompt
     takes it. `texts` and `records` (per prompt) fill as rows finish; wall time is
-    measured apart for prefill (per row, by its share of the call's prompt tokens) and
-    decode (each call shared by the rows it fed)."""
+    measured apart for prefill (each call shared by its prompt tokens) and decode (each
+    tick shared by the rows it ran)."""
 
     def __init__(self, tokenizer, prompts: list[list[int]], rows: int, until, max_new_tokens: int,
                  eos_token_id: int | None, request_ids=None):
@@ -307,23 +377,18 @@ class Generation:
                                      "decode_seconds": 0.0, "prefill_tokens": 0} for _ in prompts]
         self.cur = torch.zeros(rows, dtype=torch.long)  # the token each row feeds next
 
-    @property
-    def alive(self) -> Tensor:
-        return torch.tensor([o >= 0 for o in self.owner], dtype=torch.bool)
-
-    def admit(self, run: LiveBatch) -> None:
+    def admit(self, run: LiveBatch) -> list[int]:
         """Free rows take the next prompts: all but the last token prefilled at full depth
-        (one left-padded pass when every row is free, else row by row)."""
+        (one left-padded pass when every row is free, else row by row). Returns the rows."""
         free = [b for b in range(self.B) if self.owner[b] < 0][:len(self.queue)]
         if not free:
-            return
+            return []
         take = [(b, self.queue.pop()) for b in free]
         for b, i in take:
             self.owner[b] = i
             self.cur[b] = self.prompts[i][-1]
         run.start(torch.tensor(free), [self.ids[i] for _, i in take])
-        groups = [take] if len(take) == self.B else [[t] for t in take]
-        for group in groups:
+        for group in [take] if len(take) == self.B else [[t] for t in take]:
             t0 = time.perf_counter()
             ids, mask = _left_pad([self.prompts[i][:-1] for _, i in group])
             run.prefill(ids, mask, None if len(group) == self.B else torch.tensor([b for b, _ in group]))
@@ -333,29 +398,30 @@ class Generation:
                 self.records[i]["prefill_seconds"] += dt * (len(self.prompts[i]) - 1) / n
                 self.records[i]["prefill_tokens"] += len(self.prompts[i]) - 1
                 self.records[i]["_prefill"] = run.record(b)
+        return free
 
-    def emit(self, b: int, tokens: list[int], seconds: float, steps_used: int = 0) -> bool:
-        """Row b's new tokens (greedy predictions in order) and its share of the decode
-        time. Returns True when the row stopped."""
+    def charge(self, rows: Tensor, seconds: float) -> None:
+        """A tick's decode time, shared by the rows it ran."""
+        for b in rows.tolist():
+            self.records[self.owner[b]]["decode_seconds"] += seconds / len(rows)
+
+    def emit(self, b: int, tokens: list[int], steps_used: int = 0) -> bool:
+        """Row b's new tokens (greedy predictions in order). Returns True when it stopped."""
         i = self.owner[b]
         rec = self.records[i]
-        rec["decode_seconds"] += seconds
         rec["steps_used"] += steps_used
-        stopped = False
         for t in tokens:
             rec["tokens"] += 1
             if self.eos is not None and t == self.eos:
-                stopped = True
-                break
+                return True
             self.gen[i].append(t)
             text = self.tok.decode(self.gen[i], skip_special_tokens=True)
             cut = min((text.find(u) for u in self.until if u in text), default=-1)
             self.texts[i] = text[:cut] if cut >= 0 else text
             if cut >= 0 or rec["tokens"] >= self.max_new:
-                stopped = True
-                break
+                return True
         self.cur[b] = tokens[-1] if tokens else self.cur[b]
-        return stopped
+        return False
 
     def finish(self, b: int, run: LiveBatch) -> None:
         """Row b's prompt is done: its compute counters join its record and the row is free."""
@@ -377,12 +443,12 @@ def live_generate(model, tokenizer, prompts: list[list[int]], strategy=None, kv_
                   until: list[str] | None = None, max_new_tokens: int = 32, steps: int | None = None,
                   eos_token_id: int | None = None, seed: int = 0, row_ids=None,
                   batch_size: int | None = None) -> tuple[list[str], list[dict]]:
-    """Greedy decoding of prompts (token id lists) with live early exit, `batch_size` rows
-    at a time (default: all at once) with continuous batching.
+    """Greedy decoding of prompts (token id lists) with live early exit, on `batch_size`
+    rows (default: all prompts at once) with continuous batching.
 
     Each prompt stops at its first `until` string (the text is cut there), at `eos_token_id`
-    or after `max_new_tokens`; finished rows compute nothing until the next prompt takes
-    them. Returns the texts and per-prompt records: tokens (predictions made), steps_used
+    or after `max_new_tokens`; a finished row computes nothing until the next prompt takes
+    it. Returns the texts and per-prompt records: tokens (predictions made), steps_used
     (sum of 1-based exit steps), steps_executed, flops (prefill included), flops_decode,
     flops_used_decode, prefill_seconds / prefill_tokens (the prompt but its last token),
     decode_seconds and seconds (both)."""
@@ -390,16 +456,22 @@ def live_generate(model, tokenizer, prompts: list[list[int]], strategy=None, kv_
     run = LiveBatch(model, strategy, kv_policy, steps, B, seed,
                     capacity=max((len(p) for p in prompts), default=1) + max_new_tokens)
     gen = Generation(tokenizer, prompts, B, until, max_new_tokens, eos_token_id, row_ids)
+    ready: list[int] = []  # rows holding a token to feed
     while gen.active():
-        gen.admit(run)
-        alive = gen.alive
+        ready = sorted(ready + gen.admit(run))
         t0 = time.perf_counter()
-        out = run.step(gen.cur, alive)
-        nxt = out["logp"].argmax(-1).cpu()
-        share = (time.perf_counter() - t0) / max(int(alive.sum()), 1)
-        for b in alive.nonzero()[:, 0].tolist():
-            if gen.emit(b, [int(nxt[b])], share, int(out["exit"][b]) + 1):
+        rows = torch.tensor(ready, dtype=torch.long)
+        out = run.tick(rows, gen.cur[rows])
+        if out is None:  # nothing in flight (every prompt admitted has stopped)
+            continue
+        nxt = run.logp[out["done"].to(run.logp.device)].argmax(-1).cpu()
+        gen.charge(out["busy"], time.perf_counter() - t0)
+        ready = []
+        for b, e, t in zip(out["done"].tolist(), out["exit"].tolist(), nxt.tolist(), strict=True):
+            if gen.emit(b, [t], e + 1):
                 gen.finish(b, run)
+            else:
+                ready.append(b)
     return gen.texts, gen.records
 
 
@@ -407,56 +479,86 @@ def live_generate(model, tokenizer, prompts: list[list[int]], strategy=None, kv_
 def live_score_units(model, units, strategy=None, kv_policy: str = "copy", batch_size: int = 8,
                      max_length: int = 4096, steps: int | None = None, seed: int = 0):
     """Loglikelihood of `units` (ouro_lab.lm.Unit) with every token, prompt included,
-    really stopping at its exit step. Returns per-unit (logprob, is_greedy) and records:
-    tokens (scored), steps_used / steps_executed (sums over scored tokens), flops (all
-    tokens, prompt included), flops_scored, tokens_all, seconds (= decode_seconds: every
-    token is decoded live)."""
+    really stopping at its exit step, on `batch_size` rows with continuous batching.
+    Returns per-unit (logprob, is_greedy) and records: tokens (scored), steps_used /
+    steps_executed (sums over scored tokens), flops (all tokens, prompt included),
+    flops_scored, flops_used_scored, tokens_all, seconds (= decode_seconds: every token
+    is decoded live, each tick's time shared by the rows it ran)."""
     results: list = [None] * len(units)
     records: list = [None] * len(units)
     order = sorted(range(len(units)), key=lambda i: (-len(units[i].ctx) - len(units[i].cont), i))
-    for s in range(0, len(order), batch_size):
-        if not distributed.owns(s // batch_size):  # data parallel: whole batches of this plan per rank
+    for c, part in enumerate(chunks(order, batch_size)):
+        if not distributed.owns(c):  # data parallel: whole chunks of this plan per rank
             continue
-        idx = order[s:s + batch_size]
-        res, recs = _score_batch(model, [units[i] for i in idx], idx, strategy, kv_policy, max_length,
-                                 steps, seed)
-        for j, i in enumerate(idx):
-            results[i], records[i] = res[j], recs[j]
+        wholes = [(list(units[i].ctx) + list(units[i].cont))[-(max_length + 1):] for i in part]
+        run = LiveBatch(model, strategy, kv_policy, steps, min(batch_size, len(part)), seed,
+                        capacity=max(len(w) for w in wholes))
+        res, recs = _score_chunk(model, wholes, [len(units[i].cont) for i in part], part, run)
+        for i, r, rec in zip(part, res, recs, strict=True):
+            results[i], records[i] = r, rec
     return distributed.merge(results), distributed.merge(records)  # no-op in one process
 
 
-def _score_batch(model, units, row_ids, strategy, kv_policy, max_length, steps, seed):
-    """One batch of `live_score_units`: every token fed live, the continuation's scored."""
-    t0 = time.perf_counter()
-    wholes = [(list(u.ctx) + list(u.cont))[-(max_length + 1):] for u in units]
-    n_scored = [min(len(u.cont), len(w) - 1) for u, w in zip(units, wholes, strict=True)]
-    ids, mask = _left_pad([w[:-1] for w in wholes])
-    tgts, _ = _left_pad([w[1:] for w in wholes], pad=-1)
-    B, T = ids.shape
-    scored = torch.zeros(B, T, dtype=torch.bool)
-    for j, n in enumerate(n_scored):
-        scored[j, T - n:] = True
-    run = LiveBatch(model, strategy, kv_policy, steps, B, seed, row_ids, capacity=T)
-    lp, greedy = torch.zeros(B, T), torch.ones(B, T, dtype=torch.bool)
-    sums = {k: torch.zeros(B, dtype=torch.float64) for k in ("used", "execd", "flops", "flops_used")}
-    for t in range(T):
-        before = (run.flops.clone(), run.steps_executed.clone(), run.flops_used.clone())
-        out = run.step(ids[:, t], mask[:, t].bool(), targets=tgts[:, t], readout=scored[:, t])
-        sc = scored[:, t]
-        lp[sc, t] = out["target_logprob"][sc]
-        greedy[sc, t] = out["target_is_argmax"][sc]
-        sums["used"] += torch.where(sc, out["exit"] + 1, 0)
-        sums["execd"] += torch.where(sc, run.steps_executed - before[1], 0)
-        sums["flops"] += torch.where(sc, run.flops - before[0], 0)
-        sums["flops_used"] += torch.where(sc, run.flops_used - before[2], 0)
-    seconds = (time.perf_counter() - t0) / B
-    res = [unit_results(lp[j, scored[j]], greedy[j, scored[j]], [int(scored[j].sum())])[0] for j in range(B)]
-    recs = [{"tokens": n_scored[j], "steps_used": int(sums["used"][j]),
-             "steps_executed": int(sums["execd"][j]),
-             "flops": float(run.flops[j]), "flops_scored": float(sums["flops"][j]),
-             "flops_used_scored": float(sums["flops_used"][j]), "tokens_all": int(mask[j].sum()),
-             "seconds": seconds, "decode_seconds": seconds} for j in range(B)]
+def _score_chunk(model, wholes: list[list[int]], conts: list[int], ids: list[int], run: LiveBatch):
+    """Every token of every sequence in `wholes` fed live, the last `conts` scored; a row
+    that finishes a sequence takes the next one."""
+    n = len(wholes)
+    scored = [min(c, len(w) - 1) for c, w in zip(conts, wholes, strict=True)]
+    queue = [k for k in range(n) if len(wholes[k]) > 1][::-1]  # a 1-token sequence feeds nothing
+    lp = [[] for _ in range(n)]
+    greedy = [[] for _ in range(n)]
+    recs = [{"tokens": scored[k], "steps_used": 0, "steps_executed": 0, "flops_scored": 0.0,
+             "flops_used_scored": 0.0, "tokens_all": len(wholes[k]) - 1, "seconds": 0.0} for k in range(n)]
+    owner, pos = [-1] * run.B, [0] * run.B
+    while queue or any(o >= 0 for o in owner):
+        free = [b for b in range(run.B) if owner[b] < 0 and pos[b] == 0][:len(queue)]
+        if free:
+            for b in free:
+                owner[b] = queue.pop()
+            run.start(torch.tensor(free), [ids[owner[b]] for b in free])
+        ready = [b for b in range(run.B) if owner[b] >= 0 and run.next_step[b] < 0]
+        feed = [(wholes[owner[b]], pos[b], scored[owner[b]]) for b in ready]  # (sequence, position, scored)
+        t0 = time.perf_counter()
+        out = run.tick(torch.tensor(ready, dtype=torch.long), torch.tensor([w[i] for w, i, _ in feed]),
+                       torch.tensor([w[i + 1] for w, i, _ in feed]),
+                       torch.tensor([i >= len(w) - 1 - m for w, i, m in feed], dtype=torch.bool))
+        dt = time.perf_counter() - t0
+        for b in out["busy"].tolist():
+            recs[owner[b]]["seconds"] += dt / len(out["busy"])
+        _score_done(run, out, owner, pos, wholes, scored, lp, greedy, recs)
+    res = [unit_results(torch.tensor(lp[k]), torch.tensor(greedy[k], dtype=torch.bool), [len(lp[k])])[0]
+           for k in range(n)]
+    for r in recs:
+        r["decode_seconds"] = r["seconds"]
     return res, recs
 
 
-__all__ = ["KV_POLICIES", "Generation", "LiveBatch", "LiveError", "live_generate", "live_score_units"]
+def _score_done(run: LiveBatch, out: dict, owner, pos, wholes, scored, lp, greedy, recs) -> None:
+    """Book the tokens a tick finished: scored ones' log-probs and compute; a row at the end
+    of its sequence is freed."""
+    done = out["done"]
+    if not len(done):
+        return
+    dev = run.logp.device
+    tgt = run.tgt[done.to(dev)]
+    logp = run.logp[done.to(dev)]
+    tlp = logp.gather(1, tgt.clamp(min=0)[:, None])[:, 0].cpu()
+    top1 = (logp.topk(min(2, logp.shape[-1]), dim=-1).indices[:, 0] == tgt).cpu()  # as head_signals
+    for j, b in enumerate(done.tolist()):
+        k = owner[b]
+        if run.want[b]:
+            lp[k].append(float(tlp[j]))
+            greedy[k].append(bool(top1[j]))
+            rec = recs[k]
+            rec["steps_used"] += int(out["exit"][j]) + 1
+            rec["steps_executed"] += int(out["steps"][j])
+            rec["flops_scored"] += float(out["flops"][j])
+            rec["flops_used_scored"] += float(out["flops_used"][j])
+        pos[b] += 1
+        if pos[b] == len(wholes[k]) - 1:
+            recs[k]["flops"] = float(run.flops[b])
+            owner[b], pos[b] = -1, 0
+
+
+__all__ = ["CONTINUOUS_BATCHES", "KV_POLICIES", "Generation", "LiveBatch", "LiveError", "chunks",
+           "live_generate", "live_score_units"]

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
-from ouro_lab.live import KV_POLICIES, live_generate, live_score_units
+from ouro_lab.live import KV_POLICIES, chunks, live_generate, live_score_units
 from ouro_lab.trace import CHUNK_ELEMENTS, step_signals, unit_results
 
 LL_TYPES = ("loglikelihood", "loglikelihood_rolling")  # request types scored from log-probs
@@ -380,24 +380,23 @@ class OuroLM(TemplateLM):
                                    "(set do_sample: false, temperature: 0)")
             groups[(tuple(until), max_new)].append(i)
         done: list = [None] * len(requests)  # (text, record) per request
-        plan: list[int] = []  # requests in the order their batches run (records keep it)
-        n_batch = 0
+        plan: list[int] = []  # requests in the order their chunks run (records keep it)
+        n_chunk = 0
         for (until, max_new), idx in groups.items():
             enc = {i: self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in idx}
             idx = sorted(idx, key=lambda i: (-len(enc[i]), i))
-            for s in range(0, len(idx), self.batch_size):
-                b = idx[s:s + self.batch_size]
-                plan.extend(b)
-                n_batch += 1
-                if not distributed.owns(n_batch - 1):  # data parallel: whole batches per rank
+            for part in chunks(idx, self.batch_size):  # batch_size rows; a finished row takes the next
+                plan.extend(part)
+                n_chunk += 1
+                if not distributed.owns(n_chunk - 1):  # data parallel: whole chunks per rank
                     continue
                 prompts = [enc[i][-(self.max_length - max_new):] if max_new < self.max_length
-                           else enc[i][-1:] for i in b]
+                           else enc[i][-1:] for i in part]
                 texts, recs = live_generate(self.model, self.tokenizer, prompts, self.strategy,
                                             self.kv_policy, until=list(until), max_new_tokens=max_new,
                                             steps=self.steps, eos_token_id=self.eot_token_id, seed=self.seed,
-                                            row_ids=b)
-                for i, t, rec in zip(b, texts, recs, strict=True):
+                                            row_ids=part, batch_size=self.batch_size)
+                for i, t, rec in zip(part, texts, recs, strict=True):
                     done[i] = (t, rec)
         done = distributed.merge(done)  # every rank gets every request (no-op in one process)
         for i in plan:

@@ -314,11 +314,10 @@ class OuroForCausalLM(nn.Module):
                   else (~real).any(1).cpu())
         if cache is not None:
             if rows is None:
-                cache.next_pos = pos_next
+                rows, cache.next_pos = torch.arange(B), pos_next
             else:
                 cache.next_pos[rows.to(dev)] = pos_next
-            span, pick, cols, width, mask = cache.append(real, rows, padded)
-            return x, Context(cos, sin, mask, cache, span, pick, cols, width)
+            return x, cache.open(real, rows, padded, cos, sin)
         if padded is None or not padded.any():
             return x, Context(cos, sin, None)  # nothing to mask but the future: plain causal attention
         # query i may see the real keys j <= i, and always itself (no empty, NaN softmax rows)

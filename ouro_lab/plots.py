@@ -65,6 +65,10 @@ def accuracy_vs_flops(metrics, task: str, metric: str, path: Path, mode: str = "
                             xytext=(4, -10), fontsize=7, color="0.3")
         for s in strategies:
             d = replay[replay.strategy == s].sort_values([x, "value"])
+            if (d["kind"] == "select").all():  # an oracle reads the answer: a bound, not a curve
+                ax.axhline(d.value.max(), color=colors[s], ls=":", lw=1.2, label=f"{s}: upper bound")
+                ax.scatter(d[x], d.value, color=colors[s], marker="*", s=80, zorder=5)
+                continue
             ax.errorbar(d[x], d.value, yerr=_yerr(d), color=colors[s], marker="o", ms=4, lw=1.2,
                         capsize=2, label=s, alpha=0.9)
         live = m[m["mode"] == "live"] if mode == "replay" else m.iloc[:0]

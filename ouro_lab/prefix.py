@@ -221,7 +221,7 @@ class PrefixTree:
 
 
 class _PackedRows:
-    """`ouro_lab.cache.KVCache`'s protocol (`append` reserves the call's columns, `attend` runs
+    """`ouro_lab.cache.KVCache`'s protocol (`open` gives the call's Context, `attend` runs
     each layer's attention) for a call of packed rows: every row's queries attend to the
     heavy path's cached keys (cache row 0, read in place and broadcast to the rows, never
     copied into the cache) and to their own row's keys under the plan's tree mask. Nothing
@@ -232,8 +232,10 @@ class _PackedRows:
         self.store = ()  # "allocated": prepare() allocates nothing
         self.next_pos = None
 
-    def append(self, real: Tensor, rows, padded) -> tuple:
-        return (0, self.rows), None, 0, self.length + real.shape[1], self.tree_mask
+    def open(self, real: Tensor, rows, padded, cos: Tensor, sin: Tensor):
+        from ouro_lab.cache import Context
+
+        return Context(cos, sin, self.tree_mask, self)
 
     def attend(self, ctx, slot: tuple[int, int], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         from ouro_lab.cache import attention

@@ -70,7 +70,10 @@ class TasksSpec(_Strict):
 
     names: list[str] = Field(min_length=1, description="lm-eval task names")
     include: list[str] = Field(default_factory=list, description="extra folders of task YAMLs")
-    limit: int | None = Field(None, ge=1, description="at most this many documents per task")
+    limit: int | None = Field(None, ge=1, description="the first this many documents per task (the head of "
+                              "each file: a biased subset where files are sorted)")
+    sample: int | None = Field(None, ge=1, description="a random subset of this many documents per task, "
+                               "drawn with the recipe's seed (use it rather than limit)")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: the task's)")
     data_root: str | None = Field(None, description="local copies of the standard tasks' datasets, "
                                   "<data_root>/<hub id> (default: $OURO_LAB_DATA)")
@@ -79,6 +82,12 @@ class TasksSpec(_Strict):
     system_instruction: str | None = Field(None, description="system message (chat) or prompt prefix")
     fewshot_as_multiturn: bool = Field(False, description="few-shot examples as chat turns "
                                        "(needs apply_chat_template)")
+
+    @model_validator(mode="after")
+    def _one_subset(self):
+        if self.limit is not None and self.sample is not None:
+            raise ValueError("give either limit (the first documents) or sample (a random subset), not both")
+        return self
 
     @field_validator("names")
     @classmethod

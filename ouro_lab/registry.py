@@ -219,7 +219,7 @@ def _first(e: Exception) -> str:
 def _check(cls, info: StrategyInfo) -> type:
     import dataclasses
 
-    from ouro_lab.strategy import ExitStrategy, expand_needs
+    from ouro_lab.strategy import SELECT_SIGNALS, ExitStrategy, expand_needs
 
     if not (isinstance(cls, type) and issubclass(cls, ExitStrategy)):
         raise StrategyError(f"{info.source}: Strategy must subclass ouro_lab.strategy.ExitStrategy")
@@ -230,9 +230,13 @@ def _check(cls, info: StrategyInfo) -> type:
     if cls.kind not in ("skip", "select"):
         raise StrategyError(f"{info.source}: kind must be 'skip' or 'select', got {cls.kind!r}")
     try:
-        expand_needs(cls.needs)
+        needs = expand_needs(cls.needs)
     except ValueError as e:
         raise StrategyError(f"{info.source}: needs: {e}") from None
+    per_doc = needs & set(SELECT_SIGNALS)
+    if (cls.kind == "select") != bool(per_doc) or (per_doc and needs - per_doc):
+        raise StrategyError(f"{info.source}: kind 'select' rules read per-document signals only "
+                            f"({', '.join(SELECT_SIGNALS)}), and only they do; needs = {tuple(cls.needs)}")
     missing = [f.name for f in _params(cls) if f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:

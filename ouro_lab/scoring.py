@@ -97,6 +97,11 @@ def _unit_meta(trace) -> list[tuple]:
 def exit_steps(trace, strategy, granularity: str = "token", seed: int = 0) -> Tensor:
     """Replay `strategy` over the trace: exit step (N,) 0-based. `granularity="sequence"`
     exits all tokens of one request (unit) together; `seed` is the run's seed (randomized rules)."""
+    if getattr(strategy, "kind", "skip") == "select":
+        from ouro_lab.strategy import origin
+
+        raise HarnessError(f"{origin(strategy)[0]}: a select rule (an oracle) picks a step per document, "
+                           "composed from the fixed-step runs by `ouro-lab sweep`, not replayed per token")
     from ouro_lab.strategy import replay
 
     return replay(strategy, trace.to_signals(seed=seed), granularity)
@@ -171,11 +176,17 @@ def run_evaluate(lm, taskset: TaskSet, names: list[str], bootstrap_iters: int = 
     chat = taskset.request_kwargs()
     if chat.get("apply_chat_template") and hasattr(lm, "chat"):
         lm.chat = taskset.chat  # the task set's template renders its requests, for every LM alike
-    return evaluate(lm=lm, task_dict=taskset.subset(names), limit=taskset.limit,
-                    bootstrap_iters=bootstrap_iters, log_samples=True, cache_requests=False,
-                    system_instruction=taskset.system_instruction,
-                    apply_chat_template=taskset.apply_chat_template,
-                    fewshot_as_multiturn=taskset.fewshot_as_multiturn)
+    samples = None if taskset.samples is None else {n: taskset.samples_of(n) for n in names}
+    results = evaluate(lm=lm, task_dict=taskset.subset(names), limit=taskset.limit, samples=samples,
+                       bootstrap_iters=bootstrap_iters, log_samples=True, cache_requests=False,
+                       system_instruction=taskset.system_instruction,
+                       apply_chat_template=taskset.apply_chat_template,
+                       fewshot_as_multiturn=taskset.fewshot_as_multiturn)
+    for name, logged in (results.get("samples") or {}).items() if samples else ():
+        where = {f: i for i, f in enumerate(samples.get(name) or [])}  # lm-eval logs file indices here,
+        for ex in logged:                                              # its requests count 0..n-1
+            ex["doc_id"] = where.get(ex["doc_id"], ex["doc_id"])
+    return results
 
 
 class Scorer:
@@ -209,10 +220,10 @@ class Scorer:
         self._aligned: dict = {}  # trace key -> its units are this Scorer's requests, in order
         self.results_cache: dict = {}
         for name, task in self.task_dict["tasks"].items():
-            lim = _limit(task, taskset.limit)
-            task.build_all_requests(limit=lim, rank=0, world_size=1, **chat)
+            lim, chosen = _limit(task, taskset.limit), taskset.samples_of(name)
+            task.build_all_requests(limit=lim, samples=chosen, rank=0, world_size=1, **chat)
             self.instances[name] = list(task.instances)
-            self.docs[name] = list(task.doc_iterator(rank=0, limit=lim, world_size=1))
+            self.docs[name] = list(task.doc_iterator(rank=0, limit=lim, samples=chosen, world_size=1))
             by = defaultdict(list)
             for inst in self.instances[name]:
                 by[inst.doc_id].append(inst)

@@ -49,8 +49,14 @@ SIGNALS: dict[str, str] = {
     "max_prob": "probability of the top-1 token",
     "margin": "top-1 minus top-2 probability",
     "kl_prev": "KL(p_r || p_{r-1}) in nats (inf at step 0)",
-    "target_logprob": "log-probability of the target token (scoring and oracles only)",
-    "target_is_argmax": "the target is the top-1 token (scoring and oracles only)",
+    "target_logprob": "log-probability of the target token (scoring only: it reads the answer)",
+    "target_is_argmax": "the target is the top-1 token (scoring only: it reads the answer)",
+}
+# Per-document signals (R, D) of kind "select" rules (the oracle): composed from the fixed-step
+# runs' lm-eval results after they are scored, never recorded in a trace or run live.
+SELECT_SIGNALS: dict[str, str] = {
+    "doc_correct": "(select rules only) per document: the fixed-step run at this step scores the document's "
+                   "best score, above zero (multiple choice: its lm-eval decision is right)",
 }
 # Signals that need the LM head's full-vocabulary logits at the step they are read.
 HEAD_SIGNALS = frozenset({"argmax", "entropy", "max_prob", "margin", "kl_prev",
@@ -82,9 +88,10 @@ def expand_needs(needs) -> set[str]:
     out: set[str] = set()
     for n in needs:
         out.update(ALIASES.get(n, (n,)))
-    unknown = out - set(SIGNALS)
+    unknown = out - set(SIGNALS) - set(SELECT_SIGNALS)
     if unknown:
-        raise ValueError(f"unknown signal(s) {sorted(unknown)}; known: {sorted(SIGNALS)}")
+        known = sorted({**SIGNALS, **SELECT_SIGNALS})
+        raise ValueError(f"unknown signal(s) {sorted(unknown)}; known: {known}")
     return out
 
 
@@ -123,7 +130,7 @@ class Signals:
         if name in data:
             return data[name]
         allowed = self.__dict__.get("_allowed")
-        if allowed is not None and name in SIGNALS:
+        if allowed is not None and name not in allowed and (name in SIGNALS or name in SELECT_SIGNALS):
             raise UndeclaredSignal(name, allowed)
         raise AttributeError(f"signal {name!r} not recorded; declare it in `needs` "
                              f"(known: {sorted(SIGNALS)})")
@@ -167,8 +174,8 @@ class ExitStrategy:
     # signals fit() may also read on the calibration split (it may read the answer there:
     # calibration is offline, so these set no compute charge)
     fit_needs: ClassVar[tuple[str, ...]] = ()
-    # "select": only picks which step's prediction to use (an oracle / upper bound);
-    # "skip": a real exit rule whose skipped steps need not run.
+    # "select": picks, per document, which fixed-step run to take (an oracle / upper bound),
+    # reading SELECT_SIGNALS only; "skip": a real exit rule whose skipped steps need not run.
     kind: ClassVar[str] = "skip"
 
     def fit(self, calibration: Signals) -> None:
@@ -299,6 +306,7 @@ def signals_markdown() -> str:
     """The README's list of signal names and `needs` aliases, generated from this module."""
     lines = ["| signal | what it is | reads the LM head |", "|---|---|---|"]
     lines += [f"| `{k}` | {v} | {'yes' if k in HEAD_SIGNALS else 'no'} |" for k, v in SIGNALS.items()]
+    lines += [f"| `{k}` | {v} | no (composed) |" for k, v in SELECT_SIGNALS.items()]
     lines += ["", "Aliases in `needs`: " + "; ".join(
         f"`{a}` = {', '.join(f'`{x}`' for x in v)}" for a, v in ALIASES.items()) + "."]
     return "\n".join(lines)

@@ -36,7 +36,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
@@ -67,7 +66,7 @@ from ouro_lab.store import (
     trace_cache,
     versions,
 )
-from ouro_lab.tables import COLUMNS, assemble, tag_samples
+from ouro_lab.tables import COLUMNS, assemble, compose_selects, tag_samples
 
 __all__ = ["run_sweep", "load_tasks", "describe", "git_sha", "versions", "Setting", "expand_settings",
            "SweepError", "RunLock", "SettingStore", "cache_dir", "default_run_dir", "COLUMNS"]
@@ -148,43 +147,21 @@ def describe(recipe: Recipe, settings: list[Setting], console, taskset=None) -> 
     live_ll = sum(s.live for s in settings) * len(ll)
     decodable = [s for s in settings if s.kind != "select" and not s.fitted and s.granularity == "token"]
     live_gen = len(decodable) * len(gen)
-    requests, tokens, flops = _request_cost(recipe, taskset, ll, cost, R)
+    from ouro_lab.tracing import estimate
+
+    requests, tokens, flops = estimate(taskset, ll, cost, R)
     for name in recipe.tasks.names:
         task = taskset.tasks[name]
-        console.print(f"task {name}: {task.OUTPUT_TYPE}, {_n_docs(task, recipe.tasks.limit)} documents",
-                      highlight=False)
+        sel = taskset.selection(name)
+        console.print(f"task {name}: {task.OUTPUT_TYPE}, {sel['documents']} of {sel['of']} documents "
+                      f"({SELECTION[sel['how']]})", highlight=False)
     console.print(f"model passes: {1 if ll else 0} full-depth trace pass ({requests} requests, "
                   f"~{tokens:,} distinct prefix tokens, ~{flops / 1e9:,.2f} GFLOP; 0 if a cached trace "
                   f"matches) + {live_ll} live loglikelihood run(s) + {live_gen} live generation run(s); "
                   f"replaying {len(settings)} settings needs no model", highlight=False)
 
 
-def _n_docs(task, limit) -> int:
-    n = len(task.eval_docs)
-    return min(n, int(limit)) if limit else n
-
-
-def _request_cost(recipe: Recipe, taskset, names: list[str], cost, R: int) -> tuple[int, int, float]:
-    """Requests, tokens and full-depth FLOPs of the trace pass, which runs each distinct prefix
-    of the requests once (`ouro_lab.prefix`): the requests' prefix tree, tokenized with the
-    checkpoint's tokenizer when it has one, else over characters at ~4 characters a token."""
-    from ouro_lab.prefix import PrefixTree
-
-    tok = taskset.chat.tokenizer if taskset.chat is not None else None
-    encode = (lambda t: tuple(tok(t, add_special_tokens=False).input_ids)) if tok is not None else tuple
-    units = []
-    for name in names:
-        task = taskset.tasks[name]
-        task.build_all_requests(limit=recipe.tasks.limit, rank=0, world_size=1, **taskset.request_kwargs())
-        for inst in task.instances:
-            parts = [a for a in inst.args if isinstance(a, str)]
-            ctx, cont = (parts[0], parts[1]) if len(parts) > 1 else ("", parts[0])
-            units.append(SimpleNamespace(ctx=encode(ctx) or (0,), cont=encode(cont) or (0,)))
-    if not units:
-        return 0, 0, 0.0
-    tree = PrefixTree.build(units, max_length=1 << 30)
-    per = 1 if tok is not None else 4
-    return len(units), tree.n_nodes // per, tree.flops(cost, R, R) / per
+SELECTION = {"all": "all", "limit": "the first ones: tasks.limit", "sample": "a seeded random sample"}
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -272,6 +249,7 @@ def load_tasks(recipe: Recipe, src: RecipeSource, tok=None):
         taskset = TaskSet(list(recipe.tasks.names), include_path=recipe.tasks.include or None,
                           data_root=recipe.tasks.data_root, limit=recipe.tasks.limit,
                           num_fewshot=recipe.tasks.num_fewshot, fewshot_seed=recipe.seed,
+                          sample=recipe.tasks.sample, sample_seed=recipe.seed,
                           system_instruction=recipe.tasks.system_instruction,
                           apply_chat_template=recipe.tasks.apply_chat_template,
                           fewshot_as_multiturn=recipe.tasks.fewshot_as_multiturn)
@@ -383,6 +361,8 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     cache = trace_cache(require_cache, lambda m: _log(console, m)) if ll_tasks else None  # before the pass
     prov["model_fingerprint"] = fp
     prov["device"] = str(model.device)
+    prov["tasks"] = {n: {**taskset.selection(n), "chance": taskset.chance(n),  # which documents, chance
+                         "output_type": taskset.output_type(n)} for n in taskset.tasks}
     calls = [0]
     hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     gen_tasks = taskset.names_of("generate_until")
@@ -396,7 +376,8 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     hook.remove()
     if not distributed.is_main():
         return run_dir  # rank 0 alone writes results
-    metrics, samples, exits = assemble(run.records, run.frames, recipe)
+    chosen, chosen_frames = compose_selects(settings, run.records, run.frames)  # the oracle
+    metrics, samples, exits = assemble(run.records + chosen, run.frames + chosen_frames, recipe)
     tables = {"metrics.csv": metrics, "samples.parquet": samples, "exits.csv": exits}
     for name, frame in tables.items():
         atomic_frame(frame, run_dir / name, f"the {name} table")
@@ -447,6 +428,9 @@ def _replay_all(run: _Run, trace) -> None:
     tok_task = [meta[i][0] for i in trace.request.tolist()]
     bar = run.progress.add_task("replay settings", total=len(run.settings))
     for s in (run.settings if distributed.is_main() else []):  # no model: rank 0 alone
+        if s.kind == "select":  # composed from the fixed steps once they are all scored
+            run.progress.advance(bar)
+            continue
         key = _hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
                     run.source_hash(s.strategy), s.fitted and canonical(recipe)["calibration"],
                     recipe.bootstrap)
@@ -477,6 +461,7 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
     bar = run.progress.add_task(f"live runs ({recipe.live.kv_policy} KV)", total=len(jobs))
     for s, task in jobs:
         key = _hash("live", run.fp, recipe.model.dtype, recipe.model.steps, task, recipe.tasks.limit,
+                    recipe.tasks.sample and (recipe.tasks.sample, recipe.seed),
                     recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
                     run.source_hash(s.strategy), recipe.live.kv_policy, recipe.live.max_gen_toks,
                     recipe.bootstrap)

@@ -129,6 +129,96 @@ def assemble(records, frames, recipe: Recipe):
     return metrics, samples, exits
 
 
+def compose_selects(settings, records, frames):
+    """Select rules (the oracle) composed from the fixed-step runs, per task in its base
+    mode (replay where a trace exists, else live): the rule sees `doc_correct` (R, D) from
+    the fixed steps' per-document primary metric and picks a step per document; that
+    document then gets the fixed-step run's lm-eval results and real compute at that step.
+    Returns (records, frames) to add to the sweep's."""
+    import pandas as pd
+
+    fixed: dict = {}  # (task, mode) -> {step: (samples of the task, its metric rows)}
+    for (s, mode, rec), fr in zip(records, frames, strict=True):
+        if s.strategy == "fixed":
+            for task, d in fr.groupby("task"):
+                rows = [m for m in rec["metrics"] if m["task"] == task]
+                fixed.setdefault((task, mode), {})[s.params["step"]] = (d, rows)
+    base = {t: "replay" if (t, "replay") in fixed else "live" for t, _ in fixed}
+    out_records, out_frames = [], []
+    for s in (x for x in settings if x.kind == "select"):
+        for mode in ("replay", "live"):
+            recs, parts, exits = [], [], []
+            for (task, m), by_step in sorted(fixed.items()):
+                done = _compose_task(s.obj, by_step) if m == mode == base[task] else None
+                if done is not None:
+                    parts.append(done[0])
+                    recs += done[1]
+                    exits += [{"task": task, **e} for e in done[2]]
+            if recs:
+                out_records.append((s, mode, {"metrics": recs, "exits": exits}))
+                out_frames.append(tag_samples(pd.concat(parts, ignore_index=True), s, mode))
+    return out_records, out_frames
+
+
+def _compose_task(rule, by_step):
+    """One task: (per-document samples, metric rows, exit counts), or None where the task's
+    primary metric is lower-is-better (no per-document "correct")."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from ouro_lab.stats import LOWER_IS_BETTER, primary_metric
+    from ouro_lab.strategy import Signals, replay
+
+    R = max(by_step)
+    full = by_step[R][0]
+    first = sorted(full["filter"].unique(), key=lambda f: (f != "none", f))[0]
+    names = [c for c in full.columns if c not in NOT_METRICS | SAMPLE_COMPUTE and full[c].notna().any()]
+    primary = primary_metric(names)
+    if primary in LOWER_IS_BETTER:
+        return None
+    docs = np.sort(full.doc_id.unique())
+    score = np.stack([by_step[k][0][by_step[k][0]["filter"] == first].set_index("doc_id")[primary]
+                      .reindex(docs).to_numpy(float) for k in range(1, R + 1)])
+    best = score.max(0)
+    ok = torch.as_tensor((score >= best) & (best > 0))
+    pick = pd.Series(replay(rule, Signals({"doc_correct": ok}, R)).numpy() + 1, index=docs)  # 1-based
+    comp = pd.concat([d[d.doc_id.map(pick) == k] for k, (d, _) in sorted(by_step.items())])
+    tok = comp[comp["filter"] == first]
+    exits = [{"step": k - 1, "count": int(tok.tokens[tok.doc_id.map(pick) == k].sum())}
+             for k in range(1, R + 1)]
+    comp = comp.drop(columns=["setting", "strategy", "params", "mode"])
+    return comp, _composed_metrics(comp, full, by_step[R][1]), exits
+
+
+NOT_METRICS = {"task", "doc_id", "filter", "difficulty", "setting", "strategy", "params", "mode",
+               "flops_used"}
+
+
+def _composed_metrics(comp, full_frame, full_rows) -> list[dict]:
+    """Metric rows of a composed setting: each metric that is a mean over documents at full
+    depth, averaged over the composed documents; compute per token, token-weighted."""
+    import numpy as np
+
+    rows = []
+    for fr in full_rows:
+        f, col = fr.get("filter", "none"), fr["metric"]
+        d, ref = comp[comp["filter"] == f], full_frame[full_frame["filter"] == f]
+        if col not in d.columns or not len(d) or not np.isfinite(d[col].to_numpy(float)).all():
+            continue
+        if abs(float(ref[col].mean()) - float(fr["value"])) > 1e-6:
+            continue  # not a mean over documents (corpus-level metrics): no per-document choice
+        x, t = d[col].to_numpy(float), d.tokens.to_numpy(float)
+        n = max(t.sum(), 1e-300)
+        rows.append({"task": fr["task"], "metric": col, "filter": f, "value": float(x.mean()),
+                     "stderr": float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else None,
+                     "steps_used_mean": float((d.steps_used * t).sum() / n),
+                     "steps_executed_mean": float((d.steps_executed * t).sum() / n),
+                     "flops_per_token": float((d.flops_per_token * t).sum() / n),
+                     "flops_executed_per_token": float(d.flops_executed.sum() / n)})
+    return rows
+
+
 def _per_doc(st, setting, mode, metric, docs):
     import numpy as np
 

@@ -103,10 +103,13 @@ class TaskSet:
     `lm_eval.evaluator.evaluate`; `limit` follows lm-eval (an int, or a fraction < 1;
     1.0 means one document); `num_fewshot` overrides every task's; `fewshot_seed` is
     re-applied by `reset_seeds()` before every evaluation so that each call samples
-    the same few-shot examples. `system_instruction`, `apply_chat_template` and
-    `fewshot_as_multiturn` are lm-eval's chat switches; the requests are then rendered
-    with `chat` (`ouro_lab.chat.ChatTemplate` of the model's tokenizer), the same for the
-    trace pass, every replayed setting and every live run."""
+    the same few-shot examples. `sample` (instead of `limit`, which takes the head of
+    the file) draws that many documents per task at random with `sample_seed`; lm-eval
+    numbers them 0..n-1 in file order, `samples[task]` lists their indices in the file.
+    `system_instruction`, `apply_chat_template` and `fewshot_as_multiturn` are lm-eval's
+    chat switches; the requests are then rendered with `chat` (`ouro_lab.chat.ChatTemplate`
+    of the model's tokenizer), the same for the trace pass, every replayed setting and
+    every live run."""
 
     names: list[str]
     include_path: list[str | Path] | None = None
@@ -114,11 +117,14 @@ class TaskSet:
     limit: int | float | None = None
     num_fewshot: int | None = None
     fewshot_seed: int = 1234
+    sample: int | None = None
+    sample_seed: int = 0
     system_instruction: str | None = None
     apply_chat_template: bool | str = False  # a string: one of the tokenizer's named templates
     fewshot_as_multiturn: bool = False
     chat: object = field(default=None, repr=False)  # ouro_lab.chat.ChatTemplate: set with the model
     task_dict: dict = field(init=False, repr=False)
+    samples: dict | None = field(init=False, repr=False, default=None)  # task -> file indices
     scorers: dict = field(init=False, repr=False, default_factory=dict)  # scoring.Scorer cache
 
     def __post_init__(self):
@@ -136,7 +142,32 @@ class TaskSet:
                 task.set_config(key="num_fewshot", value=self.num_fewshot)
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
+        if self.sample is not None:
+            if self.limit is not None:
+                raise TaskError("tasks: give either limit (the first documents) or sample (a random "
+                                "subset), not both")
+            import random
+
+            sizes = {n: len(t.eval_docs) for n, t in self.tasks.items()}
+            self.samples = {n: sorted(random.Random(f"{self.sample_seed}:{n}").sample(range(k),
+                                                                                   min(self.sample, k)))
+                            for n, k in sizes.items()}
         self.reset_seeds()
+
+    def samples_of(self, task: str) -> list[int] | None:
+        """The file indices `sample` drew for `task` (None: no sample)."""
+        return None if self.samples is None else self.samples[task]
+
+    def selection(self, task: str) -> dict:
+        """Which documents of `task` a run scores: how chosen, how many, out of how many."""
+        n = len(self.tasks[task].eval_docs)
+        if self.samples is not None:
+            return {"how": "sample", "documents": len(self.samples[task]), "of": n, "seed": self.sample_seed,
+                    "indices": self.samples[task]}  # doc_id i is the file's document indices[i]
+        k = n if not self.limit else int(self.limit) if self.limit >= 1 else int(n * self.limit)
+        if k < n:
+            return {"how": "limit", "documents": k, "of": n}
+        return {"how": "all", "documents": n, "of": n}
 
     @property
     def tasks(self) -> dict:
@@ -196,9 +227,23 @@ class TaskSet:
         for task in self.tasks.values():
             task.set_fewshot_seed(seed=self.fewshot_seed)
 
+    def chance(self, task: str) -> float | None:
+        """What guessing scores on the documents a run uses: multiple choice, the mean of
+        1 / (number of choices); generation 0 (exact answers); otherwise None."""
+        t = self.tasks[task]
+        if t.OUTPUT_TYPE == "generate_until":
+            return 0.0
+        if t.OUTPUT_TYPE != "multiple_choice":
+            return None
+        from lm_eval.evaluator_utils import get_sample_size
+
+        docs = [d for _, d in t.doc_iterator(limit=get_sample_size(t, self.limit),
+                                             samples=self.samples_of(task))]
+        return sum(1.0 / max(len(t.doc_to_choice(d)), 1) for d in docs) / max(len(docs), 1)
+
     def doc_meta(self, task: str, doc_id: int, key: str):
         docs = self.tasks[task].eval_docs
-        doc = docs[int(doc_id)]
+        doc = docs[int(doc_id) if self.samples is None else self.samples[task][int(doc_id)]]
         return doc.get(key) if isinstance(doc, dict) else None
 
 

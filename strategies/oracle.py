@@ -1,9 +1,10 @@
-"""Upper bound, not a rule: exit at the earliest step whose top-1 already is the target (reads the answer).
+"""Upper bound, not a rule: per document, the earliest step whose lm-eval decision is right, else full depth.
 
-It bounds what a per-token exit rule can reach when every scored token has one right
-answer: greedy generation, perplexity, the gold continuation. On multiple-choice tasks
-every choice's continuation is scored as a "target", so the oracle also exits wrong
-choices where they look best and can score below full depth: it bounds nothing there.
+It reads the answer: its per-document view (`doc_correct`) is composed from the fixed-step
+runs' lm-eval results, for every kind of task (multiple choice from the trace, generation
+from the live fixed-step runs). Each document is charged the real FLOPs of the fixed-step
+run it takes, so it scores at least full depth and at least every fixed step, and the
+plots draw it as a bound, not as a curve.
 """
 
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ from ouro_lab.strategy import ExitStrategy, Signals
 
 @dataclass
 class Strategy(ExitStrategy):
-    needs: ClassVar[tuple[str, ...]] = ("target_is_argmax",)
-    kind: ClassVar[str] = "select"  # it only picks a step; it cannot run live
+    needs: ClassVar[tuple[str, ...]] = ("doc_correct",)
+    kind: ClassVar[str] = "select"  # composed from the fixed steps; it cannot run live
 
     def decide(self, s: Signals, r: int) -> Tensor:
-        return s.target_is_argmax[r].bool()
+        return s.doc_correct[r].bool()

@@ -107,20 +107,41 @@ def test_truncate_rolls_rows_back_to_different_lengths(model):
     torch.testing.assert_close(out[:, 1], alone(model, seqs[1][:2] + [40, 41])[:, 2:], **TOL)
 
 
-@pytest.mark.parametrize("rows", [[0, 2], [1, 2], [3]])
-def test_a_subset_of_rows_attends_over_its_cache_rows_in_place(model, rows):
+@pytest.mark.parametrize("rows, runs", [([0, 2, 3], 2), ([1, 2], 1), ([3], 1)])
+def test_a_subset_of_rows_attends_over_its_cache_rows_in_place(model, rows, runs):
     """`Context.select`: a step run for some rows of a call (live early exit) equals those
-    rows run alone; contiguous rows are views, scattered ones attend over the span."""
+    rows run alone; each run of consecutive rows attends over views of its cache rows."""
     seqs = [[3 + i, 4 + i, 5 + i, 6 + i] for i in range(4)]
     cache = model.new_cache(4, 8)
     with torch.no_grad():
         model(torch.tensor([s[:3] for s in seqs]), cache=cache)
         x, ctx = model.prepare(torch.tensor([[s[3]] for s in seqs]), cache=cache)
         sub = ctx.select(torch.tensor(rows))
-        assert (sub.pick is None) == (rows[-1] - rows[0] + 1 == len(rows))
         h = model.loop_step(x[rows], 0, sub)
+    assert len(sub.runs) == runs
     for j, b in enumerate(rows):
         torch.testing.assert_close(h[j, 0], alone(model, seqs[b])[0, 3], **TOL)
+
+
+def test_rows_at_different_loop_steps_share_one_call(model):
+    """One call, each row at its own step (`slots`): row 0 runs step 2 of its token while
+    row 1 runs step 1 of a token one position later; both equal their sequences alone."""
+    a, b = [3, 4, 5, 6], [7, 8, 9, 10, 11]
+    cache = model.new_cache(2, 8)
+    with torch.no_grad():
+        model(torch.tensor([a[:3], b[:3]]), cache=cache)
+        x, ctx = model.prepare(torch.tensor([[a[3]], [b[3]]]), cache=cache)
+        h0 = model.loop_step(x, 0, ctx)
+        h1 = model.loop_step(h0, 1, ctx)  # row 0 at step 2 next; row 1 finishes its token at step 1
+        x1, ctx1 = model.prepare(torch.tensor([[b[4]]]), cache=cache, rows=torch.tensor([1]))
+        h1b = model.loop_step(x1, 0, ctx1)  # row 1's next token, step 0
+        both = torch.cat((h1[:1], h1b))
+        mixed = cache.context(torch.cat((ctx.cos[:1], ctx1.cos)), torch.cat((ctx.sin[:1], ctx1.sin)),
+                              torch.tensor([0, 1]), torch.tensor([3, 4]), torch.tensor([2, 1]))
+        h = model.loop_step(both, 0, mixed)
+    assert len(mixed.runs) == 2
+    torch.testing.assert_close(h[0, 0], alone(model, a)[2, 3], **TOL)
+    torch.testing.assert_close(h[1, 0], alone(model, b)[1, 4], **TOL)
 
 
 def test_shared_slot_keeps_the_last_step_and_copy_deeper_fills_slots(model, tiny_config):

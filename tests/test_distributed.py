@@ -158,7 +158,7 @@ def test_sweep_on_two_gloo_processes_equals_one_process(tmp_path, monkeypatch):
     mdir = ROOT / "ouro_lab" / "builtin" / "loop-demo"
     tasks = tmp_path / "tasks"  # the demo task YAMLs over every k-th document (all difficulties)
     (tasks / "data").mkdir(parents=True)
-    for name, k in (("loop_demo_mc", 45), ("loop_demo_gen", 10)):
+    for name, k in (("loop_demo_mc", 45), ("loop_demo_gen", 2)):  # gen: 40 docs, 3 chunks of 4 batches
         (tasks / f"{name}.yaml").write_text((ROOT / "tasks" / f"{name}.yaml").read_text())
         docs = (ROOT / "tasks" / "data" / f"{name}.jsonl").read_text().splitlines()[::k]
         (tasks / "data" / f"{name}.jsonl").write_text("\n".join(docs) + "\n")

@@ -48,7 +48,7 @@ def test_atomic_write_fsyncs_the_file_before_and_the_folder_after_the_rename(tmp
     atomic_write(target, "{}")
     kinds = [c[0] for c in calls]
     assert kinds == ["fsync", "replace", "fsync"], calls
-    assert calls[0][1].endswith(".tmp.json") and calls[2][1] == str(tmp_path)  # the file, then its folder
+    assert calls[0][1] == str(tmp_path / f".out.json.{os.getpid()}.tmp") and calls[2][1] == str(tmp_path)
     assert target.read_text() == "{}" and leftovers(tmp_path) == []
 
 
@@ -101,9 +101,9 @@ def test_stale_temporaries_of_dead_writers_are_swept_live_ones_kept(tmp_path):
         stale = [tmp_path / "settings" / f".abc.parquet.{dead.pid}.tmp",             # older sweep tables
                  tmp_path / f".report.html.{dead.pid}.tmp",
                  tmp_path / "plots" / f".acc.{dead.pid}.tmp.png",                      # older plots
-                 tmp_path / f".metrics.csv.{dead.pid}.tmp.csv",                        # this version
+                 tmp_path / f".metrics.csv.{dead.pid}.tmp",                            # this version
                  tmp_path / f"trace-ab.safetensors.tmp{dead.pid}"]                     # older traces
-        live = tmp_path / f".recipe.yaml.{alive.pid}.tmp.yaml"
+        live = tmp_path / f".recipe.yaml.{alive.pid}.tmp"
         keep = [tmp_path / "metrics.csv", tmp_path / "settings" / "abc.parquet", tmp_path / ".lock"]
         for p in stale + [live] + keep:
             p.write_text("x")
@@ -438,6 +438,8 @@ def test_damaged_stored_settings_are_said_in_one_line_and_redone(lab, run1, tmp_
     a, b = files_[-1].with_suffix(".parquet"), files_[-2].with_suffix(".parquet")  # another setting's file
     shutil.copyfile(b, a)
     damaged.append((a, "does not match the checksum in"))
+    shutil.copyfile(files_[-4], files_[-3])  # another setting's json under this one's name
+    damaged.append((files_[-3], "(a swapped file)"))
     code, text = cli("sweep", lab / "r.yaml", "--out", run)
     assert code == 0 and "Traceback" not in text, text[-3000:]
     redone = [x for x in text.splitlines() if "; redoing setting " in x]

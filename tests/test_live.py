@@ -143,6 +143,26 @@ def test_continuous_batching_equals_one_batch(env, rule, eos):
             assert text == tok.decode(ref, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("policy", ["copy", "last"])
+def test_rows_at_different_depths_decode_as_if_alone(env, policy):
+    """A threshold rule gives each token its own depth; in a batch, rows run at different
+    loop steps in the same tick and start their next token as soon as one exits. Every
+    prompt gets the text, exits and compute it gets decoded alone."""
+    from ouro_lab.live import live_generate
+    from ouro_lab.registry import make_strategy
+
+    model, tok = env["model"], env["tok"]
+    prompts = [[5, 6, 7, 8, 9], [9, 10], [11, 12, 13], [14, 15]]
+    st = make_strategy("threshold", {"q": 0.4})
+    batch, recs = live_generate(model, tok, prompts, st, policy, max_new_tokens=6, batch_size=3)
+    for p, text, rec in zip(prompts, batch, recs, strict=True):
+        (one,), (r1,) = live_generate(model, tok, [p], st, policy, max_new_tokens=6)
+        assert text == one
+        assert (rec["steps_used"], rec["steps_executed"]) == (r1["steps_used"], r1["steps_executed"])
+        assert rec["flops_decode"] == pytest.approx(r1["flops_decode"])
+    assert 1 < sum(r["steps_used"] for r in recs) / sum(r["tokens"] for r in recs) < env["trace"].steps
+
+
 def test_generation_under_a_strategy_saves_compute(env):
     from ouro_lab.harness import evaluate_live
     from ouro_lab.registry import make_strategy
@@ -166,9 +186,9 @@ def test_oracle_cannot_decode(env):
     from ouro_lab.live import LiveBatch, LiveError
     from ouro_lab.registry import make_strategy
 
-    run = LiveBatch(env["model"], make_strategy("oracle", {}), "copy", batch=1)
-    with pytest.raises(LiveError, match="target"):
-        run.step(torch.tensor([5]), torch.ones(1, dtype=torch.bool))
+    with pytest.raises(LiveError, match="composed from the fixed-step runs"):
+        LiveBatch(env["model"], make_strategy("oracle", {}), "copy", batch=1)
+    assert torch is not None
 
 
 def test_random_exits_differ_between_batches(env):
