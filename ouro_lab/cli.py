@@ -219,7 +219,8 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
           kv_policy: str = typer.Option("copy", "--kv-policy", help="live runs: full, copy or last"),
           live: bool = typer.Option(False, "--live", help="loglikelihood tasks as a true early-exit run too "
                                     "(default: one trace pass + replay)"),
-          batch_size: int = typer.Option(8, "--batch-size"),
+          batch_size: str = typer.Option("8", "--batch-size", help="rows a call, or auto (CUDA: the largest "
+                                         "that fits, found by trying)"),
           dtype: str = typer.Option(None, help="float32, bfloat16, ... (default: the checkpoint's)"),
           device: str = typer.Option(None, help="cpu, cuda or mps (default: best available)"),
           out: Path = typer.Option(None, "--out", help="folder for metrics.csv and samples.csv"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from ouro_lab import distributed
-from ouro_lab.lm import LL_TYPES, HarnessError, OuroLM
+from ouro_lab.lm import LL_TYPES, HarnessError, OuroLM, resolve_batch_size
 from ouro_lab.scoring import metric_rows, run_evaluate, sample_rows, score
 from ouro_lab.tasks import TaskSet
 from ouro_lab.tracing import trace_pass
@@ -119,6 +119,7 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
     tok = load_tokenizer(model_dir)
     ts.use_tokenizer(tok, override, model_dir)  # a missing chat template: one line before any model load
     model = load_model(model_dir, dtype=dtype, device=distributed.local_device(device))
+    batch_size = resolve_batch_size(batch_size, model)  # "auto": found once, logged
     if strategy is None:
         lm = OuroLM(model=model, tokenizer=tok, steps=steps, batch_size=batch_size, max_gen_toks=max_gen_toks)
         res = run_evaluate(lm, ts, list(ts.tasks))

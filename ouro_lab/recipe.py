@@ -152,10 +152,18 @@ class Recipe(_Strict):
     seed: int = Field(1234, description="seed for randomized strategies and the bootstrap")
     bootstrap: int = Field(1000, ge=0, le=100_000, description="paired-bootstrap resamples (0: none)")
     tolerance: float = Field(1.0, ge=0, description="accuracy loss (points) allowed for 'compute saved'")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int | str = Field(8, description="rows a model call, or auto: the largest that fits on CUDA "
+                                  "(found by trying), 8 elsewhere")
     output: str | None = Field(None, description="run folder (default results/<recipe>/<run-id>)")
     max_settings: int = Field(MAX_SETTINGS, ge=1, description="refuse grids that expand to more settings "
                               "than this (a guard against a typo in a grid; raise it on purpose)")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | str) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"{v!r} is not allowed (allowed: a positive integer, or auto)")
 
     @model_validator(mode="before")
     @classmethod

@@ -230,6 +230,9 @@ def _load(recipe: Recipe, src: RecipeSource):
         raise RecipeError([src.error(("model", "path"), msg)]) from None
     if recipe.model.steps:
         model.config.total_ut_steps = recipe.model.steps
+    if recipe.batch_size == "auto":  # once, for the trace pass and every live run alike (logged)
+        from ouro_lab.lm import resolve_batch_size
+        recipe.batch_size = resolve_batch_size("auto", model)
     tok = None
     if any((Path(recipe.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         try:

@@ -182,7 +182,7 @@ def good(lab) -> str:
 
 @pytest.mark.parametrize("edit, field, words", [
     (("dtype: float32", "dtpye: float32"), ":2: model.dtpye:", "did you mean 'dtype'?"),
-    (("batch_size: 16", "batch_size: many"), ":10: batch_size:", "valid integer"),
+    (("batch_size: 16", "batch_size: many"), ":10: batch_size:", "a positive integer, or auto"),
     (("name: budget", "name: budjet"), ":7: strategies[2].name:", "did you mean 'budget'?"),
     (("tiny_mc, tiny_gen", "tiny_mc, tiny_gem"), ":3: tasks.names[1]:", "did you mean"),
     (("q: 0.6}, live: true}", "q: 0.6}, live: true, granularity: sequence}"), ":6: strategies[1].live:",
