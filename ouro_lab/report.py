@@ -153,7 +153,9 @@ def _analyze_task(run: dict, task: str, tol: float) -> dict | None:
     if samples is not None and metric in samples.columns:
         saved = _saved(samples, rep, task, metric, full, tol / scale, int(recipe.get("bootstrap", 1000)),
                        int(recipe.get("seed", 1234)), mode)
-        t["saved"] = sorted(saved, key=lambda r: (r["chosen"] is None, -r["saved"] if r["chosen"] else 0))
+        # most compute saved first; none within tolerance next; oracles (bounds, not rules) last
+        t["saved"] = sorted(saved, key=lambda r: (r["kind"] == "select", r["chosen"] is None,
+                                                  -r["saved"] if r["chosen"] else 0))
     live = m[m[MODE] == "live"] if mode == "replay" else m.iloc[:0]
     for _, r in live.iterrows():
         twin = rep[(rep.strategy == r.strategy) & (rep.params == r.params)]

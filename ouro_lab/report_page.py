@@ -131,8 +131,9 @@ def _saved_table(task, t, summary) -> Table:
     tab = Table(f"{task}-saved", f"{task}: compute saved at <= {tol:g} {_unit(t, tol)} loss",
                 ["strategy", "cheapest setting within tolerance", "FLOPs saved", "95% paired bootstrap",
                  f"{t['metric_words']} change"],
-                note=f"Full depth scores {t['full'] * sc:.1f}. Most compute saved first. The interval "
-                     "repeats the choice of setting on every resample of documents (paired across settings).")
+                note=f"Full depth scores {t['full'] * sc:.1f}. Most compute saved first, the oracle (a "
+                     "bound) last. The interval repeats the choice of setting on every resample of documents "
+                     "(paired across settings).")
     for r in t["saved"]:
         tab.rows.append([r["strategy"] + (" (reads the answer)" if r["kind"] == "select" else ""),
                          r["chosen"] or "none within tolerance",
@@ -171,7 +172,7 @@ def _auc_table(task, t) -> Table:
                      f"to full depth): the curve's Pareto points joined linearly, flat after its most "
                      f"expensive point, {floor} below its cheapest. Highest first.")
     for c in t["curves"]:
-        tab.rows.append([c["strategy"] + (" (oracle)" if c["kind"] == "select" else ""),
+        tab.rows.append([c["strategy"] + (" (reads the answer)" if c["kind"] == "select" else ""),
                          (str(c["settings"]), float(c["settings"])), (_num(c["auc"] * sc, 1), _v(c["auc"])),
                          (f"{_pct(c['flops_rel_lo'])}%-{_pct(c['flops_rel_hi'])}%", _v(c["flops_rel_lo"]))])
         tab.keys.append(None)
