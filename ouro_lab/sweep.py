@@ -398,6 +398,7 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     prov.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 wall_s=round(time.perf_counter() - t_start, 2), settings=len(settings),
                 model_forward_calls=calls[0],
+                fitted={s.label: rec["fitted"] for s, _, rec in run.records if rec.get("fitted")},  # per fold
                 files={n: {"checksum": file_digest(run_dir / n), "bytes": (run_dir / n).stat().st_size}
                        for n in tables})  # `ouro-lab report` refuses a table that no longer matches
     atomic_write(run_dir / "provenance.json", json.dumps(prov, indent=2, default=jsonable) + "\n",
