@@ -1,8 +1,10 @@
 """The `ouro-lab` command line: thin typer commands that import heavy libraries lazily.
 
 Each command parses its arguments, imports what it needs inside its body and calls one
-library function. User mistakes (`OuroLabError`) print one line and exit 2; set
-`OURO_LAB_DEBUG=1` for the traceback.
+library function. Results go to stdout, progress and diagnostics to stderr. Options
+speak lm-eval's dialect too (`--include_path`, `--output_path`, `--log_samples`). User
+mistakes (`OuroLabError`) print one line and exit 2; set `OURO_LAB_DEBUG=1` for the
+traceback.
 """
 
 from __future__ import annotations
@@ -14,19 +16,47 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Adaptive computation in looped language models: accuracy versus FLOPs.")
+
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (the best available: cuda, then mps, then cpu)"
+
+
+def _device():
+    return typer.Option("auto", "--device", help=DEVICE_HELP)
+
+
+def _flag(help: str, *names: str):
+    """A switch: present or absent, no value."""
+    return typer.Option(False, *names, help=help)
+
+
+def _print_json(obj) -> None:
+    import json
+
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from ouro_lab import __version__
+
+        typer.echo(f"ouro-lab {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
     """Adaptive computation in looped language models: accuracy versus FLOPs."""
 
 
 @app.command()
 def inspect(model_dir: Path = typer.Argument(..., help="checkpoint folder (config.json + model.safetensors)"),
             dtype: str = typer.Option(None, help="float32, bfloat16, ... (default: the checkpoint's)"),
-            device: str = typer.Option("cpu", help="cpu, cuda or mps"),
-            text: str = typer.Option(None, help="run this text (ids if no tokenizer) through every step")):
+            device: str = _device(),
+            text: str = typer.Option(None, help="run this text (ids if no tokenizer) through every step"),
+            as_json: bool = _flag("print one JSON object instead of text", "--json")):
     """Load a checkpoint, print its shape, parameters and per-step compute."""
     from ouro_lab.flops import ModelCost
     from ouro_lab.loading import load_model
@@ -34,6 +64,16 @@ def inspect(model_dir: Path = typer.Argument(..., help="checkpoint folder (confi
     model = load_model(model_dir, dtype=dtype, device=device)
     cfg = model.config
     cost = ModelCost.from_config(cfg)
+    steps = _inspect_text(model, model_dir, text) if text is not None else None
+    if as_json:
+        _print_json({"path": str(model_dir), "layers": cfg.num_hidden_layers, "steps": cfg.total_ut_steps,
+                     "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+                     "kv_heads": cfg.num_key_value_heads, "vocab": cfg.vocab_size,
+                     "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
+                     "parameters": model.num_parameters(), "step_flops_per_token": cost.step_flops(0),
+                     "attn_flops_per_ctx": cost.attn_flops_per_ctx, "head_flops": cost.head_flops,
+                     "kv_bytes_per_step": cost.kv_bytes_per_step(model.dtype), "text_steps": steps})
+        return
     typer.echo(f"{model_dir}: Ouro, {cfg.num_hidden_layers} layers x {cfg.total_ut_steps} steps, "
                f"hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
                f"vocab {cfg.vocab_size}, {model.dtype}")
@@ -41,30 +81,35 @@ def inspect(model_dir: Path = typer.Argument(..., help="checkpoint folder (confi
     typer.echo(f"per token and step: {cost.step_flops(0) / 1e6:,.2f} MFLOP matmuls + "
                f"{cost.attn_flops_per_ctx:,} x ctx attention; LM-head readout "
                f"{cost.head_flops / 1e6:,.2f} MFLOP; KV cache {cost.kv_bytes_per_step(model.dtype):,} B")
-    if text is not None:
-        import torch
+    for r in steps or []:
+        typer.echo(f"step {r['step']}: exit p {r['exit_p']:.3f}  next-token argmax {r['argmax']}")
 
-        from ouro_lab.model import exit_distribution
 
-        try:
-            from ouro_lab.loading import load_tokenizer
-            tok = load_tokenizer(model_dir)
-            ids = tok(text, return_tensors="pt").input_ids
-        except Exception:
-            ids = torch.tensor([[int(t) for t in text.split()]])
-        with torch.no_grad():
-            out = model(ids.to(model.device))
-        pdf, _ = exit_distribution(out.gate_logits)
-        for r in range(out.steps):
-            top = out.logits(r)[0, -1].argmax().item()
-            typer.echo(f"step {r + 1}: exit p {pdf[r, 0, -1].item():.3f}  next-token argmax {top}")
+def _inspect_text(model, model_dir: Path, text: str) -> list[dict]:
+    """Per step, for the last token of `text`: exit probability and the next-token argmax."""
+    import torch
+
+    from ouro_lab.model import exit_distribution
+
+    try:
+        from ouro_lab.loading import load_tokenizer
+        tok = load_tokenizer(model_dir)
+        ids = tok(text, return_tensors="pt").input_ids
+    except Exception:
+        ids = torch.tensor([[int(t) for t in text.split()]])
+    with torch.no_grad():
+        out = model(ids.to(model.device))
+    pdf, _ = exit_distribution(out.gate_logits)
+    return [{"step": r + 1, "exit_p": pdf[r, 0, -1].item(), "argmax": out.logits(r)[0, -1].argmax().item()}
+            for r in range(out.steps)]
 
 
 @app.command()
 def strategies(strategies_dir: list[Path] = typer.Option(None, "--strategies-dir",
                                                          help="extra folder of strategy files (repeatable)"),
-               check: bool = typer.Option(False, "--check", help="also build each one with its defaults and "
-                                          "run fit/decide on synthetic signals, every step (loads torch)")):
+               check: bool = _flag("also build each one with its defaults and run fit/decide on synthetic "
+                                   "signals, every step (loads torch)", "--check"),
+               as_json: bool = _flag("print a JSON list instead of a table", "--json")):
     """List every exit strategy: name, its rule (first docstring line), parameters."""
     from rich.console import Console
     from rich.table import Table
@@ -86,6 +131,11 @@ def strategies(strategies_dir: list[Path] = typer.Option(None, "--strategies-dir
             for e in failed:
                 typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
+    if as_json:
+        _print_json([{"name": i.name, "kind": i.kind, "rule": i.doc, "source": i.source,
+                      "params": [{"name": p.name, "type": p.type, "default": p.default} for p in i.params]}
+                     for i in infos])
+        return
     t = Table(title=f"{len(infos)} exit strategies", show_lines=False)
     for col in ("name", "rule", "parameters", "from"):
         t.add_column(col, overflow="fold")
@@ -102,8 +152,9 @@ def trace(model_dir: Path = typer.Argument(..., help="checkpoint folder (config.
           ids: str = typer.Option(None, help="token ids instead, e.g. '1 2 3' (no tokenizer needed)"),
           steps: int = typer.Option(None, help="loop steps (default: the checkpoint's total_ut_steps)"),
           dtype: str = typer.Option(None, help="float32, bfloat16, ... (default: the checkpoint's)"),
-          device: str = typer.Option("cpu", help="cpu, cuda or mps"),
-          out: Path = typer.Option(Path("traces"), help="folder for the trace file and the heatmap")):
+          device: str = _device(),
+          out: Path = typer.Option(Path("results/traces"), "--out", "--output_path", metavar="DIR",
+                                   help="folder for the trace file and heatmap (results/ is git-ignored)")):
     """Trace one text through every loop step: per-token table, heatmap PNG, trace file."""
     if (text is None) == (ids is None):
         from ouro_lab.errors import OuroLabError
@@ -114,7 +165,8 @@ def trace(model_dir: Path = typer.Argument(..., help="checkpoint folder (config.
     from rich.console import Console
 
     from ouro_lab.loading import fingerprint, load_model, load_tokenizer
-    from ouro_lab.trace import render_table, save_heatmap, token_labels, trace_text
+    from ouro_lab.plots import trace_heatmap
+    from ouro_lab.trace import render_table, token_labels, trace_text
 
     model = load_model(model_dir, dtype=dtype, device=device)
     has_tok = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
@@ -129,31 +181,55 @@ def trace(model_dir: Path = typer.Argument(..., help="checkpoint folder (config.
     Console(width=max(120, Console().width)).print(render_table(tr, labels, predict))
     stem = f"trace-{tr.meta['key'][:12]}"
     path = tr.save(out / f"{stem}.safetensors")
-    png = save_heatmap(tr, labels, out / f"{stem}.png")
+    png = trace_heatmap(tr, labels, out / f"{stem}.png", decode=lambda ids: token_labels(tok, ids))
     typer.echo(f"trace: {path}\nheatmap: {png}")
 
 
 @app.command()
 def sweep(recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/demo.yaml)"),
           overrides: list[str] = typer.Argument(None, help="key=value overrides: tasks.limit=20"),
-          out: Path = typer.Option(None, "--out", help="run folder (default results/<recipe>/<run-id>)"),
-          dry_run: bool = typer.Option(False, "--dry-run", help="validate, print grid and cost, stop"),
-          require_cache: bool = typer.Option(False, "--require-cache",
-                                             help="stop at once if the trace cache ($OURO_LAB_CACHE) cannot "
-                                                  "be written (default: run without caching, saying so)")):
+          out: Path = typer.Option(None, "--out", "--output_path", metavar="DIR",
+                                   help="run folder (default results/<recipe>/<run-id>)"),
+          include_path: list[Path] = typer.Option(None, "--include_path", "--include-path", metavar="DIR",
+                                                  help="folder of task YAMLs, repeatable (tasks.include)"),
+          limit: float = typer.Option(None, "--limit", help="documents per task, a fraction if < 1"),
+          seed: int = typer.Option(None, "--seed", help="seed of randomized rules and the bootstrap (seed)"),
+          log_samples: bool = _flag("also write lm-eval's samples JSONL per task and setting (log_samples)",
+                                    "--log_samples", "--log-samples"),
+          dry_run: bool = _flag("validate, print grid and cost, stop", "--dry-run"),
+          require_cache: bool = _flag("stop at once if the trace cache ($OURO_LAB_CACHE) cannot be written "
+                                      "(default: run without caching, saying so)", "--require-cache")):
     """Run a recipe end to end: trace pass, replay every setting, live runs, tables, plots, report."""
     from ouro_lab.sweep import run_sweep
 
-    run_sweep(recipe, overrides or [], out=out, dry_run=dry_run, require_cache=require_cache)
+    run_sweep(recipe, _recipe_overrides(overrides, include_path, limit, seed, log_samples), out=out,
+              dry_run=dry_run, require_cache=require_cache)
+
+
+def _recipe_overrides(overrides, include_path=None, limit=None, seed=None, log_samples=False) -> list[str]:
+    """key=value overrides, with the lm-eval style options turned into theirs."""
+    import json
+
+    out = list(overrides or [])
+    if log_samples:
+        out.append("log_samples=true")
+    if include_path:
+        out.append("tasks.include=" + json.dumps([str(p) for p in include_path]))
+    if limit is not None:
+        out.append(f"tasks.limit={int(limit) if float(limit).is_integer() and limit >= 1 else limit}")
+    if seed is not None:
+        out.append(f"seed={seed}")
+    return out
 
 
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
-             overrides: list[str] = typer.Argument(None, help="key=value overrides")):
+             overrides: list[str] = typer.Argument(None, help="key=value overrides"),
+             as_json: bool = _flag("print the plan as one JSON object", "--json")):
     """Check a recipe (every error at once) and print its expanded grid and estimated cost."""
     from ouro_lab.sweep import run_sweep
 
-    run_sweep(recipe, overrides or [], dry_run=True)
+    run_sweep(recipe, overrides or [], dry_run=True, as_json=as_json)
 
 
 @app.command()
@@ -170,7 +246,7 @@ def report(run_dir: Path = typer.Argument(..., help="a sweep's run folder")):
 def compare(run_a: Path = typer.Argument(..., help="first run folder"),
             run_b: Path = typer.Argument(..., help="second run folder")):
     """Set two runs side by side: every shared row with both scores, the difference and FLOPs."""
-    from ouro_lab.report import compare as compare_runs
+    from ouro_lab.compare import compare as compare_runs
 
     typer.echo(compare_runs(run_a, run_b))
 
@@ -186,7 +262,7 @@ def schema(out: Path = typer.Option(Path("recipes/recipe.schema.json"), "--out",
 
 @app.command()
 def train(recipe: Path = typer.Argument(..., help="training recipe YAML (see recipes/train-demo.yaml)"),
-          fresh: bool = typer.Option(False, "--fresh", help="ignore a saved state in work_dir, start over")):
+          fresh: bool = _flag("ignore a saved state in work_dir, start over", "--fresh")):
     """Train a looped model on the toy task family (Stage I, then Stage II gate-only); resumable."""
     import json
 
@@ -203,8 +279,8 @@ def train(recipe: Path = typer.Argument(..., help="training recipe YAML (see rec
 @app.command(name="eval")
 def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config, weights, tokenizer)"),
           tasks: str = typer.Option(..., "--tasks", help="comma-separated lm-eval task names"),
-          include_path: list[Path] = typer.Option(None, "--include-path",
-                                                  help="folder(s) of task YAMLs (default: tasks/)"),
+          include_path: list[Path] = typer.Option(None, "--include_path", "--include-path", metavar="DIR",
+                                                  help="folder of task YAMLs, repeatable (default: tasks/)"),
           data_root: Path = typer.Option(None, "--data-root", help="local dataset copies for standard tasks "
                                          "(<root>/<hub id>; default $OURO_LAB_DATA)"),
           limit: float = typer.Option(None, "--limit", help="first docs of each file (fraction if < 1)"),
@@ -217,16 +293,26 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
           param: list[str] = typer.Option(None, "--param", "-p",
                                           help="strategy parameter key=value, repeatable"),
           kv_policy: str = typer.Option("copy", "--kv-policy", help="live runs: full, copy or last"),
-          live: bool = typer.Option(False, "--live", help="loglikelihood tasks as a true early-exit run too "
-                                    "(default: one trace pass + replay)"),
+          live: bool = _flag("loglikelihood tasks as a true early-exit run too (default: one trace pass + "
+                             "replay)", "--live"),
           batch_size: int = typer.Option(8, "--batch-size"),
           dtype: str = typer.Option(None, help="float32, bfloat16, ... (default: the checkpoint's)"),
-          device: str = typer.Option(None, help="cpu, cuda or mps (default: best available)"),
-          out: Path = typer.Option(None, "--out", help="folder for metrics.csv and samples.csv"),
+          device: str = _device(),
+          out: Path = typer.Option(None, "--out", "--output_path", metavar="DIR",
+                                   help="folder for metrics.csv and samples.parquet"),
+          seed: int = typer.Option(1234, "--seed", help="seed of few-shot sampling and randomized rules"),
+          threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: half the "
+                                      "cores this process may use, at most 8: no stall on a busy machine)"),
+          log_samples: bool = _flag("also write lm-eval's samples JSONL per task (needs --output_path)",
+                                    "--log_samples", "--log-samples"),
           cache_dir: Path = typer.Option(None, "--cache-dir",
                                          help="trace cache (default: $OURO_LAB_CACHE)")):
     """lm-eval metrics of a checkpoint, plain or under an exit strategy (with compute columns)."""
     from ouro_lab.errors import OuroLabError
+
+    if log_samples and out is None:
+        raise OuroLabError("eval: --log_samples writes files: give the folder with --output_path DIR")
+    _set_threads(threads)
     from ouro_lab.evaluate import evaluate_tasks
     from ouro_lab.store import trace_cache
 
@@ -237,11 +323,12 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
             raise OuroLabError(f"--param {p!r}: expected key=value, e.g. --param q=0.7")
         k, v = p.split("=", 1)
         params[k.strip()] = v.strip()
+    logs: list | None = [] if log_samples else None
     metrics, samples = evaluate_tasks(model_dir, tasks, include_path=include_path or None,
                                       data_root=data_root, limit=limit, num_fewshot=num_fewshot,
                                       steps=steps, strategy=strategy,
                                       params=params, kv_policy=kv_policy, live=live, batch_size=batch_size,
-                                      dtype=dtype, device=device, cache_dir=cache_dir,
+                                      dtype=dtype, device=device, cache_dir=cache_dir, seed=seed, log=logs,
                                       strategies_dirs=strategies_dir or (), sample=sample)
     from ouro_lab import distributed
 
@@ -256,15 +343,21 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
         typer.echo(f"{r['task']:<24} {r['metric']:<16} {r['filter']:<16} {r['value']:.4f} "
                    f"± {r['stderr']:.4f}{extra}")
     if out is not None:
-        import pandas as pd
+        from ouro_lab.evaluate import write_outputs
 
-        out.mkdir(parents=True, exist_ok=True)
-        from ouro_lab.files import atomic_path
+        written = write_outputs(metrics, samples, out, strategy=strategy, params=params, steps=steps,
+                                logs=logs)
+        typer.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
 
-        for name, frame in (("metrics.csv", pd.DataFrame(metrics)), ("samples.csv", samples)):
-            with atomic_path(out / name) as tmp:
-                frame.to_csv(tmp, index=False)
-        typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'samples.csv'}")
+
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads: as asked, else half the cores this process may use (at most 8):
+    torch's default, every core, stalls when other work shares the machine."""
+    n = threads or max(1, min(8, len(os.sched_getaffinity(0)) // 2 if hasattr(os, "sched_getaffinity")
+                              else (os.cpu_count() or 2) // 2))
+    import torch
+
+    torch.set_num_threads(n)
 
 
 @app.command(name="lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,

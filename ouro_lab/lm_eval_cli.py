@@ -6,17 +6,22 @@
 
 Every argument goes to lm-eval unchanged (`lm-eval run --help`). Model args are
 `ouro_lab.lm.OuroLM`'s: path, steps, strategy (+ its parameters), kv_policy, live,
-batch_size, device, dtype, max_length, max_gen_toks. Note that lm-eval resolves a task
-YAML's relative `data_files` against the working directory (`ouro-lab eval` resolves
-them against the YAML's folder).
+batch_size, device, dtype, max_length, max_gen_toks, seed. Two things differ from plain
+lm-eval, as in `ouro-lab eval`: a task YAML's relative `data_files` resolve against the
+YAML's folder (lm-eval resolves them against the working directory), and with
+`--log_samples` every line of lm-eval's samples files gains `ouro_lab`: the model args and
+that document's compute (loop steps; for live runs also FLOPs and seconds per token).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+from pathlib import Path
 
 NAME = "ouro-lab"
+MADE: list = []  # the OuroLM objects lm-eval's CLI built in this process
 
 
 def register() -> None:
@@ -33,14 +38,87 @@ def register() -> None:
     register_model(NAME)(OuroLM)
 
 
+def resolve_data_files() -> None:
+    """Make lm-eval read a task YAML's relative `data_files` against the YAML's folder."""
+    from lm_eval.tasks import _factory
+
+    from ouro_lab.tasks import _absolute_data_files
+
+    load = _factory.load_yaml
+    if getattr(load, "ouro_lab", False):
+        return
+
+    def load_yaml(path, *a, **k):
+        cfg = load(path, *a, **k)
+        kwargs = cfg.get("dataset_kwargs") if isinstance(cfg, dict) else None
+        if isinstance(kwargs, dict) and "data_files" in kwargs:
+            files = _absolute_data_files(kwargs["data_files"], Path(path).parent)
+            cfg["dataset_kwargs"] = {**kwargs, "data_files": files}
+        return cfg
+
+    load_yaml.ouro_lab = True
+    _factory.load_yaml = load_yaml
+
+
+def _track_models() -> None:
+    from ouro_lab.lm import OuroLM
+
+    if getattr(OuroLM.__init__, "ouro_lab_tracked", False):
+        return
+    init = OuroLM.__init__
+
+    def tracked(self, *a, **k):
+        init(self, *a, **k)
+        MADE.append(self)
+
+    tracked.ouro_lab_tracked = True
+    OuroLM.__init__ = tracked
+
+
+def _option(argv: list[str], *names: str) -> str | None:
+    for i, a in enumerate(argv):
+        for n in names:
+            if a == n and i + 1 < len(argv):
+                return argv[i + 1]
+            if a.startswith(n + "="):
+                return a.split("=", 1)[1]
+    return None
+
+
+def annotate(argv: list[str], since: float) -> list[Path]:
+    """Add `ouro_lab` to the samples files this run wrote under --output_path."""
+    from ouro_lab.sample_log import annotate_lm_eval_files, record_compute
+
+    out = _option(argv, "--output_path", "-o")
+    if not MADE or out is None or not any(a in ("--log_samples", "-s") for a in argv):
+        return []
+    root = Path(out)
+    root = root.parent if root.suffix == ".json" else root
+    files = [p for p in root.rglob("samples_*.jsonl") if p.stat().st_mtime >= since - 1]
+    lm = MADE[-1]
+    compute = record_compute(lm.records)
+    extra = {"model_args": _option(argv, "--model_args", "--model-args"), "steps": lm.steps,
+             "strategy": type(lm.strategy).__module__.rsplit(".", 1)[-1] if lm.strategy is not None else None,
+             "live": lm.live}
+    if not lm.live:  # no per-request records: every token ran the model cut to `steps`
+        extra.update(steps_used=lm.steps, steps_executed=lm.steps)
+    annotate_lm_eval_files(files, compute, extra)
+    return files
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval.__main__ import cli_evaluate
 
     register()
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    resolve_data_files()
+    _track_models()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sys.argv = ["lm-eval", *argv]
+    t0 = time.time()
     cli_evaluate()
+    annotate(argv, t0)
 
 
 if __name__ == "__main__":

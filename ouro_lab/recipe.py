@@ -146,6 +146,8 @@ class Recipe(_Strict):
     bootstrap: int = Field(1000, ge=0, le=100_000, description="paired-bootstrap resamples (0: none)")
     tolerance: float = Field(1.0, ge=0, description="accuracy loss (points) allowed for 'compute saved'")
     batch_size: int = Field(8, ge=1)
+    log_samples: bool = Field(False, description="also write lm-eval's samples JSONL per task and setting "
+                                                 "(samples/<run_mode>/<setting>/samples_<task>.jsonl)")
     output: str | None = Field(None, description="run folder (default results/<recipe>/<run-id>)")
     max_settings: int = Field(MAX_SETTINGS, ge=1, description="refuse grids that expand to more settings "
                               "than this (a guard against a typo in a grid; raise it on purpose)")
@@ -510,9 +512,9 @@ def canonical(recipe: Recipe) -> dict:
 
 
 def recipe_hash(recipe: Recipe, n: int = 10) -> str:
-    """Content hash of the resolved recipe, minus where its results go and the grid-size
-    guard (neither changes a result)."""
+    """Content hash of the resolved recipe, minus where its results go, whether per-sample
+    logs are written and the grid-size guard (none of them changes a result)."""
     d = canonical(recipe)
-    d.pop("output", None)
-    d.pop("max_settings", None)
+    for k in ("output", "log_samples", "max_settings"):
+        d.pop(k, None)
     return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=16).hexdigest()[:n]

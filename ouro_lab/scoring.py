@@ -373,9 +373,11 @@ class Scorer:
 
 def _new_example(task, filter_key, doc_id, doc, resps) -> dict:
     """lm-eval's `task.process_results(doc, resps)` as a logged sample with the fields
-    sample_rows reads (evaluate also logs prompts, hashes, target)."""
+    sample_rows reads and the filtered responses (`ouro_lab.sample_log` completes it with
+    the prompts, target and hashes evaluate also logs)."""
     metrics = task.process_results(doc, resps)
-    return {"doc_id": doc_id, "doc": doc, "filter": filter_key, "metrics": list(metrics), **metrics}
+    return {"doc_id": doc_id, "doc": doc, "filter": filter_key, "filtered_resps": resps,
+            "metrics": list(metrics), **metrics}
 
 
 def _only_take_first(task) -> bool:
@@ -493,7 +495,7 @@ def _doc_index(trace) -> dict:
 
 
 def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstrap_iters: int = 1000,
-          seed: int = 0, exit_step: Tensor | None = None):
+          seed: int = 0, exit_step: Tensor | None = None, log: dict | None = None):
     """Metrics of one strategy setting from the trace, computed by lm-eval.
 
     Returns (metrics, samples): metrics a list of dicts (task, metric, filter, value,
@@ -502,7 +504,10 @@ def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstr
     filter) with lm-eval's per-doc metric values, steps used / executed (token means,
     1-based), FLOPs per token used / executed, and `difficulty` where docs carry one.
     Group rows (e.g. mmlu) get the token means of all their member tasks. `exit_step`:
-    the strategy's replayed exits (`exit_steps(...)`) when the caller already has them."""
+    the strategy's replayed exits (`exit_steps(...)`) when the caller already has them.
+    `log`, a dict, receives lm-eval's results (`results`, per-doc samples included), the
+    requests by doc (`requests`) and the exit step of every scored token (`exit_steps`,
+    {(task, doc_id): [1-based step, ...]}), for `ouro_lab.sample_log`."""
     import gc
 
     # the scoring loop allocates a great many small objects while the trace, the docs and
@@ -510,13 +515,13 @@ def score(taskset: TaskSet, trace, strategy, granularity: str = "token", bootstr
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _score(taskset, trace, strategy, granularity, bootstrap_iters, seed, exit_step)
+        return _score(taskset, trace, strategy, granularity, bootstrap_iters, seed, exit_step, log)
     finally:
         if enabled:
             gc.enable()
 
 
-def _score(taskset, trace, strategy, granularity, bootstrap_iters, seed=0, exit_step=None):
+def _score(taskset, trace, strategy, granularity, bootstrap_iters, seed=0, exit_step=None, log=None):
     import numpy as np
     import pandas as pd
 
@@ -540,6 +545,13 @@ def _score(taskset, trace, strategy, granularity, bootstrap_iters, seed=0, exit_
         hit = scorer.results_cache[key] = (results, sample_rows(results))
     results, sample_cols = hit
     ix = _doc_index(trace)
+    if log is not None:
+        tok = ix["tok_doc"]
+        steps = (exit_step + 1).tolist()
+        per: dict = {}
+        for i, d in enumerate(tok.tolist()):
+            per.setdefault(ix["pairs"][d], []).append(steps[i])
+        log.update(results=results, requests=scorer.by_doc, exit_steps=per, tasks=scorer.task_dict["tasks"])
     cols = {"steps_used": (exit_step + 1).double().numpy(), "steps_executed": executed.double().numpy(),
             "flops_per_token": flops_used.numpy(), "flops_executed_per_token": flops_run.numpy()}
     names = {"steps_used": "steps_used_mean", "steps_executed": "steps_executed_mean",

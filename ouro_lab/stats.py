@@ -30,13 +30,14 @@ LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per
 
 
 def primary_metric(names) -> str:
-    """The primary metric among `names` (in order): the first of PRIMARY, else the first
-    higher-is-better one, else the first."""
+    """The primary metric among `names` (in order; lm-eval's `metric,filter` keys count as
+    their metric): the first of PRIMARY, else the first higher-is-better one, else the first."""
     have = list(dict.fromkeys(names))
     for m in PRIMARY:
-        if m in have:
-            return m
-    higher = [m for m in have if m not in LOWER_IS_BETTER]
+        for h in have:
+            if h == m or h.startswith(f"{m},"):
+                return h
+    higher = [m for m in have if m.split(",")[0] not in LOWER_IS_BETTER]
     return (higher or have)[0]
 
 
@@ -114,6 +115,28 @@ def auc(cost, value) -> tuple[float, float, float]:
         return float(ys.mean()), lo, hi
     area = float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2))
     return area / (hi - lo), lo, hi
+
+
+def auc_common(cost, value, lo: float, hi: float, floor: float = 0.0) -> float:
+    """Mean value over one compute range [lo, hi] shared by every curve, so curves that
+    cover different ranges compare fairly. The curve is its Pareto points joined linearly
+    (mixing two settings per document reaches any point between them), flat after its
+    most expensive point (spending less than the budget is allowed) and `floor` below
+    its cheapest point (nothing it offers is that cheap). NaN without finite points."""
+    cost, value = np.asarray(cost, np.float64), np.asarray(value, np.float64)
+    ok = np.isfinite(cost) & np.isfinite(value)
+    if not ok.any() or not hi > lo:
+        return float("nan")
+    xs, ys = frontier_curve(cost[ok], value[ok])
+    grid = np.unique(np.clip(np.concatenate([[lo, hi], xs]), lo, hi))
+    f = np.interp(grid, xs, ys)  # flat beyond the ends; below the cheapest point see next line
+    f = np.where(grid < xs[0], floor, f)
+    area = np.sum((grid[1:] - grid[:-1]) * (f[1:] + f[:-1]) / 2)
+    # the jump at the cheapest point: the segment just before it lies at the floor, not on a slope
+    if lo < xs[0] <= hi:
+        j = int(np.searchsorted(grid, xs[0]))
+        area -= (grid[j] - grid[j - 1]) * (f[j] - floor) / 2
+    return float(area / (hi - lo))
 
 
 def cheapest_within(acc: np.ndarray, cost: np.ndarray, ref_acc: float, tolerance: float) -> int:

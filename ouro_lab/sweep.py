@@ -40,6 +40,9 @@ from pathlib import Path
 from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.files import DamagedFileError, atomic_write, file_digest, sweep_temporaries
+from ouro_lab.plan import describe, plan
+from ouro_lab.progress import log, stderr_console
+from ouro_lab.progress import progress as progress_bars
 from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
 from ouro_lab.settings import (
     Setting,
@@ -48,7 +51,6 @@ from ouro_lab.settings import (
     doc_outcomes,
     expand_settings,
     folds_of,
-    model_depth,
 )
 from ouro_lab.store import (
     RunLock,
@@ -87,115 +89,19 @@ def _source_hash(name: str, dirs) -> str:
 
 
 
-# --------------------------------------------------------------------------- provenance
-
-
-# --------------------------------------------------------------------------- progress
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False, disable=os.environ.get("OURO_LAB_PROGRESS") == "0")
-
-
-def _log(console, msg: str) -> None:
-    console.print(msg, highlight=False, markup=False, soft_wrap=True)  # one line, however narrow
-
-
-# --------------------------------------------------------------------------- dry run
-
-
-def describe(recipe: Recipe, settings: list[Setting], console, taskset=None) -> None:
-    from rich.table import Table
-
-    from ouro_lab.flops import ModelCost
-
-    cfg = json.loads((Path(recipe.model.path) / "config.json").read_text())
-    heads = cfg["num_attention_heads"]
-    R = model_depth(recipe)
-    cost = ModelCost(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
-                     cfg.get("num_key_value_heads") or heads,
-                     cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                     cfg["vocab_size"], R, bool(cfg.get("tie_word_embeddings", False)))
-    t = Table(title=f"{len(settings)} settings over {len(recipe.tasks.names)} task(s): "
-                    f"{', '.join(recipe.tasks.names)}")
-    for col in ("strategy", "settings", "params", "granularity", "live"):
-        t.add_column(col, overflow="fold")
-    groups: dict[str, list[Setting]] = {}
-    for s in settings:
-        groups.setdefault(f"{s.strategy}#{s.index}", []).append(s)
-    for ss in groups.values():
-        t.add_row(ss[0].strategy, str(len(ss)), "; ".join(s.params_json for s in ss[:6])
-                  + (" ..." if len(ss) > 6 else ""), ss[0].granularity, "yes" if ss[0].live else "-")
-    console.print(t)
-    full = cost.token_flops(R, ctx=0)
-    console.print(f"FLOPs per token at full depth ({R} steps, context 0): {full / 1e6:,.3f} MFLOP; per step "
-                  f"{cost.step_flops(0) / 1e6:,.3f} MFLOP + {cost.attn_flops_per_ctx:,} x ctx",
-                  highlight=False)
-    if taskset is None:
-        return
-    ll = taskset.names_of("multiple_choice", "loglikelihood", "loglikelihood_rolling")
-    gen = taskset.names_of("generate_until")
-    live_ll = sum(s.live for s in settings) * len(ll)
-    decodable = [s for s in settings if s.kind != "select" and not s.fitted and s.granularity == "token"]
-    live_gen = len(decodable) * len(gen)
-    requests, tokens, flops = _request_cost(recipe, taskset, ll, cost, R)
-    for name in recipe.tasks.names:
-        task = taskset.tasks[name]
-        sel = taskset.selection(name)
-        console.print(f"task {name}: {task.OUTPUT_TYPE}, {sel['documents']} of {sel['of']} documents "
-                      f"({SELECTION[sel['how']]})", highlight=False)
-    console.print(f"model passes: {1 if ll else 0} full-depth trace pass ({requests} requests, ~{tokens:,} "
-                  f"tokens, ~{flops / 1e9:,.2f} GFLOP; 0 if a cached trace matches) + {live_ll} live "
-                  f"loglikelihood run(s) + {live_gen} live generation run(s); replaying {len(settings)} "
-                  "settings needs no model", highlight=False)
-
-
-SELECTION = {"all": "all", "limit": "the first ones: tasks.limit", "sample": "a seeded random sample"}
-
-
-def _request_cost(recipe: Recipe, taskset, names: list[str], cost, R: int) -> tuple[int, int, float]:
-    """Requests, tokens and full-depth FLOPs of the trace pass (tokens counted with the
-    checkpoint's tokenizer when it has one, else ~4 characters per token)."""
-    tok = None
-    if any((Path(recipe.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        with contextlib.suppress(Exception):  # an estimate only: fall back to characters
-            from ouro_lab.loading import load_tokenizer
-            tok = load_tokenizer(recipe.model.path)
-    requests = tokens = 0
-    flops = 0.0
-    for name in names:
-        task = taskset.tasks[name]
-        task.build_all_requests(limit=recipe.tasks.limit, samples=taskset.samples_of(name), rank=0,
-                                world_size=1)
-        for inst in task.instances:
-            text = "".join(a for a in inst.args if isinstance(a, str))
-            n = len(tok(text).input_ids) if tok is not None else max(1, len(text) // 4)
-            requests += 1
-            tokens += n
-            flops += cost.sequence_flops(n, R)
-    return requests, tokens, flops
-
-
 # --------------------------------------------------------------------------- the sweep
 
 
 def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Path | None = None,
-              dry_run: bool = False, console=None, require_cache: bool = False) -> Path | None:
-    """Run (or with `dry_run`, only validate and describe) a recipe. Returns the run folder.
+              dry_run: bool = False, console=None, require_cache: bool = False,
+              as_json: bool = False) -> Path | None:
+    """Run (or with `dry_run`, only validate and describe, on stdout: the plan as JSON with
+    `as_json`) a recipe. Returns the run folder.
 
     `require_cache`: stop at once if the trace cache cannot be written (default: run
     without caching and say so)."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-call bars; ours are on stderr
-    console = console or _console()
+    console = console or stderr_console()
     recipe, src = load_recipe(recipe_file, list(overrides))
     settings = expand_settings(recipe, src)
     run_dir, what = run_dir_for(recipe, src, out)
@@ -203,13 +109,19 @@ def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Pat
         check_output(run_dir, what)
         taskset = load_tasks(recipe, src)
         check_folds(recipe, src, settings, taskset)
-        describe(recipe, settings, console, taskset)
-        _log(console, f"{src.file}: valid")
+        p = plan(recipe, settings, taskset)
+        if as_json:
+            print(json.dumps({"recipe": str(src.file), "valid": True, **p}, indent=2, default=jsonable))
+        else:
+            from rich.console import Console
+
+            result = Console()  # the result: on stdout
+            describe(p, result)
+            log(result, f"{src.file}: valid")
         return None
     distributed.init(recipe.model.device)  # under torchrun / accelerate launch: join the group
     if not distributed.is_main():
-        from rich.console import Console
-        console = Console(stderr=True, quiet=True)  # rank 0 alone reports, locks and writes
+        console = stderr_console(quiet=True)  # rank 0 alone reports, locks and writes
     with resumable_on_full_disk(run_dir):  # a full disk anywhere: one line, finished settings kept
         check_writable(run_dir, what)
         lock = RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext()
@@ -217,7 +129,7 @@ def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Pat
             if distributed.is_main():
                 stale = sweep_temporaries(run_dir)
                 if stale:
-                    _log(console, f"{run_dir}: removed {len(stale)} temporary file(s) left by an interrupted "
+                    log(console, f"{run_dir}: removed {len(stale)} temporary file(s) left by an interrupted "
                                   "run")
             return _run(recipe, src, settings, run_dir, console, require_cache)
 
@@ -322,6 +234,7 @@ class _Run:
     prov: dict
     cache: Path | None = None   # the trace cache (None: not writable, run without it)
     require_cache: bool = False
+    run_dir: Path | None = None
     records: list = field(default_factory=list)  # (Setting, mode, stored record)
     frames: list = field(default_factory=list)   # their per-document samples, tagged
     _sources: dict = field(default_factory=dict)
@@ -344,8 +257,30 @@ class _Run:
         try:
             return self.store.load(key)
         except DamagedFileError as e:
-            _log(self.console, f"{e}; redoing setting {s.label} ({mode})")
+            log(self.console, f"{e}; redoing setting {s.label} ({mode})")
             return None
+
+    def samples_dir(self, s: Setting, mode: str) -> Path:
+        """Where a setting's lm-eval samples JSONL go (`log_samples`)."""
+        from ouro_lab.sample_log import safe_name
+
+        return self.run_dir / "samples" / mode / safe_name(s.label)
+
+    def logged(self, s: Setting, mode: str, tasks: list[str]) -> bool:
+        """Nothing to log, or the setting's samples files are all there."""
+        d = self.samples_dir(s, mode)
+        return not self.recipe.log_samples or all((d / f"samples_{t}.jsonl").is_file() for t in tasks)
+
+    def log_samples(self, s: Setting, mode: str, log: dict, samples) -> None:
+        """Write a finished setting's lm-eval samples JSONL (rank 0, `log_samples` only)."""
+        from ouro_lab.sample_log import lm_eval_samples, write_samples
+
+        if not self.recipe.log_samples or not distributed.is_main():
+            return
+        lines = lm_eval_samples(log["results"], log["tasks"], log.get("requests"), samples,
+                                {"setting": s.label, "strategy": s.strategy, "params": s.params,
+                                 "run_mode": mode}, log.get("exit_steps"))
+        write_samples(self.samples_dir(s, mode), lines)
 
     def keep(self, s: Setting, mode: str, key: str, found=None) -> None:
         """A finished setting as the store holds it (what every later table is made from)."""
@@ -372,18 +307,22 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     model, tok, taskset, fp = _load(recipe, src)
     check_folds(recipe, src, settings, taskset)
     ll_tasks = taskset.names_of("multiple_choice", *LL_TYPES)
-    cache = trace_cache(require_cache, lambda m: _log(console, m)) if ll_tasks else None  # before the pass
+    cache = trace_cache(require_cache, lambda m: log(console, m)) if ll_tasks else None  # before the pass
     prov["model_fingerprint"] = fp
     prov["device"] = str(model.device)
-    prov["tasks"] = {n: {**taskset.selection(n), "chance": taskset.chance(n),  # which documents, chance
+    cfg = model.config
+    prov["model"] = {"name": Path(recipe.model.path).name, "parameters": model.num_parameters(),
+                     "layers": cfg.num_hidden_layers, "steps": recipe.model.steps or cfg.total_ut_steps,
+                     "hidden": cfg.hidden_size}
+    prov["tasks"] = {n: {**taskset.selection(n), "chance": _round(taskset.chance(n)),  # documents, chance
                          "output_type": taskset.output_type(n)} for n in taskset.tasks}
     calls = [0]
     hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     gen_tasks = taskset.names_of("generate_until")
     store = SettingStore(run_dir)
-    with _progress(console) as progress:
+    with progress_bars(console) as progress:
         run = _Run(recipe, settings, model, tok, taskset, fp, store, console, progress, calls, prov, cache,
-                   require_cache)
+                   require_cache, run_dir)
         if ll_tasks:
             _replay_all(run, _trace(run))
         _live_all(run, ll_tasks, gen_tasks)
@@ -406,8 +345,12 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     from ouro_lab.report import build_report
 
     res = build_report(run_dir)
-    _summary(console, res["summary"], run_dir)
+    _summary(res["summary"], run_dir)
     return run_dir
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 12)
 
 
 def _trace(run: _Run):
@@ -420,14 +363,14 @@ def _trace(run: _Run):
     trace, _units = trace_pass(run.model, run.tok, run.taskset, batch_size=run.recipe.batch_size,
                                cache_dir=run.cache, fingerprint=run.fp,
                                progress=lambda n: progress.advance(bar, n),
-                               log=lambda m: _log(run.console, m), require_cache=run.require_cache)
+                               log=lambda m: log(run.console, m), require_cache=run.require_cache)
     done = progress.tasks[bar].completed or 1
     progress.update(bar, total=done, completed=done)
     reused = calls[0] == 0
     run.prov["trace"] = {"key": trace.meta.get("key"), "tokens": trace.n, "reused": reused,
                          "forward_calls": calls[0], "seconds": round(time.perf_counter() - t0, 3),
                          "work": trace.meta.get("work")}  # what the pass ran (ouro_lab.prefix)
-    _log(run.console, f"trace pass: {'reused cached trace' if reused else 'computed trace'} "
+    log(run.console, f"trace pass: {'reused cached trace' if reused else 'computed trace'} "
                       f"{trace.meta.get('key')} ({trace.n} tokens, {calls[0]} model forward calls)")
     return trace
 
@@ -435,9 +378,11 @@ def _trace(run: _Run):
 def _replay_all(run: _Run, trace) -> None:
     """Every setting replayed over the trace and scored (no model; rank 0 alone), each
     stored as soon as it is done; settings already in the store are read back."""
+    from ouro_lab.lm import LL_TYPES
     from ouro_lab.scoring import _unit_meta
 
     recipe = run.recipe
+    replayed = run.taskset.names_of("multiple_choice", *LL_TYPES)
     meta = _unit_meta(trace)
     fold = folds_of(trace, meta, recipe.calibration.folds, recipe.calibration.seed)
     tok_task = [meta[i][0] for i in trace.request.tolist()]
@@ -450,10 +395,13 @@ def _replay_all(run: _Run, trace) -> None:
                     run.source_hash(s.strategy), s.fitted and canonical(recipe)["calibration"],
                     recipe.bootstrap)
         found = run.stored(s, "replay", key)
-        if found is None:
+        if found is None or not run.logged(s, "replay", replayed):
+            found = None
             strat = (cross_fit(s, trace, fold, recipe.calibration.folds, recipe.seed,
                                doc_outcomes(run.taskset, trace, s.obj)) if s.fitted else s.obj)
-            rec, samples = _replay(run.taskset, trace, strat, s, recipe, tok_task)
+            log: dict = {}
+            rec, samples = _replay(run.taskset, trace, strat, s, recipe, tok_task, log)
+            run.log_samples(s, "replay", log, samples)
             if s.fitted:
                 rec["fitted"] = strat.fitted_records()  # what each task x fold copy chose
             run.store.save(key, rec, samples, f"setting {s.label}, replay")
@@ -481,9 +429,13 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
                     run.source_hash(s.strategy), recipe.live.kv_policy, recipe.live.max_gen_toks,
                     recipe.bootstrap)
         found = run.stored(s, f"live, {task}", key) if distributed.is_main() else None
+        if found is not None and not run.logged(s, "live", [task]):
+            found = None  # its samples JSONL is missing: run it again
         if not distributed.broadcast(found is not None):  # rank 0 decides; every rank runs it
-            rec, samples = _live(run.model, run.tok, run.taskset, task, s, recipe)
+            log: dict = {}
+            rec, samples = _live(run.model, run.tok, run.taskset, task, s, recipe, log)
             if distributed.is_main():
+                run.log_samples(s, "live", log, samples)
                 run.store.save(key, rec, samples, f"setting {s.label}, live on {task}")
         if not distributed.is_main():
             continue
@@ -491,14 +443,14 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
         run.progress.advance(bar)
 
 
-def _replay(taskset, trace, strat, s: Setting, recipe: Recipe, tok_task: list[str]):
+def _replay(taskset, trace, strat, s: Setting, recipe: Recipe, tok_task: list[str], log: dict | None = None):
     import pandas as pd
 
     from ouro_lab.scoring import exit_steps, score
 
     steps = exit_steps(trace, strat, s.granularity, recipe.seed)  # replayed once, used twice
     rows, samples = score(taskset, trace, strat, s.granularity, bootstrap_iters=recipe.bootstrap,
-                          seed=recipe.seed, exit_step=steps)
+                          seed=recipe.seed, exit_step=steps, log=log if recipe.log_samples else None)
     counts = pd.DataFrame({"task": tok_task, "step": steps.numpy()}).value_counts().reset_index()
     tokens = pd.Series(tok_task).value_counts()
     return {"metrics": rows, "exits": counts.to_dict("records"), "tokens": tokens.to_dict()}, \
@@ -521,7 +473,7 @@ def _with_tokens(samples, trace):
     return samples
 
 
-def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
+def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe, log: dict | None = None):
     """One setting run live on one task through lm-eval (`OuroLM(strategy=..., live=True)`):
     generate_until decodes token by token; loglikelihood really stops every token (prompt
     included) at its exit step. Compute per scored / generated token from the run's records."""
@@ -535,22 +487,25 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
     lm = OuroLM(model=model, tokenizer=tok, strategy=s.obj, kv_policy=recipe.live.kv_policy, seed=recipe.seed,
                 live=True, batch_size=recipe.batch_size, max_gen_toks=recipe.live.max_gen_toks)
     results = run_evaluate(lm, taskset, [task], recipe.bootstrap)
+    if log is not None:
+        log.update(results=results, tasks=taskset.tasks)
     per_doc: dict[int, dict] = {}
     for (t, doc_id, _idx), rec in lm.records.items():
         if t != task:
             continue
         d = per_doc.setdefault(int(doc_id), {"tokens": 0, "steps_used": 0, "steps_executed": 0, "flops": 0.0,
-                                             "flops_used": 0.0, "seconds": 0.0})
+                                             "flops_used": 0.0, "flops_total": 0.0, "seconds": 0.0})
         d["tokens"] += rec.get("tokens", 0)
         d["steps_used"] += rec.get("steps_used", 0)
         d["steps_executed"] += rec.get("steps_executed", 0)
         # decode FLOPs for generation, scored-token FLOPs for loglikelihood (prompt prefill apart)
         d["flops"] += rec.get("flops_decode", rec.get("flops_scored", rec.get("flops", 0.0)))
         d["flops_used"] += rec.get("flops_used_decode", rec.get("flops_used_scored", 0.0))
+        d["flops_total"] += rec.get("flops", 0.0)  # the whole request: prompt prefill included
         d["seconds"] += rec.get("seconds", 0.0)
     comp = pd.DataFrame([{"task": task, "doc_id": k, **v} for k, v in sorted(per_doc.items())])
-    tot = (comp[["tokens", "steps_used", "steps_executed", "flops", "flops_used", "seconds"]].sum()
-           if len(comp) else None)
+    summed = ["tokens", "steps_used", "steps_executed", "flops", "flops_used", "flops_total", "seconds"]
+    tot = comp[summed].sum() if len(comp) else None
     n = max(int(tot["tokens"]), 1) if tot is not None else 1
     rows = []
     for row in metric_rows(results):
@@ -560,7 +515,9 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
             row.update(steps_used_mean=float(tot["steps_used"]) / n,
                        steps_executed_mean=float(tot["steps_executed"]) / n,
                        flops_per_token=float(tot["flops_used"]) / n,
-                       flops_executed_per_token=float(tot["flops"]) / n, seconds=float(tot["seconds"]))
+                       flops_executed_per_token=float(tot["flops"]) / n,
+                       flops_total_per_token=float(tot["flops_total"]) / n, seconds=float(tot["seconds"]),
+                       seconds_per_token=float(tot["seconds"]) / n)
         rows.append(row)
     samples = pd.DataFrame(sample_rows(results, taskset))
     if len(samples) and len(comp):
@@ -568,7 +525,7 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
         comp = comp.assign(steps_used=comp.steps_used / tokens, steps_executed=comp.steps_executed / tokens,
                            flops_per_token=comp.flops_used / tokens,
                            flops_executed_per_token=comp.flops / tokens,
-                           flops_executed=comp.flops)
+                           flops_executed=comp.flops, flops_total_per_token=comp.flops_total / tokens)
         samples = samples.merge(comp, on=["task", "doc_id"], how="left")
     rows = [{k: (v if not (isinstance(v, float) and math.isnan(v)) else None) for k, v in r.items()}
             for r in rows]
@@ -576,19 +533,26 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe):
     return {"metrics": rows, "exits": [], "tokens": {task: ntok}}, samples
 
 
-def _summary(console, summary: dict, run_dir: Path) -> None:
+def _summary(summary: dict, run_dir: Path) -> None:
+    """The result, on stdout: per task its headline and the compute-saved table (cells
+    wrap, never cut), then where the run folder and the report are."""
+    from rich.console import Console
     from rich.table import Table
 
+    from ouro_lab.report_page import headline
+
+    console = Console()
     for task, t in summary["tasks"].items():
         sc = t["scale"]
-        tab = Table(title=f"{task}: {t['metric']} (full depth {t['full'] * sc:.1f}); compute saved at "
+        log(console, headline(task, t, summary["tolerance"]))
+        tab = Table(title=f"{task}: {t['metric_words']} (full depth {t['full'] * sc:.1f}); compute saved at "
                           f"<= {summary['tolerance']:g} point loss")
         for col in ("strategy", "setting", "FLOPs saved", "95% CI", "score change"):
-            tab.add_column(col)
+            tab.add_column(col, overflow="fold")
         for r in t["saved"]:
             tab.add_row(r["strategy"], r["chosen"] or "none within tolerance",
                         f"{r['saved'] * 100:.1f}%" if r["chosen"] else "-",
                         f"[{r['ci_low'] * 100:.1f}, {r['ci_high'] * 100:.1f}]",
                         "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}")
         console.print(tab)
-    _log(console, f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
+    log(console, f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")

@@ -4,6 +4,15 @@
 
 `records` are (Setting, mode, stored record) triples and `frames` the settings' per-document
 samples tagged with `tag_samples`, as the sweep's `SettingStore` keeps them.
+
+Column names never clash with pandas (`run_mode`, not `mode`; `filter_name`, not
+`filter`). A metric is named apart from its filter (`metric` exact_match, `filter_name`
+strip); `metric_key` is the samples.parquet column of that pair (lm-eval's
+`exact_match,strip`, the filter left out when it is `none`). `primary` marks each task's
+main metric; every strategy parameter has a `param_<name>` column beside the JSON, so
+
+    m = pd.read_csv("metrics.csv"); d = m[m.primary & (m.run_mode == "replay")]
+    for s, g in d[d.task == "loop_demo_mc"].groupby("strategy"): plt.plot(g.flops_rel, g.value, "o-", label=s)
 """
 
 from __future__ import annotations
@@ -18,18 +27,39 @@ def tag_samples(samples, s: Setting, mode: str):
     samples.insert(0, "setting", s.label)
     samples.insert(1, "strategy", s.strategy)
     samples.insert(2, "params", s.params_json)
-    samples.insert(3, "mode", mode)
+    samples.insert(3, MODE, mode)
     return samples
 
 
-COLUMNS = ["task", "strategy", "params", "setting", "granularity", "kind", "mode", "kv_policy", "is_full",
-           "metric", "filter", "value", "stderr", "ci_low", "ci_high", "delta_vs_full", "delta_ci_low",
-           "delta_ci_high", "steps_used_mean", "steps_executed_mean", "flops_per_token",
-           "flops_executed_per_token", "flops_rel", "n_docs"]
+MODE = "run_mode"  # replay | live
+COLUMNS = ["task", "strategy", "params", "setting", "granularity", "kind", MODE, "kv_policy", "is_full",
+           "primary", "metric", "filter_name", "metric_key", "value", "stderr", "ci_low", "ci_high",
+           "delta_vs_full", "delta_ci_low", "delta_ci_high", "steps_used_mean", "steps_executed_mean",
+           "flops_per_token", "flops_executed_per_token", "flops_total_per_token", "flops_rel",
+           "seconds_per_token", "n_docs"]  # the param_<name> columns follow `params`
+TIMING = ("seconds_per_token",)  # wall-clock columns: the only ones two identical runs may differ in
 
 
 def _measure(metric: str, filt: str) -> str:
     return metric if filt in ("none", "", None) else f"{metric},{filt}"
+
+
+def param_columns(metrics):
+    """`param_<name>` columns, one per strategy parameter, from the params JSON (numbers
+    stay numbers; NaN where a strategy has no such parameter), right after `params`."""
+    import json
+
+    import pandas as pd
+
+    parsed = [json.loads(p) for p in metrics.params]
+    names = sorted({k for p in parsed for k in p})
+    cols = pd.DataFrame({f"param_{k}": [p.get(k) for p in parsed] for k in names}, index=metrics.index)
+    for c in cols:
+        num = pd.to_numeric(cols[c], errors="coerce")
+        if num.notna().sum() == cols[c].notna().sum():
+            cols[c] = num
+    at = list(metrics.columns).index("params") + 1
+    return pd.concat([metrics.iloc[:, :at], cols, metrics.iloc[:, at:]], axis=1)
 
 
 def wide_samples(frames):
@@ -42,7 +72,7 @@ def wide_samples(frames):
     df = pd.concat(frames, ignore_index=True)
     if "filter" not in df.columns:
         return df
-    key = ["setting", "strategy", "params", "mode", "task", "doc_id"]
+    key = ["setting", "strategy", "params", MODE, "task", "doc_id"]
     metric_cols = [c for c in df.columns if c not in key and c not in SAMPLE_COMPUTE
                    and c not in ("filter", "difficulty")]
     parts = []
@@ -60,7 +90,7 @@ def wide_samples(frames):
 
 
 SAMPLE_COMPUTE = {"steps_used", "steps_executed", "flops_per_token", "flops_executed_per_token", "tokens",
-                  "flops", "flops_executed", "seconds"}
+                  "flops", "flops_executed", "flops_used", "flops_total", "flops_total_per_token", "seconds"}
 
 
 def assemble(records, frames, recipe: Recipe):
@@ -79,23 +109,27 @@ def assemble(records, frames, recipe: Recipe):
             rows.append({"task": m["task"], "strategy": s.strategy, "params": s.params_json,
                          "setting": s.label,
                          "granularity": s.granularity, "kind": "fixed" if s.strategy == "fixed" else s.kind,
-                         "mode": mode, "kv_policy": recipe.live.kv_policy if mode == "live" else "",
-                         "is_full": s.is_full, "metric": _measure(m["metric"], m.get("filter", "none")),
-                         "filter": m.get("filter", "none"), "value": m["value"], "stderr": m.get("stderr"),
+                         MODE: mode, "kv_policy": recipe.live.kv_policy if mode == "live" else "",
+                         "is_full": s.is_full, "metric": m["metric"], "filter_name": m.get("filter", "none"),
+                         "metric_key": _measure(m["metric"], m.get("filter", "none")),
+                         "value": m["value"], "stderr": m.get("stderr"),
                          **{k: m.get(k, np.nan) for k in ("steps_used_mean", "steps_executed_mean",
-                                                          "flops_per_token", "flops_executed_per_token")}})
+                                                          "flops_per_token", "flops_executed_per_token",
+                                                          "flops_total_per_token", "seconds_per_token")}})
     metrics = pd.DataFrame(rows)
     for c in COLUMNS:
         if c not in metrics.columns:
             metrics[c] = np.nan
     # the reference mode of a task: replay where a trace exists, else live (generation tasks)
-    base = {t: ("replay" if (d["mode"] == "replay").any() else "live") for t, d in metrics.groupby("task")}
-    full = metrics[metrics.is_full & (metrics["mode"] == metrics.task.map(base))]
+    base = {t: ("replay" if (d[MODE] == "replay").any() else "live") for t, d in metrics.groupby("task")}
+    main = {t: stats.primary_metric(d.metric_key) for t, d in metrics.groupby("task")}
+    metrics["primary"] = metrics.metric_key == metrics.task.map(main)
+    full = metrics[metrics.is_full & (metrics[MODE] == metrics.task.map(base))]
     full_flops = full.groupby("task").flops_executed_per_token.first()
     metrics["flops_rel"] = metrics.flops_executed_per_token / metrics.task.map(full_flops)
-    fullv = full.set_index(["task", "metric"]).value
+    fullv = full.set_index(["task", "metric_key"]).value
     metrics["delta_vs_full"] = [v - fullv.get((t, m), np.nan) for t, m, v in
-                                zip(metrics.task, metrics.metric, metrics.value, strict=True)]
+                                zip(metrics.task, metrics.metric_key, metrics.value, strict=True)]
     # paired bootstrap over documents, the same resamples for every setting of a task
     for task in metrics.task.unique():
         st = samples[samples.task == task] if len(samples) else samples
@@ -104,27 +138,28 @@ def assemble(records, frames, recipe: Recipe):
         full_label = full[full.task == task].setting.iloc[0] if len(full[full.task == task]) else None
         for i in metrics.index[metrics.task == task]:
             r = metrics.loc[i]
-            if r.metric not in st.columns:
+            if r.metric_key not in st.columns:
                 continue
-            x = _per_doc(st, r.setting, r["mode"], r.metric, docs)
+            x = _per_doc(st, r.setting, r[MODE], r.metric_key, docs)
             if x is None or not np.isfinite(x).all() or abs(x.mean() - r.value) > 1e-6:
                 continue  # not a mean over documents (perplexity, grouped metrics): no doc-level CI
             metrics.loc[i, ["ci_low", "ci_high"]] = stats.mean_ci(x, idx)
             metrics.loc[i, "n_docs"] = len(docs)
-            y = _per_doc(st, full_label, base[task], r.metric, docs) if full_label else None
+            y = _per_doc(st, full_label, base[task], r.metric_key, docs) if full_label else None
             if y is not None and np.isfinite(y).all():
                 metrics.loc[i, ["delta_ci_low", "delta_ci_high"]] = stats.mean_ci(x - y, idx)
-    metrics = metrics[COLUMNS].sort_values(["task", "mode", "strategy", "flops_executed_per_token", "params",
-                                            "metric"], kind="stable").reset_index(drop=True)
+    metrics = metrics[COLUMNS].sort_values(["task", MODE, "strategy", "flops_executed_per_token", "params",
+                                            "metric_key"], kind="stable").reset_index(drop=True)
+    metrics = param_columns(metrics)
     exits = []
     for s, mode, rec in records:
         for e in rec.get("exits", []):
-            exits.append({"task": e["task"], "setting": s.label, "strategy": s.strategy, "mode": mode,
+            exits.append({"task": e["task"], "setting": s.label, "strategy": s.strategy, MODE: mode,
                           "step": int(e["step"]), "count": int(e["count"])})
-    exits = pd.DataFrame(exits, columns=["task", "setting", "strategy", "mode", "step", "count"])
-    exits = exits.sort_values(["task", "mode", "setting", "step"], kind="stable").reset_index(drop=True)
+    exits = pd.DataFrame(exits, columns=["task", "setting", "strategy", MODE, "step", "count"])
+    exits = exits.sort_values(["task", MODE, "setting", "step"], kind="stable").reset_index(drop=True)
     if len(samples):
-        samples = samples.sort_values(["task", "mode", "setting", "doc_id"], kind="stable")
+        samples = samples.sort_values(["task", MODE, "setting", "doc_id"], kind="stable")
         samples = samples.reset_index(drop=True)
     return metrics, samples, exits
 
@@ -187,11 +222,11 @@ def _compose_task(rule, by_step):
     tok = comp[comp["filter"] == first]
     exits = [{"step": k - 1, "count": int(tok.tokens[tok.doc_id.map(pick) == k].sum())}
              for k in range(1, R + 1)]
-    comp = comp.drop(columns=["setting", "strategy", "params", "mode"])
+    comp = comp.drop(columns=["setting", "strategy", "params", MODE])
     return comp, _composed_metrics(comp, full, by_step[R][1]), exits
 
 
-NOT_METRICS = {"task", "doc_id", "filter", "difficulty", "setting", "strategy", "params", "mode",
+NOT_METRICS = {"task", "doc_id", "filter", "difficulty", "setting", "strategy", "params", MODE,
                "flops_used"}
 
 
@@ -210,7 +245,12 @@ def _composed_metrics(comp, full_frame, full_rows) -> list[dict]:
             continue  # not a mean over documents (corpus-level metrics): no per-document choice
         x, t = d[col].to_numpy(float), d.tokens.to_numpy(float)
         n = max(t.sum(), 1e-300)
-        rows.append({"task": fr["task"], "metric": col, "filter": f, "value": float(x.mean()),
+        live = {}  # what live runs measure, for the documents as composed
+        if "flops_total_per_token" in d.columns and d.flops_total_per_token.notna().all():
+            live["flops_total_per_token"] = float((d.flops_total_per_token * t).sum() / n)
+        if "seconds" in d.columns and d.seconds.notna().all():
+            live["seconds_per_token"] = float(d.seconds.sum() / n)
+        rows.append({**live, "task": fr["task"], "metric": col, "filter": f, "value": float(x.mean()),
                      "stderr": float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else None,
                      "steps_used_mean": float((d.steps_used * t).sum() / n),
                      "steps_executed_mean": float((d.steps_executed * t).sum() / n),
@@ -222,7 +262,7 @@ def _composed_metrics(comp, full_frame, full_rows) -> list[dict]:
 def _per_doc(st, setting, mode, metric, docs):
     import numpy as np
 
-    d = st[(st.setting == setting) & (st["mode"] == mode)]
+    d = st[(st.setting == setting) & (st[MODE] == mode)]
     if not len(d) or metric not in d.columns:
         return None
     v = d.groupby("doc_id")[metric].first().reindex(docs)

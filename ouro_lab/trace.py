@@ -376,7 +376,9 @@ def encode(tokenizer, text: str | None, ids: str | list[int] | None) -> list[int
 def trace_text(model, tokenizer, text: str | None = None, steps: int | None = None,
                ids: str | list[int] | None = None, meta: dict | None = None) -> Trace:
     """Trace every token of one text: position t's target is token t+1 (the last
-    position has none: NaN log-prob). Text needs a tokenizer; `ids` does not."""
+    position has none: NaN log-prob). Text needs a tokenizer; `ids` does not.
+    `meta["next_top"]` holds, per step, the top candidates [id, p] for the token after
+    the text."""
     from dataclasses import asdict
 
     from ouro_lab.flops import ModelCost
@@ -392,13 +394,20 @@ def trace_text(model, tokenizer, text: str | None = None, steps: int | None = No
     out = model(x, steps=steps)
     targets = torch.cat((x[:, 1:], torch.full_like(x[:, :1], -1)), 1)
     sig = step_signals(model, out, targets, torch.ones_like(x, dtype=torch.bool))
+    # what comes after the text, per step: the top candidates for the next token
+    k = min(NEXT_TOP, V)
+    top = [torch.topk(out.logits(r)[0, -1].float().softmax(-1), k) for r in range(out.steps)]
+    next_top = [[[int(i), round(float(p), 6)] for p, i in zip(t.values, t.indices, strict=True)] for t in top]
     T = len(tok_ids)
     meta = dict(meta or {})
     meta.update(steps=out.steps, dtype=str(model.dtype).removeprefix("torch."),
                 tokenizer=getattr(tokenizer, "name_or_path", None), text=text, ids=tok_ids,
-                cost=asdict(ModelCost.from_config(model.config)))
+                cost=asdict(ModelCost.from_config(model.config)), next_top=next_top)
     meta["key"] = Trace.key(**{k: meta.get(k) for k in ("model", "steps", "dtype", "tokenizer", "ids")})
     return Trace(sig, torch.zeros(T, dtype=torch.long), torch.arange(T), torch.arange(1, T + 1), meta)
+
+
+NEXT_TOP = 5  # next-token candidates per step that trace_text keeps
 
 
 def token_labels(tokenizer, ids: list[int]) -> list[str]:
@@ -429,39 +438,5 @@ def render_table(trace: Trace, labels: list[str], predict: list[str]):
     return t
 
 
-def save_heatmap(trace: Trace, labels: list[str], path: str | Path) -> Path:
-    """PNG with two panels over steps x tokens: the exit pdf, and the probability of the
-    next token (x where it is the top-1 prediction). Written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    s, R, n = trace.signals, trace.steps, trace.n
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * n + 2), 1.2 * R + 3), sharex=True)
-    panels = [(s["exit_pdf"], "exit pdf", "viridis"),
-              (s["target_logprob"].exp(), "p(next token); x = top-1 is the next token", "Greens")]
-    for ax, (data, title, cmap) in zip(axes, panels, strict=True):
-        im = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=1, origin="lower",
-                       interpolation="nearest")
-        ax.set_yticks(range(R), [str(r + 1) for r in range(R)])
-        ax.set_ylabel("step")
-        ax.set_title(title)
-        fig.colorbar(im, ax=ax)
-    r_hit, i_hit = torch.nonzero(s["target_is_argmax"], as_tuple=True)
-    axes[1].scatter(i_hit.numpy(), r_hit.numpy(), marker="x", color="crimson", s=30)
-    axes[-1].set_xticks(range(n), [repr(x)[1:-1][:12] for x in labels], rotation=90, fontsize=7)
-    fig.tight_layout()
-    try:
-        with atomic_path(path, "a heatmap") as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return path
-
-
 __all__ = ["step_signals", "head_signals", "steps_head_signals", "Trace", "TraceError", "TraceDamagedError",
-           "checksum", "trace_text",
-           "random_signals", "encode", "render_table", "save_heatmap", "token_labels"]
+           "checksum", "trace_text", "random_signals", "encode", "render_table", "token_labels"]

@@ -19,6 +19,7 @@ strategies:
   - {{name: oracle}}
 bootstrap: 200
 batch_size: 16
+log_samples: true
 """
 
 _made: dict[str, Path] = {}
@@ -47,6 +48,15 @@ def finished_run(root: Path) -> Path:
     if "run1" not in _made:
         _made["run1"] = run_sweep(root / "r.yaml", out=root / "run1")
     return _made["run1"]
+
+
+def untimed(path):
+    """metrics.csv without its wall-clock columns (the only ones identical runs may differ in)."""
+    import pandas as pd
+
+    from ouro_lab.tables import TIMING
+
+    return pd.read_csv(path).drop(columns=list(TIMING))
 
 
 def cli(*args, cwd=None):

@@ -387,7 +387,7 @@ def test_a_damaged_cached_trace_is_recomputed_and_overwritten_never_used(lab, ow
     (trace_file,) = own_cache.glob("trace-*.safetensors")
     code, text = cli("sweep", f, "--out", tmp_path / "clean")
     assert code == 0 and "reused cached trace" in text, text[-2000:]
-    clean = pd.read_csv(tmp_path / "clean" / "metrics.csv")
+    clean = sweep_helpers.untimed(tmp_path / "clean" / "metrics.csv")
     for damage, problem in ((_overwrite_cdf, "damaged trace: its content does not match the checksum"),
                             (_truncate, "not a readable trace (")):
         damage(trace_file)
@@ -398,7 +398,7 @@ def test_a_damaged_cached_trace_is_recomputed_and_overwritten_never_used(lab, ow
         assert said[0].endswith("; recomputing it (the file will be overwritten)")
         assert "computed trace" in text and "reused cached trace" not in text
         Trace.load(trace_file)  # overwritten with a good trace
-        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "metrics.csv"), clean)
+        pd.testing.assert_frame_equal(sweep_helpers.untimed(tmp_path / "again" / "metrics.csv"), clean)
     code, text = cli("sweep", f, "--out", tmp_path / "again")  # and the next run reuses it
     assert code == 0 and "reused cached trace" in text and "cached trace " + str(trace_file) not in text
 
@@ -447,7 +447,8 @@ def test_damaged_stored_settings_are_said_in_one_line_and_redone(lab, run1, tmp_
     for target, problem in damaged:
         said = [x for x in redone if x.startswith(f"{target}: ")]
         assert len(said) == 1 and problem in said[0], (target, redone)
-    pd.testing.assert_frame_equal(pd.read_csv(run / "metrics.csv"), pd.read_csv(run1 / "metrics.csv"))
+    pd.testing.assert_frame_equal(sweep_helpers.untimed(run / "metrics.csv"),
+                                  sweep_helpers.untimed(run1 / "metrics.csv"))
     code, text = cli("sweep", lab / "r.yaml", "--out", run)  # all good again: nothing redone
     assert code == 0 and "redoing" not in text
 
@@ -478,7 +479,8 @@ def test_a_full_disk_anywhere_in_the_sweep_is_one_line_and_the_rerun_resumes(lab
     monkeypatch.undo()
     code, text = cli("sweep", lab / "r.yaml", "--out", run)
     assert code == 0, text[-3000:]
-    pd.testing.assert_frame_equal(pd.read_csv(run / "metrics.csv"), pd.read_csv(run1 / "metrics.csv"))
+    pd.testing.assert_frame_equal(sweep_helpers.untimed(run / "metrics.csv"),
+                                  sweep_helpers.untimed(run1 / "metrics.csv"))
 
 
 def test_stale_temporaries_of_a_killed_run_are_removed_at_the_next_start(lab, run1, tmp_path):
@@ -605,4 +607,5 @@ def test_a_sweep_on_a_really_full_disk_stops_in_one_line_and_resumes_when_space_
     assert "rerun the same command to resume" in errors[0]
     import pandas as pd
 
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "metrics.csv"), pd.read_csv(run1 / "metrics.csv"))
+    pd.testing.assert_frame_equal(sweep_helpers.untimed(tmp_path / "metrics.csv"),
+                                  sweep_helpers.untimed(run1 / "metrics.csv"))

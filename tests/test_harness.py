@@ -174,7 +174,7 @@ def test_cli_eval_plain_and_with_strategy(env, tmp_path):
     assert r.exit_code == 0, r.output
     m = pd.read_csv(tmp_path / "o" / "metrics.csv")
     assert set(m.task) == {"tiny_mc", "tiny_gen"} and m.steps_used_mean.between(1, 4).all()
-    assert len(pd.read_csv(tmp_path / "o" / "samples.csv")) == 8
+    assert len(pd.read_parquet(tmp_path / "o" / "samples.parquet")) == 8  # the sweep's format
     assert any((tmp_path / "c").glob("trace-*.safetensors"))
     r = CliRunner().invoke(app, [*base, "--strategy", "threshold", "-p", "q"])
     assert r.exit_code != 0

@@ -45,7 +45,7 @@ def test_compute_saved_and_budgets_agree_with_metrics(run1):
     tol = summary["tolerance"]
     t = summary["tasks"]["tiny_mc"]
     assert t["metric"] == "acc" and t["mode"] == "replay"
-    rows = m[(m.task == "tiny_mc") & (m.metric == "acc") & (m["mode"] == "replay")]
+    rows = m[(m.task == "tiny_mc") & (m.metric == "acc") & (m["run_mode"] == "replay")]
     full = rows[rows.is_full].iloc[0]
     assert t["full"] == pytest.approx(full.value)
     for r in t["saved"]:
@@ -90,27 +90,126 @@ class _Refs(HTMLParser):
 
 def test_html_is_self_contained(run1):
     p = _Refs()
-    p.feed((run1 / "report.html").read_text())
-    assert len(p.imgs) == len(list((run1 / "plots").iterdir())) >= 5
+    html = (run1 / "report.html").read_text()
+    p.feed(html)
+    assert len(p.imgs) == len(list((run1 / "plots").glob("*.png"))) >= 5
     assert all(s.startswith("data:image/png;base64,") for s in p.imgs)
-    assert p.refs == [] and "link" not in p.tags and "script" not in p.tags
+    for tag, attr, ref in p.refs:  # in-page anchors and files beside the report, nothing else
+        assert tag == "a" and attr == "href", (tag, attr, ref)
+        assert ref.startswith("#") or (run1 / ref).exists(), ref
+    assert "link" not in p.tags and p.tags.count("script") == 1 and "<script src" not in html
+    assert str(run1) not in html and str(run1) not in (run1 / "report.md").read_text()  # named relatively
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in html
     md = (run1 / "report.md").read_text()
     for line in md.splitlines():
         if line.startswith("!["):
             assert (run1 / line.split("](")[1].rstrip(")")).is_file()
+    for png in (run1 / "plots").glob("*.png"):
+        assert png.with_suffix(".svg").is_file() and png.with_suffix(".pdf").is_file()
 
 
-def test_compare_two_runs(run1, tmp_path):
+def test_report_leads_with_the_answer(run1):
+    """First the model, the tasks with their documents, one headline per task and the main
+    plot; then the tables (most compute saved first); recipe and provenance folded away."""
+    summary = json.loads((run1 / "summary.json").read_text())
+    html = (run1 / "report.html").read_text()
+    body = html[html.index("<body>"):]
+    main = body.index('<figure id="main">')
+    first = body[:main]
+    assert "Model ckpt: " in first and "parameters" in first and "layers x 4 loop steps" in first
+    t = summary["tasks"]["tiny_mc"]
+    assert t["n_docs"] == 8 and "tiny_mc (8 documents, accuracy, replayed from one trace pass)" in first
+    h = t["headline"]
+    best = max((r for r in t["saved"] if r["chosen"] and r["kind"] != "select"), key=lambda r: r["saved"])
+    assert h["setting"] == best["chosen"] and h["saved"] == best["saved"]
+    sentence = (f"{h['setting']} saves {h['saved'] * 100:.1f}% of the FLOPs per token (95% CI "
+                f"{h['ci_low'] * 100:.1f} to {h['ci_high'] * 100:.1f}%) for {h['delta'] * 100:+.1f}")
+    assert sentence in first and "replayed from the full-depth trace" in first
+    assert first.count("<li>") == len(summary["tasks"]) == 2
+    assert body.index("<table") > main and body.index('<details id="provenance">') > body.index("<table")
+    saved = [r["saved"] for r in t["saved"] if r["chosen"]]
+    assert saved == sorted(saved, reverse=True)
+    assert [r["chosen"] is None for r in t["saved"]] == sorted(r["chosen"] is None for r in t["saved"])
+
+
+def test_auc_over_one_common_range(run1):
+    from ouro_lab.stats import auc_common
+
+    t = json.loads((run1 / "summary.json").read_text())["tasks"]["tiny_mc"]
+    lo = {c["auc_lo"] for c in t["curves"]}
+    fixed = next(c for c in t["curves"] if c["strategy"] == "fixed")
+    assert lo == {fixed["flops_rel_lo"]} and t["auc_range"] == [fixed["flops_rel_lo"], 1.0]
+    assert [c["auc"] for c in t["curves"]] == sorted((c["auc"] for c in t["curves"]), reverse=True)
+    # a curve that only covers the expensive end no longer outranks one covering the range
+    wide = auc_common([0.25, 0.5, 0.75, 1.0], [0.3, 0.6, 0.9, 1.0], 0.25, 1.0)
+    narrow = auc_common([0.96, 1.0], [1.0, 1.0], 0.25, 1.0)
+    assert narrow < wide and narrow == pytest.approx(0.04 / 0.75)
+    assert wide == pytest.approx((0.45 + 0.75 + 0.95) * 0.25 / 0.75)
+    assert auc_common([0.5], [0.8], 0.0, 1.0, floor=0.1) == pytest.approx(0.45)
+
+
+def test_warnings_render_beside_what_they_concern(run1):
+    from ouro_lab import report, report_page
+
+    run = report.read_run(run1)
+    summary = report.analyze(run)
+    plots = [{"kind": "main", "task": "tiny_mc", "title": "t", "caption": "c",
+              "path": run1 / "plots" / "tiny_mc_acc_vs_flops.png"}]
+    chosen = next(r["chosen"] for r in summary["tasks"]["tiny_mc"]["saved"] if r["chosen"])
+    summary["warnings"] = [{"task": "tiny_mc", "setting": None, "code": "head_limit",
+                            "message": "the documents are the first 8 of the file"},
+                           {"task": "tiny_mc", "setting": chosen, "code": "wide_ci",
+                            "message": "CI too wide"}]
+    html = report_page.render_html(run, summary, plots)
+    head = html[:html.index('<figure id="main">')]
+    assert "<div class=warn>the documents are the first 8 of the file</div>" in head
+    row = next(r for r in html.split("<tr>") if f">{chosen}</td>" in r and "FLOPs saved" in r)
+    assert "<div class=warn>CI too wide</div>" in row
+    md = report_page.render_markdown(run, summary, plots)
+    assert "  - warning: the documents are the first 8 of the file" in md
+    assert f"- warning ({chosen}): CI too wide" in md
+
+
+def test_compare_says_what_changed(run1, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(run1, other)
+    prov = json.loads((other / "provenance.json").read_text())
+    prov["recipe"]["live"]["kv_policy"] = "last"
+    prov["recipe"]["seed"] = 99
+    (other / "provenance.json").write_text(json.dumps(prov))
+    s = pd.read_parquet(other / "samples.parquet")
+    hit = (s.task == "tiny_mc") & (s.setting == "threshold(q=0.9)") & (s["run_mode"] == "replay")
+    s.loc[hit, "acc"] = 1.0  # every document right in B
+    s.to_parquet(other / "samples.parquet")
     m = pd.read_csv(other / "metrics.csv")
-    m.loc[0, "value"] += 0.25
-    m.drop(index=len(m) - 1).to_csv(other / "metrics.csv", index=False)
+    row = ((m.task == "tiny_mc") & (m.setting == "threshold(q=0.9)") & (m["run_mode"] == "replay")
+           & (m.metric == "acc"))
+    before = float(m.loc[row, "value"].iloc[0])
+    m.loc[row, "value"] = s.loc[hit, "acc"].mean()
+    m = m[~((m.task == "tiny_mc") & (m.setting == "budget(mean_steps=1.5)"))]
+    m.to_csv(other / "metrics.csv", index=False)
     code, text = cli("compare", run1, other)
     assert code == 0, text
-    assert "| B - A |" in text or "B - A" in text
-    assert "0.2500" in text
-    assert f"{len(m) - 1} rows in both, 1 only in A, 0 only in B." in text
+    config = text[text.index("## What differs in configuration"):text.index("## Summary")]
+    assert '| KV policy (live) | "copy" | "last" |' in config and "| seed | 1234 | 99 |" in config
+    assert "Settings only in A (1): tiny_mc/budget(mean_steps=1.5) (replay)" in text
+    diff = (float(s.loc[hit, "acc"].mean()) - before) * 100
+    assert "## Summary: 1 of " in text and f"tiny_mc/threshold(q=0.9) (replay) {diff:+.2f}" in text
+    line = next(x for x in text.splitlines() if x.startswith("| threshold(q=0.9) | replay |"))
+    assert f"{diff:+.2f}*" in line and "| 8 |" in line
+    lines = [x for x in text.splitlines() if x.startswith("| threshold(q=")]
+    names = list(dict.fromkeys(x.split("|")[1].strip() for x in lines))
+    assert names[:3] == ["threshold(q=0.3)", "threshold(q=0.6)", "threshold(q=0.9)"]
+    code, same = cli("compare", run1, run1)
+    assert "Nothing: same model" in same and "## Summary: 0 of " in same
+
+
+def test_compare_orders_parameters_as_numbers():
+    from ouro_lab.compare import param_key
+
+    params = ['{"q": 0.99}', '{"q": 0.9}', '{"q": 0.95}', '{"q": 10}', '{"q": 2}']
+    assert sorted(params, key=param_key) == ['{"q": 0.9}', '{"q": 0.95}', '{"q": 0.99}', '{"q": 2}',
+                                             '{"q": 10}']
 
 
 def test_report_on_a_folder_without_tables(tmp_path):

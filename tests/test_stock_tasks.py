@@ -160,7 +160,7 @@ def test_recipe_data_root(full, model_dir, tmp_path, monkeypatch, capsys):
     recipe.write_text(RECIPE.format(path=recipe, model=model_dir, root=f", data_root: {full}"))
     r = run_cli(monkeypatch, capsys, "validate", recipe)
     assert r.returncode == 0, r.stderr
-    assert "piqa" in r.stderr and "valid" in r.stderr
+    assert "piqa" in r.stdout and "valid" in r.stdout  # validate's result goes to stdout
     recipe.write_text(RECIPE.format(path=recipe, model=model_dir, root=", data_root: nowhere"))
     r = run_cli(monkeypatch, capsys, "validate", recipe)
     assert r.returncode == 2 and "tasks.data_root" in r.stderr and "nowhere: no such folder" in r.stderr

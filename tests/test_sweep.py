@@ -34,7 +34,11 @@ def test_sweep_writes_every_output(run1):
               "summary.json", "recipe.yaml"):
         assert (run1 / f).is_file(), f
     m = pd.read_csv(run1 / "metrics.csv")
-    assert list(m.columns) == COLUMNS
+    params = [c for c in m.columns if c.startswith("param_")]
+    assert [c for c in m.columns if c not in params] == COLUMNS
+    assert params == ["param_flops", "param_mean_steps", "param_q", "param_signal", "param_step"]
+    at = list(m.columns).index("params")
+    assert list(m.columns)[at + 1:at + 1 + len(params)] == params
     for t in ("tiny_mc", "tiny_gen"):
         fixed = m[(m.task == t) & (m.strategy == "fixed")]
         assert sorted(fixed.params.map(lambda p: json.loads(p)["step"]).unique()) == [1, 2, 3, 4]
@@ -43,19 +47,19 @@ def test_sweep_writes_every_output(run1):
         assert (full.flops_rel.round(12) == 1.0).all()
     mc = m[(m.task == "tiny_mc") & (m.metric == "acc")]
     assert set(mc.strategy) == {"fixed", "threshold", "budget", "oracle"}
-    assert set(mc["mode"]) == {"replay", "live"}  # threshold also ran live
+    assert set(mc["run_mode"]) == {"replay", "live"}  # threshold also ran live
     assert (mc.ci_low <= mc.value + 1e-12).all() and (mc.value <= mc.ci_high + 1e-12).all()
-    f = mc[(mc.strategy == "fixed") & (mc["mode"] == "replay")].sort_values("flops_rel")
+    f = mc[(mc.strategy == "fixed") & (mc["run_mode"] == "replay")].sort_values("flops_rel")
     assert f.steps_used_mean.tolist() == [1, 2, 3, 4] and f.flops_rel.is_monotonic_increasing
     oracle = mc[mc.strategy == "oracle"].iloc[0]  # per document the best fixed step, charged its FLOPs
     assert oracle.steps_executed_mean == oracle.steps_used_mean <= 4 and oracle.value >= f.value.max()
     gen = m[(m.task == "tiny_gen")]
-    assert set(gen["mode"]) == {"live"} and "exact_match,first" in set(gen.metric)
+    assert set(gen["run_mode"]) == {"live"} and "exact_match,first" in set(gen.metric_key)
     assert "oracle" in set(gen.strategy)  # composed from the live fixed-step runs
     s = pd.read_parquet(run1 / "samples.parquet")
-    assert {"task", "setting", "mode", "doc_id", "acc", "steps_used", "flops_executed", "tokens",
+    assert {"task", "setting", "run_mode", "doc_id", "acc", "steps_used", "flops_executed", "tokens",
             "difficulty"} <= set(s.columns)
-    assert len(s[(s.task == "tiny_mc") & (s.setting == "fixed(step=1)") & (s["mode"] == "replay")]) == 8
+    assert len(s[(s.task == "tiny_mc") & (s.setting == "fixed(step=1)") & (s["run_mode"] == "replay")]) == 8
     plots = {p.name for p in (run1 / "plots").iterdir()}
     assert {"tiny_mc_acc_vs_flops.png", "tiny_mc_exit_hist.png", "tiny_mc_by_difficulty.png",
             "accuracy_by_step.png", "tiny_gen_acc_vs_flops.png"} <= plots
@@ -79,7 +83,8 @@ def test_new_strategies_reuse_the_trace_and_same_recipe_twice_gives_identical_me
     assert json.loads((run1 / "provenance.json").read_text())["trace"]["forward_calls"] > 0
     assert {"kl", "random"} <= set(pd.read_csv(a / "metrics.csv").strategy)
     b = run_sweep(lab / "mc.yaml", out=lab / "mc_b")
-    pd.testing.assert_frame_equal(pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv"))
+    pd.testing.assert_frame_equal(sweep_helpers.untimed(a / "metrics.csv"),
+                                  sweep_helpers.untimed(b / "metrics.csv"))
     wall = ["seconds"]  # wall-clock time of live runs is the one thing that may differ
     pd.testing.assert_frame_equal(pd.read_parquet(a / "samples.parquet").drop(columns=wall),
                                   pd.read_parquet(b / "samples.parquet").drop(columns=wall))
@@ -122,7 +127,8 @@ def test_resume_after_interruption(lab, run1, sig):
     assert code == 0, text[-2000:]
     assert "reused cached trace" in text
     assert all((out / "settings" / k).read_bytes() == v for k, v in kept.items())  # not redone
-    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"), pd.read_csv(run1 / "metrics.csv"))
+    pd.testing.assert_frame_equal(sweep_helpers.untimed(out / "metrics.csv"),
+                                  sweep_helpers.untimed(run1 / "metrics.csv"))
 
 
 def test_two_sweeps_on_one_folder_do_not_mix(lab, run1):
@@ -244,7 +250,7 @@ def test_demo_recipe_end_to_end_on_the_demo_model(tmp_path, monkeypatch):
                   "{name: confidence, grid: {tau: 0.9}}, {name: threshold, grid: {q: 0.5}, live: true}]")
     out = run_sweep(demo, ["tasks.limit=24", "bootstrap=200", strategies], out=tmp_path / "demo")
     m = pd.read_csv(out / "metrics.csv")
-    mc = m[(m.task == "loop_demo_mc") & (m.metric == "acc") & (m["mode"] == "replay")]
+    mc = m[(m.task == "loop_demo_mc") & (m.metric == "acc") & (m["run_mode"] == "replay")]
     assert set(mc.strategy) == {"fixed", "threshold", "confidence"}
     fixed = mc[mc.strategy == "fixed"].sort_values("steps_used_mean")
     assert fixed.steps_used_mean.tolist() == [1, 2, 3, 4] and fixed.flops_rel.is_monotonic_increasing
@@ -252,8 +258,8 @@ def test_demo_recipe_end_to_end_on_the_demo_model(tmp_path, monkeypatch):
     conf = mc[mc.strategy == "confidence"].iloc[0]
     assert conf.steps_used_mean < 4 and conf.flops_rel < 1
     gen = m[m.task == "loop_demo_gen"]
-    assert set(gen["mode"]) == {"live"} and "exact_match,strip" in set(gen.metric)
-    assert (m[m.task == "loop_demo_mc"]["mode"] == "live").any()
+    assert set(gen["run_mode"]) == {"live"} and "exact_match,strip" in set(gen.metric_key)
+    assert (m[m.task == "loop_demo_mc"]["run_mode"] == "live").any()
     for f in ("report.html", "plots/loop_demo_mc_acc_vs_flops.png", "plots/loop_demo_mc_by_difficulty.png",
               "plots/loop_demo_gen_acc_vs_flops.png"):
         assert (out / f).is_file(), f
