@@ -51,14 +51,14 @@ def warnings(run: dict, summary: dict) -> list[dict]:
                           f"full depth scores {t['full'] * sc:.1f}, at or below chance ({floor * sc:.1f}): "
                           "savings against it mean nothing, none are claimed; check the model, "
                           "live.kv_policy and the task"))
-            t["headline"] = None
+            t["headline"], t["withdrawn"] = None, "baseline_broken"
         if sel.get("how") == "limit":
             out.append(_w(task, None, "head_of_file",
                           f"the documents are the first {sel['documents']} of {sel['of']} in the file "
                           f"(tasks.limit), not a sample; use tasks.sample: {sel['documents']} for a seeded "
                           "random subset"))
         for r in t["saved"]:
-            if r.get("chosen") and r.get("kind") != "select":
+            if r.get("chosen") and r.get("kind") != "select" and r.get("saved", 0) > 0:  # a claim made
                 out += _claim_warnings(task, t, r, metrics, tol, unit)
     return out
 
