@@ -96,7 +96,8 @@ def _strategies(rows) -> list[str]:
 def _label_points(ax, points, obstacles, ymax: float | None = None) -> None:
     """Write each point's text beside it: greedily the first of eight places around the
     point that overlaps no earlier label and no marker and stays inside the axes (else
-    the least bad one). points: (x, y, text, colour) in data units."""
+    the least bad one). points: (x, y, text, colour) and obstacles (x, y low, y high), a
+    marker with its error bar, in data units."""
     fig = ax.figure
     (y0, y1), (x0, x1) = ax.get_ylim(), ax.get_xlim()
     top = y1 + 0.07 * (y1 - y0)  # headroom: labels of the points at the top fit above them
@@ -107,8 +108,10 @@ def _label_points(ax, points, obstacles, ymax: float | None = None) -> None:
     inside = ax.get_window_extent(r)
     px = ax.transData.transform
     s = DPI / 72 * 3.0
-    blocked = [Bbox.from_bounds(u - s, v - s, 2 * s, 2 * s) for u, v in px(np.asarray(obstacles, float))] \
-        if len(obstacles) else []
+    blocked = []  # each marker with its error bar: (x, y low, y high) in data units
+    for x, lo, hi in obstacles:
+        (u, v0), (_, v1) = px([(x, lo), (x, hi)])
+        blocked.append(Bbox.from_extents(u - s, min(v0, v1) - s, u + s, max(v0, v1) + s))
     near = [(4, 3, "left", "bottom"), (4, -3, "left", "top"), (-4, 3, "right", "bottom"),
             (-4, -3, "right", "top"), (0, 6, "center", "bottom"), (0, -6, "center", "top"),
             (7, 0, "left", "center"), (-7, 0, "right", "center")]
@@ -124,7 +127,8 @@ def _label_points(ax, points, obstacles, ymax: float | None = None) -> None:
                             fontsize=6, color=color, zorder=6,
                             arrowprops=dict(arrowstyle="-", lw=0.4, color=color, shrinkA=0, shrinkB=2)
                             if far else None)
-            bb = a.get_window_extent(r)
+            e = a.get_window_extent(r)
+            bb = Bbox.from_extents(e.x0 - 3, e.y0 - 1, e.x1 + 3, e.y1 + 1)  # a little air between labels
             cost = sum(_overlap(bb, b) for b in placed) + 0.5 * sum(_overlap(bb, b) for b in blocked)
             cost += 10 * (bb.width * bb.height - _overlap(bb, inside)) + (0.01 if far else 0)
             if best is None or cost < best[0]:
@@ -152,7 +156,7 @@ def _reference_lines(ax, full: float | None, tolerance: float | None, chance: fl
             lo, hi = (full, full + tolerance) if lower_better else (full - tolerance, full)
             ax.axhspan(lo, hi, label=f"within {tolerance:g} {unit} of full depth", **REF["band"])
         ax.axhline(full, label=f"full depth ({full:.1f})", **REF["full"])
-    if chance is not None and np.isfinite(chance):
+    if chance is not None and np.isfinite(chance) and chance > 0:  # exact match's 0 is no line
         ax.axhline(chance, label=f"chance ({chance:.1f})", **REF["chance"])
 
 
@@ -181,9 +185,12 @@ def _curve(ax, d, x: str, scale: float, live: bool, points: list, obstacles: lis
     d = d.sort_values([x, "value"])
     names, note = point_labels(list(d.setting))
     select = (d["kind"].astype(str) == "select").all()
-    label = s + (f" ({note})" if note else "") + (" - reads the answer" if select else "")
+    label = s + (f" ({note})" if note else "")
     style = dict(color=color, marker=marker, ms=6 if marker == "*" else 4.5, lw=0 if select else 1.2,
                  capsize=2, elinewidth=0.8, zorder=4 if s != FIXED else 3)
+    if select:  # an oracle reads the answer: a bound (its star), not a strategy curve
+        label = f"{s}: best fixed step per document (reads the answer)"
+        style.update(ms=9)
     if live:
         style.update(mfc="white", mew=1.2, ls="--", lw=0.9)
         label = f"{s} live ({note})" if note else f"{s} live"
@@ -194,7 +201,9 @@ def _curve(ax, d, x: str, scale: float, live: bool, points: list, obstacles: lis
     elif not any(names):  # a setting without parameters (the oracle): its name
         names = [s] * len(names)
     points += [(a, b, n, color) for a, b, n in zip(xs, ys, names, strict=True)]
-    obstacles += list(zip(xs, ys, strict=True))
+    err = _yerr(d, scale)
+    lo, hi = (ys, ys) if err is None else (ys - err[0], ys + err[1])
+    obstacles += list(zip(xs, lo, hi, strict=True))
 
 
 def accuracy_vs_flops(metrics, task: str, metric: str, path: Path, mode: str = "replay",
@@ -221,6 +230,10 @@ def accuracy_vs_flops(metrics, task: str, metric: str, path: Path, mode: str = "
         live = m[m[MODE] == "live"] if mode == "replay" else m.iloc[:0]
         for s in _strategies(live):
             _curve(ax, live[live.strategy == s], x, scale, True, points, obstacles)
+        bound = base[base["kind"].astype(str) == "select"]
+        if len(bound) and fv is not None and float(bound.value.max()) * scale > fv + 0.05:
+            ax.axhline(float(bound.value.max()) * scale, color=strategy_style(str(bound.strategy.iloc[0]))[0],
+                       ls=(0, (1, 3)), lw=1.0, zorder=1)  # above full depth: no rule can score more
         real = base[base["kind"].astype(str) != "select"]
         if len(real):
             fx, fy = stats.frontier_curve(real[x].to_numpy(), real.value.to_numpy() * scale)

@@ -158,7 +158,9 @@ def _analyze_task(run: dict, task: str, tol: float) -> dict | None:
         folds = (int(cal.get("folds", 2)), int(cal.get("seed", 0)))
         saved = _saved(samples, rep, task, metric, full, tol / scale, int(recipe.get("bootstrap", 1000)),
                        int(recipe.get("seed", 1234)), mode, folds)
-        t["saved"] = sorted(saved, key=lambda r: (r["chosen"] is None, -r["saved"] if r["chosen"] else 0))
+        # most compute saved first; none within tolerance next; oracles (bounds, not rules) last
+        t["saved"] = sorted(saved, key=lambda r: (r["kind"] == "select", r["chosen"] is None,
+                                                  -r["saved"] if r["chosen"] else 0))
     live = m[m[MODE] == "live"] if mode == "replay" else m.iloc[:0]
     for _, r in live.iterrows():
         twin = rep[(rep.strategy == r.strategy) & (rep.params == r.params)]

@@ -138,11 +138,12 @@ def _saved_table(task, t, summary) -> Table:
     tab = Table(f"{task}-saved", f"{task}: compute saved at <= {tol:g} {_unit(t, tol)} loss",
                 ["strategy", "cheapest setting within tolerance", "FLOPs saved", "95% paired bootstrap",
                  f"{t['metric_words']} change", "cross-fitted: saved [95%]", "its change (held out)"],
-                note=f"Full depth scores {t['full'] * sc:.1f}. Most compute saved first; FLOPs saved = 1 - "
-                     "FLOPs per token relative to full depth. In sample, the setting is chosen and scored on "
-                     "the same documents; cross-fitted, it is chosen on the other calibration folds and "
-                     "scored on each held-out fold (the headline's figure). Intervals repeat the choice on "
-                     "every resample of documents (paired across settings). " + REPLAY_ASSUMES)
+                note=f"Full depth scores {t['full'] * sc:.1f}. Most compute saved first, the oracle "
+                     "(a bound) last; FLOPs saved = 1 - FLOPs per token relative to full depth. In sample, "
+                     "the setting is chosen and scored on the same documents; cross-fitted, it is chosen on "
+                     "the other calibration folds and scored on each held-out fold (the headline's figure). "
+                     "Intervals repeat the choice on every resample of documents (paired across settings). "
+                     + REPLAY_ASSUMES)
     if t.get("withdrawn"):  # a broken baseline: no saving against it is claimed (see the warning)
         tab.note = "No claim: full depth scores at or below chance. " + tab.note
     for r in t["saved"]:
@@ -215,7 +216,7 @@ def _auc_table(task, t) -> Table:
                      f"to full depth): the curve's Pareto points joined linearly, flat after its most "
                      f"expensive point, {floor} below its cheapest. Highest first.")
     for c in t["curves"]:
-        tab.rows.append([c["strategy"] + (" (oracle)" if c["kind"] == "select" else ""),
+        tab.rows.append([c["strategy"] + (" (reads the answer)" if c["kind"] == "select" else ""),
                          (str(c["settings"]), float(c["settings"])), (_num(c["auc"] * sc, 1), _v(c["auc"])),
                          (f"{_pct(c['flops_rel_lo'])}%-{_pct(c['flops_rel_hi'])}%", _v(c["flops_rel_lo"]))])
         tab.keys.append(None)

@@ -209,15 +209,24 @@ def _cuda():
 
 
 @pytest.mark.slow  # lm-eval's CLI always indexes its ~10k bundled task files (about 30 s here)
-def test_lm_eval_cli_wrapper_registers_ouro_lab(env, monkeypatch, capsys):
-    """`lm-eval --model ouro-lab` through the wrapper, lm-eval's own CLI doing the rest."""
+def test_lm_eval_cli_wrapper_registers_ouro_lab(env, monkeypatch, capsys, tmp_path):
+    """`lm-eval --model ouro-lab` through the wrapper, lm-eval's own CLI doing the rest, from a
+    folder that is not the YAML's (relative data_files resolve against the YAML's folder);
+    --log_samples files gain each document's compute under `ouro_lab`."""
+    import json
+
     from ouro_lab.lm_eval_cli import main
 
-    monkeypatch.chdir(env["root"] / "tasks" / "tiny_mc")  # lm-eval resolves data_files against the cwd
+    monkeypatch.chdir(tmp_path)
     main(["--model", "ouro-lab", "--model_args", f"path={env['mdir']},steps=2", "--tasks", "tiny_mc",
-          "--include_path", str(env["root"] / "tasks"), "--limit", "3", "--batch_size", "2"])
+          "--include_path", str(env["root"] / "tasks"), "--limit", "3", "--batch_size", "2",
+          "--output_path", str(tmp_path / "out"), "--log_samples"])
     out = capsys.readouterr().out
     assert "tiny_mc" in out and "acc" in out and "ouro-lab" in out
+    files = list((tmp_path / "out").rglob("samples_tiny_mc_*.jsonl"))
+    lines = [json.loads(x) for x in files[0].read_text().splitlines()]
+    assert len(files) == 1 and len(lines) == 3
+    assert all(x["ouro_lab"]["steps_used"] == 2 and x["ouro_lab"]["live"] is False for x in lines)
 
 
 def test_scorer_generic_path_matches_fast_path(env, traced):

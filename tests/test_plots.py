@@ -86,6 +86,7 @@ def test_accuracy_vs_flops_reads_on_its_own(run1, tmp_path, drawn):
     full = rows[rows.is_full & (rows["run_mode"] == "replay")].value.iloc[0] * 100
     assert "within 1 point of full depth" in legend and f"full depth ({full:.1f})" in legend
     assert "chance (25.0)" in legend and "threshold (q)" in legend and "threshold live (q)" in legend
+    assert "oracle: best fixed step per document (reads the answer)" in legend
     ys = {round(line.get_ydata()[0], 6) for line in ax.lines if len(line.get_ydata()) == 2
           and line.get_ydata()[0] == line.get_ydata()[1]}
     assert {round(full, 6), 25.0} <= ys  # the full-depth and chance lines, in points
@@ -99,7 +100,8 @@ def test_accuracy_vs_flops_reads_on_its_own(run1, tmp_path, drawn):
     colours = {k: v for k, v in _legend_colours(ax).items() if k.startswith(("threshold (", "budget ("))}
     assert colours == {"threshold (q)": labels.STYLES["threshold"][0].lower(),
                        "budget (mean_steps)": labels.STYLES["budget"][0].lower()}
-    plots.accuracy_vs_flops(m.iloc[::-1], "tiny_mc", "acc", tmp_path / "b.png")
+    plots.accuracy_vs_flops(m.iloc[::-1], "tiny_mc", "acc", tmp_path / "b.png", chance=0.0)
+    assert not any(t.get_text().startswith("chance") for t in drawn[-1].axes[0].get_legend().get_texts())
     again = _legend_colours(drawn[-1].axes[0])
     assert all(again[k] == v for k, v in colours.items())
     from PIL import Image

@@ -141,9 +141,11 @@ def test_report_leads_with_the_answer(run1):
            f"{best['saved'] * 100:.1f}%" in text
     assert first.count("<li>") == len(summary["tasks"]) == 2
     assert body.index("<table") > main and body.index('<details id="provenance">') > body.index("<table")
-    saved = [r["saved"] for r in t["saved"] if r["chosen"]]
+    rules = [r for r in t["saved"] if r["kind"] != "select"]
+    saved = [r["saved"] for r in rules if r["chosen"]]
     assert saved == sorted(saved, reverse=True)
-    assert [r["chosen"] is None for r in t["saved"]] == sorted(r["chosen"] is None for r in t["saved"])
+    assert [r["chosen"] is None for r in rules] == sorted(r["chosen"] is None for r in rules)
+    assert [r["kind"] == "select" for r in t["saved"]] == sorted(r["kind"] == "select" for r in t["saved"])
 
 
 def test_auc_over_one_common_range(run1):

@@ -33,6 +33,7 @@ window.addEventListener('load', () => {
   const table = document.querySelector('table.sortable');
   const col = [...table.tHead.rows[0].cells].findIndex(th => th.textContent.startsWith('FLOPs saved'));
   const column = () => [...table.tBodies[0].rows].map(r => r.cells[col].dataset.v);
+  const bounds = [...table.tBodies[0].rows].map(r => r.cells[0].textContent.includes('reads the answer'));
   const before = column();
   table.tHead.rows[0].cells[col].click();
   const asc = column();
@@ -43,7 +44,7 @@ window.addEventListener('load', () => {
   out.textContent = JSON.stringify({title: document.title, imgs, errors, res, heads,
     main: bottom(main), mainWidth: main && main.getBoundingClientRect().width,
     scrollWidth: document.documentElement.scrollWidth, width: window.innerWidth,
-    h2: document.querySelectorAll('h2').length, before, asc, desc});
+    h2: document.querySelectorAll('h2').length, before, asc, desc, bounds});
   window.top.document.body.appendChild(out);
 });
 </script>"""
@@ -103,10 +104,14 @@ def test_report_page_in_a_browser(run1, tmp_path, width):
     assert seen["scrollWidth"] <= width, "the page overflows sideways"
     assert len(seen["heads"]) == 2 and max(seen["heads"]) < seen["main"] <= 900, seen
     assert seen["mainWidth"] >= 0.8 * min(width, 900) - 40
-    # sorted by savings first (none-within-tolerance rows last), then by clicks both ways
+    # sorted by savings first (none within tolerance next, the oracle, a bound, last), then by
+    # clicks both ways
     before = [_number(v) for v in seen["before"]]
-    given = [v for v in before if v == v]
-    assert given == sorted(given, reverse=True) and before[:len(given)] == given
+    rules = [v for v, b in zip(before, seen["bounds"], strict=True) if not b]
+    given = [v for v in rules if v == v]
+    assert given == sorted(given, reverse=True) and rules[:len(given)] == given
+    assert seen["bounds"] == sorted(seen["bounds"])
+    every = [v for v in before if v == v]
     asc, desc = [_number(v) for v in seen["asc"]], [_number(v) for v in seen["desc"]]
-    assert [v for v in asc if v == v] == sorted(given) and [v for v in desc if v == v] == given
-    assert all(v != v for v in asc[len(given):])  # missing values stay last either way
+    assert [v for v in asc if v == v] == sorted(every) and [v for v in desc if v == v] == sorted(every)[::-1]
+    assert all(v != v for v in asc[len(every):])  # missing values stay last either way
