@@ -163,26 +163,36 @@ def _load(recipe: Recipe, src: RecipeSource):
         raise RecipeError([src.error(("model", "path"), msg)]) from None
     if recipe.model.steps:
         model.config.total_ut_steps = recipe.model.steps
+    if recipe.batch_size == "auto":  # once, for the trace pass and every live run alike (logged)
+        from ouro_lab.lm import resolve_batch_size
+        recipe.batch_size = resolve_batch_size("auto", model)
     tok = None
     if any((Path(recipe.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         try:
             tok = load_tokenizer(recipe.model.path)
         except OuroLabError as e:
             raise RecipeError([src.error(("model", "path"), str(e))]) from None
-    return model, tok, load_tasks(recipe, src), fp
+    return model, tok, load_tasks(recipe, src, tok), fp
 
 
-def load_tasks(recipe: Recipe, src: RecipeSource):
+def load_tasks(recipe: Recipe, src: RecipeSource, tok=None):
     """The recipe's TaskSet (no model needed); unknown names and bad data name their field."""
     from ouro_lab.tasks import TaskSet
 
+    chat_field = ("model", "chat_template") if recipe.model.chat_template else ("tasks",
+                                                                                "apply_chat_template")
     try:
         taskset = TaskSet(list(recipe.tasks.names), include_path=recipe.tasks.include or None,
                           data_root=recipe.tasks.data_root, limit=recipe.tasks.limit,
                           num_fewshot=recipe.tasks.num_fewshot, fewshot_seed=recipe.seed,
-                          sample=recipe.tasks.sample, sample_seed=recipe.seed)
+                          sample=recipe.tasks.sample, sample_seed=recipe.seed,
+                          system_instruction=recipe.tasks.system_instruction,
+                          apply_chat_template=recipe.tasks.apply_chat_template,
+                          fewshot_as_multiturn=recipe.tasks.fewshot_as_multiturn)
+        taskset.use_tokenizer(tok, recipe.model.chat_template, recipe.model.path)
     except OuroLabError as e:
-        raise RecipeError([src.error(_task_field(recipe, str(e)), str(e))]) from None
+        field = chat_field if "chat" in str(e) else _task_field(recipe, str(e))  # chat: from ouro_lab.chat
+        raise RecipeError([src.error(field, str(e))]) from None
     except Exception as e:  # datasets / lm-eval failing on the task data itself
         raise RecipeError([_task_data_error(recipe, src, e)]) from None
     for i, name in enumerate(recipe.tasks.names):
