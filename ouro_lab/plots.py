@@ -178,8 +178,10 @@ def _score_axis(ax, metric: str, scale: float) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
-def _curve(ax, d, x: str, scale: float, live: bool, points: list, obstacles: list) -> None:
-    """One strategy's settings as a curve (or a lone point), its parameter values as labels."""
+def _curve(ax, d, x: str, scale: float, live: bool, points: list, obstacles: list,
+           joined: bool = True) -> None:
+    """One strategy's settings as a curve (or a lone point; `joined` False: points only),
+    its parameter values as labels."""
     s = str(d.strategy.iloc[0])
     color, marker = strategy_style(s)
     d = d.sort_values([x, "value"])
@@ -194,6 +196,8 @@ def _curve(ax, d, x: str, scale: float, live: bool, points: list, obstacles: lis
     if live:
         style.update(mfc="white", mew=1.2, ls="--", lw=0.9)
         label = f"{s} live ({note})" if note else f"{s} live"
+    if not joined:
+        style.update(lw=0)
     xs, ys = d[x].to_numpy(float), d.value.to_numpy(float) * scale
     ax.errorbar(xs, ys, yerr=_yerr(d, scale), label=label, **style)
     if s == FIXED:
@@ -281,11 +285,13 @@ def seconds_column(metrics) -> str | None:
 
 def accuracy_vs_seconds(metrics, task: str, metric: str, path: Path, tolerance: float | None = 1.0,
                         chance: float | None = None, column: str | None = None) -> Path:
-    """Live runs only: score against measured wall-clock seconds per token, one curve per
-    strategy (full depth, tolerance band and chance as in accuracy_vs_flops)."""
+    """Live runs only: score against measured wall-clock seconds per token, one marker per
+    setting, not joined (a setting's time is measured, so the order of a grid's settings
+    need not be the order of their times), full depth, tolerance band and chance as in
+    accuracy_vs_flops. Settings that were not run (the oracle, composed) are left out."""
     m = _rows(metrics, task, metric)
     col = column or seconds_column(m)
-    live = m[(m[MODE] == "live") & m[col].notna()]
+    live = m[(m[MODE] == "live") & m[col].notna() & (m["kind"].astype(str) != "select")]
     scale = points_scale(metric, m.value)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.0, 4.3))
@@ -296,14 +302,15 @@ def accuracy_vs_seconds(metrics, task: str, metric: str, path: Path, tolerance: 
         points, obstacles = [], []
         scaled = live.assign(**{col: live[col] * 1e3})
         for s in _strategies(scaled):
-            _curve(ax, scaled[scaled.strategy == s], col, scale, False, points, obstacles)
+            _curve(ax, scaled[scaled.strategy == s], col, scale, False, points, obstacles, joined=False)
         ax.set_xlabel("measured milliseconds per token" + (" (decode)" if col.startswith("decode") else ""))
         _score_axis(ax, metric, scale)
         ax.set_title(f"{task}: {metric_words(metric)} versus measured time (live runs)", fontsize=9.5)
         _label_points(ax, points, obstacles, ymax=104.9 if scale == 100 else None)
         _legend_outside(ax)
-        _caption(fig, "Error bars: 95% paired-bootstrap intervals over documents. Time: wall clock of the "
-                 "live decoder on the run's device, the same batch plan for every setting.")
+        _caption(fig, "Error bars: 95% paired-bootstrap intervals over documents. Time: the wall clock of "
+                 "each live run on the run's device divided by its tokens, measured once (no interval; "
+                 "noisy on a shared machine).")
         return _save(fig, path)
 
 

@@ -131,7 +131,9 @@ def test_accuracy_vs_seconds(run1, tmp_path, drawn):
     ax = drawn[-1].axes[0]
     assert ax.get_xlabel() == "measured milliseconds per token (decode)"
     assert ax.get_ylabel() == "exact match (first) (%)"
-    assert len(ax.texts) == ((m.task == "tiny_gen") & live & (m.metric_key == "exact_match,first")).sum()
+    ran = (m.task == "tiny_gen") & live & (m.metric_key == "exact_match,first") & (m["kind"] != "select")
+    assert len(ax.texts) == ran.sum() and all(line.get_linewidth() == 0 for line in ax.lines
+                                              if len(line.get_xdata()) > 2)  # measured: not joined
 
 
 def test_trace_heatmap_writes_every_value(tmp_path, drawn, monkeypatch):
