@@ -3,6 +3,7 @@
 
     python bench/ouro_1p4b.py                         # writes $TMPDIR/ouro-lab-1p4b once (2.9 GB)
     python bench/ouro_1p4b.py --dir D --docs 3 --dtype float32 --threads 2
+    python bench/ouro_1p4b.py --device cuda --dtype bfloat16 --docs 64   # a GPU: TFLOP/s vs its peak
 
 The checkpoint (never commit it): `config.json` with the published config's fields (hub
 layout: top-level `rope_theta`, `rope_scaling: null`, `torch_dtype: bfloat16`, `auto_map`;
@@ -21,8 +22,9 @@ its own:
 - trace: `trace_pass` over `--docs` MMLU-shaped documents (lm-eval's own `mmlu_anatomy`
   task on a local copy in the hub's layout: 5-shot prompts first_n from dev, questions of
   ~40 words, 4 one-token choices) at full depth in `--dtype` on CPU: tokens run through the
-  model, tokens/s, achieved GFLOP/s, peak RSS, and the accuracy lm-eval scores (chance: the
-  weights are random).
+  model, tokens/s, achieved GFLOP/s (FLOPs of the prefix tree's tokens: `trace.meta["work"]`),
+  CPU seconds (on a shared machine wall time is not the process's own), peak RSS, and the
+  accuracy lm-eval scores (chance: the weights are random).
 
 The last line is `ratio: X`, the load's peak RSS over the weights' bytes.
 """
@@ -184,7 +186,7 @@ def child_load(path: Path, dtype: str) -> dict:
             "params": model.num_parameters(), "weights_bytes": weights_bytes(path, dtype)}
 
 
-def child_trace(path: Path, dtype: str, docs: int, batch_size: int) -> dict:
+def child_trace(path: Path, dtype: str, docs: int, batch_size: int, device: str = "cpu") -> dict:
     import logging
 
     import torch
@@ -197,23 +199,27 @@ def child_trace(path: Path, dtype: str, docs: int, batch_size: int) -> dict:
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     data = write_mmlu_copy(Path(tempfile.mkdtemp(prefix="ouro-1p4b-mmlu-")), docs)
-    model = load_model(path, dtype=dtype, device="cpu")
+    model = load_model(path, dtype=dtype, device=device)
     tok = load_tokenizer(path)
     ts = TaskSet(["mmlu_anatomy"], data_root=data, num_fewshot=5)
     rss_loaded = peak_rss()
-    t0 = time.perf_counter()
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    t0, c0 = time.perf_counter(), time.process_time()
     trace, units = trace_pass(model, tok, ts, batch_size=batch_size)
-    seconds = time.perf_counter() - t0
+    sync()
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     work = trace.meta["work"]
     lengths = [len(u.ctx) + len(u.cont) - 1 for u in units]
     metrics, _ = score(ts, trace, make_strategy("fixed", {"step": model.config.total_ut_steps}),
                        bootstrap_iters=0)
     acc = next(r["value"] for r in metrics if r["metric"] == "acc")
-    return {"seconds": seconds, "tokens_run": work["tokens_run"], "requests": len(units),
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens_run": work["tokens_run"], "requests": len(units),
             "prefix_tree_tokens": work["prefix_tree_tokens"], "requested_tokens": work["requested_tokens"],
             "scored_tokens": int(trace.request.numel()), "mean_request_tokens": sum(lengths) / len(units) + 1,
             "flops": work["flops"],
-            "peak_rss": peak_rss(), "rss_loaded": rss_loaded, "acc": acc, "threads": torch.get_num_threads()}
+            "peak_rss": peak_rss(), "rss_loaded": rss_loaded, "acc": acc, "threads": torch.get_num_threads(),
+            "device": str(model.device), "device_name": torch.cuda.get_device_name(model.device)
+            if model.device.type == "cuda" else "cpu"}
 
 
 def run_child(kind: str, args) -> dict:
@@ -222,7 +228,7 @@ def run_child(kind: str, args) -> dict:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--child", kind, "--result", str(result), "--dir", str(args.dir),
                "--dtype", args.dtype, "--docs", str(args.docs), "--batch-size", str(args.batch_size),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--device", args.device]
         r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         if r.returncode or not result.is_file():
             raise SystemExit(f"{kind} failed:\n{r.stderr[-3000:]}")
@@ -241,9 +247,11 @@ def inspect(path: Path) -> tuple[str, float]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, default=default_dir(), help="checkpoint folder (written if absent)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="float32, or bfloat16 (a GPU)")
     p.add_argument("--docs", type=int, default=3, help="MMLU-shaped test documents to trace")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="the trace pass's device (load is measured on the CPU)")
+    p.add_argument("--peak-tflops", type=float, help="the device's dense peak (default: known GPUs)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--shard-gb", type=float, default=1.0)
     p.add_argument("--child", choices=["load", "trace"], help=argparse.SUPPRESS)
@@ -256,7 +264,7 @@ def main(argv=None) -> dict:
 
         torch.set_num_threads(args.threads)
         out = (child_load(args.dir, args.dtype) if args.child == "load"
-               else child_trace(args.dir, args.dtype, args.docs, args.batch_size))
+               else child_trace(args.dir, args.dtype, args.docs, args.batch_size, args.device))
         args.result.write_text(json.dumps(out))
         return out
     if not (args.dir / "model.safetensors.index.json").is_file():
@@ -275,14 +283,25 @@ def main(argv=None) -> dict:
           f"GiB; peak RSS {load['peak_rss'] / gib:.2f} GiB = {ratio:.3f}x the weights (goal <= 1.2; "
           f"{load['rss_before'] / gib:.2f} GiB before loading)")
     tr = run_child("trace", args)
-    print(f"trace pass ({args.dtype}, cpu, {tr['threads']} thread(s), batch {args.batch_size}): {args.docs} "
-          f"MMLU-shaped documents, {tr['requests']} requests of {tr['mean_request_tokens']:.0f} tokens on "
-          f"average ({tr['requested_tokens']:,} tokens one sequence per request; prefix tree "
+    print(f"trace pass ({args.dtype}, {tr['device']}, {tr['threads']} thread(s), batch {args.batch_size}): "
+          f"{args.docs} MMLU-shaped documents, {tr['requests']} requests of {tr['mean_request_tokens']:.0f} "
+          f"tokens on average ({tr['requested_tokens']:,} tokens one sequence per request; prefix tree "
           f"{tr['prefix_tree_tokens']:,}); {tr['tokens_run']:,} tokens run in {tr['seconds']:.1f} s = "
           f"{tr['tokens_run'] / tr['seconds']:.1f} tokens/s, {tr['flops'] / tr['seconds'] / 1e9:.1f} "
-          "GFLOP/s; "
+          f"GFLOP/s ({tr['cpu_seconds']:.1f} CPU s: {tr['tokens_run'] / tr['cpu_seconds']:.1f} tokens per "
+          "CPU second); "
           f"peak RSS {tr['peak_rss'] / gib:.2f} GiB ({tr['rss_loaded'] / gib:.2f} after loading); "
           f"acc {tr['acc']:.3f} (random weights)")
+    if tr["device"].startswith("cuda"):
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("gpu_throughput", ROOT / "bench" / "gpu_throughput.py")
+        gpu = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gpu)
+        peak = gpu.peak_tflops(tr["device_name"], args.peak_tflops)
+        achieved = tr["flops"] / tr["seconds"] / 1e12
+        print(f"{tr['device_name']}: {achieved:.1f} TFLOP/s achieved"
+              + (f" = {achieved / peak:.1%} of its {peak:.0f} TFLOP/s dense peak" if peak else ""))
     print(f"ratio: {ratio:.3f}")
     return {"load": load, "trace": tr, "ratio": ratio}
 

@@ -31,6 +31,18 @@ def _flag(help: str, *names: str):
     return typer.Option(False, *names, help=help)
 
 
+# eval's chat switches, in lm-eval's spelling and ours, and its batch size
+_CHAT = {"apply": _flag("render requests with the tokenizer's chat template (or --chat-template)",
+                        "--apply_chat_template", "--apply-chat-template"),
+         "system": typer.Option(None, "--system_instruction", "--system-instruction", help="system message"),
+         "multiturn": _flag("few-shot examples as chat turns", "--fewshot_as_multiturn",
+                            "--fewshot-as-multiturn"),
+         "template": typer.Option(None, "--chat-template", help="chat template (a Jinja file, or its text) "
+                                  "overriding the tokenizer's")}
+_BATCH = typer.Option("8", "--batch-size", help="rows a model call, or auto (CUDA: the largest that fits, "
+                      "found by trying; 8 elsewhere)")
+
+
 def _print_json(obj) -> None:
     import json
 
@@ -295,7 +307,7 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
           kv_policy: str = typer.Option("copy", "--kv-policy", help="live runs: full, copy or last"),
           live: bool = _flag("loglikelihood tasks as a true early-exit run too (default: one trace pass + "
                              "replay)", "--live"),
-          batch_size: int = typer.Option(8, "--batch-size"),
+          batch_size: str = _BATCH,
           dtype: str = typer.Option(None, help="float32, bfloat16, ... (default: the checkpoint's)"),
           device: str = _device(),
           out: Path = typer.Option(None, "--out", "--output_path", metavar="DIR",
@@ -306,7 +318,9 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
           log_samples: bool = _flag("also write lm-eval's samples JSONL per task (needs --output_path)",
                                     "--log_samples", "--log-samples"),
           cache_dir: Path = typer.Option(None, "--cache-dir",
-                                         help="trace cache (default: $OURO_LAB_CACHE)")):
+                                         help="trace cache (default: $OURO_LAB_CACHE)"),
+          apply_chat_template: bool = _CHAT["apply"], system_instruction: str = _CHAT["system"],
+          fewshot_as_multiturn: bool = _CHAT["multiturn"], chat_template: str = _CHAT["template"]):
     """lm-eval metrics of a checkpoint, plain or under an exit strategy (with compute columns)."""
     from ouro_lab.errors import OuroLabError
 
@@ -329,7 +343,11 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
                                       steps=steps, strategy=strategy,
                                       params=params, kv_policy=kv_policy, live=live, batch_size=batch_size,
                                       dtype=dtype, device=device, cache_dir=cache_dir, seed=seed, log=logs,
-                                      strategies_dirs=strategies_dir or (), sample=sample)
+                                      strategies_dirs=strategies_dir or (), sample=sample,
+                                      chat=dict(apply_chat_template=apply_chat_template,
+                                                chat_template=chat_template,
+                                                system_instruction=system_instruction,
+                                                fewshot_as_multiturn=fewshot_as_multiturn))
     from ouro_lab import distributed
 
     if not distributed.is_main():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from ouro_lab import distributed
-from ouro_lab.lm import LL_TYPES, HarnessError, OuroLM
+from ouro_lab.lm import LL_TYPES, HarnessError, OuroLM, resolve_batch_size
 from ouro_lab.scoring import metric_rows, run_evaluate, sample_rows, score
 from ouro_lab.tasks import TaskSet
 from ouro_lab.tracing import trace_pass
@@ -100,7 +100,7 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
                    steps=None, strategy=None, params=None, kv_policy: str = "copy", live: bool = False,
                    batch_size: int = 8, dtype=None, device=None, cache_dir=None,
                    max_gen_toks: int | None = None, seed: int = 1234, log: list | None = None,
-                   console=None, strategies_dirs=(), sample: int | None = None):
+                   console=None, strategies_dirs=(), sample: int | None = None, chat: dict | None = None):
     """`ouro-lab eval`: lm-eval metrics of a checkpoint on `tasks` (names or a comma list).
 
     Without `strategy`: a plain lm-eval run of the model (cut to `steps`). With one:
@@ -109,7 +109,9 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
     folders of strategy files; `sample` scores a random subset of that many documents per
     task (drawn with `seed`) where `limit` takes the first ones. `seed` also seeds few-shot
     sampling and randomized rules; each stage says on `console` (stderr) how long it took;
-    `log`, a list, receives each part's lm-eval results for `ouro_lab.sample_log`. Returns
+    `log`, a list, receives each part's lm-eval results for `ouro_lab.sample_log`. `chat`:
+    lm-eval's chat switches (apply_chat_template, system_instruction, fewshot_as_multiturn)
+    and `chat_template` (an override of the tokenizer's: a Jinja file or text). Returns
     (metrics, samples)."""
     import pandas as pd
 
@@ -118,11 +120,15 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
 
     distributed.init(device)  # under torchrun / accelerate launch: shard batches over the ranks
     console = console or stderr_console(quiet=not distributed.is_main())
+    chat = dict(chat or {})
+    override = chat.pop("chat_template", None)
     with stage(console, "eval: tasks and model", announce=False):
         ts = TaskSet(tasks, include_path=include_path, data_root=data_root, limit=limit,
-                     num_fewshot=num_fewshot, fewshot_seed=seed, sample=sample, sample_seed=seed)
-        model = load_model(model_dir, dtype=dtype, device=distributed.local_device(device))
+                     num_fewshot=num_fewshot, fewshot_seed=seed, sample=sample, sample_seed=seed, **chat)
         tok = load_tokenizer(model_dir)
+        ts.use_tokenizer(tok, override, model_dir)  # a missing chat template: one line before the model
+        model = load_model(model_dir, dtype=dtype, device=distributed.local_device(device))
+        batch_size = resolve_batch_size(batch_size, model)  # "auto": found once, logged
     if strategy is None:
         lm = OuroLM(model=model, tokenizer=tok, steps=steps, batch_size=batch_size, max_gen_toks=max_gen_toks,
                     seed=seed)

@@ -442,9 +442,11 @@ class Generation:
 def live_generate(model, tokenizer, prompts: list[list[int]], strategy=None, kv_policy: str = "copy",
                   until: list[str] | None = None, max_new_tokens: int = 32, steps: int | None = None,
                   eos_token_id: int | None = None, seed: int = 0, row_ids=None,
-                  batch_size: int | None = None) -> tuple[list[str], list[dict]]:
+                  batch_size: int | None = None, sampling=None) -> tuple[list[str], list[dict]]:
     """Greedy decoding of prompts (token id lists) with live early exit, on `batch_size`
-    rows (default: all prompts at once) with continuous batching.
+    rows (default: all prompts at once) with continuous batching; `sampling`
+    (`ouro_lab.sampling.Sampling`) samples from each token's exit-step distribution instead,
+    seeded per request and position.
 
     Each prompt stops at its first `until` string (the text is cut there), at `eos_token_id`
     or after `max_new_tokens`; a finished row computes nothing until the next prompt takes
@@ -464,7 +466,13 @@ def live_generate(model, tokenizer, prompts: list[list[int]], strategy=None, kv_
         out = run.tick(rows, gen.cur[rows])
         if out is None:  # nothing in flight (every prompt admitted has stopped)
             continue
-        nxt = run.logp[out["done"].to(run.logp.device)].argmax(-1).cpu()
+        logp = run.logp[out["done"].to(run.logp.device)]
+        if sampling is not None and sampling.do_sample:  # reproducible draws (ouro_lab.sampling)
+            keys = [(gen.ids[gen.owner[b]], gen.records[gen.owner[b]]["tokens"])
+                    for b in out["done"].tolist()]
+            nxt = sampling.pick(logp, keys)
+        else:
+            nxt = logp.argmax(-1).cpu()
         gen.charge(out["busy"], time.perf_counter() - t0)
         ready = []
         for b, e, t in zip(out["done"].tolist(), out["exit"].tolist(), nxt.tolist(), strict=True):

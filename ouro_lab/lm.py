@@ -28,9 +28,13 @@ from torch import Tensor
 from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.live import KV_POLICIES, chunks, live_generate, live_score_units
+from ouro_lab.sampling import Sampling
 from ouro_lab.trace import CHUNK_ELEMENTS, step_signals, unit_results
 
 LL_TYPES = ("loglikelihood", "loglikelihood_rolling")  # request types scored from log-probs
+# generation kwargs that change the output and are not implemented: the values that are harmless
+UNSUPPORTED_GEN = {"num_beams": (1, None), "repetition_penalty": (1, 1.0, None), "min_p": (0, 0.0, None),
+                   "typical_p": (1, 1.0, None), "num_return_sequences": (1, None)}
 
 
 class HarnessError(OuroLabError):
@@ -153,12 +157,7 @@ def _units_forward(model, units: list[Unit], steps: int, batch_size: int, max_le
     if stats is not None:
         from ouro_lab.flops import ModelCost
 
-        cost = ModelCost.from_config(model.config)
-        heads = len(np.unique(tree.pair_node)) * (steps if signals else 1)
-        ctx_sum = float((tree.depth + 1).sum())  # keys each node attends to, itself included
-        per_node = cost.layer_flops + cost.gate_flops
-        flops = steps * (tree.n_nodes * per_node + cost.attn_flops_per_ctx * ctx_sum)
-        flops += heads * cost.head_flops
+        flops = tree.flops(ModelCost.from_config(model.config), steps, steps if signals else 1)
         stats.update(tokens_run=int(tree.n_nodes + tree.padding), prefix_tree_tokens=int(tree.n_nodes),
                      requested_tokens=int(tree.requested), calls=sum(len(p) for p in programs),
                      flops=float(flops))
@@ -189,10 +188,13 @@ class OuroLM(TemplateLM):
     `strategy` (an `ExitStrategy`, or a name with `strategy_params`) runs every request
     live with early exit (`ouro_lab.live`) under `kv_policy` ("full", "copy", "last"); a
     `fixed` strategy is the same as `steps=k` unless `live=True` (then it too runs token
-    by token, with its compute recorded). Requests are scored in length-sorted
-    batches of `batch_size`, left-truncated to `max_length` (default: the model's
-    `max_position_embeddings`). `generate_until` is greedy, cuts at the `until` strings
+    by token, with its compute recorded). Requests are scored each distinct prefix once
+    (`ouro_lab.prefix`), `batch_size` rows a call, left-truncated to `max_length` (default:
+    the model's `max_position_embeddings`). `generate_until` decodes greedily or samples as
+    the task's generation kwargs ask (do_sample, temperature, top_p, top_k: seeded by
+    `seed`, per request and position: `ouro_lab.sampling`), cuts at the `until` strings
     itself and honours `max_gen_toks`. `loglikelihood_rolling` returns bare floats.
+    `chat_template` overrides the tokenizer's chat template (`ouro_lab.chat`).
 
     Live runs keep per-request compute in `self.records` (keyed by (task, doc_id, idx)).
     """
@@ -201,7 +203,8 @@ class OuroLM(TemplateLM):
                  steps: int | None = None, strategy=None, strategy_params: dict | None = None,
                  kv_policy: str = "copy", live: bool | None = None, batch_size: int | str = 8,
                  device: str | None = None, dtype: str | None = None, max_length: int | None = None,
-                 max_gen_toks: int | None = None, seed: int = 0, **kwargs):
+                 max_gen_toks: int | None = None, seed: int = 0, chat_template: str | None = None,
+                 **kwargs):
         super().__init__()
         self.seed = int(seed)  # the run's seed, for randomized exit rules
         from ouro_lab.loading import load_model, load_tokenizer
@@ -218,6 +221,11 @@ class OuroLM(TemplateLM):
             tokenizer = load_tokenizer(path)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.path = str(path) if path else None
+        from ouro_lab.chat import ChatTemplate
+
+        # lm-eval's chat interface; `chat_template` (a Jinja file or text) overrides the tokenizer's
+        self.chat = ChatTemplate(tokenizer, chat_template,
+                                 source=f"tokenizer of {path}" if path else "the tokenizer")
         R = model.config.total_ut_steps
         if isinstance(strategy, str):
             from ouro_lab.registry import make_strategy
@@ -227,7 +235,7 @@ class OuroLM(TemplateLM):
         elif kwargs:
             raise HarnessError(f"model_args: unknown argument(s) {', '.join(sorted(kwargs))}; known: path, "
                                "steps, strategy, kv_policy, live, batch_size, device, dtype, max_length, "
-                               "max_gen_toks, seed")
+                               "max_gen_toks, seed, chat_template")
         if not live and _is_fixed(strategy):
             steps, strategy = min(int(strategy.step), R), None  # fixed k = the model truncated to k steps
         self.steps = R if steps is None else int(steps)
@@ -242,8 +250,8 @@ class OuroLM(TemplateLM):
             raise HarnessError(f"model_args: kv_policy {kv_policy!r} unknown; "
                                f"use one of {', '.join(KV_POLICIES)}")
         self.kv_policy = kv_policy
-        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or model.config.max_position_embeddings)
+        self.batch_size = resolve_batch_size(batch_size, model, self.max_length)
         # the task's own max_gen_toks rules; given here, it caps the task's (default 256 if neither)
         self.max_gen_cap = None if max_gen_toks is None else int(max_gen_toks)
         self.max_gen_toks = self.max_gen_cap or 256
@@ -279,7 +287,16 @@ class OuroLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return str(getattr(self.tokenizer, "name_or_path", "ouro")).replace("/", "__")
+        return self.chat.tokenizer_name
+
+    # -- lm-eval's chat-template interface (--apply_chat_template, --system_instruction,
+    #    --fewshot_as_multiturn): `ouro_lab.chat.ChatTemplate`
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.chat.chat_template(chat_template)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        return self.chat.apply_chat_template(chat_history, add_generation_prompt)
 
     @property
     def device(self):
@@ -365,14 +382,16 @@ class OuroLM(TemplateLM):
             max_new = int(gk.pop("max_gen_toks", self.max_gen_toks))
             if self.max_gen_cap is not None:
                 max_new = min(max_new, self.max_gen_cap)
-            if gk.get("do_sample") or (gk.get("temperature") or 0) > 0:
-                raise HarnessError("generate_until: only greedy decoding is supported "
-                                   "(set do_sample: false, temperature: 0)")
-            groups[(tuple(until), max_new)].append(i)
+            sampling = Sampling.from_gen_kwargs(gk, self.seed)  # greedy unless the task asks to sample
+            bad = {k: v for k, v in gk.items() if k in UNSUPPORTED_GEN and v not in UNSUPPORTED_GEN[k]}
+            if bad:
+                raise HarnessError(f"generate_until: {', '.join(f'{k}={v}' for k, v in bad.items())} is not "
+                                   "supported (greedy, or do_sample with temperature, top_p, top_k)")
+            groups[(tuple(until), max_new, sampling)].append(i)
         done: list = [None] * len(requests)  # (text, record) per request
         plan: list[int] = []  # requests in the order their chunks run (records keep it)
         n_chunk = 0
-        for (until, max_new), idx in groups.items():
+        for (until, max_new, sampling), idx in groups.items():
             enc = {i: self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in idx}
             idx = sorted(idx, key=lambda i: (-len(enc[i]), i))
             for part in chunks(idx, self.batch_size):  # batch_size rows; a finished row takes the next
@@ -385,7 +404,7 @@ class OuroLM(TemplateLM):
                 texts, recs = live_generate(self.model, self.tokenizer, prompts, self.strategy,
                                             self.kv_policy, until=list(until), max_new_tokens=max_new,
                                             steps=self.steps, eos_token_id=self.eot_token_id, seed=self.seed,
-                                            row_ids=part, batch_size=self.batch_size)
+                                            row_ids=part, batch_size=self.batch_size, sampling=sampling)
                 for i, t, rec in zip(part, texts, recs, strict=True):
                     done[i] = (t, rec)
         done = distributed.merge(done)  # every rank gets every request (no-op in one process)
@@ -394,6 +413,71 @@ class OuroLM(TemplateLM):
             r = requests[i]
             self.records.setdefault((r.task_name, r.doc_id, r.idx), _empty_record()).update_add(rec)
         return out
+
+
+CPU_BATCH = 8         # `batch_size: auto` off CUDA: larger batches barely help a CPU
+PROBE_TOKENS = 2048   # the longest sequence an auto batch is sized for (at most max_length)
+
+
+def resolve_batch_size(batch_size: int | str, model, max_length: int | None = None, max_batch: int = 64,
+                       log=None) -> int:
+    """An int as it is; "auto": on CUDA the largest batch (up to `max_batch`) whose full-depth
+    forward of min(max_length, PROBE_TOKENS) tokens a row fits in memory, found by trying
+    (halving from `max_batch`, then bisecting), elsewhere CPU_BATCH. Logged either way (one
+    line on stderr, or to `log`)."""
+    import sys
+
+    if not str(batch_size).startswith("auto"):
+        try:
+            n = int(batch_size)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise HarnessError(f"batch_size {batch_size!r}: give a positive integer or auto")
+        return n
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    dev = model.device
+    if dev.type != "cuda":
+        log(f"batch_size auto: {CPU_BATCH} on {dev.type} (no memory probe off CUDA; give a number to "
+            "change it)")
+        return CPU_BATCH
+    T = min(max_length or PROBE_TOKENS, PROBE_TOKENS)
+
+    def fits(b: int) -> bool:
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(b, T, dtype=torch.long, device=dev))
+                ids = torch.zeros(b, T, dtype=torch.long)
+                step_signals(model, out, ids, torch.ones(b, T, dtype=torch.bool))
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    n = largest_fitting(fits, max_batch)
+    if n == 0:
+        raise HarnessError(f"batch_size auto: not even one sequence of {T} tokens fits on {dev}; lower "
+                           "max_length or use a smaller dtype")
+    log(f"batch_size auto: {n} (the largest of <= {max_batch} whose full-depth pass of {T} tokens a row "
+        f"fits on {dev})")
+    return n
+
+
+def largest_fitting(fits, start: int) -> int:
+    """The largest n in 1..start with fits(n), assuming fits is monotone: halve from `start`
+    until one fits, then bisect up to the smallest that did not (0 if none fits)."""
+    hi, lo = start + 1, 0  # fits(lo) (0: vacuously), not fits(hi)
+    n = start
+    while n >= 1 and not fits(n):
+        hi, n = n, n // 2
+    if n < 1:
+        return 0
+    lo = n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def _is_fixed(strategy) -> bool:

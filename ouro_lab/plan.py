@@ -8,7 +8,6 @@ Reads the checkpoint's config.json and the tasks' requests; loads no model.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -46,7 +45,9 @@ def plan(recipe: Recipe, settings: list[Setting], taskset=None) -> dict:
     ll = taskset.names_of("multiple_choice", "loglikelihood", "loglikelihood_rolling")
     gen = taskset.names_of("generate_until")
     decodable = [s for s in settings if s.kind != "select" and not s.fitted and s.granularity == "token"]
-    requests, tokens, flops = _request_cost(recipe, taskset, ll, cost, R)
+    from ouro_lab.tracing import estimate
+
+    requests, tokens, flops = estimate(taskset, ll, cost, R)  # the requests' prefix tree, as the pass runs it
     out["tasks"] = {name: {"output_type": taskset.tasks[name].OUTPUT_TYPE, **taskset.selection(name)}
                     for name in recipe.tasks.names}
     out["passes"] = {"trace_passes": 1 if ll else 0, "trace_requests": requests, "trace_tokens": tokens,
@@ -79,33 +80,10 @@ def describe(p: dict, console) -> None:
         q = p["passes"]
         live = f"{q['live_loglikelihood_runs']} live loglikelihood run(s)"
         console.print(f"model passes: {q['trace_passes']} full-depth trace pass ({q['trace_requests']} "
-                      f"requests, ~{q['trace_tokens']:,} tokens, ~{q['trace_flops'] / 1e9:,.2f} GFLOP; 0 "
-                      f"if a cached trace matches) + {live} + "
+                      f"requests, ~{q['trace_tokens']:,} distinct prefix tokens, "
+                      f"~{q['trace_flops'] / 1e9:,.2f} GFLOP; 0 if a cached trace matches) + {live} + "
                       f"{q['live_generation_runs']} live generation run(s); replaying {p['settings']} "
                       "settings needs no model", highlight=False)
 
 
 SELECTION = {"all": "all", "limit": "the first ones: tasks.limit", "sample": "a seeded random sample"}
-
-
-def _request_cost(recipe: Recipe, taskset, names: list[str], cost, R: int) -> tuple[int, int, float]:
-    """Requests, tokens and full-depth FLOPs of the trace pass (tokens counted with the
-    checkpoint's tokenizer when it has one, else ~4 characters per token)."""
-    tok = None
-    if any((Path(recipe.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        with contextlib.suppress(Exception):  # an estimate only: fall back to characters
-            from ouro_lab.loading import load_tokenizer
-            tok = load_tokenizer(recipe.model.path)
-    requests = tokens = 0
-    flops = 0.0
-    for name in names:
-        task = taskset.tasks[name]
-        task.build_all_requests(limit=recipe.tasks.limit, samples=taskset.samples_of(name), rank=0,
-                                world_size=1)
-        for inst in task.instances:
-            text = "".join(a for a in inst.args if isinstance(a, str))
-            n = len(tok(text).input_ids) if tok is not None else max(1, len(text) // 4)
-            requests += 1
-            tokens += n
-            flops += cost.sequence_flops(n, R)
-    return requests, tokens, flops

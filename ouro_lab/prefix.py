@@ -13,10 +13,12 @@ prefix: one token at one position) needs computing once:
 * The units' input sequences (context + continuation without its last token, left-truncated
   to `max_length` + 1 tokens as lm-eval does) are sorted, which numbers the tree's nodes in
   preorder: the subtree of node n is the id range [n, n + size[n]).
-* A subtree of at most `row` tokens (`row`: the longest input sequence) is *light*: light
-  subtrees are packed into rows of at most `row` tokens, up to `batch_size` rows a call (the
-  per-request plan's largest batch), each token attending to its ancestors only: a tree mask
-  inside the row, and the cached path's columns above its subtree's root.
+* A subtree of at most `row` tokens (`row`: the longest input sequence, at least `ROW_MIN`)
+  is *light*: light subtrees are packed into rows of at most `row` tokens, up to
+  `batch_size` rows a call (for long inputs, the per-request plan's largest batch), each
+  token attending to its ancestors only: a tree mask inside the row, and the cached path's
+  columns above its subtree's root. Short requests (a few tokens each) share rows: a call
+  never holds fewer tokens than `batch_size` x `ROW_MIN` allows.
 * Nodes with bigger subtrees (*heavy*: a few-shot prefix shared by many documents) form a
   tree walked depth first: each run of heavy nodes is appended to a one-row KV cache that the
   light subtrees hanging below it attend to, read-only (expanded per layer, never copied into
@@ -36,6 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
+
+ROW_MIN = 256  # tokens a packed row may hold even when every input is shorter
 
 
 def _lcp(a: tuple, b: tuple) -> int:
@@ -69,12 +73,22 @@ class PrefixTree:
     pair_target: np.ndarray
     n_units: int
     requested: int  # input tokens of the units, one sequence each (the per-request plan's work)
-    row: int = 0    # tokens per row: the longest input sequence
+    row: int = 0    # tokens per row: the longest input sequence, at least ROW_MIN
     padding: int = field(default=0)  # padding positions the plan computes (set by plan())
 
     @property
     def n_nodes(self) -> int:
         return len(self.token)
+
+    def flops(self, cost, steps: int, readouts: int) -> float:
+        """Matmul FLOPs of running every node `steps` steps (`cost`: `ouro_lab.flops.ModelCost`),
+        each attending to its ancestors and itself, plus `readouts` LM-head readouts per scored
+        node (padding excluded)."""
+        ctx_sum = float((self.depth + 1).sum())
+        per_node = cost.layer_flops + cost.gate_flops
+        scored = len(np.unique(self.pair_node))
+        layers = steps * (self.n_nodes * per_node + cost.attn_flops_per_ctx * ctx_sum)
+        return layers + scored * readouts * cost.head_flops
 
     @classmethod
     def build(cls, units, max_length: int) -> PrefixTree:
@@ -119,7 +133,7 @@ class PrefixTree:
             pt += targets
         arr = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
         return cls(arr(token), arr(depth), arr(parent), arr(size), arr(pu), arr(pp), arr(pn), arr(pt),
-                   len(units), sum(len(s) for s in inputs), max((len(s) for s in inputs), default=0))
+                   len(units), sum(len(s) for s in inputs), max(ROW_MIN, *(len(s) for s in inputs)))
 
     # ----------------------------------------------------------------------- the plan
 

@@ -61,6 +61,8 @@ class ModelSpec(_Strict):
                               description="loop depth R (default: the checkpoint's total_ut_steps)")
     threads: int | None = Field(None, ge=1, le=1024,
                                 description="CPU threads for torch (default: torch's; 1 suits tiny models)")
+    chat_template: str | None = Field(None, description="chat template overriding the tokenizer's: a Jinja "
+                                      "file (relative to the recipe) or the template text")
 
 
 class TasksSpec(_Strict):
@@ -75,6 +77,11 @@ class TasksSpec(_Strict):
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: the task's)")
     data_root: str | None = Field(None, description="local copies of the standard tasks' datasets, "
                                   "<data_root>/<hub id> (default: $OURO_LAB_DATA)")
+    apply_chat_template: bool | str = Field(False, description="render requests with the model's chat "
+                                            "template (a string: one of the tokenizer's named templates)")
+    system_instruction: str | None = Field(None, description="system message (chat) or prompt prefix")
+    fewshot_as_multiturn: bool = Field(False, description="few-shot examples as chat turns "
+                                       "(needs apply_chat_template)")
 
     @model_validator(mode="after")
     def _one_subset(self):
@@ -145,12 +152,20 @@ class Recipe(_Strict):
     seed: int = Field(1234, description="seed for randomized strategies and the bootstrap")
     bootstrap: int = Field(1000, ge=0, le=100_000, description="paired-bootstrap resamples (0: none)")
     tolerance: float = Field(1.0, ge=0, description="accuracy loss (points) allowed for 'compute saved'")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int | str = Field(8, description="rows a model call, or auto: the largest that fits on CUDA "
+                                  "(found by trying), 8 elsewhere")
     log_samples: bool = Field(False, description="also write lm-eval's samples JSONL per task and setting "
                                                  "(samples/<run_mode>/<setting>/samples_<task>.jsonl)")
     output: str | None = Field(None, description="run folder (default results/<recipe>/<run-id>)")
     max_settings: int = Field(MAX_SETTINGS, ge=1, description="refuse grids that expand to more settings "
                               "than this (a guard against a typo in a grid; raise it on purpose)")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | str) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"{v!r} is not allowed (allowed: a positive integer, or auto)")
 
     @model_validator(mode="before")
     @classmethod
@@ -349,6 +364,9 @@ def _resolve_paths(data: dict, base: Path, skip=(), only: tuple | None = None) -
     model = data.get("model")
     if isinstance(model, dict) and "path" in model and touches(("model", "path")):
         model["path"] = fix(model["path"])
+    chat = model.get("chat_template") if isinstance(model, dict) else None
+    if isinstance(chat, str) and "{" not in chat and touches(("model", "chat_template")):
+        model["chat_template"] = fix(chat)  # a file; template text (Jinja braces) stays as it is
     tasks = data.get("tasks")
     if isinstance(tasks, dict) and isinstance(tasks.get("include"), list) and touches(("tasks", "include")):
         tasks["include"] = [fix(p) for p in tasks["include"]]

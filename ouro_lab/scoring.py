@@ -171,9 +171,17 @@ def run_evaluate(lm, taskset: TaskSet, names: list[str], bootstrap_iters: int = 
     from lm_eval.evaluator import evaluate
 
     taskset.reset_seeds()
+    if taskset.chat is None:
+        taskset.chat = getattr(lm, "chat", None)
+    chat = taskset.request_kwargs()
+    if chat.get("apply_chat_template") and hasattr(lm, "chat"):
+        lm.chat = taskset.chat  # the task set's template renders its requests, for every LM alike
     samples = None if taskset.samples is None else {n: taskset.samples_of(n) for n in names}
     results = evaluate(lm=lm, task_dict=taskset.subset(names), limit=taskset.limit, samples=samples,
-                       bootstrap_iters=bootstrap_iters, log_samples=True, cache_requests=False)
+                       bootstrap_iters=bootstrap_iters, log_samples=True, cache_requests=False,
+                       system_instruction=taskset.system_instruction,
+                       apply_chat_template=taskset.apply_chat_template,
+                       fewshot_as_multiturn=taskset.fewshot_as_multiturn)
     for name, logged in (results.get("samples") or {}).items() if samples else ():
         where = {f: i for i, f in enumerate(samples.get(name) or [])}  # lm-eval logs file indices here,
         for ex in logged:                                              # its requests count 0..n-1
@@ -201,6 +209,7 @@ class Scorer:
 
     def __init__(self, taskset: TaskSet, names: list[str]):
         taskset.reset_seeds()
+        chat = taskset.request_kwargs()  # lm-eval's chat switches, as run_evaluate passes them
         self.task_dict = taskset.subset(names)
         self.instances, self.docs, self.by_doc, self.memo, self.results_memo = {}, {}, {}, {}, {}
         self.by_type: dict = {}
@@ -212,7 +221,7 @@ class Scorer:
         self.results_cache: dict = {}
         for name, task in self.task_dict["tasks"].items():
             lim, chosen = _limit(task, taskset.limit), taskset.samples_of(name)
-            task.build_all_requests(limit=lim, samples=chosen, rank=0, world_size=1)
+            task.build_all_requests(limit=lim, samples=chosen, rank=0, world_size=1, **chat)
             self.instances[name] = list(task.instances)
             self.docs[name] = list(task.doc_iterator(rank=0, limit=lim, samples=chosen, world_size=1))
             by = defaultdict(list)

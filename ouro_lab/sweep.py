@@ -163,26 +163,36 @@ def _load(recipe: Recipe, src: RecipeSource):
         raise RecipeError([src.error(("model", "path"), msg)]) from None
     if recipe.model.steps:
         model.config.total_ut_steps = recipe.model.steps
+    if recipe.batch_size == "auto":  # once, for the trace pass and every live run alike (logged)
+        from ouro_lab.lm import resolve_batch_size
+        recipe.batch_size = resolve_batch_size("auto", model)
     tok = None
     if any((Path(recipe.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         try:
             tok = load_tokenizer(recipe.model.path)
         except OuroLabError as e:
             raise RecipeError([src.error(("model", "path"), str(e))]) from None
-    return model, tok, load_tasks(recipe, src), fp
+    return model, tok, load_tasks(recipe, src, tok), fp
 
 
-def load_tasks(recipe: Recipe, src: RecipeSource):
+def load_tasks(recipe: Recipe, src: RecipeSource, tok=None):
     """The recipe's TaskSet (no model needed); unknown names and bad data name their field."""
     from ouro_lab.tasks import TaskSet
 
+    chat_field = ("model", "chat_template") if recipe.model.chat_template else ("tasks",
+                                                                                "apply_chat_template")
     try:
         taskset = TaskSet(list(recipe.tasks.names), include_path=recipe.tasks.include or None,
                           data_root=recipe.tasks.data_root, limit=recipe.tasks.limit,
                           num_fewshot=recipe.tasks.num_fewshot, fewshot_seed=recipe.seed,
-                          sample=recipe.tasks.sample, sample_seed=recipe.seed)
+                          sample=recipe.tasks.sample, sample_seed=recipe.seed,
+                          system_instruction=recipe.tasks.system_instruction,
+                          apply_chat_template=recipe.tasks.apply_chat_template,
+                          fewshot_as_multiturn=recipe.tasks.fewshot_as_multiturn)
+        taskset.use_tokenizer(tok, recipe.model.chat_template, recipe.model.path)
     except OuroLabError as e:
-        raise RecipeError([src.error(_task_field(recipe, str(e)), str(e))]) from None
+        field = chat_field if "chat" in str(e) else _task_field(recipe, str(e))  # chat: from ouro_lab.chat
+        raise RecipeError([src.error(field, str(e))]) from None
     except Exception as e:  # datasets / lm-eval failing on the task data itself
         raise RecipeError([_task_data_error(recipe, src, e)]) from None
     for i, name in enumerate(recipe.tasks.names):
@@ -337,6 +347,7 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     prov.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 wall_s=round(time.perf_counter() - t_start, 2), settings=len(settings),
                 model_forward_calls=calls[0],
+                fitted={s.label: rec["fitted"] for s, _, rec in run.records if rec.get("fitted")},  # per fold
                 files={n: {"checksum": file_digest(run_dir / n), "bytes": (run_dir / n).stat().st_size}
                        for n in tables})  # `ouro-lab report` refuses a table that no longer matches
     atomic_write(run_dir / "provenance.json", json.dumps(prov, indent=2, default=jsonable) + "\n",
@@ -546,12 +557,20 @@ def _summary(summary: dict, run_dir: Path) -> None:
         log(console, headline(task, t, summary["tolerance"]))
         tab = Table(title=f"{task}: {t['metric_words']} (full depth {t['full'] * sc:.1f}); compute saved at "
                           f"<= {summary['tolerance']:g} point loss")
-        for col in ("strategy", "setting", "FLOPs saved", "95% CI", "score change"):
+        for col in ("strategy", "setting", "FLOPs saved", "95% CI", "score change", "cross-fitted",
+                    "warnings"):
             tab.add_column(col, overflow="fold")
-        for r in t["saved"]:
+        for r in t["saved"] if not t.get("withdrawn") else []:  # broken baseline: nothing claimed
+            cf = r.get("crossfit") or {}
             tab.add_row(r["strategy"], r["chosen"] or "none within tolerance",
                         f"{r['saved'] * 100:.1f}%" if r["chosen"] else "-",
                         f"[{r['ci_low'] * 100:.1f}, {r['ci_high'] * 100:.1f}]",
-                        "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}")
+                        "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}",
+                        f"{cf.get('saved', 0) * 100:.1f}% ({cf.get('delta', 0) * sc:+.2f})" if cf else "-",
+                        "; ".join(w["code"] for w in summary["warnings"]
+                                  if w["task"] == task and w["setting"] == r["chosen"] and r["chosen"]))
         console.print(tab)
+        for w in summary["warnings"]:  # each beside its task, the setting named
+            if w["task"] == task:
+                log(console, f"warning [{w['code']}] {w['setting'] or task}: {w['message']}")
     log(console, f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")

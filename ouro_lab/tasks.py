@@ -105,7 +105,11 @@ class TaskSet:
     re-applied by `reset_seeds()` before every evaluation so that each call samples
     the same few-shot examples. `sample` (instead of `limit`, which takes the head of
     the file) draws that many documents per task at random with `sample_seed`; lm-eval
-    numbers them 0..n-1 in file order, `samples[task]` lists their indices in the file."""
+    numbers them 0..n-1 in file order, `samples[task]` lists their indices in the file.
+    `system_instruction`, `apply_chat_template` and `fewshot_as_multiturn` are lm-eval's
+    chat switches; the requests are then rendered with `chat` (`ouro_lab.chat.ChatTemplate`
+    of the model's tokenizer), the same for the trace pass, every replayed setting and
+    every live run."""
 
     names: list[str]
     include_path: list[str | Path] | None = None
@@ -115,6 +119,10 @@ class TaskSet:
     fewshot_seed: int = 1234
     sample: int | None = None
     sample_seed: int = 0
+    system_instruction: str | None = None
+    apply_chat_template: bool | str = False  # a string: one of the tokenizer's named templates
+    fewshot_as_multiturn: bool = False
+    chat: object = field(default=None, repr=False)  # ouro_lab.chat.ChatTemplate: set with the model
     task_dict: dict = field(init=False, repr=False)
     samples: dict | None = field(init=False, repr=False, default=None)  # task -> file indices
     scorers: dict = field(init=False, repr=False, default_factory=dict)  # scoring.Scorer cache
@@ -125,6 +133,9 @@ class TaskSet:
             self.names = [n for n in self.names.split(",") if n]
         if not self.names:
             raise TaskError("tasks: no task names given; name at least one (e.g. loop_demo_mc)")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise TaskError("tasks: fewshot_as_multiturn needs apply_chat_template (the shots become chat "
+                            "turns); set apply_chat_template: true")
         self.task_dict = build_task_dict(self.names, self.include_path, self.data_root, self.num_fewshot)
         for task in self.tasks.values():
             if self.num_fewshot is not None:
@@ -178,6 +189,37 @@ class TaskSet:
                   if set(self.task_dict["group_map"].get(g, [])) <= keep}
         return {"tasks": {n: t for n, t in self.tasks.items() if n in keep}, "groups": groups,
                 "group_map": {g: self.task_dict["group_map"][g] for g in groups}}
+
+    def use_tokenizer(self, tokenizer=None, chat_template=None, path=None) -> None:
+        """Bind the model's tokenizer (loaded from checkpoint folder `path` when not given;
+        none there: no chat) and a chat-template override (`ouro_lab.chat.ChatTemplate`);
+        with `apply_chat_template`, the template is checked now (one line if there is none)."""
+        from ouro_lab.chat import ChatTemplate
+
+        if tokenizer is None and path is not None and any(
+                (Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            from ouro_lab.loading import load_tokenizer
+            tokenizer = load_tokenizer(path)
+        if tokenizer is None:
+            if self.apply_chat_template:
+                raise TaskError(f"tasks: apply_chat_template needs a tokenizer; {path} has none")
+            return
+        self.chat = ChatTemplate(tokenizer, chat_template, source=f"tokenizer of {path or 'the model'}")
+        self.request_kwargs()
+
+    def request_kwargs(self) -> dict:
+        """lm-eval's chat arguments of `Task.build_all_requests` for this task set: the system
+        instruction and, with `apply_chat_template`, the model's template (`self.chat`, an
+        `ouro_lab.chat.ChatTemplate`, set once the tokenizer is known)."""
+        kw = {"system_instruction": self.system_instruction}
+        if not self.apply_chat_template:
+            return kw
+        if self.chat is None:
+            raise TaskError("tasks: apply_chat_template needs the model's tokenizer (TaskSet.chat); "
+                            "load the model first")
+        self.chat.chat_template(self.apply_chat_template)  # resolve it now: one line if there is none
+        return {**kw, "apply_chat_template": True, "fewshot_as_multiturn": self.fewshot_as_multiturn,
+                "chat_template": self.chat.apply_chat_template, "tokenizer_name": self.chat.tokenizer_name}
 
     def reset_seeds(self) -> None:
         """Re-seed few-shot sampling (lm-eval's `simple_evaluate` does this once per run;

@@ -29,7 +29,7 @@ from ouro_lab.errors import OuroLabError
 from ouro_lab.files import DiskFullError, human_bytes
 from ouro_lab.flops import ModelCost
 from ouro_lab.lm import LL_TYPES, HarnessError, OuroLM, Unit, _units_forward
-from ouro_lab.scoring import scorer_for
+from ouro_lab.scoring import _limit, scorer_for
 from ouro_lab.tasks import TaskSet
 from ouro_lab.trace import Trace, TraceDamagedError
 
@@ -62,6 +62,8 @@ def build_units(taskset: TaskSet, lm: OuroLM) -> list[Unit]:
     request order. The requests are the taskset's Scorer's (built once, with the taskset's
     limit and reset few-shot seeds), so the trace pass and scoring share them."""
     units = []
+    if taskset.chat is None:
+        taskset.chat = lm.chat  # chat-formatted requests: the model's own tokenizer template
     scorer = scorer_for(taskset, ll_names(taskset))
     for name in scorer.instances:
         for inst in scorer.instances[name]:
@@ -144,3 +146,30 @@ def trace_pass(model, tokenizer, taskset: TaskSet, batch_size: int = 8, cache_di
         _cache(trace, path, say, require_cache)
     distributed.barrier()  # no rank looks for the cached file before it is complete
     return trace, units
+
+
+def estimate(taskset: TaskSet, names: list[str], cost: ModelCost, steps: int) -> tuple[int, int, float]:
+    """Requests, tokens and full-depth FLOPs of a trace pass over tasks `names`, before any
+    model is loaded (`ouro-lab validate`): the requests' prefix tree, as the pass runs it,
+    tokenized with the tokenizer bound to the task set (`TaskSet.use_tokenizer`), else over
+    characters at ~4 characters a token."""
+    from types import SimpleNamespace
+
+    from ouro_lab.prefix import PrefixTree
+
+    tok = taskset.chat.tokenizer if taskset.chat is not None else None
+    encode = (lambda t: tuple(tok(t, add_special_tokens=False).input_ids)) if tok is not None else tuple
+    units = []
+    for name in names:
+        task = taskset.tasks[name]
+        task.build_all_requests(limit=_limit(task, taskset.limit), samples=taskset.samples_of(name),
+                                rank=0, world_size=1, **taskset.request_kwargs())
+        for inst in task.instances:
+            parts = [a for a in inst.args if isinstance(a, str)]
+            ctx, cont = (parts[0], parts[1]) if len(parts) > 1 else ("", parts[0])
+            units.append(SimpleNamespace(ctx=encode(ctx) or (0,), cont=encode(cont) or (0,)))
+    if not units:
+        return 0, 0, 0.0
+    tree = PrefixTree.build(units, max_length=1 << 30)
+    per = 1 if tok is not None else 4
+    return len(units), tree.n_nodes // per, tree.flops(cost, steps, steps) / per

@@ -209,7 +209,9 @@ def test_sweep_on_two_gloo_processes_equals_one_process(tmp_path, monkeypatch):
     work = p1["trace"]["work"]  # 9 docs x 10 one-token choices: each context runs once
     assert p1["trace"]["forward_calls"] == work["calls"] == p2["trace"]["work"]["calls"]
     assert work["prefix_tree_tokens"] * 9 < work["requested_tokens"]
-    assert 0 < p2["trace"]["forward_calls"] < p1["trace"]["forward_calls"]  # rank 0: its programs only
+    # rank 0 runs its share of the plan's programs (here the whole tree fits in one call)
+    n1, n2 = p1["trace"]["forward_calls"], p2["trace"]["forward_calls"]
+    assert 0 < n2 <= n1 and (n1 == 1 or n2 < n1)
     live1 = p1["model_forward_calls"] - p1["trace"]["forward_calls"]
     live2 = p2["model_forward_calls"] - p2["trace"]["forward_calls"]
     assert 0 < live2 < live1

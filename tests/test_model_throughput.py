@@ -120,3 +120,20 @@ def test_memory_table_numbers(capsys):
     m.main(["--contexts", "4096", "--batch", "2"])
     out = capsys.readouterr().out
     assert "| Ouro-1.4B | 4,096 | 2.67 | 1.50 | 3.00 | 4.50 | 6.00 | 1.50 | 8.67 | 4.17 |" in out
+
+
+# --------------------------------------------------------------------------- bench/trace_cost.py
+
+
+def test_trace_cost_runs_and_counts_the_work(capsys):
+    """Tiny shapes, one repeat: every set's work ratio is computed from an independent trie and
+    the last line is the mmlu-like wall ratio (no timing asserted)."""
+    bench = _load_bench("trace_cost")
+    out = bench.main(["--hidden", "32", "--intermediate", "64", "--heads", "2", "--layers", "1",
+                      "--steps", "2", "--vocab", "128", "--repeats", "1", "--docs", "2",
+                      "--hellaswag-docs", "2", "--demo-docs", "5"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"ratio: {out['mmlu-like']['wall']:.3f}"
+    for name in ("mmlu-like", "hellaswag-like", "demo-mc"):
+        assert 1.0 <= out[name]["work"] <= 1.05, (name, out[name])
+    assert bench.prefix_tree_tokens([(1, 2, 3), (1, 2, 4), (1, 2), (5,)]) == 5

@@ -70,7 +70,7 @@ granularity: word
     assert all(line.startswith(f"{f}:") for line in lines), lines
     text = "\n".join(lines)
     assert f"{f}:3: model.dtyp: unknown key; did you mean 'dtype'?" in text
-    assert "(allowed: path, dtype, device, steps, threads)" in text
+    assert "(allowed: path, dtype, device, steps, threads, chat_template)" in text
     assert f"{f}:4: model.device: 'gpu' is not allowed (allowed: cpu, cuda" in text
     assert f"{f}:7: tasks.limit:" in text and "'ten'" in text
     assert f"{f}:9: strategies[0].name: unknown strategy 'treshold'; did you mean 'threshold'?" in text

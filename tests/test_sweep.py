@@ -3,6 +3,7 @@ trace reuse, resume after kill -9, the lock, and every bad input (one line, exit
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def test_two_sweeps_on_one_folder_do_not_mix(lab, run1):
     assert (run1 / "metrics.csv").is_file()
 
 
-def test_dry_run_and_validate_print_grid_and_cost(lab):
+def test_dry_run_and_validate_print_grid_and_cost(lab, run1):
     code, text = cli("validate", lab / "r.yaml", "tasks.limit=3")
     assert code == 0, text
     assert "10 settings" in text and "threshold" in text and "MFLOP" in text and "valid" in text
@@ -146,6 +147,10 @@ def test_dry_run_and_validate_print_grid_and_cost(lab):
     assert code == 0 and not (lab / "never").exists()
     assert "task tiny_mc: multiple_choice, 8 of 8 documents (all)" in text
     assert "1 full-depth trace pass" in text
+    # the estimate is the requests' prefix tree, what the trace pass really runs (issue 13)
+    est = int(re.search(r"~([\d,]+) distinct prefix tokens", text).group(1).replace(",", ""))
+    work = json.loads((run1 / "provenance.json").read_text())["trace"]["work"]
+    assert abs(est - work["prefix_tree_tokens"]) <= 0.05 * work["prefix_tree_tokens"]
     code, text = cli("validate", lab / "r.yaml", "tasks.names=[tiny_mc, nope]")
     errors = [x for x in text.splitlines() if x.startswith("error:")]
     assert code == 2 and errors == [f"error: {lab / 'r.yaml'}: override tasks.names=[tiny_mc, nope]: "
@@ -183,7 +188,7 @@ def good(lab) -> str:
 
 @pytest.mark.parametrize("edit, field, words", [
     (("dtype: float32", "dtpye: float32"), ":2: model.dtpye:", "did you mean 'dtype'?"),
-    (("batch_size: 16", "batch_size: many"), ":10: batch_size:", "valid integer"),
+    (("batch_size: 16", "batch_size: many"), ":10: batch_size:", "a positive integer, or auto"),
     (("name: budget", "name: budjet"), ":7: strategies[2].name:", "did you mean 'budget'?"),
     (("tiny_mc, tiny_gen", "tiny_mc, tiny_gem"), ":3: tasks.names[1]:", "did you mean"),
     (("q: 0.6}, live: true}", "q: 0.6}, live: true, granularity: sequence}"), ":6: strategies[1].live:",
