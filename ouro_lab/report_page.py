@@ -284,6 +284,15 @@ def _files(run: dict) -> list[str]:
     return out + (["samples/"] if (d / "samples").is_dir() else [])
 
 
+def _formats(plots: list[dict]) -> str:
+    """'PNG, SVG and PDF': the formats written beside the plots' PNGs."""
+    if not plots:
+        return "PNG"
+    png = Path(plots[0]["path"])
+    have = ["PNG"] + [f.upper() for f in ("svg", "pdf") if png.with_suffix(f".{f}").is_file()]
+    return have[0] if len(have) == 1 else ", ".join(have[:-1]) + " and " + have[-1]
+
+
 def _text(cell) -> str:
     return cell[0] if isinstance(cell, tuple) else str(cell)
 
@@ -302,8 +311,8 @@ def render_markdown(run: dict, summary: dict, plots: list[dict]) -> str:
     lines.append("")
     for p in plots[:1]:
         lines += [f"![{p['title']}](plots/{Path(p['path']).name})", "", f"*{p['caption']}*", ""]
-    lines += [f"Files beside this report: {', '.join(f'`{f}`' for f in _files(run))}; plots as PNG, SVG and "
-              "PDF. Rebuild with `ouro-lab report .` in this folder.", ""]
+    lines += [f"Files beside this report: {', '.join(f'`{f}`' for f in _files(run))}; plots as "
+              f"{_formats(plots)}. Rebuild with `ouro-lab report .` in this folder.", ""]
     for task, tabs in tables(summary).items():
         lines += [f"## {task}", ""]
         lines += [f"- warning ({k}): {w}" for k in dict.fromkeys(x for tb in tabs for x in tb.keys if x)
@@ -405,7 +414,7 @@ def _figure(p: dict, main: bool = False) -> str:
     b64 = base64.b64encode(Path(p["path"]).read_bytes()).decode()
     ident = ' id="main"' if main else ""
     name = Path(p["path"]).name
-    return (f'<figure{ident}><a href="plots/{e(name)}" title="the full-size PNG (SVG and PDF beside it)">'
+    return (f'<figure{ident}><a href="plots/{e(name)}" title="the full-size PNG">'
             f'<img alt="{e(p["title"])}" src="data:image/png;base64,{b64}"></a>'
             f"<figcaption>{e(p['caption'])}</figcaption></figure>")
 
@@ -442,7 +451,7 @@ def render_html(run: dict, summary: dict, plots: list[dict]) -> str:
     parts += [_figure(p) for p in plots[1:] if p["kind"] != "main"]
     files = ", ".join(f'<a href="{e(f)}">{e(f)}</a>' for f in _files(run))
     parts += ['<details id="provenance"><summary>Recipe and provenance</summary>',
-              f"<p class=note>Files beside this report: {files}; every plot also as SVG and PDF in "
+              f"<p class=note>Files beside this report: {files}; every plot as {e(_formats(plots))} in "
               "<code>plots/</code>. Rebuild with <code>ouro-lab report .</code> in this folder.</p>",
               "<div class=wrap><table><thead><tr><th>field</th><th>value</th></tr></thead><tbody>"]
     parts += [f"<tr><td>{e(k)}</td><td><code>{e(v)}</code></td></tr>" for k, v in provenance_rows(prov)]

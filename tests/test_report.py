@@ -104,8 +104,6 @@ def test_html_is_self_contained(run1):
     for line in md.splitlines():
         if line.startswith("!["):
             assert (run1 / line.split("](")[1].rstrip(")")).is_file()
-    for png in (run1 / "plots").glob("*.png"):
-        assert png.with_suffix(".svg").is_file() and png.with_suffix(".pdf").is_file()
 
 
 def test_report_leads_with_the_answer(run1):
