@@ -125,7 +125,7 @@ class LiveBatch:
 
     `tick(rows, tokens)` starts new tokens in idle rows and runs one loop step for every
     busy row; `step(tokens, alive)` feeds one token per alive row and ticks until all have
-    exited. `capacity` preallocates the cache for that many tokens per row (else it grows)."""
+    exited. `capacity` preallocates the cache for that many tokens per row (it grows if full)."""
 
     def __init__(self, model, strategy=None, kv_policy: str = "copy", steps: int | None = None,
                  batch: int = 1, seed: int = 0, row_ids=None, capacity: int = 0):
@@ -140,9 +140,9 @@ class LiveBatch:
         self.cost = ModelCost.from_config(cfg)
         self.needs = expand_needs(strategy.needs) if strategy is not None else set()
         self.allowed = allowed_signals(strategy) if strategy is not None else frozenset()
-        self.cache = KVCache(shared=kv_policy == "last", steps=self.R)
-        if capacity:
-            self.cache.allocate(cfg, batch, capacity, model.dtype, dev)
+        # allocated for all B rows now (a first call for some rows must not size it); grows if full
+        self.cache = KVCache(shared=kv_policy == "last", steps=self.R).allocate(cfg, batch, capacity or 16,
+                                                                               model.dtype, dev)
         self.B, self.seed = batch, seed
         # stable ids of the rows' requests: randomized rules draw per (request, token), so
         # the same slot in two batches does not repeat the same draws
@@ -170,8 +170,7 @@ class LiveBatch:
     def start(self, rows: Tensor, request_ids) -> None:
         """Empty `rows` for new requests: cache rows, counters, draw ids."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        if self.cache.store is not None:
-            self.cache.reset(rows)
+        self.cache.reset(rows)
         for name in COUNTERS:
             getattr(self, name)[rows] = 0
         self.row_ids[rows] = torch.as_tensor(request_ids, dtype=torch.long)
@@ -206,18 +205,18 @@ class LiveBatch:
                             "which decoding does not know; it can only be replayed")
         dev, every = self.model.device, len(rows) == self.B
         x, ctx = self.model.prepare(tokens.to(dev)[:, None], None, None, self.cache, None if every else rows)
-        at = slice(None) if every else rows.to(dev)
+        sel, at = (slice(None), slice(None)) if every else (rows, rows.to(dev))
         self.h[at], self.cos[at], self.sin[at] = x, ctx.cos, ctx.sin
         self.tgt[at] = -1 if targets is None else targets.to(dev).long()
         self.logp[at] = math.nan
-        self.col[rows], self.next_step[rows], self.exit_at[rows] = ctx.cols, 0, -1
-        self.want[rows] = True if readout is None else readout.bool()
-        self.index[rows] = self.row_ids[rows] * 1_000_003 + self.fed[rows]
-        self.ctx_len[rows] = self.cache.next_pos[at].cpu()  # keys the token attends to, itself included
-        self.step_cost[rows] = (self.cost.layer_flops + self.cost.gate_flops
-                                + self.cost.attn_flops_per_ctx * self.ctx_len[rows].double())
+        self.col[sel], self.next_step[sel], self.exit_at[sel] = ctx.cols, 0, -1
+        self.want[sel] = True if readout is None else readout.bool()
+        self.index[sel] = self.row_ids[sel] * 1_000_003 + self.fed[sel]
+        self.ctx_len[sel] = self.cache.next_pos[at].cpu()  # keys the token attends to, itself included
+        self.step_cost[sel] = (self.cost.layer_flops + self.cost.gate_flops
+                               + self.cost.attn_flops_per_ctx * self.ctx_len[sel].double())
         for k, v in self.at_start.items():
-            v[rows] = getattr(self, k)[rows]
+            v[sel] = getattr(self, k)[sel]
         if self.sig is not None:
             self.sig.start(at)
 
@@ -235,15 +234,18 @@ class LiveBatch:
         if not len(busy):
             return None
         model, dev, R = self.model, self.model.device, self.R
-        steps = self.next_step[busy]
-        every = len(busy) == self.B
-        at = slice(None) if every else busy.to(dev)
+        every = len(busy) == self.B  # then slices, not index tensors: the lockstep case stays cheap
+        sel, at = (slice(None), slice(None)) if every else (busy, busy.to(dev))
+        steps = self.next_step[sel]
         uniform = bool((steps == steps[0]).all())
-        ctx = self.cache.context(self.cos[at], self.sin[at], busy, self.col[busy], None if uniform else steps)
-        h = model.loop_step(self.h if every else self.h[at], int(steps[0]), ctx)
-        self.h[at] = h
-        self.flops[busy] += self.step_cost[busy]
-        self.steps_executed[busy] += 1
+        ctx = self.cache.context(self.cos[at], self.sin[at], busy, self.col[sel], None if uniform else steps)
+        h = model.loop_step(self.h[at], int(steps[0]), ctx)
+        if every:
+            self.h = h
+        else:
+            self.h[at] = h
+        self.flops[sel] += self.step_cost[sel]
+        self.steps_executed[sel] += 1
         if self.states is not None:
             self.states[steps.to(dev), busy.to(dev)] = h[:, 0]
         logp = None
@@ -251,21 +253,22 @@ class LiveBatch:
             tgt = None if not self.needs & TARGET_SIGNALS else self.tgt[at]
             logp = self.sig.add(model, busy.to(dev), steps.to(dev), h[:, 0], tgt)
         if logp is not None:
-            self.readouts[busy] += 1
-            self.flops[busy] += self.cost.head_flops
-        self._decide_all(busy, steps, h[:, 0], logp)
-        done = (self.exit_at[busy] >= 0) & ((steps == R - 1) | (self.policy != "full"))
+            self.readouts[sel] += 1
+            self.flops[sel] += self.cost.head_flops
+        self._decide_all(busy, steps, h[:, 0], logp, uniform)
+        done = (self.exit_at[sel] >= 0) & ((steps == R - 1) | (self.policy != "full"))
         finished = busy[done]
-        self.next_step[busy] += 1
+        self.next_step[sel] += 1
         self.next_step[finished] = -1
         return self._finish(busy, finished)
 
-    def _decide_all(self, busy: Tensor, steps: Tensor, h: Tensor, logp: Tensor | None) -> None:
+    def _decide_all(self, busy: Tensor, steps: Tensor, h: Tensor, logp: Tensor | None, uniform: bool) -> None:
         """Exit decisions of the busy rows that have not exited, grouped by their step."""
         undecided = self.exit_at[busy] < 0
-        for r in steps[undecided].unique().tolist():
-            pos = (undecided & (steps == r)).nonzero()[:, 0]  # positions among busy
-            rows = busy[pos]
+        lockstep = uniform and bool(undecided.all())  # one group: every busy row at one step
+        for r in [int(steps[0])] if lockstep else steps[undecided].unique().tolist():
+            pos = torch.arange(len(busy)) if lockstep else (undecided & (steps == r)).nonzero()[:, 0]
+            rows = busy if lockstep else busy[pos]  # positions among busy, their rows
             stop = self._decide(r, rows)
             new, new_pos = rows[stop], pos[stop]
             if not len(new):
@@ -280,10 +283,10 @@ class LiveBatch:
         """(len(rows),) CPU bool: which of `rows` (all at step r) exit there (the last step always)."""
         if r == self.R - 1 or self.strategy is None:
             return torch.full((len(rows),), r == self.R - 1, dtype=torch.bool)
-        dev = self.model.device
-        ids = self.index[rows].to(dev)
+        dev, at = self.model.device, slice(None) if len(rows) == self.B else rows
+        ids = self.index[at].to(dev)
         data = self.sig.upto(r, rows.to(dev)) if self.sig is not None else {}
-        s = Signals(data, self.R, ids, ids, self.seed, self.ctx_len[rows].to(dev), self.cost,
+        s = Signals(data, self.R, ids, ids, self.seed, self.ctx_len[at].to(dev), self.cost,
                     len(rows)).only(self.allowed)
         return decide_checked(self.strategy, s, r).cpu()  # the contract, as replay enforces it
 
@@ -297,20 +300,21 @@ class LiveBatch:
         """Finished tokens: `copy` fills their deeper slots; "used" FLOPs (what replay
         charges: steps up to the exit and the rule's readouts there; under `full` the
         executed count also has the steps after) and token counts."""
-        exit_step = self.exit_at[rows]
-        if self.policy == "copy":
+        at = slice(None) if len(rows) == self.B else rows  # all rows: slices, not index tensors
+        exit_step = self.exit_at[at]
+        if self.policy == "copy" and len(rows) and int(exit_step.min()) < self.R - 1:
             for e in exit_step[exit_step < self.R - 1].unique().tolist():
-                sel = rows[exit_step == e]
-                self.cache.copy_deeper(e, sel, self.col[sel])
+                pick = rows[exit_step == e]
+                self.cache.copy_deeper(e, pick, self.col[pick])
         need = (self.strategy.readouts(exit_step) if self.strategy is not None
-                else self.readouts[rows] - self.at_start["readouts"][rows])
-        used = (exit_step + 1).double() * self.step_cost[rows] + need.double() * self.cost.head_flops
-        self.flops_used[rows] += used
-        self.tokens[rows] += 1
-        self.fed[rows] += 1
+                else self.readouts[at] - self.at_start["readouts"][at])
+        used = (exit_step + 1).double() * self.step_cost[at] + need.double() * self.cost.head_flops
+        self.flops_used[at] += used
+        self.tokens[at] += 1
+        self.fed[at] += 1
         return {"busy": busy, "done": rows, "exit": exit_step,
-                **{k: getattr(self, k)[rows] - self.at_start[k][rows] for k in ("flops", "flops_used")},
-                "steps": self.steps_executed[rows] - self.at_start["steps_executed"][rows]}
+                **{k: getattr(self, k)[at] - self.at_start[k][at] for k in ("flops", "flops_used")},
+                "steps": self.steps_executed[at] - self.at_start["steps_executed"][at]}
 
     @torch.no_grad()
     def step(self, tokens: Tensor, alive: Tensor, targets: Tensor | None = None,

@@ -32,6 +32,20 @@ def test_main_accepts_the_documented_flags(capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ratio")
 
 
+def test_live_speed_bench_runs_every_part_and_prints_the_ratio_last(capsys):
+    """bench/live_speed.py on a tiny shape: every case, mixed depth, the speculation part on
+    the demo task (its output identical to plain greedy); no timing asserted."""
+    bench = _load_bench("live_speed")
+    bench.main(["--shape", "tiny", "--batches", "1,2", "--prompts", "8,24", "--tokens", "2", "--reps", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0
+    cases = [x for x in lines if "measured/ideal" in x and "k=" in x]
+    assert len(cases) == 2 * 2 * 2 * 3  # batches x prompts x policies x k = 1 .. R-1
+    assert sum("mixed depth, batch 2" in x for x in lines) == 2
+    spec = [x for x in lines if "tokens/round" in x]
+    assert len(spec) == 6 and all(x.endswith("identical output: yes") for x in spec)
+
+
 # --------------------------------------------------------------------------- bench/gpu_throughput.py
 
 

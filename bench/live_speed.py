@@ -1,0 +1,295 @@
+"""Live early-exit decoding speed against plain full-depth `generate`, side by side in one run.
+
+    .venv/bin/python bench/live_speed.py                      # random mid-size Ouro, float32, CPU
+    .venv/bin/python bench/live_speed.py --quick              # fewer cases, a smoke run
+    python bench/live_speed.py --device cuda --dtype bfloat16 --shape 1.4b
+
+For every batch (1, 8) and prompt length (128, 2048) the prompt is prefilled once into a
+static cache (one row, expanded to the batch), then each method decodes `--tokens` tokens
+from it, methods interleaved and repeated `--reps` times (medians; these machines are
+noisy): plain `model.generate` at full depth, live decoding with every token exiting at
+step k = 1 .. R-1 under `copy` and `last`, and live decoding at full depth. The cache is
+rolled back to the prompt between runs, so every run decodes the same positions.
+
+Printed per case: decode tokens/s, the measured speed-up over `generate`, the ideal
+speed-up (the FLOPs ratio at the mean decode context, LM head included:
+`ModelCost.token_flops(R, ctx) / token_flops(k, ctx)`) and measured / ideal. Then:
+live at full depth over `generate`; per-token decode time at the longest prompt over the
+shortest; mixed depth at the widest batch (rows alternating step 1 and full depth, decoded in
+ticks: measured speed-up over the FLOPs ratio of the tokens made); self-speculative
+decoding (drafts at step 1 or 2, 1-4 per round, verified at full depth) over plain greedy
+on the demo generation task, its output checked identical. The last line is the worst
+measured / ideal over the uniform early-exit cases (k = 1 .. R-1, both policies, every
+batch and prompt): `ratio: X`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from model_throughput import bench_config  # noqa: E402
+
+from ouro_lab.flops import ModelCost  # noqa: E402
+from ouro_lab.live import LiveBatch  # noqa: E402
+from ouro_lab.model import OuroConfig, OuroForCausalLM, init_weights  # noqa: E402
+from ouro_lab.registry import make_strategy  # noqa: E402
+from ouro_lab.strategy import ExitStrategy  # noqa: E402
+
+SHAPES = {"mid": None, "tiny": dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, total_ut_steps=4, max_position_embeddings=256),
+          "1.4b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632,
+                                    num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                                    head_dim=128, total_ut_steps=4, rope_theta=1e6,
+                                    max_position_embeddings=65536)}
+
+
+def build_model(shape: str, dtype: torch.dtype, device: str) -> OuroForCausalLM:
+    cfg = bench_config() if SHAPES[shape] is None else OuroConfig(**SHAPES[shape])
+    with torch.device(device):
+        model = OuroForCausalLM(cfg)
+    return init_weights(model, seed=0).to(dtype).eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def prefilled(model, prompt: torch.Tensor, batch: int, capacity: int, shared: bool):
+    """A cache holding `prompt` (1, P) at full depth, its row repeated `batch` times."""
+    run = LiveBatch(model, None, "last" if shared else "copy", batch=1, capacity=capacity)
+    run.prefill(prompt, torch.ones_like(prompt))
+    return run.cache.select(torch.zeros(batch, dtype=torch.long))
+
+
+def methods(model, caches, prompt_len: int, batch: int, tokens: int, ks: list[int]):
+    """name -> a closure decoding `tokens` tokens from the prefilled caches (rolled back first)."""
+    last_tok = torch.zeros(batch, dtype=torch.long, device=model.device)
+    keep = torch.full((batch,), prompt_len, dtype=torch.long)
+
+    def plain():
+        cache = caches[False]
+        cache.truncate(keep)
+        model.generate(last_tok[:, None], max_new_tokens=tokens, cache=cache)
+
+    def live(policy, k):
+        run = LiveBatch(model, make_strategy("fixed", {"step": k}), policy, batch=batch)
+        run.cache = caches[policy == "last"]
+        alive = torch.ones(batch, dtype=torch.bool)
+
+        def go():
+            run.cache.truncate(keep)
+            cur = last_tok
+            for _ in range(tokens):
+                cur = run.step(cur, alive)["logp"].argmax(-1)
+        return go
+
+    R = model.config.total_ut_steps
+    out = {"generate": plain}
+    for policy in ("copy", "last"):
+        for k in ks:
+            out[f"{policy} k={k}"] = live(policy, k)
+    out[f"copy k={R} (full depth)"] = live("copy", R)
+    return out
+
+
+def time_interleaved(fns: dict, reps: int, device: str) -> dict[str, list[float]]:
+    for fn in fns.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_case(model, batch: int, prompt_len: int, args, ks: list[int]) -> tuple[list[dict], float, float]:
+    """Rows of one (batch, prompt) case; also generate's and full-depth live's s/token."""
+    cost = ModelCost.from_config(model.config)
+    R = model.config.total_ut_steps
+    g = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(model.device)
+    capacity = prompt_len + args.tokens + 2
+    caches = {shared: prefilled(model, prompt, batch, capacity, shared) for shared in (False, True)}
+    fns = methods(model, caches, prompt_len, batch, args.tokens, ks)
+    times = time_interleaved(fns, args.reps, args.device)
+    med = {name: statistics.median(ts) / args.tokens for name, ts in times.items()}
+    spread = {name: (min(ts) / args.tokens, max(ts) / args.tokens) for name, ts in times.items()}
+    ctx = prompt_len + 1 + args.tokens / 2  # mean keys attended while decoding
+    rows = []
+    for name in med:
+        if name == "generate" or "full depth" in name:
+            continue
+        k = int(name.split("=")[1])
+        speedup = med["generate"] / med[name]
+        ideal = cost.token_flops(R, ctx) / cost.token_flops(k, ctx)
+        rows.append({"batch": batch, "prompt": prompt_len, "method": name, "tok_s": batch / med[name],
+                     "speedup": speedup, "ideal": ideal, "ratio": speedup / ideal,
+                     "spread": (med["generate"] / spread[name][1], med["generate"] / spread[name][0])})
+    full = next(n for n in med if "full depth" in n)
+    print(f"  batch {batch}, prompt {prompt_len}: generate {batch / med['generate']:.1f} tok/s "
+          f"({med['generate'] * 1e3:.1f} ms/token, runs {spread['generate'][0] * 1e3:.1f}-"
+          f"{spread['generate'][1] * 1e3:.1f}); live at full depth / generate: "
+          f"{med[full] / med['generate']:.3f}", flush=True)
+    for r in rows:
+        print(f"    {r['method']:<8} {r['tok_s']:8.1f} tok/s  speed-up {r['speedup']:5.2f}x "
+              f"(runs {r['spread'][0]:.2f}-{r['spread'][1]:.2f})  ideal {r['ideal']:5.2f}x  "
+              f"measured/ideal {r['ratio']:.3f}", flush=True)
+    return rows, med["generate"], med[full]
+
+
+class AlternateRows(ExitStrategy):
+    """Even rows exit at the first step, odd rows run every step (mixed depth in one batch)."""
+
+    needs = ()
+
+    def decide(self, s, r):
+        return (s.index // 1_000_003) % 2 == 0  # the row id (see LiveBatch.index)
+
+
+def bench_mixed(model, batch: int, prompt_len: int, args) -> dict:
+    """Mixed depth in one batch: even rows exit at step 1, odd rows at full depth, decoded
+    in ticks (an exited row starts its next token at once). Measured tokens/s over full-depth
+    live decoding divided by the FLOPs ratio of the tokens actually made."""
+    g = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(model.device)
+    n = batch * args.tokens
+    cache = prefilled(model, prompt, batch, prompt_len + 4 * n // batch + 8, False)
+    keep = torch.full((batch,), prompt_len, dtype=torch.long)
+    runs = {"mixed": LiveBatch(model, AlternateRows(), "copy", batch=batch),
+            "full": LiveBatch(model, None, "copy", batch=batch)}
+    made: dict[str, list] = {k: [] for k in runs}
+
+    def decode(run):  # ticks until `n` tokens are made; rows that exit early simply make more
+        cache.truncate(keep)
+        run.cache = cache
+        cur, ready, tokens = torch.zeros(batch, dtype=torch.long), list(range(batch)), 0
+        f0 = run.flops.sum().item()
+        while tokens < n:
+            out = run.tick(torch.tensor(ready, dtype=torch.long), cur[ready])
+            ready = out["done"].tolist()
+            tokens += len(ready)
+            cur[out["done"]] = run.logp[out["done"].to(run.logp.device)].argmax(-1).cpu()
+        while run.tick() is not None:
+            pass
+        return tokens, run.flops.sum().item() - f0
+
+    for run in runs.values():  # warm-up
+        decode(run)
+    for _ in range(args.reps):
+        for name, run in runs.items():
+            sync(args.device)
+            t0 = time.perf_counter()
+            tokens, flops = decode(run)
+            sync(args.device)
+            made[name].append((tokens / (time.perf_counter() - t0), flops / tokens))
+    tput = {k: statistics.median(t for t, _ in v) for k, v in made.items()}
+    fpt = {k: statistics.median(f for _, f in v) for k, v in made.items()}
+    speedup, ideal = tput["mixed"] / tput["full"], fpt["full"] / fpt["mixed"]
+    print(f"  mixed depth, batch {batch}, prompt {prompt_len} (rows alternate step 1 / full depth): "
+          f"speed-up {speedup:.2f}x, ideal {ideal:.2f}x, measured/ideal {speedup / ideal:.3f}", flush=True)
+    return {"speedup": speedup, "ideal": ideal}
+
+
+def bench_speculation(args) -> None:
+    """Self-speculative decoding against plain full-depth greedy live decoding on the demo
+    generation task (all 80 prompts, its until strings and token cap), same batch plan;
+    the texts must be identical."""
+    import json
+
+    from ouro_lab.live import live_generate
+    from ouro_lab.loading import load_model, load_tokenizer
+    from ouro_lab.speculative import speculative_generate
+
+    mdir = ROOT / "ouro_lab" / "builtin" / "loop-demo"
+    model, tok = load_model(mdir, device=args.device), load_tokenizer(mdir)
+    task = (ROOT / "tasks" / "data" / "loop_demo_gen.jsonl").read_text().splitlines()
+    prompts = [tok(json.loads(line)["prompt"]).input_ids for line in task]
+    kw = dict(until=["\n", "<eos>"], max_new_tokens=4, eos_token_id=model.config.eos_token_id, batch_size=16)
+    settings = [(k, n) for k in (1, 2) for n in (1, 2, 4)]
+    fns = {"plain": lambda: live_generate(model, tok, prompts, None, "copy", **kw)}
+    for k, n in settings:
+        draft = make_strategy("fixed", {"step": k})
+        fns[(k, n)] = (lambda d=draft, n=n: speculative_generate(model, tok, prompts, d, n, **kw))
+    plain = fns["plain"]()[0]
+    times = time_interleaved(fns, args.reps, args.device)
+    base = statistics.median(times["plain"])
+    print(f"speculation on the demo generation task ({len(prompts)} prompts, batch 16; plain greedy "
+          f"{base * 1e3:.0f} ms):", flush=True)
+    for k, n in settings:
+        texts, recs = fns[(k, n)]()
+        acc = sum(r["accepted"] for r in recs) / max(sum(r["drafted"] for r in recs), 1)
+        ts = times[(k, n)]
+        print(f"  draft step {k}, {n} tokens/round: speed-up {base / statistics.median(ts):.2f}x "
+              f"(runs {base / max(ts):.2f}-{base / min(ts):.2f}), drafts accepted {acc:.0%}, "
+              f"identical output: {'yes' if texts == plain else 'NO'}", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--shape", default="mid", choices=sorted(SHAPES),
+                    help="mid: hidden 512, 4 layers, 4 steps, vocab 8192; 1.4b: Ouro-1.4B; tiny: tests")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompts", default="128,2048")
+    ap.add_argument("--tokens", type=int, default=8, help="decode tokens per timed run")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
+    ap.add_argument("--no-speculation", action="store_true", help="skip the demo speculation part")
+    ap.add_argument("--quick", action="store_true", help="batch 1, prompt 128, k=1, 3 reps")
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("live_speed: --device cuda but no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.batches, args.prompts, args.reps = "1", "128", 3
+    model = build_model(args.shape, getattr(torch, args.dtype), args.device)
+    R = model.config.total_ut_steps
+    ks = [1] if args.quick else list(range(1, R))
+    print(f"live_speed: shape {args.shape}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
+          f"{args.tokens} tokens x {args.reps} runs per method (medians)", flush=True)
+    rows, per_token = [], {}
+    for batch in map(int, args.batches.split(",")):
+        for prompt_len in map(int, args.prompts.split(",")):
+            case, gen, full = bench_case(model, batch, prompt_len, args, ks)
+            rows += case
+            per_token[(batch, prompt_len)] = (gen, full)
+    print("goals: measured/ideal >= 0.9 at batch 1, >= 0.85 at batch 8; full depth <= 1.05x generate; "
+          "decode time at the longest prompt <= 1.3x the shortest")
+    for batch in sorted({b for b, _ in per_token}):
+        lens = sorted(p for b, p in per_token if b == batch)
+        worst = min(r["ratio"] for r in rows if r["batch"] == batch)
+        full = max(per_token[(batch, p)][1] / per_token[(batch, p)][0] for p in lens)
+        line = f"  batch {batch}: worst measured/ideal {worst:.3f}; full depth / generate (worst) {full:.3f}"
+        if len(lens) > 1:
+            (g0, f0), (g1, f1) = per_token[(batch, lens[0])], per_token[(batch, lens[-1])]
+            line += (f"; decode time prompt {lens[-1]} / {lens[0]}: generate {g1 / g0:.2f}x, "
+                     f"live full depth {f1 / f0:.2f}x")
+        print(line, flush=True)
+    widest = max(map(int, args.batches.split(",")))
+    if not args.quick and widest > 1:
+        for prompt_len in map(int, args.prompts.split(",")):
+            bench_mixed(model, widest, prompt_len, args)
+    if not args.no_speculation:
+        bench_speculation(args)
+    print(f"ratio: {min(r['ratio'] for r in rows):.3f}")
+
+
+if __name__ == "__main__":
+    main()
