@@ -7,8 +7,9 @@
     accuracy_by_difficulty(samples, task, metric, settings, path)
 
 `metrics` is metrics.csv as a DataFrame, `samples` samples.parquet, `exits` exits.csv.
-Every figure is written as PNG (200 dpi), SVG and PDF beside each other; the functions
-return the PNG's path. Colours and markers come from `ouro_lab.labels` (keyed by
+Every figure is written as PNG (200 dpi), SVG and PDF beside each other
+(`OURO_LAB_PLOT_FORMATS=png` keeps only the PNG the report embeds); the functions return
+the PNG's path. Colours and markers come from `ouro_lab.labels` (keyed by
 strategy name, the same in every plot of every run), scores are drawn in points like
 the tables, every point carries its parameter value, legends sit outside the axes and
 the caption under each figure says what the error bars are.
@@ -17,6 +18,7 @@ the caption under each figure says what the error bars are.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -43,11 +45,20 @@ DPI = 200
 FORMATS = ("png", "svg", "pdf")
 STYLE = {"figure.dpi": DPI, "savefig.dpi": DPI, "axes.grid": True, "grid.alpha": 0.3,
          "axes.spines.top": False, "axes.spines.right": False, "font.size": 9, "legend.fontsize": 7.5,
-         "legend.frameon": False, "svg.hashsalt": "ouro-lab", "pdf.fonttype": 42}
+         "legend.frameon": False, "svg.hashsalt": "ouro-lab", "svg.fonttype": "none", "pdf.fonttype": 42}
 FIXED = "fixed"
 MODE, KEY = "run_mode", "metric_key"  # metrics.csv's columns (ouro_lab.tables)
 REF = {"full": dict(color="0.2", ls=":", lw=1.1), "chance": dict(color="#B22222", ls="-.", lw=1.0),
        "band": dict(color="0.86", lw=0, zorder=0)}
+
+
+def formats() -> tuple[str, ...]:
+    """The formats written: $OURO_LAB_PLOT_FORMATS (comma list) within png, svg, pdf; the
+    PNG always (the report embeds it)."""
+    asked = os.environ.get("OURO_LAB_PLOT_FORMATS")
+    if not asked:
+        return FORMATS
+    return ("png",) + tuple(f for f in FORMATS[1:] if f in {x.strip().lower() for x in asked.split(",")})
 
 
 def _save(fig, path: Path) -> Path:
@@ -57,7 +68,7 @@ def _save(fig, path: Path) -> Path:
     meta = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None, "Producer": None}}
     try:
         box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.1)  # once, not a draw per format
-        for fmt in FORMATS:
+        for fmt in formats():
             with atomic_path(path.with_suffix(f".{fmt}"), "a plot") as tmp:
                 fig.savefig(tmp, format=fmt, bbox_inches=box, metadata=meta[fmt])
     finally:
@@ -116,29 +127,32 @@ def _label_points(ax, points, obstacles, ymax: float | None = None) -> None:
             (-4, -3, "right", "top"), (0, 6, "center", "bottom"), (0, -6, "center", "top"),
             (7, 0, "left", "center"), (-7, 0, "right", "center")]
     places = near + [(f * dx, f * dy, ha, va) for f in (3, 5) for dx, dy, ha, va in near]  # leader lines
+    pt = DPI / 72  # pixels per point
     placed: list[Bbox] = []
     for x, y, text, color in points:
         if not text or not (np.isfinite(x) and np.isfinite(y)):
             continue
+        probe = ax.text(0, 0, text, fontsize=6)  # measured once; each place is arithmetic
+        e = probe.get_window_extent(r)
+        probe.remove()
+        w, h = e.width, e.height
+        u, v = px((x, y))
         best = None
         for dx, dy, ha, va in places:
+            left = u + dx * pt - {"left": 0, "center": w / 2, "right": w}[ha]
+            bottom = v + dy * pt - {"bottom": 0, "center": h / 2, "top": h}[va]
+            bb = Bbox.from_extents(left - 3, bottom - 1, left + w + 3, bottom + h + 1)  # some air around
             far = abs(dx) + abs(dy) > 10
-            a = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
-                            fontsize=6, color=color, zorder=6,
-                            arrowprops=dict(arrowstyle="-", lw=0.4, color=color, shrinkA=0, shrinkB=2)
-                            if far else None)
-            e = a.get_window_extent(r)
-            bb = Bbox.from_extents(e.x0 - 3, e.y0 - 1, e.x1 + 3, e.y1 + 1)  # a little air between labels
             cost = sum(_overlap(bb, b) for b in placed) + 0.5 * sum(_overlap(bb, b) for b in blocked)
             cost += 10 * (bb.width * bb.height - _overlap(bb, inside)) + (0.01 if far else 0)
             if best is None or cost < best[0]:
-                if best is not None:
-                    best[1].remove()
-                best = (cost, a, bb)
-            else:
-                a.remove()
+                best = (cost, (dx, dy, ha, va, far), bb)
             if cost <= 0.01:
                 break
+        dx, dy, ha, va, far = best[1]
+        leader = dict(arrowstyle="-", lw=0.4, color=color, shrinkA=0, shrinkB=2) if far else None
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=6,
+                    color=color, zorder=6, arrowprops=leader)
         placed.append(best[2])
 
 
@@ -178,8 +192,10 @@ def _score_axis(ax, metric: str, scale: float) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
-def _curve(ax, d, x: str, scale: float, live: bool, points: list, obstacles: list) -> None:
-    """One strategy's settings as a curve (or a lone point), its parameter values as labels."""
+def _curve(ax, d, x: str, scale: float, live: bool, points: list, obstacles: list,
+           joined: bool = True) -> None:
+    """One strategy's settings as a curve (or a lone point; `joined` False: points only),
+    its parameter values as labels."""
     s = str(d.strategy.iloc[0])
     color, marker = strategy_style(s)
     d = d.sort_values([x, "value"])
@@ -194,6 +210,8 @@ def _curve(ax, d, x: str, scale: float, live: bool, points: list, obstacles: lis
     if live:
         style.update(mfc="white", mew=1.2, ls="--", lw=0.9)
         label = f"{s} live ({note})" if note else f"{s} live"
+    if not joined:
+        style.update(lw=0)
     xs, ys = d[x].to_numpy(float), d.value.to_numpy(float) * scale
     ax.errorbar(xs, ys, yerr=_yerr(d, scale), label=label, **style)
     if s == FIXED:
@@ -281,11 +299,13 @@ def seconds_column(metrics) -> str | None:
 
 def accuracy_vs_seconds(metrics, task: str, metric: str, path: Path, tolerance: float | None = 1.0,
                         chance: float | None = None, column: str | None = None) -> Path:
-    """Live runs only: score against measured wall-clock seconds per token, one curve per
-    strategy (full depth, tolerance band and chance as in accuracy_vs_flops)."""
+    """Live runs only: score against measured wall-clock seconds per token, one marker per
+    setting, not joined (a setting's time is measured, so the order of a grid's settings
+    need not be the order of their times), full depth, tolerance band and chance as in
+    accuracy_vs_flops. Settings that were not run (the oracle, composed) are left out."""
     m = _rows(metrics, task, metric)
     col = column or seconds_column(m)
-    live = m[(m[MODE] == "live") & m[col].notna()]
+    live = m[(m[MODE] == "live") & m[col].notna() & (m["kind"].astype(str) != "select")]
     scale = points_scale(metric, m.value)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.0, 4.3))
@@ -296,14 +316,15 @@ def accuracy_vs_seconds(metrics, task: str, metric: str, path: Path, tolerance: 
         points, obstacles = [], []
         scaled = live.assign(**{col: live[col] * 1e3})
         for s in _strategies(scaled):
-            _curve(ax, scaled[scaled.strategy == s], col, scale, False, points, obstacles)
+            _curve(ax, scaled[scaled.strategy == s], col, scale, False, points, obstacles, joined=False)
         ax.set_xlabel("measured milliseconds per token" + (" (decode)" if col.startswith("decode") else ""))
         _score_axis(ax, metric, scale)
         ax.set_title(f"{task}: {metric_words(metric)} versus measured time (live runs)", fontsize=9.5)
         _label_points(ax, points, obstacles, ymax=104.9 if scale == 100 else None)
         _legend_outside(ax)
-        _caption(fig, "Error bars: 95% paired-bootstrap intervals over documents. Time: wall clock of the "
-                 "live decoder on the run's device, the same batch plan for every setting.")
+        _caption(fig, "Error bars: 95% paired-bootstrap intervals over documents. Time: the wall clock of "
+                 "each live run on the run's device divided by its tokens, measured once (no interval; "
+                 "noisy on a shared machine).")
         return _save(fig, path)
 
 

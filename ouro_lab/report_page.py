@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ouro_lab.claims import REPLAY_ASSUMES
 from ouro_lab.labels import strategy_style
 
 FILES = ("metrics.csv", "samples.parquet", "samples.csv", "exits.csv", "provenance.json")  # where present
@@ -66,12 +67,17 @@ def headline(task: str, t: dict, tol: float) -> str:
     full = f"{t['full'] * sc:.1f}{'%' if sc == 100 else ''}"
     h = t.get("headline")
     if not h:
+        if t.get("withdrawn") == "baseline_broken":
+            return f"{task}: no claim: full depth scores {full}, at or below chance."
         return (f"{task}: no strategy saves compute within {tol:g} {_unit(t, tol)} of full depth "
                 f"({words} {full}).")
     how = "replayed from the full-depth trace" if h["mode"] == "replay" else "run live (real early exit)"
     s = (f"{task}: {h['setting']} saves {_pct(h['saved'])}% of the FLOPs per token (95% CI "
          f"{_pct(h['ci_low'])} to {_pct(h['ci_high'])}%) for {_pct(h['delta'], sc, True)} "
-         f"{_unit(t, 2)} of {words} against full depth ({full}), {how}.")
+         f"{_unit(t, 2)} of {words} against full depth ({full}), {how}")
+    ins = h.get("in_sample")
+    s += (f"; cross-fitted: chosen on other documents, scored on held-out ones (in sample "
+          f"{_pct(ins['saved'])}% for {_pct(ins['delta'], sc, True)}).") if ins else "."
     live = h.get("live")
     if live:
         s += (f" Run live ({live['kv_policy']} KV policy) it scores {_pct(live['live'], sc)} "
@@ -121,8 +127,9 @@ def warnings_for(summary: dict, task: str | None, setting: str | None = None) ->
 
 def tables(summary: dict) -> dict[str, list[Table]]:
     """Per task, its tables in reading order."""
-    return {task: [t for t in (_saved_table(task, t, summary), _budget_table(task, t), _auc_table(task, t),
-                               _live_table(task, t)) if t is not None]
+    return {task: [t for t in (_saved_table(task, t, summary), _certified_table(task, t),
+                               _budget_table(task, t), _auc_table(task, t), _live_table(task, t))
+                   if t is not None]
             for task, t in summary["tasks"].items()}
 
 
@@ -130,18 +137,55 @@ def _saved_table(task, t, summary) -> Table:
     sc, tol = t["scale"], summary["tolerance"]
     tab = Table(f"{task}-saved", f"{task}: compute saved at <= {tol:g} {_unit(t, tol)} loss",
                 ["strategy", "cheapest setting within tolerance", "FLOPs saved", "95% paired bootstrap",
-                 f"{t['metric_words']} change"],
-                note=f"Full depth scores {t['full'] * sc:.1f}. Most compute saved first, the oracle (a "
-                     "bound) last. The interval repeats the choice of setting on every resample of documents "
-                     "(paired across settings).")
+                 f"{t['metric_words']} change", "cross-fitted: saved [95%]", "its change (held out)"],
+                note=f"Full depth scores {t['full'] * sc:.1f}. Most compute saved first, the oracle "
+                     "(a bound) last; FLOPs saved = 1 - FLOPs per token relative to full depth. In sample, "
+                     "the setting is chosen and scored on the same documents; cross-fitted, it is chosen on "
+                     "the other calibration folds and scored on each held-out fold (the headline's figure). "
+                     "Intervals repeat the choice on every resample of documents (paired across settings). "
+                     + REPLAY_ASSUMES)
+    if t.get("withdrawn"):  # a broken baseline: no saving against it is claimed (see the warning)
+        tab.note = "No claim: full depth scores at or below chance. " + tab.note
     for r in t["saved"]:
+        cf = r.get("crossfit") or {}
+        if t.get("withdrawn"):
+            tab.rows.append([r["strategy"], "no claim (full depth at chance)"] + ["-"] * 5)
+            tab.keys.append(None)
+            tab.strategies.append(r["strategy"])
+            continue
         tab.rows.append([r["strategy"] + (" (reads the answer)" if r["kind"] == "select" else ""),
                          r["chosen"] or "none within tolerance",
                          (_pct(r["saved"]) + "%", _v(r["saved"])) if r["chosen"] else ("-", None),
                          (f"[{_pct(r['ci_low'])}%, {_pct(r['ci_high'])}%]", _v(r["ci_low"])),
-                         (_pct(r["delta"], sc, signed=True), _v(r["delta"]))])
+                         (_pct(r["delta"], sc, signed=True), _v(r["delta"])),
+                         (f"{_pct(cf.get('saved'))}% [{_pct(cf.get('ci_low'))}, {_pct(cf.get('ci_high'))}]",
+                          _v(cf.get("saved", np.nan))),
+                         (_pct(cf.get("delta"), sc, signed=True), _v(cf.get("delta", np.nan)))])
         tab.keys.append(r["chosen"])
         tab.strategies.append(r["strategy"])
+    return tab
+
+
+def _certified_table(task, t) -> Table | None:
+    """Certified settings (`risk`): the guarantee as stated, checked on held-out folds."""
+    if not t.get("certified"):
+        return None
+    sc = t["scale"]
+    tab = Table(f"{task}-certified", f"{task}: certified thresholds, checked on held-out documents",
+                ["setting", "guarantee", "calibration documents per fold", "folds certified",
+                 "held-out loss", "met"],
+                note="Learn-then-Test with Hoeffding-Bentkus p-values, fitted on the calibration folds only: "
+                     "with probability >= 1 - alpha the expected share of documents full depth gets right "
+                     "and the setting does not is <= delta; a fold with no certified threshold runs at full "
+                     "depth. Held-out loss: that share on the documents each fold's copy never saw.")
+    for r in t["certified"]:
+        tab.rows.append([r["setting"], f"P(loss > {_pct(r['delta'], sc)} {_unit(t, 2)}) <= {r['alpha']:g}",
+                         ", ".join(str(d) for d in r["calibration_docs"]),
+                         f"{r['certified_folds']} of {r['folds']}",
+                         (_num(r["held_out_loss"] * sc, 2), _v(r["held_out_loss"])),
+                         "yes" if r["met"] else "no"])
+        tab.keys.append(r["setting"])
+        tab.strategies.append(r["setting"].split("(")[0])
     return tab
 
 
@@ -214,6 +258,15 @@ def _files(run: dict) -> list[str]:
     return out + (["samples/"] if (d / "samples").is_dir() else [])
 
 
+def _formats(plots: list[dict]) -> str:
+    """'PNG, SVG and PDF': the formats written beside the plots' PNGs."""
+    if not plots:
+        return "PNG"
+    png = Path(plots[0]["path"])
+    have = ["PNG"] + [f.upper() for f in ("svg", "pdf") if png.with_suffix(f".{f}").is_file()]
+    return have[0] if len(have) == 1 else ", ".join(have[:-1]) + " and " + have[-1]
+
+
 def _text(cell) -> str:
     return cell[0] if isinstance(cell, tuple) else str(cell)
 
@@ -232,8 +285,8 @@ def render_markdown(run: dict, summary: dict, plots: list[dict]) -> str:
     lines.append("")
     for p in plots[:1]:
         lines += [f"![{p['title']}](plots/{Path(p['path']).name})", "", f"*{p['caption']}*", ""]
-    lines += [f"Files beside this report: {', '.join(f'`{f}`' for f in _files(run))}; plots as PNG, SVG and "
-              "PDF. Rebuild with `ouro-lab report .` in this folder.", ""]
+    lines += [f"Files beside this report: {', '.join(f'`{f}`' for f in _files(run))}; plots as "
+              f"{_formats(plots)}. Rebuild with `ouro-lab report .` in this folder.", ""]
     for task, tabs in tables(summary).items():
         lines += [f"## {task}", ""]
         lines += [f"- warning ({k}): {w}" for k in dict.fromkeys(x for tb in tabs for x in tb.keys if x)
@@ -335,7 +388,7 @@ def _figure(p: dict, main: bool = False) -> str:
     b64 = base64.b64encode(Path(p["path"]).read_bytes()).decode()
     ident = ' id="main"' if main else ""
     name = Path(p["path"]).name
-    return (f'<figure{ident}><a href="plots/{e(name)}" title="the full-size PNG (SVG and PDF beside it)">'
+    return (f'<figure{ident}><a href="plots/{e(name)}" title="the full-size PNG">'
             f'<img alt="{e(p["title"])}" src="data:image/png;base64,{b64}"></a>'
             f"<figcaption>{e(p['caption'])}</figcaption></figure>")
 
@@ -372,7 +425,7 @@ def render_html(run: dict, summary: dict, plots: list[dict]) -> str:
     parts += [_figure(p) for p in plots[1:] if p["kind"] != "main"]
     files = ", ".join(f'<a href="{e(f)}">{e(f)}</a>' for f in _files(run))
     parts += ['<details id="provenance"><summary>Recipe and provenance</summary>',
-              f"<p class=note>Files beside this report: {files}; every plot also as SVG and PDF in "
+              f"<p class=note>Files beside this report: {files}; every plot as {e(_formats(plots))} in "
               "<code>plots/</code>. Rebuild with <code>ouro-lab report .</code> in this folder.</p>",
               "<div class=wrap><table><thead><tr><th>field</th><th>value</th></tr></thead><tbody>"]
     parts += [f"<tr><td>{e(k)}</td><td><code>{e(v)}</code></td></tr>" for k, v in provenance_rows(prov)]

@@ -347,6 +347,7 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     prov.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 wall_s=round(time.perf_counter() - t_start, 2), settings=len(settings),
                 model_forward_calls=calls[0],
+                fitted={s.label: rec["fitted"] for s, _, rec in run.records if rec.get("fitted")},  # per fold
                 files={n: {"checksum": file_digest(run_dir / n), "bytes": (run_dir / n).stat().st_size}
                        for n in tables})  # `ouro-lab report` refuses a table that no longer matches
     atomic_write(run_dir / "provenance.json", json.dumps(prov, indent=2, default=jsonable) + "\n",
@@ -556,12 +557,20 @@ def _summary(summary: dict, run_dir: Path) -> None:
         log(console, headline(task, t, summary["tolerance"]))
         tab = Table(title=f"{task}: {t['metric_words']} (full depth {t['full'] * sc:.1f}); compute saved at "
                           f"<= {summary['tolerance']:g} point loss")
-        for col in ("strategy", "setting", "FLOPs saved", "95% CI", "score change"):
+        for col in ("strategy", "setting", "FLOPs saved", "95% CI", "score change", "cross-fitted",
+                    "warnings"):
             tab.add_column(col, overflow="fold")
-        for r in t["saved"]:
+        for r in t["saved"] if not t.get("withdrawn") else []:  # broken baseline: nothing claimed
+            cf = r.get("crossfit") or {}
             tab.add_row(r["strategy"], r["chosen"] or "none within tolerance",
                         f"{r['saved'] * 100:.1f}%" if r["chosen"] else "-",
                         f"[{r['ci_low'] * 100:.1f}, {r['ci_high'] * 100:.1f}]",
-                        "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}")
+                        "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}",
+                        f"{cf.get('saved', 0) * 100:.1f}% ({cf.get('delta', 0) * sc:+.2f})" if cf else "-",
+                        "; ".join(w["code"] for w in summary["warnings"]
+                                  if w["task"] == task and w["setting"] == r["chosen"] and r["chosen"]))
         console.print(tab)
+        for w in summary["warnings"]:  # each beside its task, the setting named
+            if w["task"] == task:
+                log(console, f"warning [{w['code']}] {w['setting'] or task}: {w['message']}")
     log(console, f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")

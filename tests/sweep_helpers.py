@@ -36,6 +36,7 @@ def lab(root: Path) -> Path:
         _made["lab"] = root
     os.environ["OURO_LAB_CACHE"] = str(_made["lab"] / "cache")
     os.environ["OURO_LAB_PROGRESS"] = "0"
+    os.environ["OURO_LAB_PLOT_FORMATS"] = "png"  # SVG and PDF twins are tested in test_plots.py
     os.environ["TQDM_DISABLE"] = "1"
     return _made["lab"]
 

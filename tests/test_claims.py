@@ -167,6 +167,7 @@ model: {{path: {root}/ouro_lab/builtin/loop-demo, dtype: float32, device: cpu, t
 tasks: {{names: [loop_demo_mc, loop_demo_gen], include: [{root}/tasks], {subset}}}
 strategies:
   - {{name: oracle}}
+  - {{name: risk, grid: {{delta: 0.2}}}}
 bootstrap: 50
 batch_size: 64
 """
@@ -174,7 +175,8 @@ batch_size: 64
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The demo model and tasks on a seeded sample of 60 documents per task, oracle only."""
+    """The demo model and tasks on a seeded sample of 60 documents per task: the oracle and
+    a certified threshold."""
     import os
     from pathlib import Path
 
@@ -256,3 +258,88 @@ def test_select_rules_read_per_document_signals_only(tmp_path):
                                       "    def decide(self, s, r):\n        return s.target_is_argmax[r]\n")
     with pytest.raises(StrategyError, match="kind 'select' rules read per-document signals only"):
         load_strategy("peek", [tmp_path])
+
+
+def test_certified_setting_is_stated_and_checked_on_held_out_folds(demo_run):
+    import json
+
+    summary = json.loads((demo_run / "summary.json").read_text())
+    rows = summary["tasks"]["loop_demo_mc"]["certified"]
+    assert len(rows) == 1 and rows[0]["setting"] == "risk(delta=0.2)" and rows[0]["folds"] == 2
+    assert rows[0]["met"] and 0 <= rows[0]["held_out_loss"] <= 0.2 and sum(rows[0]["calibration_docs"]) == 60
+    fitted = json.loads((demo_run / "provenance.json").read_text())["fitted"]["risk(delta=0.2)"]
+    assert {r["fold"] for r in fitted} == {0, 1} and all(r["task"] == "loop_demo_mc" for r in fitted)
+    md = (demo_run / "report.md").read_text()
+    assert "certified thresholds, checked on held-out documents" in md
+    assert "P(loss > 20.0 points) <= 0.1" in md
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def _summary(**t):
+    base = {"metric": "acc", "mode": "replay", "full": 0.9, "scale": 100.0, "n_docs": 200, "live": [],
+            "saved": [], "headline": {"setting": "x"}}
+    return {"tolerance": 1.0, "tasks": {"t": {**base, **t}}}
+
+
+def _run(prov_tasks=None, delta_ci_low=-0.002):
+    import pandas as pd
+
+    metrics = pd.DataFrame([{"task": "t", "setting": "thr(q=0.5)", "metric_key": "acc", "run_mode": "replay",
+                             "delta_ci_low": delta_ci_low}])
+    return {"provenance": {"tasks": prov_tasks or {"t": {"how": "all", "chance": 0.25}}}, "metrics": metrics}
+
+
+def _codes(ws):
+    return sorted((w["code"], w["setting"]) for w in ws)
+
+
+def test_each_warning_fires_where_its_data_says():
+    from ouro_lab.claims import warnings
+
+    row = {"strategy": "thr", "chosen": "thr(q=0.5)", "kind": "skip", "saved": 0.3, "ci_low": 0.2,
+           "ci_high": 0.4, "delta": 0.0, "crossfit": {"saved": 0.3, "delta": -0.001}}
+    assert warnings(_run(), _summary(saved=[row])) == []  # nothing to say
+    s = _summary(full=0.2, saved=[row])  # below chance (0.25): the headline is withdrawn
+    assert _codes(warnings(_run(), s)) == [("baseline_broken", None)] and s["tasks"]["t"]["headline"] is None
+    limit = {"t": {"how": "limit", "documents": 50, "of": 363, "chance": 0.1}}
+    ws = warnings(_run(limit), _summary(saved=[row]))
+    assert _codes(ws) == [("head_of_file", None)] and "tasks.sample: 50" in ws[0]["message"]
+    wide = {**row, "ci_low": 0.0, "crossfit": {"saved": 0.2, "delta": -0.03}}
+    live = [{"setting": "thr(q=0.5)", "kv_policy": "copy", "replay": 0.9, "live": 0.85, "gap": -0.05}]
+    ws = warnings(_run(delta_ci_low=-0.013), _summary(saved=[wide], live=live))
+    assert _codes(ws) == [("crossfit_gap", "thr(q=0.5)"), ("replay_live_gap", "thr(q=0.5)"),
+                          ("wide_interval", "thr(q=0.5)"), ("wide_interval", "thr(q=0.5)")]
+    assert all(set(w) == {"task", "setting", "code", "message"} and w["task"] == "t" for w in ws)
+    oracle = {**wide, "kind": "select"}  # reads the answer: no claim is made for it
+    assert warnings(_run(delta_ci_low=-0.013), _summary(saved=[oracle])) == []
+
+
+def test_the_shared_run_carries_its_warnings_and_one_denominator(tmp_path_factory, capsys):
+    """The tiny lab's random model scores at or below chance on both tasks (the kv_policy=last
+    case of the issue: a broken baseline); FLOPs saved is 1 - flops_rel of the chosen row."""
+    import json
+
+    import pandas as pd
+    from sweep_helpers import finished_run
+
+    from ouro_lab.sweep import _summary as cli_summary
+    from ouro_lab.tables import MODE
+
+    run = finished_run(tmp_path_factory.getbasetemp() / "lab")
+    summary = json.loads((run / "summary.json").read_text())
+    assert {(w["task"], w["code"]) for w in summary["warnings"] if w["setting"] is None} >= {
+        ("tiny_mc", "baseline_broken"), ("tiny_gen", "baseline_broken")}
+    m = pd.read_csv(run / "metrics.csv")
+    for task, t in summary["tasks"].items():
+        for r in t["saved"]:
+            if r["chosen"]:
+                row = m[(m.task == task) & (m.setting == r["chosen"]) & (m.metric_key == t["metric"])
+                        & (m[MODE] == t["mode"])].iloc[0]
+                assert r["saved"] == pytest.approx(1 - row.flops_rel, abs=1e-9), (task, r["chosen"])
+    md = (run / "report.md").read_text()
+    assert "only the scored tokens exit early" in md and "no claim: full depth scores" in md
+    cli_summary(summary, run)
+    out = capsys.readouterr().out
+    assert "warning [baseline_broken] tiny_gen: full depth scores 0.0" in out

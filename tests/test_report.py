@@ -104,8 +104,6 @@ def test_html_is_self_contained(run1):
     for line in md.splitlines():
         if line.startswith("!["):
             assert (run1 / line.split("](")[1].rstrip(")")).is_file()
-    for png in (run1 / "plots").glob("*.png"):
-        assert png.with_suffix(".svg").is_file() and png.with_suffix(".pdf").is_file()
 
 
 def test_report_leads_with_the_answer(run1):
@@ -119,12 +117,26 @@ def test_report_leads_with_the_answer(run1):
     assert "Model ckpt: " in first and "parameters" in first and "layers x 4 loop steps" in first
     t = summary["tasks"]["tiny_mc"]
     assert t["n_docs"] == 8 and "tiny_mc (8 documents, accuracy, replayed from one trace pass)" in first
-    h = t["headline"]
-    best = max((r for r in t["saved"] if r["chosen"] and r["kind"] != "select"), key=lambda r: r["saved"])
-    assert h["setting"] == best["chosen"] and h["saved"] == best["saved"]
+    # the tiny random model scores below chance (25% on three choices): its headline is withdrawn
+    assert t["headline"] is None and t["withdrawn"] == "baseline_broken"
+    assert "</b>: no claim: full depth scores 25.0%, at or below chance." in first
+    assert any(w["code"] == "baseline_broken" and w["task"] == "tiny_mc" and w["setting"] is None
+               for w in summary["warnings"])
+    # what a claim says: the cross-fitted figure (the in-sample one beside it)
+    from ouro_lab.report import _headline
+    from ouro_lab.report_page import headline
+
+    h = _headline(t)
+    best = max((r for r in t["saved"] if r["chosen"] and r["kind"] != "select"),
+               key=lambda r: r["crossfit"]["saved"])
+    assert h["setting"] == best["chosen"] and h["saved"] == best["crossfit"]["saved"]
+    assert h["in_sample"]["saved"] == best["saved"]
     sentence = (f"{h['setting']} saves {h['saved'] * 100:.1f}% of the FLOPs per token (95% CI "
                 f"{h['ci_low'] * 100:.1f} to {h['ci_high'] * 100:.1f}%) for {h['delta'] * 100:+.1f}")
-    assert sentence in first and "replayed from the full-depth trace" in first
+    text = headline("tiny_mc", {**t, "headline": h, "withdrawn": None}, summary["tolerance"])
+    assert sentence in text and "replayed from the full-depth trace" in text
+    assert f"cross-fitted: chosen on other documents, scored on held-out ones (in sample " \
+           f"{best['saved'] * 100:.1f}%" in text
     assert first.count("<li>") == len(summary["tasks"]) == 2
     assert body.index("<table") > main and body.index('<details id="provenance">') > body.index("<table")
     rules = [r for r in t["saved"] if r["kind"] != "select"]
@@ -157,6 +169,7 @@ def test_warnings_render_beside_what_they_concern(run1):
     summary = report.analyze(run)
     plots = [{"kind": "main", "task": "tiny_mc", "title": "t", "caption": "c",
               "path": run1 / "plots" / "tiny_mc_acc_vs_flops.png"}]
+    summary["tasks"]["tiny_mc"]["withdrawn"] = None  # the tiny model is below chance: render its rows anyway
     chosen = next(r["chosen"] for r in summary["tasks"]["tiny_mc"]["saved"] if r["chosen"])
     summary["warnings"] = [{"task": "tiny_mc", "setting": None, "code": "head_limit",
                             "message": "the documents are the first 8 of the file"},
