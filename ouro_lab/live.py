@@ -378,8 +378,8 @@ class Generation:
         self.cur = torch.zeros(rows, dtype=torch.long)  # the token each row feeds next
 
     def admit(self, run: LiveBatch) -> list[int]:
-        """Free rows take the next prompts: all but the last token prefilled at full depth
-        (one left-padded pass when every row is free, else row by row). Returns the rows."""
+        """Free rows take the next prompts: all but their last token prefilled at full depth
+        in one left-padded pass. Returns the rows."""
         free = [b for b in range(self.B) if self.owner[b] < 0][:len(self.queue)]
         if not free:
             return []
@@ -388,16 +388,14 @@ class Generation:
             self.owner[b] = i
             self.cur[b] = self.prompts[i][-1]
         run.start(torch.tensor(free), [self.ids[i] for _, i in take])
-        for group in [take] if len(take) == self.B else [[t] for t in take]:
-            t0 = time.perf_counter()
-            ids, mask = _left_pad([self.prompts[i][:-1] for _, i in group])
-            run.prefill(ids, mask, None if len(group) == self.B else torch.tensor([b for b, _ in group]))
-            n = max(int(mask.sum()), 1)
-            dt = time.perf_counter() - t0
-            for b, i in group:  # the call's time shared by prompt tokens
-                self.records[i]["prefill_seconds"] += dt * (len(self.prompts[i]) - 1) / n
-                self.records[i]["prefill_tokens"] += len(self.prompts[i]) - 1
-                self.records[i]["_prefill"] = run.record(b)
+        t0 = time.perf_counter()
+        ids, mask = _left_pad([self.prompts[i][:-1] for _, i in take])  # prompts come longest first
+        run.prefill(ids, mask, None if len(take) == self.B else torch.tensor(free))
+        n, dt = max(int(mask.sum()), 1), time.perf_counter() - t0
+        for b, i in take:  # the call's time shared by prompt tokens
+            self.records[i]["prefill_seconds"] += dt * (len(self.prompts[i]) - 1) / n
+            self.records[i]["prefill_tokens"] += len(self.prompts[i]) - 1
+            self.records[i]["_prefill"] = run.record(b)
         return free
 
     def charge(self, rows: Tensor, seconds: float) -> None:

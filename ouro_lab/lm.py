@@ -29,6 +29,7 @@ from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.live import KV_POLICIES, chunks, live_generate, live_score_units
 from ouro_lab.sampling import Sampling
+from ouro_lab.speculative import speculative_generate
 from ouro_lab.trace import CHUNK_ELEMENTS, step_signals, unit_results
 
 LL_TYPES = ("loglikelihood", "loglikelihood_rolling")  # request types scored from log-probs
@@ -204,7 +205,7 @@ class OuroLM(TemplateLM):
                  kv_policy: str = "copy", live: bool | None = None, batch_size: int | str = 8,
                  device: str | None = None, dtype: str | None = None, max_length: int | None = None,
                  max_gen_toks: int | None = None, seed: int = 0, chat_template: str | None = None,
-                 **kwargs):
+                 draft_len: int | None = None, **kwargs):
         super().__init__()
         self.seed = int(seed)  # the run's seed, for randomized exit rules
         from ouro_lab.loading import load_model, load_tokenizer
@@ -235,8 +236,13 @@ class OuroLM(TemplateLM):
         elif kwargs:
             raise HarnessError(f"model_args: unknown argument(s) {', '.join(sorted(kwargs))}; known: path, "
                                "steps, strategy, kv_policy, live, batch_size, device, dtype, max_length, "
-                               "max_gen_toks, seed, chat_template")
-        if not live and _is_fixed(strategy):
+                               "max_gen_toks, seed, chat_template, draft_len")
+        # draft_len: generate_until decodes speculatively (ouro_lab.speculative), `strategy` drafting
+        self.draft_len = None if draft_len in (None, "") else int(draft_len)
+        if self.draft_len is not None and (strategy is None or self.draft_len < 1):
+            raise HarnessError("model_args: draft_len (speculative decoding) needs a draft strategy "
+                               "(strategy=fixed,step=1) and a value >= 1")
+        if not live and _is_fixed(strategy) and self.draft_len is None:
             steps, strategy = min(int(strategy.step), R), None  # fixed k = the model truncated to k steps
         self.steps = R if steps is None else int(steps)
         # live: loglikelihood requests run token by token with early exit (ouro_lab.live)
@@ -332,6 +338,9 @@ class OuroLM(TemplateLM):
         return self._score_units(units, [None] * len(units))
 
     def _score_units(self, units: list[Unit], keys: list) -> list[tuple[float, bool]]:
+        if self.draft_len is not None:
+            raise HarnessError("model_args: draft_len (speculative decoding) is for generate_until tasks; "
+                               "loglikelihood requests are scored at full depth in one parallel pass already")
         if self.live:
             res, recs = live_score_units(self.model, units, self.strategy, self.kv_policy,
                                          self.batch_size, self.max_length, self.steps, self.seed)
@@ -392,6 +401,9 @@ class OuroLM(TemplateLM):
         plan: list[int] = []  # requests in the order their chunks run (records keep it)
         n_chunk = 0
         for (until, max_new, sampling), idx in groups.items():
+            if self.draft_len is not None and sampling.do_sample:
+                raise HarnessError("generate_until: speculative decoding (draft_len) reproduces greedy "
+                                   "full-depth decoding; this task samples (do_sample / temperature > 0)")
             enc = {i: self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in idx}
             idx = sorted(idx, key=lambda i: (-len(enc[i]), i))
             for part in chunks(idx, self.batch_size):  # batch_size rows; a finished row takes the next
@@ -401,10 +413,12 @@ class OuroLM(TemplateLM):
                     continue
                 prompts = [enc[i][-(self.max_length - max_new):] if max_new < self.max_length
                            else enc[i][-1:] for i in part]
-                texts, recs = live_generate(self.model, self.tokenizer, prompts, self.strategy,
-                                            self.kv_policy, until=list(until), max_new_tokens=max_new,
-                                            steps=self.steps, eos_token_id=self.eot_token_id, seed=self.seed,
-                                            row_ids=part, batch_size=self.batch_size, sampling=sampling)
+                kw = dict(until=list(until), max_new_tokens=max_new, steps=self.steps, seed=self.seed,
+                          eos_token_id=self.eot_token_id, row_ids=part, batch_size=self.batch_size)
+                m, tok, st = self.model, self.tokenizer, self.strategy
+                texts, recs = (live_generate(m, tok, prompts, st, self.kv_policy, sampling=sampling, **kw)
+                               if self.draft_len is None else
+                               speculative_generate(m, tok, prompts, st, self.draft_len, **kw))
                 for i, t, rec in zip(part, texts, recs, strict=True):
                     done[i] = (t, rec)
         done = distributed.merge(done)  # every rank gets every request (no-op in one process)

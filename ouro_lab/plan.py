@@ -35,6 +35,7 @@ def plan(recipe: Recipe, settings: list[Setting], taskset=None) -> dict:
     for s in settings:
         groups.setdefault(f"{s.strategy}#{s.index}", []).append(s)
     out = {"settings": len(settings), "steps": R,
+           "replayed": sum(s.kind != "speculative" for s in settings),  # speculative ones only decode
            "strategies": [{"strategy": ss[0].strategy, "settings": len(ss), "params": [s.params for s in ss],
                            "labels": [s.label for s in ss], "granularity": ss[0].granularity,
                            "live": ss[0].live} for ss in groups.values()],
@@ -82,7 +83,7 @@ def describe(p: dict, console) -> None:
         console.print(f"model passes: {q['trace_passes']} full-depth trace pass ({q['trace_requests']} "
                       f"requests, ~{q['trace_tokens']:,} distinct prefix tokens, "
                       f"~{q['trace_flops'] / 1e9:,.2f} GFLOP; 0 if a cached trace matches) + {live} + "
-                      f"{q['live_generation_runs']} live generation run(s); replaying {p['settings']} "
+                      f"{q['live_generation_runs']} live generation run(s); replaying {p['replayed']} "
                       "settings needs no model", highlight=False)
 
 

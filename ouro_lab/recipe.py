@@ -98,15 +98,12 @@ class TasksSpec(_Strict):
         return v
 
 
-class StrategySpec(_Strict):
-    """One exit strategy and the grid of parameter values to sweep."""
+class RuleSpec(_Strict):
+    """An exit strategy and the grid of parameter values to sweep."""
 
     name: str = Field(description="a strategy file's stem (see `ouro-lab strategies`)")
     grid: dict[str, Any] = Field(default_factory=dict,
                                  description="parameter -> value or list of values (cartesian product)")
-    granularity: Literal["token", "sequence"] | None = Field(
-        None, description="exit per token or per sequence (default: the recipe's)")
-    live: bool = Field(False, description="also run these settings live (really stopping compute)")
 
     @field_validator("grid")
     @classmethod
@@ -119,6 +116,34 @@ class StrategySpec(_Strict):
                 if not isinstance(x, int | float | str | bool) and x is not None:
                     raise ValueError(f"grid.{k}: {x!r} is not a number, string or boolean")
         return grid
+
+
+class StrategySpec(RuleSpec):
+    """One exit strategy and the grid of parameter values to sweep."""
+
+    granularity: Literal["token", "sequence"] | None = Field(
+        None, description="exit per token or per sequence (default: the recipe's)")
+    live: bool = Field(False, description="also run these settings live (really stopping compute)")
+
+
+class SpeculativeSpec(_Strict):
+    """Lossless self-speculative decoding on the generation tasks: an exit rule drafts
+    `draft_len` tokens at shallow depth, one full-depth pass verifies them; the output is
+    full-depth greedy decoding's (rows report acceptance, steps executed, measured speed)."""
+
+    draft: RuleSpec = Field(description="the drafting exit rule, e.g. {name: fixed, grid: {step: 1}}")
+    draft_len: int | list[int] = Field(4, description="tokens drafted per round (a list: one setting each)")
+
+    @field_validator("draft_len")
+    @classmethod
+    def _lengths(cls, v: int | list[int]) -> int | list[int]:
+        values = v if isinstance(v, list) else [v]
+        if not values:
+            raise ValueError("empty list; give at least one draft length")
+        bad = [x for x in values if not 1 <= x <= 64]
+        if bad:
+            raise ValueError(f"draft lengths must be 1..64 tokens, got {bad[0]}")
+        return v
 
 
 class CalibrationSpec(_Strict):
@@ -149,6 +174,8 @@ class Recipe(_Strict):
     granularity: Literal["token", "sequence"] = "token"
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     live: LiveSpec = Field(default_factory=LiveSpec)
+    speculative: list[SpeculativeSpec] = Field(
+        default_factory=list, description="self-speculative decoding settings (generation tasks)")
     seed: int = Field(1234, description="seed for randomized strategies and the bootstrap")
     bootstrap: int = Field(1000, ge=0, le=100_000, description="paired-bootstrap resamples (0: none)")
     tolerance: float = Field(1.0, ge=0, description="accuracy loss (points) allowed for 'compute saved'")
@@ -472,7 +499,11 @@ def check_references(src: RecipeSource, recipe: Recipe | None) -> list[str]:
         if not Path(d).is_dir():
             errors.append(src.error(("strategies_dirs", i), f"{d}: no such folder"))
     strategies = data.get("strategies") if isinstance(data.get("strategies"), list) else []
-    if any(isinstance(s, dict) and isinstance(s.get("name"), str) for s in strategies):
+    speculative = data.get("speculative") if isinstance(data.get("speculative"), list) else []
+    rules = [(("strategies", i), s) for i, s in enumerate(strategies)] + [
+        (("speculative", i, "draft"), sp.get("draft"))
+        for i, sp in enumerate(speculative) if isinstance(sp, dict)]
+    if any(isinstance(s, dict) and isinstance(s.get("name"), str) for _, s in rules):
         try:
             from ouro_lab import registry
         except ImportError:  # the registry lands with the strategies issue
@@ -487,15 +518,14 @@ def check_references(src: RecipeSource, recipe: Recipe | None) -> list[str]:
             return errors + [src.error(("strategies",), f"the grids expand to {size:,} settings, above the "
                                        f"limit of {limit:,}; shrink the grids, or raise the limit on purpose "
                                        f"with max_settings: {size} (or the override max_settings={size})")]
-        for i, s in enumerate(strategies):
+        for where, s in rules:  # every strategy and every speculative draft rule
             if not isinstance(s, dict) or not isinstance(s.get("name"), str):
                 continue
             grid = s.get("grid") if isinstance(s.get("grid"), dict) else {}
             try:
                 registry.expand_grid(s["name"], grid, dirs_ok)
             except OuroLabError as e:
-                field = ("strategies", i, "grid" if s["name"] in known else "name")
-                errors.append(src.error(field, str(e)))
+                errors.append(src.error((*where, "grid" if s["name"] in known else "name"), str(e)))
     return errors
 
 

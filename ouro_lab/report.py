@@ -173,7 +173,27 @@ def _analyze_task(run: dict, task: str, tol: float) -> dict | None:
                               "live_flops": float(r.flops_executed_per_token)})
     t["headline"] = _headline(t)
     t["certified"] = claims.certified(run, task, t)
+    t["speed"] = _speed(m)
     return t
+
+
+def _speed(m) -> list[dict]:
+    """Live rows with measured decode seconds: the speed-up over full-depth live decoding
+    (same batch plan) beside the FLOPs saved and the ideal speed-up (the FLOPs ratio)."""
+    if "decode_s_per_token" not in m.columns:
+        return []
+    live = m[(m[MODE] == "live") & m.decode_s_per_token.notna()]
+    full = live[live.is_full.astype(bool)]
+    if not len(full):
+        return []
+    f = full.iloc[0]
+    return [{"setting": r.setting, "value": float(r.value), "decode_s": float(r.decode_s_per_token),
+             "prefill_s": float(r.prefill_s_per_token),
+             "speedup": f.decode_s_per_token / r.decode_s_per_token,
+             "flops_saved": 1 - r.flops_executed_per_token / f.flops_executed_per_token,
+             "ideal": f.flops_executed_per_token / r.flops_executed_per_token,
+             "acceptance": float(r.get("acceptance", np.nan))}
+            for _, r in live.sort_values("decode_s_per_token").iterrows()]
 
 
 def _n_docs(m, samples, task) -> int | None:

@@ -128,8 +128,8 @@ def warnings_for(summary: dict, task: str | None, setting: str | None = None) ->
 def tables(summary: dict) -> dict[str, list[Table]]:
     """Per task, its tables in reading order."""
     return {task: [t for t in (_saved_table(task, t, summary), _certified_table(task, t),
-                               _budget_table(task, t), _auc_table(task, t), _live_table(task, t))
-                   if t is not None]
+                               _budget_table(task, t), _auc_table(task, t), _live_table(task, t),
+                               _speed_table(task, t)) if t is not None]
             for task, t in summary["tasks"].items()}
 
 
@@ -236,6 +236,32 @@ def _live_table(task, t) -> Table | None:
         tab.rows.append([r["setting"], str(r["kv_policy"]), (_num(r["replay"] * sc, 1), _v(r["replay"])),
                          (_num(r["live"] * sc, 1), _v(r["live"])), (_num(r["gap"] * sc, 1), _v(r["gap"])),
                          (f"{ratio:.3f}", ratio)])
+        tab.keys.append(r["setting"])
+        tab.strategies.append(r["setting"].split("(")[0])
+    return tab
+
+
+def _speed_table(task, t) -> Table | None:
+    if not t.get("speed"):
+        return None
+    sc = t["scale"]
+    tab = Table(f"{task}-speed", f"{task}: measured speed (live decoding)",
+                ["setting", t["metric_words"], "decode ms/token", "prefill ms/token", "measured speed-up",
+                 "FLOPs saved", "ideal speed-up (FLOPs)", "measured / ideal", "drafts accepted"],
+                note="Wall-clock seconds measured in this run, every setting on the same batch plan; "
+                     "speed-up = full-depth live decoding's seconds per token / the setting's; ideal = full "
+                     "depth's executed FLOPs per token / the setting's. Speculative settings output full "
+                     "depth's tokens exactly: they spend FLOPs on fewer sequential passes.")
+    for r in t["speed"]:
+        acc = r["acceptance"]
+        tab.rows.append([r["setting"], (_num(r["value"] * sc, 1), _v(r["value"])),
+                         (_num(r["decode_s"] * 1e3, 3), _v(r["decode_s"])),
+                         (_num(r["prefill_s"] * 1e3, 3), _v(r["prefill_s"])),
+                         (f"{r['speedup']:.2f}x", _v(r["speedup"])), (_pct(r["flops_saved"]) + "%",
+                                                                     _v(r["flops_saved"])),
+                         (f"{r['ideal']:.2f}x", _v(r["ideal"])),
+                         (_num(r["speedup"] / r["ideal"], 2), _v(r["speedup"] / r["ideal"])),
+                         (_pct(acc) + "%", acc) if np.isfinite(acc) else ("-", None)])
         tab.keys.append(r["setting"])
         tab.strategies.append(r["setting"].split("(")[0])
     return tab

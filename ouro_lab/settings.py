@@ -29,6 +29,7 @@ class Setting:
     fitted: bool = False     # calibrates on data (cross-fitted over folds)
     obj: object = field(default=None, repr=False)
     shown: tuple = ()        # the parameters the label shows (those the grid sets)
+    draft_len: int | None = None  # speculative decoding (`obj` drafts): tokens drafted per round
 
     @property
     def params_json(self) -> str:
@@ -96,9 +97,53 @@ def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
                 break
             add(Setting(spec.name, obj.params(), spec.granularity or recipe.granularity, i, spec.live,
                         False, type(obj).kind, fitted, obj, tuple(spec.grid)))
+    for i, spec in enumerate(recipe.speculative):
+        for sp in _speculative(spec, i, dirs, src, errors):
+            add(sp)
     if errors:
         raise RecipeError(errors)
     return out
+
+
+def _speculative(spec, i: int, dirs, src: RecipeSource, errors: list) -> list[Setting]:
+    """The settings of `speculative[i]`: every draft rule of its grid x every draft length."""
+    from ouro_lab.registry import expand_grid
+    from ouro_lab.strategy import ExitStrategy
+
+    try:
+        objs = expand_grid(spec.draft.name, spec.draft.grid, dirs)
+    except OuroLabError as e:
+        errors.append(src.error(("speculative", i, "draft"), str(e)))
+        return []
+    lens = spec.draft_len if isinstance(spec.draft_len, list) else [spec.draft_len]
+    out = []
+    for obj in objs:
+        if type(obj).fit is not ExitStrategy.fit or type(obj).kind == "select":
+            errors.append(src.error(("speculative", i, "draft", "name"), f"{spec.draft.name} cannot draft "
+                                    "(it calibrates on data or reads the answer); use a rule that decides "
+                                    "from the steps it ran, e.g. fixed or threshold"))
+            return []
+        draft = Setting(spec.draft.name, obj.params(), "token", shown=tuple(spec.draft.grid)).label
+        for n in lens:
+            params = {"draft": draft, "draft_len": n, "draft_rule": spec.draft.name,
+                      **{f"draft_{k}": v for k, v in obj.params().items()}}  # flat: one param_ column each
+            out.append(Setting("speculative", params, "token", i, kind="speculative", obj=obj,
+                               shown=("draft", "draft_len"), draft_len=n))
+    return out
+
+
+def kv_policy_of(s: Setting, recipe: Recipe) -> str:
+    """A live run's KV policy: the recipe's, but speculative decoding drafts under `copy`
+    (its verify pass needs every step's slot)."""
+    return "copy" if s.kind == "speculative" else recipe.live.kv_policy
+
+
+def check_speculative(recipe: Recipe, src: RecipeSource, taskset) -> None:
+    """Speculative decoding decodes: refuse it when no task generates."""
+    if recipe.speculative and not taskset.names_of("generate_until"):
+        raise RecipeError([src.error(("speculative",), "speculative decoding runs on generate_until tasks, "
+                                     f"and none of {', '.join(recipe.tasks.names)} is one; add one or drop "
+                                     "`speculative`")])
 
 
 # --------------------------------------------------------------------------- cross-fitting

@@ -47,10 +47,12 @@ from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_r
 from ouro_lab.settings import (
     Setting,
     check_folds,
+    check_speculative,
     cross_fit,
     doc_outcomes,
     expand_settings,
     folds_of,
+    kv_policy_of,
 )
 from ouro_lab.store import (
     RunLock,
@@ -68,7 +70,7 @@ from ouro_lab.store import (
     trace_cache,
     versions,
 )
-from ouro_lab.tables import COLUMNS, assemble, compose_selects, tag_samples
+from ouro_lab.tables import COLUMNS, LIVE_SUMS, assemble, compose_selects, live_per_doc, live_row, tag_samples
 
 __all__ = ["run_sweep", "load_tasks", "describe", "git_sha", "versions", "Setting", "expand_settings",
            "SweepError", "RunLock", "SettingStore", "cache_dir", "default_run_dir", "COLUMNS"]
@@ -109,6 +111,7 @@ def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Pat
         check_output(run_dir, what)
         taskset = load_tasks(recipe, src)
         check_folds(recipe, src, settings, taskset)
+        check_speculative(recipe, src, taskset)
         p = plan(recipe, settings, taskset)
         if as_json:
             print(json.dumps({"recipe": str(src.file), "valid": True, **p}, indent=2, default=jsonable))
@@ -316,6 +319,7 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     model, tok, taskset, fp = _load(recipe, src)
     check_folds(recipe, src, settings, taskset)
+    check_speculative(recipe, src, taskset)
     ll_tasks = taskset.names_of("multiple_choice", *LL_TYPES)
     cache = trace_cache(require_cache, lambda m: log(console, m)) if ll_tasks else None  # before the pass
     prov["model_fingerprint"] = fp
@@ -396,8 +400,10 @@ def _replay_all(run: _Run, trace) -> None:
     meta = _unit_meta(trace)
     fold = folds_of(trace, meta, recipe.calibration.folds, recipe.calibration.seed)
     tok_task = [meta[i][0] for i in trace.request.tolist()]
-    bar = run.progress.add_task("replay settings", total=len(run.settings))
+    bar = run.progress.add_task("replay settings", total=sum(s.kind != "speculative" for s in run.settings))
     for s in (run.settings if distributed.is_main() else []):  # no model: rank 0 alone
+        if s.kind == "speculative":  # a way to decode, not an exit rule: nothing to replay
+            continue
         if s.kind == "select":  # composed from the fixed steps once they are all scored
             run.progress.advance(bar)
             continue
@@ -432,12 +438,13 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
     if not jobs:
         return
     bar = run.progress.add_task(f"live runs ({recipe.live.kv_policy} KV)", total=len(jobs))
+    _warm_up(run.model)  # so the first setting's measured seconds carry no one-time costs
     for s, task in jobs:
         key = _hash("live", run.fp, recipe.model.dtype, recipe.model.steps, task, recipe.tasks.limit,
                     recipe.tasks.sample and (recipe.tasks.sample, recipe.seed),
                     recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
-                    run.source_hash(s.strategy), recipe.live.kv_policy, recipe.live.max_gen_toks,
-                    recipe.bootstrap)
+                    run.source_hash(s.params.get("draft_rule", s.strategy)), kv_policy_of(s, recipe),
+                    recipe.live.max_gen_toks, recipe.bootstrap)
         found = run.stored(s, f"live, {task}", key) if distributed.is_main() else None
         if found is not None and not run.logged(s, "live", [task]):
             found = None  # its samples JSONL is missing: run it again
@@ -451,6 +458,18 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
             continue
         run.keep(s, "live", key, found)
         run.progress.advance(bar)
+
+
+def _warm_up(model) -> None:
+    """A few untimed live decoding steps before the timed live runs (no model forward call:
+    the plan's call counts stay the plan's)."""
+    import torch
+
+    from ouro_lab.live import LiveBatch
+
+    run = LiveBatch(model, batch=1, capacity=4)
+    for _ in range(3):
+        run.step(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool))
 
 
 def _replay(taskset, trace, strat, s: Setting, recipe: Recipe, tok_task: list[str], log: dict | None = None):
@@ -485,8 +504,10 @@ def _with_tokens(samples, trace):
 
 def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe, log: dict | None = None):
     """One setting run live on one task through lm-eval (`OuroLM(strategy=..., live=True)`):
-    generate_until decodes token by token; loglikelihood really stops every token (prompt
-    included) at its exit step. Compute per scored / generated token from the run's records."""
+    generate_until decodes token by token (or speculatively, `s.draft_len`); loglikelihood
+    really stops every token (prompt included) at its exit step. Compute per scored /
+    generated token and measured seconds per decoded and per prefilled token, from the
+    run's records (every setting runs the same batch plan)."""
     import math
 
     import pandas as pd
@@ -494,41 +515,16 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe, log: dict 
     from ouro_lab.lm import OuroLM
     from ouro_lab.scoring import metric_rows, run_evaluate, sample_rows
 
-    lm = OuroLM(model=model, tokenizer=tok, strategy=s.obj, kv_policy=recipe.live.kv_policy, seed=recipe.seed,
-                live=True, batch_size=recipe.batch_size, max_gen_toks=recipe.live.max_gen_toks)
+    lm = OuroLM(model=model, tokenizer=tok, strategy=s.obj, kv_policy=kv_policy_of(s, recipe),
+                seed=recipe.seed, live=True, batch_size=recipe.batch_size,
+                max_gen_toks=recipe.live.max_gen_toks, draft_len=s.draft_len)
     results = run_evaluate(lm, taskset, [task], recipe.bootstrap)
     if log is not None:
         log.update(results=results, tasks=taskset.tasks)
-    per_doc: dict[int, dict] = {}
-    for (t, doc_id, _idx), rec in lm.records.items():
-        if t != task:
-            continue
-        d = per_doc.setdefault(int(doc_id), {"tokens": 0, "steps_used": 0, "steps_executed": 0, "flops": 0.0,
-                                             "flops_used": 0.0, "flops_total": 0.0, "seconds": 0.0})
-        d["tokens"] += rec.get("tokens", 0)
-        d["steps_used"] += rec.get("steps_used", 0)
-        d["steps_executed"] += rec.get("steps_executed", 0)
-        # decode FLOPs for generation, scored-token FLOPs for loglikelihood (prompt prefill apart)
-        d["flops"] += rec.get("flops_decode", rec.get("flops_scored", rec.get("flops", 0.0)))
-        d["flops_used"] += rec.get("flops_used_decode", rec.get("flops_used_scored", 0.0))
-        d["flops_total"] += rec.get("flops", 0.0)  # the whole request: prompt prefill included
-        d["seconds"] += rec.get("seconds", 0.0)
-    comp = pd.DataFrame([{"task": task, "doc_id": k, **v} for k, v in sorted(per_doc.items())])
-    summed = ["tokens", "steps_used", "steps_executed", "flops", "flops_used", "flops_total", "seconds"]
-    tot = comp[summed].sum() if len(comp) else None
-    n = max(int(tot["tokens"]), 1) if tot is not None else 1
-    rows = []
-    for row in metric_rows(results):
-        if row["task"] != task:
-            continue
-        if tot is not None:
-            row.update(steps_used_mean=float(tot["steps_used"]) / n,
-                       steps_executed_mean=float(tot["steps_executed"]) / n,
-                       flops_per_token=float(tot["flops_used"]) / n,
-                       flops_executed_per_token=float(tot["flops"]) / n,
-                       flops_total_per_token=float(tot["flops_total"]) / n, seconds=float(tot["seconds"]),
-                       seconds_per_token=float(tot["seconds"]) / n)
-        rows.append(row)
+    comp = live_per_doc(lm.records, task)
+    tot = comp[list(LIVE_SUMS)].sum() if len(comp) else None
+    rows = [{**row, **(live_row(tot) if tot is not None else {})} for row in metric_rows(results)
+            if row["task"] == task]
     samples = pd.DataFrame(sample_rows(results, taskset))
     if len(samples) and len(comp):
         tokens = comp.tokens.clip(lower=1)
@@ -536,7 +532,10 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe, log: dict 
                            flops_per_token=comp.flops_used / tokens,
                            flops_executed_per_token=comp.flops / tokens,
                            flops_executed=comp.flops, flops_total_per_token=comp.flops_total / tokens)
-        samples = samples.merge(comp, on=["task", "doc_id"], how="left")
+        keep = ["task", "doc_id", "tokens", "steps_used", "steps_executed", "flops", "flops_used",
+                "flops_total", "seconds", "flops_per_token", "flops_executed_per_token", "flops_executed",
+                "flops_total_per_token"]
+        samples = samples.merge(comp[keep], on=["task", "doc_id"], how="left")  # per-request timing apart
     rows = [{k: (v if not (isinstance(v, float) and math.isnan(v)) else None) for k, v in r.items()}
             for r in rows]
     ntok = int(tot["tokens"]) if tot is not None else 0

@@ -18,7 +18,7 @@ main metric; every strategy parameter has a `param_<name>` column beside the JSO
 from __future__ import annotations
 
 from ouro_lab.recipe import Recipe
-from ouro_lab.settings import Setting
+from ouro_lab.settings import Setting, kv_policy_of
 
 
 def tag_samples(samples, s: Setting, mode: str):
@@ -36,8 +36,12 @@ COLUMNS = ["task", "strategy", "params", "setting", "granularity", "kind", MODE,
            "primary", "metric", "filter_name", "metric_key", "value", "stderr", "ci_low", "ci_high",
            "delta_vs_full", "delta_ci_low", "delta_ci_high", "steps_used_mean", "steps_executed_mean",
            "flops_per_token", "flops_executed_per_token", "flops_total_per_token", "flops_rel",
-           "seconds_per_token", "n_docs"]  # the param_<name> columns follow `params`
-TIMING = ("seconds_per_token",)  # wall-clock columns: the only ones two identical runs may differ in
+           "seconds_per_token", "decode_s_per_token", "prefill_s_per_token", "decode_speedup", "acceptance",
+           "n_docs"]  # the param_<name> columns follow `params`
+# wall-clock columns (live rows): the only ones two identical runs may differ in. decode_s_per_token:
+# seconds per decoded token, prefill_s_per_token: per prefilled prompt token, decode_speedup: the
+# task's full-depth live decode seconds per token / the row's (every setting on the same batch plan)
+TIMING = ("seconds_per_token", "decode_s_per_token", "prefill_s_per_token", "decode_speedup")
 
 
 def _measure(metric: str, filt: str) -> str:
@@ -93,6 +97,50 @@ SAMPLE_COMPUTE = {"steps_used", "steps_executed", "flops_per_token", "flops_exec
                   "flops", "flops_executed", "flops_used", "flops_total", "flops_total_per_token", "seconds"}
 
 
+# a live run's per-request records, summed per document (`live_per_doc`)
+LIVE_SUMS = ("tokens", "steps_used", "steps_executed", "flops", "flops_used", "flops_total", "seconds",
+             "decode_seconds", "decode_tokens", "prefill_seconds", "prefill_tokens", "drafted", "accepted")
+
+
+def live_per_doc(records: dict, task: str):
+    """Per document of `task`, the live run's records summed (LIVE_SUMS)."""
+    import pandas as pd
+
+    per_doc: dict[int, dict] = {}
+    for (t, doc_id, _idx), rec in records.items():
+        if t != task:
+            continue
+        d = per_doc.setdefault(int(doc_id), dict.fromkeys(LIVE_SUMS, 0))
+        for k in ("tokens", "steps_used", "steps_executed", "seconds", "decode_seconds", "prefill_seconds",
+                  "prefill_tokens", "drafted", "accepted"):
+            d[k] += rec.get(k, 0)
+        # decode FLOPs for generation, scored-token FLOPs for loglikelihood (prompt prefill apart)
+        d["flops"] += rec.get("flops_decode", rec.get("flops_scored", rec.get("flops", 0.0)))
+        d["flops_used"] += rec.get("flops_used_decode", rec.get("flops_used_scored", 0.0))
+        d["flops_total"] += rec.get("flops", 0.0)  # the whole request: prompt prefill included
+        # tokens decoded live: the generated ones, or every token fed for loglikelihood (prompt included)
+        d["decode_tokens"] += rec.get("tokens_all", rec.get("tokens", 0))
+    return pd.DataFrame([{"task": task, "doc_id": k, **v} for k, v in sorted(per_doc.items())])
+
+
+def live_row(tot) -> dict:
+    """A live metric row's compute and measured seconds from the task's summed records."""
+    n = max(int(tot["tokens"]), 1)
+
+    def per(a, b):
+        return float(tot[a]) / float(tot[b]) if tot[b] else None
+
+    return {"steps_used_mean": float(tot["steps_used"]) / n,
+            "steps_executed_mean": float(tot["steps_executed"]) / n,
+            "flops_per_token": float(tot["flops_used"]) / n,
+            "flops_executed_per_token": float(tot["flops"]) / n,
+            "flops_total_per_token": float(tot["flops_total"]) / n,
+            "seconds": float(tot["seconds"]), "seconds_per_token": float(tot["seconds"]) / n,
+            "decode_s_per_token": per("decode_seconds", "decode_tokens"),
+            "prefill_s_per_token": per("prefill_seconds", "prefill_tokens"),
+            "acceptance": per("accepted", "drafted")}
+
+
 def assemble(records, frames, recipe: Recipe):
     """metrics (long: one row per task x setting x mode x metric), samples (wide, per
     document) and exits (counts per task x setting x step), with paired-bootstrap CIs,
@@ -109,13 +157,15 @@ def assemble(records, frames, recipe: Recipe):
             rows.append({"task": m["task"], "strategy": s.strategy, "params": s.params_json,
                          "setting": s.label,
                          "granularity": s.granularity, "kind": "fixed" if s.strategy == "fixed" else s.kind,
-                         MODE: mode, "kv_policy": recipe.live.kv_policy if mode == "live" else "",
+                         MODE: mode, "kv_policy": kv_policy_of(s, recipe) if mode == "live" else "",
                          "is_full": s.is_full, "metric": m["metric"], "filter_name": m.get("filter", "none"),
                          "metric_key": _measure(m["metric"], m.get("filter", "none")),
                          "value": m["value"], "stderr": m.get("stderr"),
                          **{k: m.get(k, np.nan) for k in ("steps_used_mean", "steps_executed_mean",
                                                           "flops_per_token", "flops_executed_per_token",
-                                                          "flops_total_per_token", "seconds_per_token")}})
+                                                          "flops_total_per_token", "seconds_per_token",
+                                                          "decode_s_per_token", "prefill_s_per_token",
+                                                          "acceptance")}})
     metrics = pd.DataFrame(rows)
     for c in COLUMNS:
         if c not in metrics.columns:
@@ -127,6 +177,10 @@ def assemble(records, frames, recipe: Recipe):
     full = metrics[metrics.is_full & (metrics[MODE] == metrics.task.map(base))]
     full_flops = full.groupby("task").flops_executed_per_token.first()
     metrics["flops_rel"] = metrics.flops_executed_per_token / metrics.task.map(full_flops)
+    live = metrics[MODE] == "live"
+    live_full = metrics[metrics.is_full & live].groupby("task").decode_s_per_token.first()
+    metrics["decode_speedup"] = np.where(live, metrics.task.map(live_full)
+                                         / metrics.decode_s_per_token.astype(float), np.nan)
     fullv = full.set_index(["task", "metric_key"]).value
     metrics["delta_vs_full"] = [v - fullv.get((t, m), np.nan) for t, m, v in
                                 zip(metrics.task, metrics.metric_key, metrics.value, strict=True)]

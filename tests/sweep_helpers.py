@@ -9,6 +9,10 @@ import os
 import sys
 from pathlib import Path
 
+# speculative decoding runs on the generation task (a recipe without tiny_gen drops it)
+SPECULATIVE = """speculative:
+  - {{draft: {{name: fixed, grid: {{step: 1}}}}, draft_len: [2, 3]}}
+"""
 RECIPE = """# ouro-lab sweep {name}
 model: {{path: ckpt, dtype: float32, device: cpu, threads: 1}}
 tasks: {{names: [tiny_mc, tiny_gen], include: [tasks], limit: 8}}
@@ -17,7 +21,7 @@ strategies:
   - {{name: threshold, grid: {{q: 0.6}}, live: true}}
   - {{name: budget, grid: {{mean_steps: [1.5, 2.5]}}}}
   - {{name: oracle}}
-bootstrap: 200
+""" + SPECULATIVE + """bootstrap: 200
 batch_size: 16
 log_samples: true
 """

@@ -250,5 +250,6 @@ def test_eval_takes_strategies_dir(tmp_path, monkeypatch, capsys):
     out = run_cli(monkeypatch, capsys, *base)
     assert out.returncode == 2 and "unknown strategy 'fine'" in out.stderr
     assert "--strategies-dir" in out.stderr
-    out = run_cli(monkeypatch, capsys, *base, "--strategies-dir", tmp_path / "rules")
+    out = run_cli(monkeypatch, capsys, *base, "--strategies-dir", tmp_path / "rules", "--limit", "3")
     assert out.returncode == 0 and "tiny_mc" in out.stdout and "acc" in out.stdout, out.stderr
+    assert "--limit scores the first documents of each file, not a sample" in out.stderr

@@ -211,7 +211,8 @@ def test_cli_speaks_lm_eval(run1, monkeypatch, capsys):
     assert version.returncode == 0 and version.stdout.startswith("ouro-lab 0.")
     out = run_cli(monkeypatch, capsys, "validate", lab / "r.yaml", "--json")
     plan = json.loads(out.stdout)  # stdout holds the result and nothing else
-    assert plan["valid"] and plan["tasks"]["tiny_mc"]["documents"] == 8 and plan["settings"] == 10
+    assert plan["valid"] and plan["tasks"]["tiny_mc"]["documents"] == 8
+    assert plan["settings"] == 12 and plan["replayed"] == 10  # 2 speculative settings decode only
     out = run_cli(monkeypatch, capsys, "sweep", lab / "r.yaml", "--dry-run", "--limit", "3", "--seed", "5")
     assert out.returncode == 0 and "task tiny_mc: multiple_choice, 3 of 8 documents" in out.stdout
     names = [s["name"] for s in json.loads(run_cli(monkeypatch, capsys, "strategies", "--json").stdout)]

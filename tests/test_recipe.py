@@ -80,6 +80,34 @@ granularity: word
     assert len(lines) == 7
 
 
+def test_speculative_settings_and_their_errors(tmp_path, ckpt):
+    """speculative: a draft rule's grid x draft lengths, one setting each (the label names
+    both); bad lengths, unknown or unfit draft rules are one line each, file:line:field."""
+    from ouro_lab.settings import expand_settings
+
+    spec = "speculative:\n  - {draft: {name: fixed, grid: {step: [1, 2]}}, draft_len: [2, 4]}\n"
+    recipe, src = load_recipe(write(tmp_path, GOOD + spec))
+    got = [s for s in expand_settings(recipe, src) if s.kind == "speculative"]
+    assert [s.label for s in got] == [f"speculative(draft=fixed(step={k}),draft_len={n})"
+                                      for k in (1, 2) for n in (2, 4)]
+    assert [s.draft_len for s in got] == [2, 4, 2, 4] and got[0].obj.step == 1
+    bad = GOOD + ("speculative:\n  - {draft: {name: fixd}, draft_len: 0}\n"
+                  "  - {draft: {name: fixed, grid: {stp: 1}}, draft_len: [3, 99]}\n  - {draft_len: 2}\n")
+    f = write(tmp_path, bad)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(f)
+    text = "\n".join(e.value.errors)
+    assert f"{f}:8: speculative[0].draft_len:" in text and "1..64" in text
+    assert f"{f}:8: speculative[0].draft.name: unknown strategy 'fixd'; did you mean 'fixed'?" in text
+    assert f"{f}:9: speculative[1].draft_len:" in text and "got 99" in text
+    assert f"{f}:9: speculative[1].draft.grid:" in text and "did you mean 'step'?" in text
+    assert f"{f}:10: speculative[2].draft: required field missing" in text
+    assert len(e.value.errors) == 5
+    recipe, src = load_recipe(write(tmp_path, GOOD + "speculative:\n  - {draft: {name: oracle}}\n"))
+    with pytest.raises(RecipeError, match=r"r.yaml:8: speculative\[0\].draft.name: oracle cannot draft"):
+        expand_settings(recipe, src)
+
+
 def test_wrong_type_of_grid_parameter(tmp_path, ckpt):
     f = write(tmp_path, GOOD.replace("[0.3, 0.5]", "[0.3, high]"))
     with pytest.raises(RecipeError) as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import sweep_helpers
-from sweep_helpers import RECIPE, cli
+from sweep_helpers import RECIPE, SPECULATIVE, cli
 
 from ouro_lab.sweep import COLUMNS, RunLock, run_sweep
 
@@ -37,7 +37,8 @@ def test_sweep_writes_every_output(run1):
     m = pd.read_csv(run1 / "metrics.csv")
     params = [c for c in m.columns if c.startswith("param_")]
     assert [c for c in m.columns if c not in params] == COLUMNS
-    assert params == ["param_flops", "param_mean_steps", "param_q", "param_signal", "param_step"]
+    assert params == ["param_draft", "param_draft_len", "param_draft_rule", "param_draft_step", "param_flops",
+                      "param_mean_steps", "param_q", "param_signal", "param_step"]
     at = list(m.columns).index("params")
     assert list(m.columns)[at + 1:at + 1 + len(params)] == params
     for t in ("tiny_mc", "tiny_gen"):
@@ -74,10 +75,37 @@ def test_sweep_writes_every_output(run1):
         assert heading in md
 
 
+def test_live_rows_carry_measured_seconds_and_speculative_rows_equal_full_depth(run1):
+    """Every live generation row has decode and prefill seconds per token (same batch plan)
+    and its measured speed-up over full depth; speculative settings score exactly what full
+    depth scores, at >= R steps per token, with their acceptance; the report and a plot
+    put the measured speed beside the FLOPs."""
+    m = pd.read_csv(run1 / "metrics.csv")
+    live = m[(m.task == "tiny_gen") & (m.run_mode == "live")]
+    assert live[live.kind == "select"].decode_s_per_token.isna().all()  # composed (the oracle): not run
+    gen = live[live.kind != "select"]
+    assert (gen.decode_s_per_token > 0).all() and (gen.prefill_s_per_token > 0).all()
+    assert gen.decode_speedup.notna().all() and m[m.run_mode == "replay"].decode_s_per_token.isna().all()
+    full = gen[gen.is_full.astype(bool)]
+    assert (full.decode_speedup.round(12) == 1).all()
+    spec = gen[gen.strategy == "speculative"]
+    labels = [f"speculative(draft=fixed(step=1),draft_len={n})" for n in (2, 3)]
+    assert sorted(spec.setting.unique()) == labels
+    assert (spec.kind == "speculative").all() and (spec.kv_policy == "copy").all()
+    for metric, d in spec.groupby("metric_key"):
+        assert (d.value == full[full.metric_key == metric].value.iloc[0]).all()  # lossless
+    assert spec.acceptance.between(0, 1).all() and (spec.steps_used_mean == 4).all()
+    assert (spec.steps_executed_mean >= 4).all() and (spec.flops_rel >= 1).all()
+    assert "speculative" not in set(m[m.task == "tiny_mc"].strategy)
+    report = (run1 / "report.md").read_text()
+    assert "tiny_gen: measured speed (live decoding)" in report and labels[0] in report
+    assert (run1 / "plots" / "tiny_gen_acc_vs_seconds.png").is_file()
+
+
 def test_new_strategies_reuse_the_trace_and_same_recipe_twice_gives_identical_metrics(lab, run1):
     new = "  - {name: kl, grid: {eps: [0.05]}}\n  - {name: random, grid: {mean_steps: 2}}"
     (lab / "mc.yaml").write_text(RECIPE.format(name="mc.yaml").replace("  - {name: oracle}", new)
-                                 .replace("tiny_mc, tiny_gen", "tiny_mc"))
+                                 .replace("tiny_mc, tiny_gen", "tiny_mc").replace(SPECULATIVE.format(), ""))
     a = run_sweep(lab / "mc.yaml", out=lab / "mc_a")
     prov = json.loads((a / "provenance.json").read_text())
     assert prov["trace"]["reused"] and prov["model_forward_calls"] == 0  # run1 traced these tasks
@@ -142,7 +170,8 @@ def test_two_sweeps_on_one_folder_do_not_mix(lab, run1):
 def test_dry_run_and_validate_print_grid_and_cost(lab, run1):
     code, text = cli("validate", lab / "r.yaml", "tasks.limit=3")
     assert code == 0, text
-    assert "10 settings" in text and "threshold" in text and "MFLOP" in text and "valid" in text
+    assert "12 settings" in text and "threshold" in text and "MFLOP" in text and "valid" in text
+    assert "replaying 10 settings" in text  # the 2 speculative ones decode, they replay nothing
     code, text = cli("sweep", lab / "r.yaml", "--dry-run", "--out", lab / "never")
     assert code == 0 and not (lab / "never").exists()
     assert "task tiny_mc: multiple_choice, 8 of 8 documents (all)" in text
@@ -188,7 +217,9 @@ def good(lab) -> str:
 
 @pytest.mark.parametrize("edit, field, words", [
     (("dtype: float32", "dtpye: float32"), ":2: model.dtpye:", "did you mean 'dtype'?"),
-    (("batch_size: 16", "batch_size: many"), ":10: batch_size:", "a positive integer, or auto"),
+    (("batch_size: 16", "batch_size: many"), ":12: batch_size:", "a positive integer, or auto"),
+    (("draft_len: [2, 3]", "draft_len: [2, 0]"), ":10: speculative[0].draft_len:", "must be 1..64 tokens"),
+    (("tiny_mc, tiny_gen", "tiny_mc"), ":9: speculative:", "generate_until tasks, and none of tiny_mc"),
     (("name: budget", "name: budjet"), ":7: strategies[2].name:", "did you mean 'budget'?"),
     (("tiny_mc, tiny_gen", "tiny_mc, tiny_gem"), ":3: tasks.names[1]:", "did you mean"),
     (("q: 0.6}, live: true}", "q: 0.6}, live: true, granularity: sequence}"), ":6: strategies[1].live:",
@@ -219,7 +250,8 @@ def test_empty_task_data(lab, tmp_path):
     tasks = tmp_path / "tasks"
     shutil.copytree(lab / "tasks" / "tiny_mc", tasks / "tiny_mc")
     (tasks / "tiny_mc" / "test.jsonl").write_text("")
-    text = good(lab).replace(str(lab / "tasks"), str(tasks)).replace("tiny_mc, tiny_gen", "tiny_mc")
+    text = (good(lab).replace(str(lab / "tasks"), str(tasks)).replace("tiny_mc, tiny_gen", "tiny_mc")
+            .replace(SPECULATIVE.format(), ""))
     code, lines, f = _bad(lab, tmp_path, text)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: {f}:3: tasks.names[0]:") and "tiny_mc" in lines[0]
