@@ -66,9 +66,8 @@ GRID = [("fixed", {"step": [1, 2, 3, 4]}),
         ("confidence", {"tau": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]}),
         ("kl", {"eps": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3]}),
         ("hidden_delta", {"eps": [0.01, 0.02, 0.05, 0.1, 0.2], "min_step": 1}),
-        ("patience", {"n": [1, 2]}),
-        ("random", {"mean_steps": [1.5, 2.0, 2.5, 3.0]}),
-        ("oracle", {})]
+        ("patience", {"n": [1, 2, 3]}),
+        ("random", {"mean_steps": [1.5, 2.0, 2.5, 3.0]})]  # the oracle is composed by sweeps, not replayed
 LIVE_SAMPLES = [("threshold", {"q": 0.5}), ("kl", {"eps": 0.01})]
 
 

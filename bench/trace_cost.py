@@ -8,8 +8,8 @@ Three request sets, as lm-eval builds their token ids:
   five shots (first_n from dev, as mmlu samples them: the same for every document of a
   subject) then the question, choices and "Answer:"; four one-token choices A-D;
 - hellaswag-like: 0-shot contexts of 30-60 tokens, four endings of 8-30 tokens each;
-- demo-mc: lm-eval's own requests of tasks/loop_demo_mc (ten one-token choices) with the
-  demo tokenizer.
+- demo-mc: lm-eval's own requests of tasks/loop_demo_mc (all 363 documents, ten one-token
+  choices) with the demo tokenizer.
 
 Models, random weights, float32, CPU: an Ouro of hidden 512, intermediate 1408, 8 heads,
 4 layers x 4 steps, vocab 8192, and a `transformers` LlamaForCausalLM of 16 layers of the
@@ -86,7 +86,7 @@ def demo_mc(limit: int) -> tuple[list[tuple[list, list]], object]:
     demo = ROOT / "ouro_lab" / "builtin" / "loop-demo"
     tok = load_tokenizer(demo)
     lm = OuroLM(model=load_model(demo), tokenizer=tok)
-    units = build_units(TaskSet(["loop_demo_mc"], limit=limit), lm)
+    units = build_units(TaskSet(["loop_demo_mc"], limit=limit or None), lm)
     return [(list(u.ctx), list(u.cont)) for u in units], tok
 
 
@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
     p.add_argument("--subjects", type=int, default=2)
     p.add_argument("--docs", type=int, default=8, help="documents per mmlu-like subject")
     p.add_argument("--hellaswag-docs", type=int, default=16)
-    p.add_argument("--demo-docs", type=int, default=100)
+    p.add_argument("--demo-docs", type=int, default=0, help="documents of loop_demo_mc (0: all 363)")
     args = p.parse_args(argv)
     logging.disable(logging.WARNING)
     import torch

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 ROW_MIN = 256  # tokens a packed row may hold even when every input is shorter
+PAD_TOLERANCE = 0.03  # padding share above which light subtrees are split into fragments
 
 
 def _lcp(a: tuple, b: tuple) -> int:
@@ -140,8 +141,9 @@ class PrefixTree:
     def plan(self, batch_size: int, row: int | None = None) -> list[list[tuple]]:
         """Programs (independent lists of model calls, each starting from an empty cache):
         ("extend", nodes) appends a path of heavy nodes to the cache; ("light", rows) runs
-        up to `batch_size` rows of packed light subtrees (each row a list of subtree roots)
-        over the cache; ("truncate", depth) drops the cache's columns from `depth` on."""
+        up to `batch_size` rows of packed light subtrees over the cache, each row (nodes in
+        preorder, the depth of each node's light root, whether its outputs count: a repeated
+        ancestor's count once); ("truncate", depth) drops the cache's columns from `depth` on."""
         row = max(1, row or self.row)
         heavy = self.size > row
         heavy_children: dict[int, list[int]] = {}
@@ -186,35 +188,104 @@ class PrefixTree:
         return programs
 
     def _pack(self, roots: list[int], batch_size: int, row: int) -> list[tuple]:
-        """Light subtrees packed into rows of <= `row` tokens: as few rows as fit, filled evenly
-        (biggest subtree first into the emptiest row), so that the rows of a call, padded to
-        the longest, waste little; calls of <= `batch_size` rows of similar length."""
-        import heapq
-
+        """Light subtrees packed into rows of <= `row` tokens, calls of <= `batch_size` rows of
+        similar length (a call pads its rows to the longest). Whole subtrees first; when their
+        sizes leave more than PAD_TOLERANCE of padding (subtrees of half a row cannot pair up),
+        they are split into fragments of <= row / 2, 4 or 8 tokens below their roots instead,
+        each fragment repeating its path from the subtree's root (a few tokens), if that runs
+        fewer tokens in all. `self.padding` counts the padding and the repeated tokens."""
         if not roots:
             return []
-        sizes = {r: int(self.size[r]) for r in roots}
-        order = sorted(roots, key=lambda r: -sizes[r])
-        m = -(-sum(sizes.values()) // row)
+        total = sum(int(self.size[r]) for r in roots)
+        whole = [(np.arange(r, r + self.size[r]), np.full(int(self.size[r]), self.depth[r]),
+                  np.ones(int(self.size[r]), dtype=bool)) for r in roots]
+        ops, extra = self._bins(whole, batch_size, row)
+        for f in (row // 2, row // 4, row // 8):  # fragment sizes to try; the fewest tokens win
+            if extra <= PAD_TOLERANCE * total or f < 2:
+                break
+            claimed: set[int] = set()
+            parts = [x for r in roots for x in self._split(r, [], f, int(self.depth[r]), claimed)]
+            split_ops, split_extra = self._bins(parts, batch_size, row)
+            if split_extra < extra:
+                ops, extra = split_ops, split_extra
+        self.padding += extra
+        return ops
+
+    def _split(self, n: int, path: list[int], f: int, top: int, claimed: set) -> list[tuple]:
+        """Fragments (nodes, top, owned) of the subtree of `n` with at most ~f tokens of
+        subtrees each, every one led by `path` + n (their ancestors from the light root: owned
+        by the first fragment that holds them)."""
+        if self.size[n] <= f:
+            nodes = np.concatenate([np.asarray(path, dtype=np.int64), np.arange(n, n + self.size[n])])
+            return [self._fragment(nodes, top, len(path), claimed)]
+        lead = path + [n]
+        out, group, load = [], [], 0
+        c = n + 1
+        while c < n + self.size[n]:  # children in preorder: each the next id after the last subtree
+            k = int(self.size[c])
+            if k > f:
+                out += self._split(c, lead, f, top, claimed)
+            else:
+                if group and load + k > f:
+                    out.append(self._group(lead, group, top, claimed))
+                    group, load = [], 0
+                group.append(c)
+                load += k
+            c += k
+        if group or not out:
+            out.append(self._group(lead, group, top, claimed))
+        return out
+
+    def _group(self, lead: list[int], kids: list[int], top: int, claimed: set) -> tuple:
+        ranges = [np.arange(c, c + self.size[c]) for c in kids]
+        nodes = np.concatenate([np.asarray(lead, dtype=np.int64), *ranges])
+        return self._fragment(nodes, top, len(lead), claimed)
+
+    def _fragment(self, nodes: np.ndarray, top: int, lead: int, claimed: set) -> tuple:
+        own = np.ones(len(nodes), dtype=bool)
+        for i in range(lead):  # a repeated ancestor: computed by every fragment, output by one
+            own[i] = int(nodes[i]) not in claimed
+            claimed.add(int(nodes[i]))
+        return nodes, np.full(len(nodes), top), own
+
+    def _bins(self, parts: list[tuple], batch_size: int, row: int) -> tuple[list[tuple], int]:
+        """Fragments into as few rows of <= `row` tokens as fit, filled evenly (biggest first
+        into the emptiest row; a node two fragments of a row share is run once), rows into
+        calls. Returns the ops and the positions run beyond the tree's nodes."""
+        import heapq
+
+        order = sorted(range(len(parts)), key=lambda i: -len(parts[i][0]))
+        m = max(1, -(-sum(len(x[0]) for x in parts) // row))
         while True:
             heap = [(0, k) for k in range(m)]
             rows: list[list[int]] = [[] for _ in range(m)]
-            for r in order:
+            for i in order:
                 load, k = heapq.heappop(heap)
-                rows[k].append(r)
-                heapq.heappush(heap, (load + sizes[r], k))
-            used = [sum(sizes[r] for r in x) for x in rows]
-            if max(used) <= row:
+                rows[k].append(i)
+                heapq.heappush(heap, (load + len(parts[i][0]), k))
+            merged = [self._merge([parts[i] for i in x]) for x in rows if x]
+            used = [len(x[0]) for x in merged]
+            if max(used) <= row or m >= len(parts):
                 break
             m += 1
-        by_len = sorted(range(m), key=lambda k: -used[k])
-        ops = []
-        for a in range(0, m, batch_size):
+        by_len = sorted(range(len(merged)), key=lambda k: -used[k])
+        ops, extra = [], sum(used) - sum(int(x[2].sum()) for x in merged)  # repeated ancestors
+        for a in range(0, len(by_len), batch_size):
             call = by_len[a:a + batch_size]
-            T = used[call[0]]
-            self.padding += sum(T - used[k] for k in call)
-            ops.append(("light", [sorted(rows[k]) for k in call]))
-        return ops
+            extra += sum(used[call[0]] - used[k] for k in call)
+            ops.append(("light", [merged[k] for k in call]))
+        return ops, extra
+
+    @staticmethod
+    def _merge(frags: list[tuple]) -> tuple:
+        """One row's fragments as (nodes sorted, top, owned), each node once."""
+        nodes = np.concatenate([f[0] for f in frags])
+        top = np.concatenate([f[1] for f in frags])
+        own = np.concatenate([f[2] for f in frags])
+        uniq, first = np.unique(nodes, return_index=True)
+        owned = np.zeros(len(uniq), dtype=bool)
+        np.logical_or.at(owned, np.searchsorted(uniq, nodes), own)
+        return uniq, top[first], owned
 
 
 # --------------------------------------------------------------------------- running a plan
@@ -260,10 +331,6 @@ class CallOutput:
     mask: Tensor
 
 
-def _subtree_nodes(tree: PrefixTree, roots: list[int]) -> np.ndarray:
-    return np.concatenate([np.arange(r, r + tree.size[r]) for r in roots])
-
-
 @torch.no_grad()
 def run_plan(model, tree: PrefixTree, programs: list[list[tuple]], steps: int, owns=lambda i: True):
     """Run the programs `owns(i)` accepts; yields a `CallOutput` per call holding scored nodes.
@@ -287,11 +354,12 @@ def run_plan(model, tree: PrefixTree, programs: list[list[tuple]], steps: int, o
                 out = model(ids, None, steps, pos, path)
                 yield CallOutput(nodes[scored[nodes]], out, torch.as_tensor(scored[nodes])[None])
                 continue
-            rows = [_subtree_nodes(tree, roots) for roots in arg]
-            B, T = len(rows), max(len(r) for r in rows)
+            B, T = len(arg), max(len(r[0]) for r in arg)
             nodes = np.full((B, T), -1, dtype=np.int64)
-            for b, r in enumerate(rows):
-                nodes[b, :len(r)] = r
+            top = np.zeros((B, T), dtype=np.int64)
+            mine = np.zeros((B, T), dtype=bool)  # the copy of a node whose outputs count
+            for b, (r, t, o) in enumerate(arg):
+                nodes[b, :len(r)], top[b, :len(r)], mine[b, :len(r)] = r, t, o
             real = nodes >= 0
             safe = np.where(real, nodes, 0)
             ids = torch.as_tensor(np.where(real, tree.token[safe], 0)).to(dev)
@@ -302,12 +370,9 @@ def run_plan(model, tree: PrefixTree, programs: list[list[tuple]], steps: int, o
             own = (pre[:, None, :] <= pre[:, :, None]) & (pre[:, :, None] < end[:, None, :])
             own |= torch.eye(T, dtype=torch.bool, device=dev)[None]  # padding sees itself (no NaN rows)
             if P:
-                # the cached path's column c is an ancestor of i when c < depth of i's subtree root
-                top = np.zeros((B, T), dtype=np.int64)
-                for b, roots in enumerate(arg):
-                    top[b, :len(rows[b])] = np.repeat(tree.depth[roots], tree.size[roots])
+                # the cached path's column c is an ancestor of i when c < depth of i's light subtree root
                 above = torch.arange(P, device=dev)[None, None] < torch.as_tensor(top).to(dev)[:, :, None]
                 own = torch.cat((above, own), 2)
             out = model(ids, None, steps, pos, _PackedRows(path, P, B, own[:, None]))
-            where = torch.as_tensor(real & scored[safe])
+            where = torch.as_tensor(real & scored[safe] & mine)
             yield CallOutput(nodes[where.numpy()], out, where)

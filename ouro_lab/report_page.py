@@ -344,9 +344,10 @@ padding:10px 16px 40px;color:#1d1d1d;overflow-wrap:anywhere}
 h1{font-size:1.35em;margin:.3em 0 .2em}h2{font-size:1.15em;margin:1.6em 0 .3em;border-bottom:1px solid #ddd}
 h3{font-size:1em;margin:1.1em 0 .2em}p{margin:.3em 0}.facts{color:#333;font-size:14px}
 ul.head{margin:.4em 0;padding-left:1.2em}ul.head li{margin:.25em 0}
-.wrap{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.3em 0 1em;font-size:13px}
-td,th{border:1px solid #d8d8d8;padding:3px 7px;text-align:left;vertical-align:top}
-th{background:#f3f3f3;cursor:pointer;user-select:none;white-space:nowrap}
+.wrap{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.3em 0 1em;font-size:13px;
+overflow-wrap:normal}td,th{border:1px solid #d8d8d8;padding:3px 7px;text-align:left;vertical-align:top;
+overflow-wrap:break-word}td code{overflow-wrap:anywhere}
+th{background:#f3f3f3;cursor:pointer;user-select:none}
 th[data-dir=asc]::after{content:" \\25B2"}th[data-dir=desc]::after{content:" \\25BC"}
 td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 img{max-width:100%;height:auto;display:block}figure{margin:.6em 0 1.2em}#main img{max-width:min(100%,900px)}
@@ -354,7 +355,8 @@ figcaption,.note{font-size:13px;color:#555}code{background:#f4f4f4;padding:0 3px
 pre{white-space:pre-wrap;overflow-wrap:anywhere;font-size:12px;background:#f8f8f8;padding:8px}
 .sw{display:inline-block;width:.75em;height:.75em;border-radius:2px;margin-right:.35em}
 .warn{color:#7a4100;background:#fff4dc;border-left:3px solid #e0a030;padding:2px 6px;margin:.2em 0;
-font-size:13px}details{margin:1.5em 0}summary{cursor:pointer;font-weight:600}
+font-size:13px;white-space:normal;text-align:left;min-width:16em}
+details{margin:1.5em 0}summary{cursor:pointer;font-weight:600}
 nav{font-size:13px;margin:.6em 0}nav a{margin-right:.8em}
 @media (max-width:600px){body{font-size:14px;padding:6px 10px}td,th{padding:2px 4px;font-size:12px}
 table.sortable,table.sortable tbody,table.sortable tr,table.sortable td{display:block}

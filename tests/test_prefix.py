@@ -103,11 +103,12 @@ def test_tree_is_the_set_of_distinct_prefixes():
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_plan_runs_every_node_once(batch_size):
-    """Light rows only ever hang below the cached path; heavy runs extend it in order."""
+    """Every node's outputs come from exactly one place; a light row holds each of its nodes'
+    ancestors (or finds them on the cached path, above the node's light root); heavy runs
+    extend the path in order. Rows of 16 and 10 tokens force heavy paths and fragments."""
     tree = PrefixTree.build(_units(), 128)
-    seen = []
-    for row in (None, 16):
-        seen.clear()
+    for row in (None, 16, 10):
+        owned, computed = [], 0
         for ops in tree.plan(batch_size, row=row):
             path = []
             for op, arg in ops:
@@ -117,16 +118,39 @@ def test_plan_runs_every_node_once(batch_size):
                     assert tree.parent[arg[0]] == (path[-1] if path else -1)
                     assert all(tree.parent[b] == a for a, b in zip(arg, arg[1:], strict=False))
                     path += list(arg)
-                    seen += list(arg)
+                    owned += list(arg)
+                    computed += len(arg)
                 else:
                     assert len(arg) <= batch_size
-                    for roots in arg:
-                        assert sum(tree.size[r] for r in roots) <= (row or tree.row)
-                        for r in roots:
-                            p = tree.parent[r]
+                    T = max(len(r[0]) for r in arg)
+                    computed += T * len(arg)
+                    for nodes, top, own in arg:
+                        assert len(set(nodes.tolist())) == len(nodes)
+                        have = set(nodes.tolist())
+                        for n, t in zip(nodes.tolist(), top.tolist(), strict=True):
+                            p = tree.parent[n]
+                            while p >= 0 and tree.depth[p] >= t:  # inside the light subtree: in the row
+                                assert p in have
+                                p = tree.parent[p]
                             assert p == -1 or (tree.depth[p] < len(path) and path[tree.depth[p]] == p)
-                            seen += range(r, r + tree.size[r])
-        assert sorted(seen) == list(range(tree.n_nodes))
+                        owned += nodes[own].tolist()
+        assert sorted(owned) == list(range(tree.n_nodes))
+        assert computed == tree.n_nodes + tree.padding
+
+
+def test_fragments_bound_the_padding():
+    """Subtrees of more than half a row cannot share rows: split into fragments (each repeating
+    its few ancestors), the tokens run stay within 1.05x the tree where whole subtrees would
+    pad ~40% (the demo task's shape: ten first-token subtrees of 120-180 tokens, rows of 256)."""
+    rng = random.Random(0)
+    units = []
+    for first in range(10):
+        for _ in range(rng.randint(18, 26)):
+            ctx = (3 + first, *(rng.randrange(3, 13) for _ in range(rng.randint(4, 8))))
+            units += [Unit(ctx, (40 + c,)) for c in range(10)]
+    tree = PrefixTree.build(units, 128)
+    tree.plan(8, row=256)
+    assert tree.padding <= 0.05 * tree.n_nodes, (tree.padding, tree.n_nodes)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
@@ -161,7 +185,23 @@ def test_branching_heavy_paths_and_small_rows(model):
     extended again, and the results still equal the per-request plan's."""
     units = _units(seed=5)
     tree = PrefixTree.build(units, 128)
-    ops = [op for prog in tree.plan(2, row=10) for op, _ in prog]
+    plan = [x for prog in tree.plan(2, row=10) for x in prog]
+    ops = [op for op, _ in plan]
     assert ops.count("truncate") >= 1 and ops.count("extend") >= 3
     sig, unit, pos, _ = _units_forward(model, units, 4, 2, 128, signals=True, row=10)
     _check(sig, unit, pos, _reference(model, units, 2, 128))
+
+
+def test_fragments_equal_the_per_request_plan(model):
+    """Subtrees split into fragments (repeated ancestors, outputs taken once) give the same
+    results as one sequence per request."""
+    rng = random.Random(1)
+    units = []
+    for first in range(6):
+        for _ in range(rng.randint(4, 6)):
+            ctx = (3 + first, *(rng.randrange(3, 13) for _ in range(rng.randint(3, 6))))
+            units += [Unit(ctx, (40 + c,)) for c in range(3)] + [Unit(ctx, (20, 21))]
+    plan = [x for prog in PrefixTree.build(units, 128).plan(4, row=40) for x in prog]
+    assert any((~own).any() for op, rows in plan if op == "light" for _, _, own in rows)
+    sig, unit, pos, _ = _units_forward(model, units, 4, 4, 128, signals=True, row=40)
+    _check(sig, unit, pos, _reference(model, units, 4, 128))

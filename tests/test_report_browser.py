@@ -44,7 +44,8 @@ window.addEventListener('load', () => {
   out.textContent = JSON.stringify({title: document.title, imgs, errors, res, heads,
     main: bottom(main), mainWidth: main && main.getBoundingClientRect().width,
     scrollWidth: document.documentElement.scrollWidth, width: window.innerWidth,
-    h2: document.querySelectorAll('h2').length, before, asc, desc, bounds});
+    h2: document.querySelectorAll('h2').length, before, asc, desc, bounds,
+    scrolled: [...document.querySelectorAll('.wrap')].filter(w => w.scrollWidth > w.clientWidth + 1).length});
   window.top.document.body.appendChild(out);
 });
 </script>"""
@@ -102,6 +103,7 @@ def test_report_page_in_a_browser(run1, tmp_path, width):
     assert seen["res"] == []  # not one request: the page is self-contained
     assert seen["width"] == width
     assert seen["scrollWidth"] <= width, "the page overflows sideways"
+    assert seen["scrolled"] == 0, "a table is wider than the page (it would scroll inside its box)"
     assert len(seen["heads"]) == 2 and max(seen["heads"]) < seen["main"] <= 900, seen
     assert seen["mainWidth"] >= 0.8 * min(width, 900) - 40
     # sorted by savings first (none within tolerance next, the oracle, a bound, last), then by
