@@ -267,6 +267,7 @@ def accuracy_vs_flops(metrics, task: str, metric: str, path: Path, mode: str = "
             top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         _score_axis(ax, metric, scale)
         how = "replayed from one full-depth trace" if mode == "replay" else "run live, token by token"
+        how += "; hollow: live" if mode == "replay" and len(live) else ""
         ax.set_title(f"{task}: {metric_words(metric)} versus compute ({how})", fontsize=9.5)
         _label_points(ax, points, obstacles, ymax=104.9 if scale == 100 else None)
         _legend_outside(ax)

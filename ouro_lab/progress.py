@@ -24,6 +24,17 @@ def stderr_console(quiet: bool = False):
     return Console(stderr=True, quiet=quiet)
 
 
+def stdout_console():
+    """The result's console. Piped into a file or a log, rich would wrap tables at 80
+    columns, mid-word; there it takes 160 unless `COLUMNS` says otherwise."""
+    from rich.console import Console
+
+    console = Console()
+    if console.is_terminal or os.environ.get("COLUMNS"):
+        return console
+    return Console(width=160)
+
+
 def progress(console):
     """Bars with what is done, of how many, elapsed time and the estimated time left."""
     from rich.progress import (

@@ -41,7 +41,7 @@ from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.files import DamagedFileError, atomic_write, file_digest, sweep_temporaries
 from ouro_lab.plan import describe, plan
-from ouro_lab.progress import log, stderr_console
+from ouro_lab.progress import log, stderr_console, stdout_console
 from ouro_lab.progress import progress as progress_bars
 from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
 from ouro_lab.settings import (
@@ -116,9 +116,7 @@ def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Pat
         if as_json:
             print(json.dumps({"recipe": str(src.file), "valid": True, **p}, indent=2, default=jsonable))
         else:
-            from rich.console import Console
-
-            result = Console()  # the result: on stdout
+            result = stdout_console()  # the result: on stdout
             describe(p, result)
             log(result, f"{src.file}: valid")
         return None
@@ -545,12 +543,11 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe, log: dict 
 def _summary(summary: dict, run_dir: Path) -> None:
     """The result, on stdout: per task its headline and the compute-saved table (cells
     wrap, never cut), then where the run folder and the report are."""
-    from rich.console import Console
     from rich.table import Table
 
     from ouro_lab.report_page import headline
 
-    console = Console()
+    console = stdout_console()
     for task, t in summary["tasks"].items():
         sc = t["scale"]
         log(console, headline(task, t, summary["tolerance"]))

@@ -343,3 +343,26 @@ def test_the_shared_run_carries_its_warnings_and_one_denominator(tmp_path_factor
     cli_summary(summary, run)
     out = capsys.readouterr().out
     assert "warning [baseline_broken] tiny_gen: full depth scores 0.0" in out
+
+
+def test_summary_piped_to_a_file_keeps_its_words_whole(demo_run, monkeypatch, capsys):
+    """Not a terminal and no COLUMNS (a log file, `| tee`): the compute-saved table is
+    160 columns wide, so no header, strategy or setting is folded mid-word (rich folded
+    them at 80 columns)."""
+    from cli_helpers import run_cli
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setenv("OURO_LAB_CACHE", str(demo_run.parent / "cache"))
+    out = run_cli(monkeypatch, capsys, "sweep", demo_run.parent / "demo.yaml", "--out", demo_run)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    headers = [line for line in lines if "FLOPs saved" in line]
+    assert len(headers) == 2  # one table per task
+    for word in ("strategy", "setting", "FLOPs saved", "95% CI", "score change", "cross-fitted", "warnings"):
+        assert all(word in h for h in headers)
+    assert any("risk" in line and "none within tolerance" in line for line in lines)
+    assert any("oracle()" in line and "%" in line for line in lines)
+    monkeypatch.setenv("COLUMNS", "100")  # an explicit width is kept
+    from ouro_lab.progress import stdout_console
+
+    assert stdout_console().width == 100

@@ -78,6 +78,7 @@ def test_accuracy_vs_flops_reads_on_its_own(run1, tmp_path, drawn, monkeypatch):
     fig = drawn[-1]
     ax = fig.axes[0]
     assert ax.get_ylabel() == "accuracy (%)"
+    assert ax.get_title().endswith("(replayed from one full-depth trace; hollow: live)")  # live points drawn
     assert ax.get_xlabel() == "FLOPs per token, relative to full depth"
     assert ax.xaxis.get_major_formatter()(0.5, 0) == "50%"
     top = [a for a in fig.axes[0].child_axes if a.get_xlabel()]
@@ -101,6 +102,9 @@ def test_accuracy_vs_flops_reads_on_its_own(run1, tmp_path, drawn, monkeypatch):
     colours = {k: v for k, v in _legend_colours(ax).items() if k.startswith(("threshold (", "budget ("))}
     assert colours == {"threshold (q)": labels.STYLES["threshold"][0].lower(),
                        "budget (mean_steps)": labels.STYLES["budget"][0].lower()}
+    plots.accuracy_vs_flops(m.iloc[::-1], "tiny_mc", "acc", tmp_path / "b.png", chance=0.0)
+    plots.accuracy_vs_flops(m[m.run_mode == "replay"], "tiny_mc", "acc", tmp_path / "c.png")
+    assert drawn[-1].axes[0].get_title().endswith("(replayed from one full-depth trace)")
     plots.accuracy_vs_flops(m.iloc[::-1], "tiny_mc", "acc", tmp_path / "b.png", chance=0.0)
     assert not any(t.get_text().startswith("chance") for t in drawn[-1].axes[0].get_legend().get_texts())
     again = _legend_colours(drawn[-1].axes[0])
