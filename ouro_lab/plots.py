@@ -232,6 +232,13 @@ def accuracy_vs_flops(metrics, task: str, metric: str, path: Path, mode: str = "
     strategy a curve through its settings, live runs hollow, the Pareto frontier dashed,
     the full-depth score, the tolerance band under it and chance (a fraction) if given."""
     m = _rows(metrics, task, metric)
+    spec = m[m["kind"].astype(str) == "speculative"]  # full depth's output above its FLOPs: timed instead
+    m = m[m["kind"].astype(str) != "speculative"]
+    if len(spec):
+        lo, hi = float(spec.flops_rel.min()) * 100, float(spec.flops_rel.max()) * 100
+        note = (note + " " if note else "") + (
+            f"Not drawn: speculative decoding ({spec.setting.nunique()} settings, full depth's output at "
+            f"{lo:.0f}-{hi:.0f}% of its FLOPs; see the plot against seconds).")
     base = m[m[MODE] == mode]
     scale = points_scale(metric, m.value)
     lower = split_metric(metric)[0] in LOWER_IS_BETTER

@@ -245,13 +245,21 @@ def _speed_table(task, t) -> Table | None:
     if not t.get("speed"):
         return None
     sc = t["scale"]
+    note = ""
+    one = [r for r in t["speed"] if r["setting"] == "fixed(step=1)"]
+    if one and one[0]["speedup"] < 0.8 * one[0]["ideal"]:  # checked on this run's own rows
+        frac = one[0]["speedup"] / one[0]["ideal"]
+        note = (f" Here fixed(step=1) reaches {frac:.2f} of its ideal speed-up: "
+                "per-token work that does not shrink with depth (Python bookkeeping, small tensor "
+                "operations) is a large share of each token's time on this model and machine; "
+                "bench/live_speed.py measures a mid-size model.")
     tab = Table(f"{task}-speed", f"{task}: measured speed (live decoding)",
                 ["setting", t["metric_words"], "decode ms/token", "prefill ms/token", "measured speed-up",
                  "FLOPs saved", "ideal speed-up (FLOPs)", "measured / ideal", "drafts accepted"],
                 note="Wall-clock seconds measured in this run, every setting on the same batch plan; "
                      "speed-up = full-depth live decoding's seconds per token / the setting's; ideal = full "
                      "depth's executed FLOPs per token / the setting's. Speculative settings output full "
-                     "depth's tokens exactly: they spend FLOPs on fewer sequential passes.")
+                     "depth's tokens exactly: they spend FLOPs on fewer sequential passes." + note)
     for r in t["speed"]:
         acc = r["acceptance"]
         tab.rows.append([r["setting"], (_num(r["value"] * sc, 1), _v(r["value"])),

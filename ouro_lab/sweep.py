@@ -566,6 +566,12 @@ def _summary(summary: dict, run_dir: Path) -> None:
                         "; ".join(w["code"] for w in summary["warnings"]
                                   if w["task"] == task and w["setting"] == r["chosen"] and r["chosen"]))
         console.print(tab)
+        for r in t.get("speed") or []:
+            if r["setting"].startswith("speculative("):  # lossless: its saving is time, not FLOPs
+                log(console, f"{r['setting']}: output identical to full depth; measured decode speed-up "
+                             f"{r['speedup']:.2f}x over full-depth live decoding, "
+                             f"{r['acceptance'] * 100:.0f}% of drafts accepted, "
+                             f"{-r['flops_saved'] * 100:.1f}% more FLOPs per token")
         for w in summary["warnings"]:  # each beside its task, the setting named
             if w["task"] == task:
                 log(console, f"warning [{w['code']}] {w['setting'] or task}: {w['message']}")

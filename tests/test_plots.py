@@ -117,6 +117,24 @@ def test_accuracy_vs_flops_reads_on_its_own(run1, tmp_path, drawn, monkeypatch):
     assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
 
 
+def test_speculative_settings_are_timed_not_drawn_against_flops(run1, tmp_path, drawn):
+    """Full depth's output at 2-4x its FLOPs: on the FLOPs axis they stretched it to 400%
+    and squashed every exit rule into its first quarter; the caption says where they are."""
+    m = pd.read_csv(run1 / "metrics.csv")
+    spec = m[(m.task == "tiny_gen") & (m.strategy == "speculative")]
+    assert len(spec) and (spec.flops_rel > 1).all()
+    plots.accuracy_vs_flops(m, "tiny_gen", "exact_match,first", tmp_path / "g.png", mode="live")
+    ax = drawn[-1].axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert not any(t.startswith("speculative") for t in legend) and "threshold (q)" in legend
+    assert ax.get_xlim()[1] < 1.2
+    caption = " ".join(t.get_text() for t in drawn[-1].texts)
+    assert f"Not drawn: speculative decoding ({spec.setting.nunique()} settings" in caption
+    plots.accuracy_vs_seconds(m, "tiny_gen", "exact_match,first", tmp_path / "s.png")
+    legend = [t.get_text() for t in drawn[-1].axes[0].get_legend().get_texts()]
+    assert any(t.startswith("speculative") for t in legend)
+
+
 def test_by_difficulty_has_intervals_and_a_legend_off_the_data(run1, tmp_path, drawn):
     s = pd.read_parquet(run1 / "samples.parquet")
     plots.accuracy_by_difficulty(s, "tiny_mc", "acc", ["threshold(q=0.6)"], tmp_path / "d.png", resamples=50)

@@ -233,3 +233,20 @@ def test_report_on_a_folder_without_tables(tmp_path):
     assert code == 2 and len(errors) == 1 and "metrics.csv: missing" in errors[0]
     code, text = cli("compare", tmp_path / "nope", tmp_path)
     assert code == 2 and "no such run folder" in text
+
+
+def test_speed_table_says_when_overhead_not_flops_sets_the_time():
+    """The note is checked on the run's own rows: fixed(step=1) far below its ideal
+    speed-up (0.72 on the demo model) gets the explanation; near it, no note."""
+    import math
+
+    from ouro_lab.report_page import _speed_table
+
+    def t(speedup):
+        return {"scale": 100, "metric_words": "exact match", "speed": [
+            {"setting": "fixed(step=1)", "value": 0.45, "decode_s": 1e-4, "prefill_s": 1e-4,
+             "speedup": speedup, "flops_saved": 0.75, "ideal": 4.0, "acceptance": math.nan}]}
+
+    slow = _speed_table("g", t(2.0)).note
+    assert "fixed(step=1) reaches 0.50 of its ideal speed-up" in slow and "bench/live_speed.py" in slow
+    assert "ideal speed-up" not in _speed_table("g", t(3.9)).note.split("Speculative")[1]
