@@ -407,13 +407,16 @@ class Generation:
         for b in rows.tolist():
             self.records[self.owner[b]]["decode_seconds"] += seconds / len(rows)
 
-    def emit(self, b: int, tokens: list[int], steps_used: int = 0) -> bool:
-        """Row b's new tokens (greedy predictions in order). Returns True when it stopped."""
+    def emit(self, b: int, tokens: list[int], steps_per_token: int = 0) -> bool:
+        """Row b's new tokens (greedy predictions in order), each kept one charged
+        `steps_per_token` steps used; those after a stop are dropped. Returns True when it stopped."""
         i = self.owner[b]
         rec = self.records[i]
-        rec["steps_used"] += steps_used
         for t in tokens:
+            if rec["tokens"] >= self.max_new:  # max_new_tokens 0: nothing is kept
+                return True
             rec["tokens"] += 1
+            rec["steps_used"] += steps_per_token
             if self.eos is not None and t == self.eos:
                 return True
             self.gen[i].append(t)

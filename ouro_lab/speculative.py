@@ -110,10 +110,12 @@ def speculative_generate(model, tokenizer, prompts: list[list[int]], draft, draf
         gen.charge(alive.nonzero()[:, 0], time.perf_counter() - t0)
         for b in alive.nonzero()[:, 0].tolist():
             rec = gen.records[gen.owner[b]]
-            n = int(emitted[b])
-            rec.update(drafted=rec["drafted"] + int(drafted[b]), accepted=rec["accepted"] + n - 1,
+            n, before = int(emitted[b]), rec["tokens"]
+            stopped = gen.emit(b, tokens[b, :n].tolist(), run.R)
+            kept = rec["tokens"] - before  # tokens after a stop (eos, until, max) are dropped
+            rec.update(drafted=rec["drafted"] + int(drafted[b]), accepted=rec["accepted"] + min(kept, n - 1),
                        rounds=rec["rounds"] + 1)
-            if gen.emit(b, tokens[b, :n].tolist(), run.R * n):
+            if stopped:
                 gen.finish(b, run)
     for rec in gen.records:  # every step ran was needed: the output is full depth's
         rec["flops_used_decode"] = rec["flops_decode"]

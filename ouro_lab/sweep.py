@@ -81,6 +81,15 @@ def _hash(*parts) -> str:
                            digest_size=10).hexdigest()
 
 
+def _requests_hash(taskset, task: str) -> str:
+    """The requests lm-eval builds for `task` (contexts with their few-shot examples and
+    chat rendering, generation arguments): what a stored live result was computed from."""
+    from ouro_lab.scoring import scorer_for
+
+    return _hash([(i.doc_id, i.idx, i.request_type, repr(i.arguments))
+                  for i in scorer_for(taskset, [task]).instances[task]])
+
+
 def _source_hash(name: str, dirs) -> str:
     from ouro_lab.registry import discover
 
@@ -407,7 +416,7 @@ def _replay_all(run: _Run, trace) -> None:
             continue
         key = _hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
                     run.source_hash(s.strategy), s.fitted and canonical(recipe)["calibration"],
-                    recipe.bootstrap)
+                    recipe.bootstrap, recipe.seed)
         found = run.stored(s, "replay", key)
         if found is None or not run.logged(s, "replay", replayed):
             found = None
@@ -442,7 +451,8 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
                     recipe.tasks.sample and (recipe.tasks.sample, recipe.seed),
                     recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
                     run.source_hash(s.params.get("draft_rule", s.strategy)), kv_policy_of(s, recipe),
-                    recipe.live.max_gen_toks, recipe.bootstrap)
+                    recipe.live.max_gen_toks, recipe.bootstrap, recipe.seed,
+                    _requests_hash(run.taskset, task))
         found = run.stored(s, f"live, {task}", key) if distributed.is_main() else None
         if found is not None and not run.logged(s, "live", [task]):
             found = None  # its samples JSONL is missing: run it again

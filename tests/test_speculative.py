@@ -70,6 +70,14 @@ def test_output_equals_plain_greedy_on_the_demo_generation_task(demo):
     texts, recs = speculative_generate(model, tok, prompts, make_strategy("fixed", {"step": 1}), 3, **kw)
     assert texts == plain and any(t.strip() for t in texts)
     assert sum(r["rounds"] for r in recs) < sum(r["tokens"] for r in recs)
+    # tokens after eos / until / the cap are dropped: R steps per kept token, never more
+    # (steps_used reached 6-8 per token on the demo sweep, with R = 4)
+    R = model.config.total_ut_steps
+    assert all(r["steps_used"] == r["tokens"] * R and r["accepted"] <= r["tokens"] for r in recs)
+    assert any(r["tokens"] < 6 for r in recs)  # some stop early, inside a round
+    texts, recs = speculative_generate(model, tok, prompts, make_strategy("fixed", {"step": 1}), 3,
+                                       **{**kw, "max_new_tokens": 0})
+    assert texts == [""] * len(prompts) and all(r["tokens"] == r["steps_used"] == 0 for r in recs)
 
 
 def test_a_draft_at_full_depth_accepts_everything(random_model):

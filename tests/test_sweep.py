@@ -138,6 +138,39 @@ def test_new_strategies_reuse_the_trace_and_same_recipe_twice_gives_identical_me
                                   pd.read_parquet(b / "samples.parquet").drop(columns=wall))
 
 
+def test_a_changed_seed_or_task_reruns_what_it_changes_in_place(lab, run1, tmp_path):
+    """A run folder is reused by content: a new seed (random exits, the bootstrap) or an
+    edited task (its requests) into the same folder gives what a fresh folder gives; the
+    old stored settings were reused before (provenance said seed 7 over seed-1234 rows)."""
+    import shutil
+
+    shutil.copytree(lab / "tasks", tmp_path / "tasks")
+    recipe = tmp_path / "s.yaml"
+    recipe.write_text(f"""model: {{path: {lab / 'ckpt'}, dtype: float32, device: cpu, threads: 1}}
+tasks: {{names: [tiny_mc, tiny_gen], include: [tasks], limit: 8}}
+strategies:
+  - {{name: random, grid: {{mean_steps: 2}}, live: true}}
+bootstrap: 50
+""")
+    def metrics(d):
+        return sweep_helpers.untimed(d / "metrics.csv")
+
+    a = run_sweep(recipe, out=tmp_path / "a")
+    run_sweep(recipe, ["seed=7"], out=tmp_path / "a")
+    fresh = run_sweep(recipe, ["seed=7"], out=tmp_path / "b")
+    pd.testing.assert_frame_equal(metrics(a), metrics(fresh))
+    first = run_sweep(recipe, out=tmp_path / "c")
+    rnd = metrics(first).merge(metrics(fresh), on=["task", "setting", "run_mode", "metric_key"])
+    rnd = rnd[rnd.strategy_x == "random"]
+    assert len(rnd) and (rnd.steps_used_mean_x != rnd.steps_used_mean_y).any()  # the seed matters
+    gen_yaml = tmp_path / "tasks" / "tiny_gen" / "tiny_gen.yaml"
+    text = gen_yaml.read_text()
+    gen_yaml.write_text(text.replace('doc_to_text: "{{question}}"', 'doc_to_text: "Q {{question}}"'))
+    run_sweep(recipe, ["seed=7"], out=tmp_path / "a")
+    edited = run_sweep(recipe, ["seed=7"], out=tmp_path / "d")
+    pd.testing.assert_frame_equal(metrics(a), metrics(edited))
+
+
 def test_rerun_in_place_skips_finished_settings(lab, run1):
     before = {p.name: p.stat().st_mtime_ns for p in (run1 / "settings").iterdir()}
     run_sweep(lab / "r.yaml", out=run1)
