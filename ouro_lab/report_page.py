@@ -76,8 +76,9 @@ def headline(task: str, t: dict, tol: float) -> str:
          f"{_pct(h['ci_low'])} to {_pct(h['ci_high'])}%) for {_pct(h['delta'], sc, True)} "
          f"{_unit(t, 2)} of {words} against full depth ({full}), {how}")
     ins = h.get("in_sample")
-    s += (f"; cross-fitted: chosen on other documents, scored on held-out ones (in sample "
-          f"{_pct(ins['saved'])}% for {_pct(ins['delta'], sc, True)}).") if ins else "."
+    s += "; cross-fitted: chosen on other documents, scored on held-out ones (in sample " + (
+        f"{_pct(ins['saved'])}% for {_pct(ins['delta'], sc, True)})." if ins else
+        "no setting is within tolerance).")
     live = h.get("live")
     if live:
         s += (f" Run live ({live['kv_policy']} KV policy) it scores {_pct(live['live'], sc)} "
@@ -161,7 +162,7 @@ def _saved_table(task, t, summary) -> Table:
                          (f"{_pct(cf.get('saved'))}% [{_pct(cf.get('ci_low'))}, {_pct(cf.get('ci_high'))}]",
                           _v(cf.get("saved", np.nan))),
                          (_pct(cf.get("delta"), sc, signed=True), _v(cf.get("delta", np.nan)))])
-        tab.keys.append(r["chosen"])
+        tab.keys.append(r["chosen"] or r["strategy"])  # the key its warnings carry
         tab.strategies.append(r["strategy"])
     return tab
 
@@ -442,7 +443,7 @@ def render_html(run: dict, summary: dict, plots: list[dict]) -> str:
     for task, t in summary["tasks"].items():
         sentence = headline(task, t, tol)
         name, rest = sentence.split(":", 1)
-        warns = warnings_for(summary, task) + (warnings_for(summary, task, t["headline"]["setting"])
+        warns = warnings_for(summary, task) + (warnings_for(summary, task, t["headline"]["key"])
                                                if t.get("headline") else [])
         parts.append(f"<li><b>{e(name)}</b>:{e(rest)}"
                      + "".join(f"<div class=warn>{e(w)}</div>" for w in warns) + "</li>")

@@ -574,7 +574,7 @@ def _summary(summary: dict, run_dir: Path) -> None:
                         "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}",
                         f"{cf.get('saved', 0) * 100:.1f}% ({cf.get('delta', 0) * sc:+.2f})" if cf else "-",
                         "; ".join(w["code"] for w in summary["warnings"]
-                                  if w["task"] == task and w["setting"] == r["chosen"] and r["chosen"]))
+                                  if w["task"] == task and w["setting"] == (r["chosen"] or r["strategy"])))
         console.print(tab)
         for r in t.get("speed") or []:
             if r["setting"].startswith("speculative("):  # lossless: its saving is time, not FLOPs
