@@ -23,7 +23,30 @@ DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (the best available: cuda, then mp
 
 
 def _device():
-    return typer.Option("auto", "--device", help=DEVICE_HELP)
+    return typer.Option("auto", "--device", help=DEVICE_HELP, callback=_check_device)
+
+
+def _check_device(value: str) -> str:
+    """Checked as the command line is parsed: before any model or task is loaded."""
+    from ouro_lab.errors import check_device
+
+    check_device(value)
+    return value
+
+
+def _check_count(name: str):
+    """A callback for a count of documents: a whole number >= 1, else one line (typer's own
+    refusal is a usage block; lm-eval reads a float < 1 as a fraction and 1.0 as one document)."""
+
+    def check(value: float | None) -> int | None:
+        if value is None:
+            return None
+        if not float(value).is_integer() or value < 1:
+            from ouro_lab.errors import OuroLabError
+            raise OuroLabError(f"{name} {value:g}: give a whole number of documents, >= 1")
+        return int(value)
+
+    return check
 
 
 def _flag(help: str, *names: str):
@@ -174,6 +197,7 @@ def trace(model_dir: Path = typer.Argument(..., help="checkpoint folder (config.
     if steps is not None and steps < 1:
         from ouro_lab.errors import OuroLabError
         raise OuroLabError(f"trace: --steps must be >= 1, got {steps}")
+    _check_out(out)
     from rich.console import Console
 
     from ouro_lab.loading import fingerprint, load_model, load_tokenizer
@@ -204,7 +228,8 @@ def sweep(recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/demo
                                    help="run folder (default results/<recipe>/<run-id>)"),
           include_path: list[Path] = typer.Option(None, "--include_path", "--include-path", metavar="DIR",
                                                   help="folder of task YAMLs, repeatable (tasks.include)"),
-          limit: float = typer.Option(None, "--limit", help="documents per task, a fraction if < 1"),
+          limit: float = typer.Option(None, "--limit", metavar="N", callback=_check_count("--limit"),
+                                      help="the first N documents of each task's file (tasks.limit)"),
           seed: int = typer.Option(None, "--seed", help="seed of randomized rules and the bootstrap (seed)"),
           log_samples: bool = _flag("also write lm-eval's samples JSONL per task and setting (log_samples)",
                                     "--log_samples", "--log-samples"),
@@ -218,6 +243,13 @@ def sweep(recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/demo
               dry_run=dry_run, require_cache=require_cache)
 
 
+def _check_out(folder: Path, what: str = "--out") -> None:
+    """An output folder that cannot be written is refused before any work (creating nothing)."""
+    from ouro_lab.store import check_output
+
+    check_output(folder, what)
+
+
 def _recipe_overrides(overrides, include_path=None, limit=None, seed=None, log_samples=False) -> list[str]:
     """key=value overrides, with the lm-eval style options turned into theirs."""
     import json
@@ -228,7 +260,7 @@ def _recipe_overrides(overrides, include_path=None, limit=None, seed=None, log_s
     if include_path:
         out.append("tasks.include=" + json.dumps([str(p) for p in include_path]))
     if limit is not None:
-        out.append(f"tasks.limit={int(limit) if float(limit).is_integer() and limit >= 1 else limit}")
+        out.append(f"tasks.limit={limit}")
     if seed is not None:
         out.append(f"seed={seed}")
     return out
@@ -269,6 +301,11 @@ def schema(out: Path = typer.Option(Path("recipes/recipe.schema.json"), "--out",
     """Export the recipe format as a JSON schema (for editor completion and checking)."""
     from ouro_lab.recipe import write_json_schema
 
+    if out.is_dir():
+        from ouro_lab.errors import OuroLabError
+        raise OuroLabError(f"schema --out: {out} is a folder; give a file path, e.g. "
+                           f"{out / 'recipe.schema.json'}")
+    _check_out(out.parent, "schema --out")
     typer.echo(f"schema: {write_json_schema(out)}")
 
 
@@ -295,8 +332,10 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
                                                   help="folder of task YAMLs, repeatable (default: tasks/)"),
           data_root: Path = typer.Option(None, "--data-root", help="local dataset copies for standard tasks "
                                          "(<root>/<hub id>; default $OURO_LAB_DATA)"),
-          limit: float = typer.Option(None, "--limit", help="first docs of each file (fraction if < 1)"),
-          sample: int = typer.Option(None, "--sample", help="a seeded random subset of N docs per task"),
+          limit: float = typer.Option(None, "--limit", metavar="N", callback=_check_count("--limit"),
+                                      help="the first N documents of each task's file"),
+          sample: float = typer.Option(None, "--sample", metavar="N", callback=_check_count("--sample"),
+                                       help="a seeded random subset of N docs per task"),
           num_fewshot: int = typer.Option(None, "--num-fewshot", help="override every task's few-shot count"),
           steps: int = typer.Option(None, "--steps", help="run the model cut to this many loop steps"),
           strategy: str = typer.Option(None, "--strategy", help="exit strategy (see `ouro-lab strategies`)"),
@@ -326,17 +365,14 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
 
     if log_samples and out is None:
         raise OuroLabError("eval: --log_samples writes files: give the folder with --output_path DIR")
+    if out is not None:
+        _check_out(out)
+    params = _strategy_params(param, strategy)
     _set_threads(threads)
     from ouro_lab.evaluate import evaluate_tasks
     from ouro_lab.store import trace_cache
 
     cache_dir = trace_cache(log=lambda m: typer.echo(m, err=True), path=cache_dir)  # checked before any pass
-    params = {}
-    for p in param or []:
-        if "=" not in p:
-            raise OuroLabError(f"--param {p!r}: expected key=value, e.g. --param q=0.7")
-        k, v = p.split("=", 1)
-        params[k.strip()] = v.strip()
     logs: list | None = [] if log_samples else None
     metrics, samples = evaluate_tasks(model_dir, tasks, include_path=include_path or None,
                                       data_root=data_root, limit=limit, num_fewshot=num_fewshot,
@@ -366,6 +402,22 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
         written = write_outputs(metrics, samples, out, strategy=strategy, params=params, steps=steps,
                                 logs=logs)
         typer.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
+def _strategy_params(param: list[str] | None, strategy: str | None) -> dict:
+    """eval's `--param key=value` options as a dict (each needs `--strategy`)."""
+    from ouro_lab.errors import OuroLabError
+
+    params = {}
+    for p in param or []:
+        if "=" not in p:
+            raise OuroLabError(f"--param {p!r}: expected key=value, e.g. --param q=0.7")
+        k, v = p.split("=", 1)
+        params[k.strip()] = v.strip()
+    if params and strategy is None:
+        raise OuroLabError(f"--param {param[0]}: --param needs --strategy (e.g. --strategy threshold "
+                           "--param q=0.7; see `ouro-lab strategies`)")
+    return params
 
 
 def _set_threads(threads: int | None) -> None:

@@ -15,3 +15,15 @@ class ConfigError(OuroLabError, ValueError):
 
 class CheckpointError(OuroLabError):
     """A checkpoint folder or weight file that cannot be loaded."""
+
+
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
+DEVICE_PATTERN = r"^(cpu|auto|mps|cuda(:\d+)?)$"  # the recipe's model.device and every --device
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device name torch would fail on with a traceback (`tpu`, `cuda:x`)."""
+    import re
+
+    if device is not None and not re.fullmatch(DEVICE_PATTERN, str(device)):
+        raise OuroLabError(f"device {str(device)!r}: use {DEVICES}")

@@ -117,8 +117,24 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     sys.argv = ["lm-eval", *argv]
     t0 = time.time()
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ValueError as e:  # lm-eval's own traceback for a mistyped task name
+        if not str(e).startswith("Tasks not found:"):
+            raise
+        raise _tasks_not_found(str(e).split(":", 1)[1].strip(), argv) from None
     annotate(argv, t0)
+
+
+def _tasks_not_found(missing: str, argv: list[str]):
+    """One line naming the task(s) lm-eval did not find and how to see the names it knows."""
+    from ouro_lab.lm import HarnessError
+
+    inc = _option(argv, "--include_path", "--include-path")
+    where = f"lm-eval's tasks or --include_path {inc}" if inc else "lm-eval's tasks (no --include_path given)"
+    listing = f"ouro-lab lm-eval ls tasks{f' --include_path {inc}' if inc else ''}"
+    return HarnessError(f"--tasks {missing}: no such task in {where}; check the name with `{listing}`, or "
+                        "add the folder holding its YAML with --include_path DIR")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ouro_lab.errors import CheckpointError, ConfigError
+from ouro_lab.errors import CheckpointError, ConfigError, check_device
 from ouro_lab.files import atomic_path, atomic_write
 from ouro_lab.model import OuroConfig, OuroForCausalLM
 
@@ -40,6 +40,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if not isinstance(device, torch.device):
+        check_device(device)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device!r} asked for but CUDA is not available; use device: cpu")

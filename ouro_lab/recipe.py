@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ouro_lab.errors import OuroLabError
+from ouro_lab.errors import DEVICE_PATTERN, DEVICES, OuroLabError
 from ouro_lab.files import atomic_write
 
 
@@ -55,8 +55,7 @@ class ModelSpec(_Strict):
     path: str = Field(description="checkpoint folder (config.json + model.safetensors)")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field(
         "float32", description="weights and activations dtype")
-    device: str = Field("cpu", pattern=r"^(cpu|auto|mps|cuda(:\d+)?)$",
-                        description="cpu, cuda, cuda:N, mps or auto")
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description=DEVICES)
     steps: int | None = Field(None, ge=1, le=64,
                               description="loop depth R (default: the checkpoint's total_ut_steps)")
     threads: int | None = Field(None, ge=1, le=1024,
@@ -315,29 +314,46 @@ def parse_override(text: str) -> tuple[tuple, Any]:
     return path, value
 
 
-def _set(data: dict, path: tuple, value: Any, text: str) -> None:
+def _set(data: dict, path: tuple, value: Any, text: str, file: Path | str = "") -> None:
+    """Set `path` to `value` in place; a step through a missing key makes a mapping (or a
+    list, before an index); a step through a scalar is refused, naming it."""
+    where = f"{file}: " if file else ""
+
+    def refuse(loc: tuple, problem: str) -> RecipeError:
+        return RecipeError([f"{where}override {text}: {_fmt(loc)}: {problem}"])
+
     cur: Any = data
     for i, p in enumerate(path[:-1]):
         nxt = path[i + 1]
         if isinstance(cur, list):
             if not isinstance(p, int) or p >= len(cur):
-                raise RecipeError([f"override {text}: {_fmt(path[: i + 1])}: no such list item "
-                                   f"(the list has {len(cur)})"])
+                raise refuse(path[: i + 1], f"no such list item (the list has {len(cur)})")
             cur = cur[p]
-        else:
-            if not isinstance(cur.get(p), dict | list):
+        elif isinstance(cur, dict):
+            if cur.get(p) is None:
                 cur[p] = [] if isinstance(nxt, int) else {}
             cur = cur[p]
+        if not isinstance(cur, dict | list):  # e.g. tasks.names.0.foo: names[0] is a string
+            raise refuse(path[: i + 1], f"is {_kind(cur)}, not a mapping or list; set "
+                         f"{_fmt(path[: i + 1])} itself (e.g. {'.'.join(map(str, path[: i + 1]))}=...)")
     last = path[-1]
     if isinstance(cur, list):
         if not isinstance(last, int) or last > len(cur):
-            raise RecipeError([f"override {text}: {_fmt(path)}: no such list item"])
+            raise refuse(path, "no such list item")
         if last == len(cur):
             cur.append(value)
         else:
             cur[last] = value
     else:
         cur[last] = value
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "empty (null)"
+    if isinstance(v, bool):
+        return "a boolean"
+    return {str: "a string", int: "a number", float: "a number"}.get(type(v), f"a {type(v).__name__}")
 
 
 def read_source(file: str | Path, overrides: list[str] = ()) -> RecipeSource:
@@ -368,7 +384,7 @@ def read_source(file: str | Path, overrides: list[str] = ()) -> RecipeSource:
         path, value = parse_override(text_)
         if path[:1] == ("tasks",) and len(path) > 1 and isinstance(data.get("tasks"), list):
             data["tasks"] = {"names": data["tasks"]}
-        _set(data, path, value, text_)
+        _set(data, path, value, text_, file)
         ov[path] = text_
         data = _resolve_paths(data, Path.cwd(), skip=(), only=path)
     return RecipeSource(file, data, lines, ov, problems)
@@ -402,6 +418,8 @@ def _resolve_paths(data: dict, base: Path, skip=(), only: tuple | None = None) -
     root = tasks.get("data_root") if isinstance(tasks, dict) else None
     if isinstance(root, str) and touches(("tasks", "data_root")):
         tasks["data_root"] = fix(tasks["data_root"])
+    if isinstance(data.get("strategies_dirs"), str):  # one folder: a one-item list, as tasks.include
+        data["strategies_dirs"] = [data["strategies_dirs"]]
     if isinstance(data.get("strategies_dirs"), list) and touches(("strategies_dirs",)):
         data["strategies_dirs"] = [fix(p) for p in data["strategies_dirs"]]
     if isinstance(data.get("output"), str) and touches(("output",)):
@@ -443,7 +461,7 @@ def _pydantic_errors(src: RecipeSource, err: ValidationError) -> list[str]:
         elif e["type"] == "missing":
             msg = "required field missing"
         elif e["type"] == "string_pattern_mismatch":
-            msg = f"{e['input']!r} is not allowed (allowed: cpu, cuda, cuda:N, mps, auto)"
+            msg = f"{e['input']!r} is not allowed (allowed: {DEVICES})"
         elif e["type"].endswith("_type") or e["type"].endswith("_parsing"):
             msg = f"{msg}, got {e['input']!r}"
         out.append(src.error(loc, msg))

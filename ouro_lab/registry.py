@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import importlib.util
 import itertools
+import math
 import sys
 import types
 import typing
@@ -335,6 +336,8 @@ def _builder(name: str, dirs):
             except TypeError:
                 raise StrategyError(f"{source}: parameter {k} must be {_type_name(hints.get(k))}, "
                                     f"got {v!r}") from None
+            if isinstance(kwargs[k], float) and not math.isfinite(kwargs[k]):  # 'nan', 1e400, .inf
+                raise StrategyError(f"{source}: parameter {k} must be a finite number, got {v!r}")
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as e:

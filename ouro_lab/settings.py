@@ -49,6 +49,18 @@ def model_depth(recipe: Recipe) -> int:
     return int(cfg.get("total_ut_steps", 4))
 
 
+def past_depth(name: str, obj, R: int, recipe: Recipe, src: RecipeSource, where: tuple, errors: list) -> bool:
+    """`fixed` at a step past the model's depth would run (and be reported as) that step while
+    computing the last one: refused, naming the depth and where it comes from."""
+    step = obj.params().get("step") if name == "fixed" else None
+    if not isinstance(step, int) or step <= R:
+        return False
+    depth = "model.steps" if recipe.model.steps else f"total_ut_steps in {recipe.model.path}/config.json"
+    errors.append(src.error(where, f"step {step} is past the model's {R} loop steps ({depth}); use 1..{R}, "
+                            "or set model.steps to run the model deeper"))
+    return True
+
+
 def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
     """Every fixed step 1..R (R = full depth), then every recipe strategy's grid, in order;
     duplicates (same strategy, params, granularity) are kept once."""
@@ -95,17 +107,20 @@ def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
                 errors.append(src.error(("strategies", i, "live"), "live runs decide token by token; use "
                                         "granularity: token for live settings (or set live: false)"))
                 break
+            if past_depth(spec.name, obj, R, recipe, src, ("strategies", i, "grid", "step"), errors):
+                break
             add(Setting(spec.name, obj.params(), spec.granularity or recipe.granularity, i, spec.live,
                         False, type(obj).kind, fitted, obj, tuple(spec.grid)))
     for i, spec in enumerate(recipe.speculative):
-        for sp in _speculative(spec, i, dirs, src, errors):
+        for sp in _speculative(spec, i, dirs, src, errors, recipe, R):
             add(sp)
     if errors:
         raise RecipeError(errors)
     return out
 
 
-def _speculative(spec, i: int, dirs, src: RecipeSource, errors: list) -> list[Setting]:
+def _speculative(spec, i: int, dirs, src: RecipeSource, errors: list, recipe: Recipe,
+                 R: int) -> list[Setting]:
     """The settings of `speculative[i]`: every draft rule of its grid x every draft length."""
     from ouro_lab.registry import expand_grid
     from ouro_lab.strategy import ExitStrategy
@@ -122,6 +137,9 @@ def _speculative(spec, i: int, dirs, src: RecipeSource, errors: list) -> list[Se
             errors.append(src.error(("speculative", i, "draft", "name"), f"{spec.draft.name} cannot draft "
                                     "(it calibrates on data or reads the answer); use a rule that decides "
                                     "from the steps it ran, e.g. fixed or threshold"))
+            return []
+        where = ("speculative", i, "draft", "grid", "step")
+        if past_depth(spec.draft.name, obj, R, recipe, src, where, errors):
             return []
         draft = Setting(spec.draft.name, obj.params(), "token", shown=tuple(spec.draft.grid)).label
         for n in lens:

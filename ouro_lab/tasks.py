@@ -35,6 +35,7 @@ Per-doc metadata (a `difficulty` field, for instance) is read from the docs them
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from dataclasses import dataclass, field
@@ -136,6 +137,10 @@ class TaskSet:
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             raise TaskError("tasks: fewshot_as_multiturn needs apply_chat_template (the shots become chat "
                             "turns); set apply_chat_template: true")
+        if self.sample is not None and (isinstance(self.sample, bool) or not isinstance(self.sample, int)
+                                        or self.sample < 1):  # sample([]) is no sample: every document
+            raise TaskError(f"tasks: sample must be a whole number >= 1 (documents per task), got "
+                            f"{self.sample!r}")
         self.task_dict = build_task_dict(self.names, self.include_path, self.data_root, self.num_fewshot)
         for task in self.tasks.values():
             if self.num_fewshot is not None:
@@ -258,6 +263,7 @@ def build_task_dict(names: list[str], include_path=None, data_root=None,
     for p in paths:
         if not p.exists():
             raise TaskError(f"include_path {p}: no such folder; point it at a folder of task YAMLs")
+    own = list(paths)  # the user's folders (lm-eval's own task folders are added below)
     lm_dir = _lm_eval_tasks_dir()
     paths += sorted({lm_dir / src[0] for src in map(standard_source, names) if src})
     tm = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
@@ -268,9 +274,10 @@ def build_task_dict(names: list[str], include_path=None, data_root=None,
         entry = tm.task_index.get(name)
         if entry is None:
             hint = difflib.get_close_matches(name, list(tm.all_tasks) + list(STANDARD), n=3)
+            broken = _unreadable_yaml(name, own)  # lm-eval's index skips such a file in silence
             raise TaskError(f"task {name!r} not found in {', '.join(str(p) for p in paths)}"
-                            + (f"; did you mean {', '.join(hint)}?" if hint else
-                               "; add its YAML folder to include_path"))
+                            + (f"; {broken}" if broken else f"; did you mean {', '.join(hint)}?" if hint
+                               else "; add its YAML folder to include_path"))
         overrides = {}
         src = standard_source(name)
         if src is not None:
@@ -286,10 +293,10 @@ def build_task_dict(names: list[str], include_path=None, data_root=None,
         try:
             # lm-eval's factory merges overrides into the YAML's config (and into every member
             # of a group); TaskManager.load() then flattens the built objects.
-            obj = factory.build(entry, overrides=overrides or None, registry=tm._index)
-        except (FileNotFoundError, ValueError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise TaskError(f"task {name} ({entry.yaml_path}): cannot load its dataset ({msg})") from None
+            with _quiet("datasets"):  # its JSON loader logs each bad file: the error below says it once
+                obj = factory.build(entry, overrides=overrides or None, registry=tm._index)
+        except Exception as e:  # noqa: BLE001 (a task's YAML or data: the user's to fix, in one line)
+            raise TaskError(_build_error(name, entry.yaml_path, overrides, e)) from None
         built.extend(obj if isinstance(obj, list) else [obj])
     return tm.load(built)
 
@@ -428,3 +435,75 @@ def _yaml_overrides(yaml_path: Path) -> dict:
         return {}
     return {"dataset_kwargs": {**kwargs, "data_files": _absolute_data_files(kwargs["data_files"],
                                                                               yaml_path.parent)}}
+
+
+def _unreadable_yaml(name: str, folders: list[Path]) -> str | None:
+    """Why task `name` is missing: a YAML file in `folders`, named after the task or naming
+    it, that does not parse, as 'file:line: problem; fix that file' (None: no such file)."""
+    import yaml
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    files = [f for d in folders for f in ([d] if d.is_file() else sorted(d.glob("**/*.yaml")))]
+    files = sorted((f for f in files if f.stem == name or name in f.read_text(errors="replace")),
+                   key=lambda f: f.stem != name)
+    for f in files:
+        try:
+            load_yaml(f, resolve_func=False, recursive=False)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            return f"{f}{f':{mark.line + 1}' if mark else ''}: not valid YAML ({problem}); fix that file"
+        except (OSError, ValueError) as e:
+            return f"{f}: cannot be read as a task YAML ({str(e).splitlines()[0]}); fix that file"
+    return None
+
+
+def _build_error(name: str, yaml_path, overrides: dict, e: Exception) -> str:
+    """One line for a task lm-eval cannot build: a template reading a field its documents
+    lack, a data file that does not parse, or lm-eval's own first line."""
+    where = f"task {name} ({yaml_path})"
+    if type(e).__name__ == "UndefinedError":  # jinja2: "'question' is undefined"
+        field_ = str(e).split("'")[1] if str(e).count("'") >= 2 else str(e)
+        return (f"{where}: its template reads the field {field_!r}, which its documents lack; fix the "
+                f"YAML's doc_to_text / doc_to_target / doc_to_choice or add {field_!r} to the data")
+    files = (overrides.get("dataset_kwargs") or {}).get("data_files")
+    if type(e).__name__ == "DatasetGenerationError" and files:
+        return f"{where}: {_bad_data_file(files, e)}"
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"{where}: cannot load its dataset ({type(e).__name__}: {msg})"
+
+
+def _bad_data_file(data_files, e: Exception) -> str:
+    """'file:line: not valid JSON (...)' for the first JSON Lines line that does not parse,
+    else the data files and the loader's cause; each with the fix."""
+    import json
+
+    files = (list(data_files.values()) if isinstance(data_files, dict) else
+             data_files if isinstance(data_files, list) else [data_files])
+    files = [f for v in files for f in (v if isinstance(v, list) else [v])]
+    for f in files:
+        if str(f).endswith((".jsonl", ".json")) and Path(f).is_file():
+            with open(f, errors="replace") as fh:
+                for i, line in enumerate(fh, 1):
+                    try:
+                        line.strip() and json.loads(line)
+                    except json.JSONDecodeError as j:
+                        return (f"data file {f}:{i}: not valid JSON Lines ({j.msg}, column {j.colno}); "
+                                "fix that line (one JSON object per line)")
+    cause = e.__cause__ or e
+    return (f"data file(s) {', '.join(map(str, files))} cannot be read ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0] if str(cause) else ''}); fix the file")
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """Silence a library's logger (and its children, which inherit its level) inside the block."""
+    import logging
+
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

@@ -6,6 +6,7 @@ Read with `ast` only: nothing is imported, so the test takes milliseconds."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ouro_lab"
@@ -173,3 +174,19 @@ def test_every_module_says_what_it_owns():
     missing = [name for name, path in _modules().items()
                if not (ast.get_docstring(ast.parse(path.read_text())) or "").strip()]
     assert not missing, f"modules without a docstring whose first line says what they own: {missing}"
+
+
+def test_readme_file_tree_lists_every_module_once_and_nothing_outside_it():
+    """The README's `## Files` block names every .py file of the project once; a file line
+    (path + comment) elsewhere, e.g. inside another checked block, is a misplaced one."""
+    root = PACKAGE.parent
+    text = (root / "README.md").read_text()
+    block = re.search(r"## Files\n\n```\n(.*?)\n```", text, re.S).group(1)
+    listed = [line.split()[0] for line in block.splitlines() if line.strip()]
+    assert len(listed) == len(set(listed)), "a file listed twice in the README's file tree"
+    files = {p.relative_to(root).as_posix() for d in ("ouro_lab", "strategies", "tests", "bench")
+             for p in (root / d).glob("*.py")}
+    assert files <= set(listed), f"missing from the README's file tree: {sorted(files - set(listed))}"
+    outside = [line for line in text.replace(block, "").splitlines()
+               if re.match(r"^\S+ {2,}\S", line) and (root / line.split()[0]).is_file()]
+    assert not outside, f"file-tree lines outside the README's file tree: {outside}"

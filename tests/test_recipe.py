@@ -147,6 +147,66 @@ def test_overrides_dotted_keys_and_their_errors(tmp_path, ckpt, monkeypatch):
         load_recipe(f, ["justakey"])
 
 
+@pytest.mark.parametrize("override, words", [
+    ("tasks.names.0.foo=1", "tasks.names[0]: is a string, not a mapping or list"),
+    ("tasks.names.0.x.y=1", "tasks.names[0]: is a string, not a mapping or list"),
+    ("model.path.x=1", "model.path: is a string, not a mapping or list"),
+    ("strategies.0.grid.q.0.z=3", "strategies[0].grid.q[0]: is a number, not a mapping or list"),
+    ("tasks.names.5.x=1", "tasks.names[5]: no such list item (the list has 1)"),
+])
+def test_override_through_a_scalar_is_one_line_naming_the_file(tmp_path, ckpt, override, words):
+    f = write(tmp_path, GOOD)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(f, [override])
+    assert e.value.errors == [f"{f}: override {override}: {words}" + e.value.errors[0].split(words, 1)[1]]
+
+
+def test_strategies_dirs_as_one_string_is_a_one_item_list(tmp_path, ckpt):
+    f = write(tmp_path, GOOD)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(f, ["strategies_dirs=/nonexistent"])
+    assert e.value.errors == [f"{f}: override strategies_dirs=/nonexistent: strategies_dirs[0]: "
+                              "/nonexistent: no such folder"]
+    (tmp_path / "mine").mkdir()
+    recipe, _ = load_recipe(write(tmp_path, GOOD + "strategies_dirs: mine\n"))
+    assert recipe.strategies_dirs == [str((tmp_path / "mine").resolve())]
+
+
+@pytest.mark.parametrize("value, words", [
+    (".nan", "strategies/threshold.py: parameter q must be a finite number, got nan"),
+    (".inf", "strategies/threshold.py: parameter q must be a finite number, got inf"),
+    ("-.inf", "strategies/threshold.py: parameter q must be a finite number, got -inf"),
+    ("1e400", "parameter q must be a finite number, got '1e400'"),  # YAML 1.1: a string, parsed later
+    ("nan", "parameter q must be a finite number, got 'nan'"),
+])
+def test_non_finite_grid_values_are_refused(tmp_path, ckpt, value, words):
+    f = write(tmp_path, GOOD.replace("q: [0.3, 0.5]", f"q: [0.3, {value}]"))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(f)
+    assert len(e.value.errors) == 1 and e.value.errors[0].startswith(f"{f}:6: strategies[0].grid: ")
+    assert words in e.value.errors[0]
+
+
+def test_fixed_step_past_the_models_depth_is_refused(tmp_path, ckpt):
+    from ouro_lab.settings import expand_settings
+
+    text = (GOOD + "  - {name: fixed, grid: {step: [2, 9]}}\n"
+            "speculative:\n  - draft: {name: fixed, grid: {step: 5}}\n")
+    f = write(tmp_path, text)
+    recipe, src = load_recipe(f)
+    with pytest.raises(RecipeError) as e:
+        expand_settings(recipe, src)
+    depth = (f"4 loop steps (total_ut_steps in {ckpt.resolve()}/config.json); use 1..4, or set model.steps "
+             "to run the model deeper")
+    assert e.value.errors == [f"{f}:7: strategies[1].grid.step: step 9 is past the model's {depth}",
+                              f"{f}:9: speculative[0].draft.grid.step: step 5 is past the model's {depth}"]
+    recipe, src = load_recipe(f, ["model.steps=9"])  # extrapolating: the bound is model.steps
+    assert {s.label for s in expand_settings(recipe, src)} >= {"fixed(step=9)", "fixed(step=2)"}
+    recipe, src = load_recipe(f, ["model.steps=6"])
+    with pytest.raises(RecipeError, match=r"step 9 is past the model's 6 loop steps \(model.steps\)"):
+        expand_settings(recipe, src)
+
+
 def test_recipe_hash_ignores_output_only(tmp_path, ckpt):
     f = write(tmp_path, GOOD)
     a, _ = load_recipe(f)

@@ -1,0 +1,186 @@
+"""Bad input on the command line: one line naming the file, the field and the fix, exit 2,
+no traceback, and (output folders, counts) refused before any work."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.cli_helpers import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "ouro_lab" / "builtin" / "loop-demo"
+TASKS = ROOT / "tasks"
+DEVICE_FIX = "use cpu, cuda, cuda:N, mps or auto"
+
+
+def one_line(out, *words):
+    """The command failed with exit 2 and one `error:` line holding every word."""
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert "Traceback" not in out.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def blocker(tmp_path):
+    """A plain file where a folder is expected (permissions would not stop root)."""
+    f = tmp_path / "a-file"
+    f.write_text("not a folder\n")
+    return f
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@pytest.mark.parametrize("cmd", [["inspect"], ["trace", "--ids", "1 2 3"],
+                                 ["eval", "--tasks", "loop_demo_mc", "--limit", "2"]])
+@pytest.mark.parametrize("device", ["tpu", "cuda:x"])
+def test_unknown_device_is_one_line(monkeypatch, capsys, cmd, device):
+    out = run_cli(monkeypatch, capsys, cmd[0], DEMO, *cmd[1:], "--device", device)
+    one_line(out, f"device {device!r}: {DEVICE_FIX}")
+
+
+def test_unknown_device_in_the_library_and_lm_eval_model_args():
+    from ouro_lab.errors import OuroLabError
+    from ouro_lab.lm import OuroLM
+    from ouro_lab.loading import load_model
+
+    with pytest.raises(OuroLabError, match=f"^device 'tpu': {DEVICE_FIX}$"):
+        load_model(DEMO, device="tpu")
+    with pytest.raises(OuroLabError, match=f"^device 'gpu0': {DEVICE_FIX}$"):
+        OuroLM(path=str(DEMO), device="gpu0")  # what `--model_args path=...,device=gpu0` builds
+
+
+# --------------------------------------------------------------------------- output paths
+
+
+@pytest.mark.parametrize("cmd, under", [
+    (["trace", DEMO, "--text", "7 =", "--out"], ""),
+    (["trace", DEMO, "--text", "7 =", "--out"], "sub"),
+    (["schema", "--out"], "x.json"),
+    (["eval", DEMO, "--tasks", "loop_demo_mc", "--include_path", TASKS, "--limit", "3", "--out"], "sub"),
+])
+def test_output_path_through_a_file_is_refused_before_any_work(monkeypatch, capsys, blocker, cmd, under):
+    import ouro_lab.loading as loading
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(loading, "load_model", no_model)
+    out = run_cli(monkeypatch, capsys, *cmd, blocker / under if under else blocker)
+    one_line(out, "--out: ", f"{blocker} is a file, not a folder", "choose another folder with --out")
+
+
+def test_schema_out_that_is_a_folder(monkeypatch, capsys, tmp_path):
+    out = run_cli(monkeypatch, capsys, "schema", "--out", tmp_path)
+    one_line(out, f"schema --out: {tmp_path} is a folder; give a file path")
+    assert run_cli(monkeypatch, capsys, "schema", "--out", tmp_path / "s.json").returncode == 0
+    assert json.loads((tmp_path / "s.json").read_text())["title"] == "ouro-lab sweep recipe"
+
+
+# --------------------------------------------------------------------------- counts and flags
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--sample", "0"], "--sample 0: give a whole number of documents, >= 1"),
+    (["--sample", "2.5"], "--sample 2.5: give a whole number of documents, >= 1"),
+    (["--limit", "0.5"], "--limit 0.5: give a whole number of documents, >= 1"),
+    (["--limit", "0"], "--limit 0: give a whole number of documents, >= 1"),
+    (["--limit", "5", "--param", "q=1"], "--param q=1: --param needs --strategy"),
+])
+def test_eval_counts_and_params(monkeypatch, capsys, args, words):
+    out = run_cli(monkeypatch, capsys, "eval", DEMO, "--tasks", "loop_demo_mc", "--include_path", TASKS,
+                  *args)
+    one_line(out, words)
+
+
+def test_sweep_limit_is_a_whole_number_and_its_help_says_so(monkeypatch, capsys):
+    out = run_cli(monkeypatch, capsys, "sweep", ROOT / "recipes" / "demo.yaml", "--dry-run", "--limit", "0.5")
+    one_line(out, "--limit 0.5: give a whole number of documents, >= 1")
+    for cmd in ("sweep", "eval"):
+        out = run_cli(monkeypatch, capsys, cmd, "--help")
+        assert "fraction" not in out.stdout and "the first N documents" in " ".join(out.stdout.split())
+
+
+def test_taskset_sample_below_one_is_refused():
+    from ouro_lab.tasks import TaskError, TaskSet
+
+    with pytest.raises(TaskError, match="sample must be a whole number >= 1"):
+        TaskSet(["loop_demo_mc"], include_path=[TASKS], sample=0)  # sample([]) would score every document
+
+
+# --------------------------------------------------------------------------- task files
+
+
+RECIPE = f"""# ouro-lab sweep r.yaml
+model: {{path: {DEMO}}}
+tasks: {{names: [loop_demo_mc], include: [{TASKS}]}}
+strategies:
+  - {{name: threshold, grid: {{q: [0.5]}}}}
+"""
+
+
+def _task_folder(tmp_path) -> Path:
+    """One broken task of each kind, made from the demo task's YAML."""
+    d = tmp_path / "tasks"
+    d.mkdir()
+    src = (TASKS / "loop_demo_mc.yaml").read_text()
+    good = "".join((TASKS / "data" / "loop_demo_mc.jsonl").read_text().splitlines(True)[:3])
+    (d / "good.jsonl").write_text(good)
+    (d / "broken.jsonl").write_text(good + '{"prompt": oops}\n')
+    (d / "bad_yaml.yaml").write_text(src.replace("loop_demo_mc", "bad_yaml")
+                                     .replace("test_split: test", "test_split: a: b"))
+    (d / "no_field.yaml").write_text(src.replace("task: loop_demo_mc", "task: no_field")
+                                     .replace("data/loop_demo_mc.jsonl", "good.jsonl")
+                                     .replace("{{prompt}}", "{{question}}"))
+    (d / "bad_jsonl.yaml").write_text(src.replace("task: loop_demo_mc", "task: bad_jsonl")
+                                      .replace("data/loop_demo_mc.jsonl", "broken.jsonl"))
+    return d
+
+
+@pytest.fixture
+def no_bars():
+    """datasets' "Generating split" bars: a fresh `ouro-lab` process has them off (TQDM_DISABLE,
+    read when tqdm is imported); in this process an earlier test imported tqdm first."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    yield
+    datasets.enable_progress_bars()
+
+
+def test_broken_task_files_name_the_file_and_the_fix(monkeypatch, capsys, tmp_path, no_bars):
+    recipe, d = tmp_path / "r.yaml", _task_folder(tmp_path)
+    recipe.write_text(RECIPE)
+    src_line = (TASKS / "loop_demo_mc.yaml").read_text().splitlines().index("test_split: test") + 1
+    cases = {
+        "bad_yaml": f"task 'bad_yaml' not found in {d}; {d / 'bad_yaml.yaml'}:{src_line}: not valid YAML",
+        "no_field": "its template reads the field 'question', which its documents lack; fix the YAML's "
+                    "doc_to_text",
+        "bad_jsonl": f"data file {d / 'broken.jsonl'}:4: not valid JSON Lines",
+    }
+    for name, words in cases.items():
+        out = run_cli(monkeypatch, capsys, "validate", recipe, f"tasks.names=[{name}]",
+                      f"tasks.include=[{d}]")
+        msg = one_line(out, f"{recipe}: override tasks.names=[{name}]: tasks.names[0]: ", words)
+        assert "add documents or drop the task" not in msg
+    # a task missing from a folder where an unrelated YAML is broken: that file is not blamed
+    out = run_cli(monkeypatch, capsys, "validate", recipe, "tasks.names=[nope]", f"tasks.include=[{d}]")
+    assert "bad_yaml.yaml" not in one_line(out, "task 'nope' not found")
+
+
+# --------------------------------------------------------------------------- lm-eval
+
+
+def test_lm_eval_unknown_task_is_one_line(monkeypatch, capsys):
+    out = run_cli(monkeypatch, capsys, "lm-eval", "--model", "ouro-lab", "--model_args", f"path={DEMO}",
+                  "--tasks", "nope_task", "--include_path", TASKS)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    err = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
+    assert err == [f"error: --tasks nope_task: no such task in lm-eval's tasks or --include_path {TASKS}; "
+                   f"check the name with `ouro-lab lm-eval ls tasks --include_path {TASKS}`, or add the "
+                   "folder holding its YAML with --include_path DIR"]
