@@ -126,11 +126,13 @@ def test_report_leads_with_the_answer(run1):
     from ouro_lab.report import _headline
     from ouro_lab.report_page import headline
 
-    h = _headline(t)
+    h = _headline(t, 1.0)  # any loss tolerated: this random model's rows all qualify
     best = max((r for r in t["saved"] if r["chosen"] and r["kind"] != "select"),
                key=lambda r: r["crossfit"]["saved"])
-    assert h["setting"] == best["chosen"] and h["saved"] == best["crossfit"]["saved"]
-    assert h["in_sample"]["saved"] == best["saved"]
+    folds = list(dict.fromkeys(best["crossfit"]["settings"]))  # named by what the folds chose
+    assert h["setting"] == (folds[0] if len(folds) == 1 else f"{best['strategy']} (per fold: "
+                            f"{', '.join(best['crossfit']['settings'])})")
+    assert h["saved"] == best["crossfit"]["saved"] and h["in_sample"]["saved"] == best["saved"]
     sentence = (f"{h['setting']} saves {h['saved'] * 100:.1f}% of the FLOPs per token (95% CI "
                 f"{h['ci_low'] * 100:.1f} to {h['ci_high'] * 100:.1f}%) for {h['delta'] * 100:+.1f}")
     text = headline("tiny_mc", {**t, "headline": h, "withdrawn": None}, summary["tolerance"])
