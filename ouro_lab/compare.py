@@ -62,7 +62,8 @@ def _per_doc(samples, task, setting, mode, metric):
 
 
 def paired(ra: dict, rb: dict, task: str, metric: str, setting: str, mode: str, resamples: int, seed: int):
-    """(B - A mean over common documents, ci_low, ci_high, n) of one setting, or None."""
+    """(B - A mean over common documents, ci_low, ci_high, n, A's mean and B's mean over
+    them, A's and B's documents) of one setting, or None."""
     sa, sb = ra["samples"], rb["samples"]
     if sa is None or sb is None:
         return None
@@ -74,7 +75,8 @@ def paired(ra: dict, rb: dict, task: str, metric: str, setting: str, mode: str, 
     if not d.size or not np.isfinite(d).all():
         return None
     lo, hi = stats.mean_ci(d, stats.bootstrap_indices(d.size, resamples, seed))
-    return float(d.mean()), lo, hi, int(d.size)
+    return (float(d.mean()), lo, hi, int(d.size), float(a.loc[common].mean()), float(b.loc[common].mean()),
+            len(a), len(b))
 
 
 def compare(run_a, run_b, resamples: int = 1000, seed: int = 0) -> str:
@@ -107,7 +109,9 @@ def compare(run_a, run_b, resamples: int = 1000, seed: int = 0) -> str:
     lines += ["", f"## Summary: {len(flagged)} of {total} common settings differ (paired 95% interval "
               "excludes zero)" + (": " + ", ".join(flagged) if flagged else "")]
     lines += body
-    lines += ["", "`*` the interval excludes zero. Differences in points where the metric is a fraction."]
+    lines += ["", "`*` the interval excludes zero. A, B and B - A are means over the documents both runs "
+              "scored (docs), where the paired interval is. Differences in points where the metric is a "
+              "fraction."]
     return "\n".join(lines)
 
 
@@ -122,16 +126,18 @@ def _task_rows(ra, rb, task, metric, resamples, seed, flagged) -> tuple[list[str
     for i in sorted(range(len(j)), key=keys.__getitem__):
         r = j.iloc[i]
         res = paired(ra, rb, task, metric, r.setting, r[MODE], resamples, seed)
-        diff = (r.value_b - r.value_a) * scale
-        if res is None:
+        va, vb = r.value_a, r.value_b
+        if res is None:  # no per-document samples: the runs' own figures, unpaired
             ci, n, flag = "n/a", "", ""
-        else:
-            _, lo, hi, n = res
+        else:  # A, B and B - A on the documents both scored, where the interval is
+            d, lo, hi, n, va, vb, na, nb = res
             flag = "*" if (lo > 0 or hi < 0) else ""
             ci = f"[{lo * scale:+.2f}, {hi * scale:+.2f}]"
-            if flag:
-                flagged.append(f"{task}/{r.setting} ({r[MODE]}) {diff:+.2f}")
-        rows.append(f"| {r.setting} | {r[MODE]} | {r.value_a * scale:.2f} | {r.value_b * scale:.2f} | "
+            n = n if na == nb == n else f"{n} shared (A {na}, B {nb})"
+        diff = (vb - va) * scale
+        if flag:
+            flagged.append(f"{task}/{r.setting} ({r[MODE]}) {diff:+.2f}")
+        rows.append(f"| {r.setting} | {r[MODE]} | {va * scale:.2f} | {vb * scale:.2f} | "
                     f"{diff:+.2f}{flag} | {ci} | {n} | {r.flops_executed_per_token_a:,.0f} | "
                     f"{r.flops_executed_per_token_b:,.0f} |")
     return rows, len(j)

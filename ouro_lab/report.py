@@ -95,9 +95,19 @@ def read_run(run_dir: str | Path, verify: bool = True) -> dict:
 
 
 def _rebuild_hint(run: Path, prov: dict | None) -> str:
-    recipe = prov.get("recipe_file") if isinstance(prov, dict) else None
-    return (f"rerun the sweep to rebuild it (`ouro-lab sweep {recipe or 'RECIPE.yaml'} --out {run}`: "
-            "finished settings are reused)")
+    """The command that made the run, as it was typed (overrides kept: they are in the
+    settings' keys), and where, else the recipe and the folder."""
+    import shlex
+
+    prov = prov if isinstance(prov, dict) else {}
+    argv, cwd = prov.get("argv"), prov.get("cwd")
+    if isinstance(argv, list) and argv[:1] == ["sweep"] and all(isinstance(a, str) for a in argv):
+        where = f" in {cwd}" if cwd else ""
+        return (f"rerun the sweep to rebuild it (`ouro-lab {shlex.join(argv)}`{where}: finished settings "
+                "are reused)")
+    recipe = prov.get("recipe_file")
+    return (f"rerun the sweep to rebuild it (`ouro-lab sweep {recipe or 'RECIPE.yaml'} --out {run}` with the "
+            "overrides it was run with: finished settings are reused)")
 
 
 def base_mode(metrics: pd.DataFrame, task: str) -> str:
@@ -157,7 +167,7 @@ def _analyze_task(run: dict, task: str, tol: float) -> dict | None:
         cal = recipe.get("calibration") or {}
         folds = (int(cal.get("folds", 2)), int(cal.get("seed", 0)))
         saved = _saved(samples, rep, task, metric, full, tol / scale, int(recipe.get("bootstrap", 1000)),
-                       int(recipe.get("seed", 1234)), mode, folds)
+                       int(recipe.get("seed", 1234)), mode, folds, prov.get("fitted") or {})
         # most compute saved first; none within tolerance next; oracles (bounds, not rules) last
         t["saved"] = sorted(saved, key=lambda r: (r["kind"] == "select", r["chosen"] is None,
                                                   -r["saved"] if r["chosen"] else 0))
@@ -257,11 +267,15 @@ def _headline(t: dict, tol: float) -> dict | None:
                           if best["chosen"] else None)}
 
 
-def _saved(samples, rep, task, metric, full, tol, B, seed, mode, folds=(2, 0)) -> list[dict]:
+def _saved(samples, rep, task, metric, full, tol, B, seed, mode, folds=(2, 0), fitted=None) -> list[dict]:
     """Per strategy: the cheapest setting within tolerance in sample (`stats.compute_saved`)
     and cross-fitted over the calibration folds (`crossfit`), each setting's FLOPs over its
     own tokens (so FLOPs saved = 1 - flops_rel). Speculative decoding is not an exit rule:
-    its output is full depth's at more FLOPs, so its figure is the measured speed-up."""
+    its output is full depth's at more FLOPs, so its figure is the measured speed-up.
+    A rule whose fit read the calibration documents' scores (`reads_outcomes` in `fitted`,
+    e.g. `risk`) gets no cross-fitted figure: its copy scoring fold k was fitted on the
+    other folds, so those folds' results, on which a choice for fold k would be made, came
+    from copies fitted on fold k's answers. Its claim is the certified one, checked held out."""
     s = samples[(samples.task == task) & (samples[MODE] == mode)]
     docs = np.sort(s.doc_id.unique())
     idx = stats.bootstrap_indices(len(docs), B, seed)
@@ -287,9 +301,15 @@ def _saved(samples, rep, task, metric, full, tol, B, seed, mode, folds=(2, 0)) -
         args = (val.loc[names].to_numpy(float), fl.loc[names].to_numpy(float), tok.loc[names].to_numpy(float),
                 val.loc[full_row].to_numpy(float), fl.loc[full_row].to_numpy(float))
         res = stats.compute_saved(*args, idx, tolerance=tol, full_tokens=tok.loc[full_row].to_numpy(float))
-        res["crossfit"] = stats.compute_saved_crossfit(*args, fold, idx, tolerance=tol,
-                                                       full_tokens=tok.loc[full_row].to_numpy(float))
-        res["crossfit"]["settings"] = [names[i] if i >= 0 else full_row for i in res["crossfit"]["chosen"]]
+        recs = [x for n in names for x in (fitted or {}).get(n, []) if x.get("task") == task]
+        if any(x.get("reads_outcomes", True) for x in recs):  # unknown (older records): refused too
+            cf = {"refused": "its fit reads the calibration documents' scores", "saved": np.nan,
+                  "delta": np.nan, "ci_low": np.nan, "ci_high": np.nan, "chosen": []}
+        else:
+            cf = stats.compute_saved_crossfit(*args, fold, idx, tolerance=tol,
+                                              full_tokens=tok.loc[full_row].to_numpy(float))
+        cf["settings"] = [names[i] if i >= 0 else full_row for i in cf["chosen"]]
+        res["crossfit"] = cf
         res["strategy"] = strat
         res["kind"] = str(d["kind"].iloc[0])
         res["chosen"] = names[res["setting"]] if res["setting"] >= 0 else None
@@ -408,11 +428,23 @@ def build_report(run_dir: str | Path) -> dict:
     summary = analyze(run)
     made = make_plots(run, summary)
     d = run["dir"]
-    atomic_write(d / "summary.json", json.dumps(summary, indent=2, default=_jsonable) + "\n")
+    atomic_write(d / "summary.json", json.dumps(_nulls(summary), indent=2, default=_jsonable, allow_nan=False)
+                 + "\n")  # strict JSON (jq, JavaScript): no NaN
     atomic_write(d / "report.md", report_page.render_markdown(run, summary, made))
     atomic_write(d / "report.html", report_page.render_html(run, summary, made))
     return {"summary": summary, "plots": [p["path"] for p in made], "report_md": d / "report.md",
             "report_html": d / "report.html"}
+
+
+def _nulls(x):
+    """Non-finite numbers as null, through dicts and lists (numpy scalars first made plain)."""
+    if isinstance(x, dict):
+        return {k: _nulls(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_nulls(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    return None if isinstance(x, float) and not np.isfinite(x) else x
 
 
 def _jsonable(x):

@@ -140,7 +140,8 @@ def _saved_table(task, t, summary) -> Table:
                 ["strategy", "cheapest setting within tolerance", "FLOPs saved", "95% paired bootstrap",
                  f"{t['metric_words']} change", "cross-fitted: saved [95%]", "its change (held out)"],
                 note=f"Full depth scores {t['full'] * sc:.1f}. Most compute saved first, the oracle "
-                     "(a bound) last; FLOPs saved = 1 - FLOPs per token relative to full depth. In sample, "
+                     "(best fixed depth per document: a bound on accuracy, not on per-token FLOPs) last; "
+                     "FLOPs saved = 1 - FLOPs per token relative to full depth. In sample, "
                      "the setting is chosen and scored on the same documents; cross-fitted, it is chosen on "
                      "the other calibration folds and scored on each held-out fold (the headline's figure). "
                      "Intervals repeat the choice on every resample of documents (paired across settings). "
@@ -160,8 +161,10 @@ def _saved_table(task, t, summary) -> Table:
                          (f"[{_pct(r['ci_low'])}%, {_pct(r['ci_high'])}%]", _v(r["ci_low"])),
                          (_pct(r["delta"], sc, signed=True), _v(r["delta"])),
                          (f"{_pct(cf.get('saved'))}% [{_pct(cf.get('ci_low'))}, {_pct(cf.get('ci_high'))}]",
-                          _v(cf.get("saved", np.nan))),
-                         (_pct(cf.get("delta"), sc, signed=True), _v(cf.get("delta", np.nan)))])
+                          _v(cf.get("saved", np.nan))) if not cf.get("refused") else
+                         ("none: " + cf["refused"] + " (see the certified table)", None),
+                         (_pct(cf.get("delta"), sc, signed=True), _v(cf.get("delta", np.nan)))
+                         if not cf.get("refused") else ("-", None)])
         tab.keys.append(r["chosen"] or r["strategy"])  # the key its warnings carry
         tab.strategies.append(r["strategy"])
     return tab

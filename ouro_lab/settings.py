@@ -220,7 +220,9 @@ def cross_fit(setting: Setting, trace, fold, folds: int, seed: int = 0, outcomes
     """A strategy made of copies, per task and fold: copy (t, k) fitted on task t's tokens
     of every other fold and deciding for task t's tokens of fold k, so no document is
     scored by a rule fitted on it. `outcomes` (`doc_outcomes`) gives calibration sets
-    their per-document scores. `fitted_records()` says what each copy chose."""
+    their per-document scores. `fitted_records()` says what each copy chose and whether
+    its fit read those scores (`reads_outcomes`: then the report cannot cross-fit a choice
+    among its settings, whose other-fold results were fitted on the held-out fold's answers)."""
     import copy
 
     import torch
@@ -238,11 +240,15 @@ def cross_fit(setting: Setting, trace, fold, folds: int, seed: int = 0, outcomes
         for k in range(folds):
             rows = ((part // folds == t) & (fold != k)).nonzero()[:, 0]
             cal = everything.subset(rows)
-            cal.outcome = outcomes(rows) if outcomes is not None else None
+            read = []
+            if outcomes is not None:
+                score = outcomes(rows)
+                cal.outcome = lambda e, score=score, read=read: read.append(1) or score(e)
             s = copy.deepcopy(setting.obj)
             fit_checked(s, cal)
             fitted[t * folds + k] = s
-            records.append({"task": task, "fold": k, "calibration_tokens": int(rows.numel()), **s.fitted()})
+            records.append({"task": task, "fold": k, "calibration_tokens": int(rows.numel()),
+                            "reads_outcomes": bool(read), **s.fitted()})
     base = setting.obj
 
     class CrossFitted(ExitStrategy):

@@ -35,7 +35,7 @@ from ouro_lab.files import (
     read_parquet,
     sweep_temporaries,
 )
-from ouro_lab.recipe import Recipe, RecipeSource, recipe_hash
+from ouro_lab.recipe import Recipe, RecipeSource, canonical, recipe_hash
 
 
 class SweepError(OuroLabError):
@@ -62,6 +62,39 @@ def check_output(path: Path, what: str) -> None:
     if problem:
         raise SweepError(f"{what}: {path}: output folder not writable ({problem}); choose another folder "
                          "with --out")
+
+
+def _flat(d, at: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {at: d}
+    return {k: v for key, sub in d.items() for k, v in _flat(sub, f"{at}.{key}" if at else str(key)).items()}
+
+
+def check_same_recipe(path: Path, recipe: Recipe, what: str) -> None:
+    """A folder that holds a finished run (its provenance.json) of another recipe is not
+    replaced: one line naming what differs. An unfinished one resumes (its stored
+    settings are keyed by what they were computed from)."""
+    prov = path / "provenance.json"
+    if not prov.is_file():
+        return
+    try:
+        old = json.loads(prov.read_text())
+    except (OSError, ValueError):
+        return  # damaged: the sweep rewrites it (see read_run's checks)
+    if not isinstance(old, dict) or old.get("recipe_hash") in (None, recipe_hash(recipe)):
+        return
+    a, b = _flat(old.get("recipe") or {}), _flat(canonical(recipe))
+
+    def short(v) -> str:
+        r = json.dumps(v, default=str)
+        return r if len(r) <= 40 else r[:37] + "..."
+
+    diff = [f"{k} {short(a.get(k))} -> {short(b.get(k))}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in ("output", "log_samples", "max_settings")]
+    what_differs = "; ".join(diff[:3]) or "changed"
+    more = f"; {len(diff) - 3} more" if len(diff) > 3 else ""
+    raise SweepError(f"{what}: {path} holds a finished run of another recipe ({what_differs}{more}); choose "
+                     f"another folder with --out, or delete {path} to replace it")
 
 
 @contextlib.contextmanager

@@ -61,6 +61,7 @@ from ouro_lab.store import (
     atomic_frame,
     cache_dir,
     check_output,
+    check_same_recipe,
     check_writable,
     default_run_dir,
     git_sha,
@@ -118,6 +119,7 @@ def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Pat
     run_dir, what = run_dir_for(recipe, src, out)
     if dry_run:  # everything the sweep checks before it starts, creating nothing
         check_output(run_dir, what)
+        check_same_recipe(run_dir, recipe, what)
         taskset = load_tasks(recipe, src)
         check_folds(recipe, src, settings, taskset)
         check_speculative(recipe, src, taskset)
@@ -133,6 +135,7 @@ def run_sweep(recipe_file: str | Path, overrides: list[str] = (), out: str | Pat
     if not distributed.is_main():
         console = stderr_console(quiet=True)  # rank 0 alone reports, locks and writes
     with resumable_on_full_disk(run_dir):  # a full disk anywhere: one line, finished settings kept
+        check_same_recipe(run_dir, recipe, what)
         check_writable(run_dir, what)
         lock = RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext()
         with lock, _threads(recipe.model.threads):
@@ -322,7 +325,7 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     prov = {"run_id": run_dir.name, "recipe_file": str(src.file), "recipe_name": src.file.stem,
             "recipe": canonical(recipe), "recipe_hash": recipe_hash(recipe), "git_sha": git_sha(),
             "versions": versions(), "seed": recipe.seed, "device": recipe.model.device,
-            "dtype": recipe.model.dtype, "argv": sys.argv[1:], "host": platform.node(),
+            "dtype": recipe.model.dtype, "argv": sys.argv[1:], "cwd": os.getcwd(), "host": platform.node(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     model, tok, taskset, fp = _load(recipe, src)
     check_folds(recipe, src, settings, taskset)
@@ -572,6 +575,7 @@ def _summary(summary: dict, run_dir: Path) -> None:
                         f"{r['saved'] * 100:.1f}%" if r["chosen"] else "-",
                         f"[{r['ci_low'] * 100:.1f}, {r['ci_high'] * 100:.1f}]",
                         "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}",
+                        "none (fit reads outcomes)" if cf.get("refused") else
                         f"{cf.get('saved', 0) * 100:.1f}% ({cf.get('delta', 0) * sc:+.2f})" if cf else "-",
                         "; ".join(w["code"] for w in summary["warnings"]
                                   if w["task"] == task and w["setting"] == (r["chosen"] or r["strategy"])))

@@ -168,6 +168,7 @@ tasks: {{names: [loop_demo_mc, loop_demo_gen], include: [{root}/tasks], {subset}
 strategies:
   - {{name: oracle}}
   - {{name: risk, grid: {{delta: 0.2}}}}
+  - {{name: budget, grid: {{mean_steps: 2.5}}}}
 bootstrap: 50
 batch_size: 64
 """
@@ -272,6 +273,30 @@ def test_certified_setting_is_stated_and_checked_on_held_out_folds(demo_run):
     md = (demo_run / "report.md").read_text()
     assert "certified thresholds, checked on held-out documents" in md
     assert "P(loss > 20.0 points) <= 0.1" in md
+
+
+def test_no_cross_fitted_choice_for_a_rule_whose_fit_reads_the_answers(demo_run):
+    """risk fits on the calibration documents' scores: its copy for fold 1 was fitted on
+    fold 0's answers, so a choice for fold 0 made on fold 1's results saw fold 0: refused
+    (its claim is the certified one). budget fits on signals only: cross-fitted as before."""
+    import json
+
+    prov = json.loads((demo_run / "provenance.json").read_text())
+    assert all(r["reads_outcomes"] for r in prov["fitted"]["risk(delta=0.2)"])
+    assert not any(r["reads_outcomes"] for r in prov["fitted"]["budget(mean_steps=2.5)"])
+
+    def strict(c):
+        raise ValueError(f"{c} in summary.json")
+
+    summary = json.loads((demo_run / "summary.json").read_text(), parse_constant=strict)  # no NaN
+    t = summary["tasks"]["loop_demo_mc"]
+    saved = {r["strategy"]: r["crossfit"] for r in t["saved"]}
+    assert saved["risk"]["refused"] == "its fit reads the calibration documents' scores"
+    assert saved["risk"]["saved"] is None and "refused" not in saved["budget"]
+    assert saved["budget"]["saved"] is not None
+    assert (t["headline"] or {}).get("strategy") != "risk"
+    row = next(x for x in (demo_run / "report.md").read_text().splitlines() if x.startswith("| risk |"))
+    assert "none: its fit reads the calibration documents' scores (see the certified table)" in row
 
 
 # --------------------------------------------------------------------------- warnings

@@ -348,6 +348,22 @@ def test_report_refuses_a_damaged_or_incomplete_run_folder_in_one_line(run, case
     assert not (run / "plots").exists()  # refused before anything was drawn
 
 
+def test_the_rebuild_hint_is_the_command_that_made_the_run(run):
+    """Overrides are part of the stored settings' keys: the hint repeats them (it dropped
+    `--limit 24 bootstrap=200`, so following it recomputed everything)."""
+    import json
+
+    prov = json.loads((run / "provenance.json").read_text())
+    prov.update(argv=["sweep", "r.yaml", "--limit", "24", "bootstrap=200", "--out", "my run"], cwd="/lab")
+    (run / "provenance.json").write_text(json.dumps(prov))
+    (run / "exits.csv").unlink()
+    code, text = cli("report", run)
+    errors = [x for x in text.splitlines() if x.startswith("error:")]
+    assert code == 2 and len(errors) == 1
+    hint = "(`ouro-lab sweep r.yaml --limit 24 bootstrap=200 --out 'my run'` in /lab: finished settings"
+    assert hint in errors[0]
+
+
 # --------------------------------------------------------------------------- the sweep
 
 

@@ -139,9 +139,11 @@ def test_new_strategies_reuse_the_trace_and_same_recipe_twice_gives_identical_me
 
 
 def test_a_changed_seed_or_task_reruns_what_it_changes_in_place(lab, run1, tmp_path):
-    """A run folder is reused by content: a new seed (random exits, the bootstrap) or an
-    edited task (its requests) into the same folder gives what a fresh folder gives; the
-    old stored settings were reused before (provenance said seed 7 over seed-1234 rows)."""
+    """Stored settings are keyed by what they were computed from: an interrupted run resumed
+    with a new seed (random exits, the bootstrap), or a finished one rerun after its task was
+    edited (its requests), gives what a fresh folder gives (the old rows came back before:
+    provenance said seed 7 over seed-1234 rows). A finished run of another recipe is not
+    replaced: one line."""
     import shutil
 
     shutil.copytree(lab / "tasks", tmp_path / "tasks")
@@ -156,6 +158,13 @@ bootstrap: 50
         return sweep_helpers.untimed(d / "metrics.csv")
 
     a = run_sweep(recipe, out=tmp_path / "a")
+    before = (a / "metrics.csv").read_bytes()
+    code, text = cli("sweep", recipe, "--out", a, "seed=7")
+    lines = [x for x in text.splitlines() if x.startswith("error:")]
+    assert code == 2 and len(lines) == 1
+    assert "holds a finished run of another recipe (seed 1234 -> 7)" in lines[0]
+    assert (a / "metrics.csv").read_bytes() == before
+    (a / "provenance.json").unlink()  # as a run interrupted before its tables were written
     run_sweep(recipe, ["seed=7"], out=tmp_path / "a")
     fresh = run_sweep(recipe, ["seed=7"], out=tmp_path / "b")
     pd.testing.assert_frame_equal(metrics(a), metrics(fresh))
