@@ -5,8 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tests.cli_helpers import run_cli
+from cli_helpers import cli, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "ouro_lab" / "builtin" / "loop-demo"
@@ -176,9 +175,10 @@ def test_broken_task_files_name_the_file_and_the_fix(monkeypatch, capsys, tmp_pa
 # --------------------------------------------------------------------------- lm-eval
 
 
-def test_lm_eval_unknown_task_is_one_line(monkeypatch, capsys):
-    out = run_cli(monkeypatch, capsys, "lm-eval", "--model", "ouro-lab", "--model_args", f"path={DEMO}",
-                  "--tasks", "nope_task", "--include_path", TASKS)
+def test_lm_eval_unknown_task_is_one_line():
+    # a subprocess: lm-eval's CLI sets up logging handlers on the stderr of the moment
+    out = cli("lm-eval", "--model", "ouro-lab", "--model_args", f"path={DEMO}", "--tasks", "nope_task",
+              "--include_path", TASKS)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     err = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
     assert err == [f"error: --tasks nope_task: no such task in lm-eval's tasks or --include_path {TASKS}; "
