@@ -295,8 +295,13 @@ def build_task_dict(names: list[str], include_path=None, data_root=None,
             # of a group); TaskManager.load() then flattens the built objects.
             with _quiet("datasets"):  # its JSON loader logs each bad file: the error below says it once
                 obj = factory.build(entry, overrides=overrides or None, registry=tm._index)
-        except Exception as e:  # noqa: BLE001 (a task's YAML or data: the user's to fix, in one line)
-            raise TaskError(_build_error(name, entry.yaml_path, overrides, e)) from None
+        except OuroLabError:
+            raise
+        except Exception as e:  # a task's YAML or data: the user's to fix, in one line
+            msg = _build_error(name, entry.yaml_path, overrides, e)
+            if msg is None:
+                raise
+            raise TaskError(msg) from None
         built.extend(obj if isinstance(obj, list) else [obj])
     return tm.load(built)
 
@@ -458,9 +463,10 @@ def _unreadable_yaml(name: str, folders: list[Path]) -> str | None:
     return None
 
 
-def _build_error(name: str, yaml_path, overrides: dict, e: Exception) -> str:
+def _build_error(name: str, yaml_path, overrides: dict, e: Exception) -> str | None:
     """One line for a task lm-eval cannot build: a template reading a field its documents
-    lack, a data file that does not parse, or lm-eval's own first line."""
+    lack, a data file that does not parse, or lm-eval's own first line (None: not a
+    mistake in the task's files)."""
     where = f"task {name} ({yaml_path})"
     if type(e).__name__ == "UndefinedError":  # jinja2: "'question' is undefined"
         field_ = str(e).split("'")[1] if str(e).count("'") >= 2 else str(e)
@@ -469,8 +475,10 @@ def _build_error(name: str, yaml_path, overrides: dict, e: Exception) -> str:
     files = (overrides.get("dataset_kwargs") or {}).get("data_files")
     if type(e).__name__ == "DatasetGenerationError" and files:
         return f"{where}: {_bad_data_file(files, e)}"
+    if not isinstance(e, FileNotFoundError | ValueError):
+        return None
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return f"{where}: cannot load its dataset ({type(e).__name__}: {msg})"
+    return f"{where}: cannot load its dataset ({msg})"
 
 
 def _bad_data_file(data_files, e: Exception) -> str:
