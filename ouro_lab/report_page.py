@@ -144,7 +144,8 @@ def _saved_table(task, t, summary) -> Table:
                      "(best fixed depth per document: a bound on accuracy, not on per-token FLOPs) last; "
                      "FLOPs saved = 1 - FLOPs per token relative to full depth. In sample, "
                      "the setting is chosen and scored on the same documents; cross-fitted, it is chosen on "
-                     "the other calibration folds and scored on each held-out fold (the headline's figure). "
+                     "the other calibration folds and scored on each held-out fold (the headline's figure; "
+                     "the headline's pick among the strategies compared is made on these same documents). "
                      "Intervals repeat the choice on every resample of documents (paired across settings). "
                      + REPLAY_ASSUMES)
     if t.get("withdrawn"):  # a broken baseline: no saving against it is claimed (see the warning)
