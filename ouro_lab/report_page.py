@@ -72,9 +72,10 @@ def headline(task: str, t: dict, tol: float) -> str:
         return (f"{task}: no strategy saves compute within {tol:g} {_unit(t, tol)} of full depth "
                 f"({words} {full}).")
     how = "replayed from the full-depth trace" if h["mode"] == "replay" else "run live (real early exit)"
-    s = (f"{task}: {h['setting']} saves {_pct(h['saved'])}% of the FLOPs per token (95% CI "
-         f"{_pct(h['ci_low'])} to {_pct(h['ci_high'])}%) for {_pct(h['delta'], sc, True)} "
-         f"{_unit(t, 2)} of {words} against full depth ({full}), {how}")
+    ci = (f" (95% CI {_pct(h['ci_low'])} to {_pct(h['ci_high'])}%)" if _pct(h["ci_low"]) != "n/a"
+          else " (no interval: bootstrap 0)")
+    s = (f"{task}: {h['setting']} saves {_pct(h['saved'])}% of the FLOPs per token{ci} for "
+         f"{_pct(h['delta'], sc, True)} {_unit(t, 2)} of {words} against full depth ({full}), {how}")
     ins = h.get("in_sample")
     s += "; cross-fitted: chosen on other documents, scored on held-out ones (in sample " + (
         f"{_pct(ins['saved'])}% for {_pct(ins['delta'], sc, True)})." if ins else
@@ -143,7 +144,8 @@ def _saved_table(task, t, summary) -> Table:
                      "(best fixed depth per document: a bound on accuracy, not on per-token FLOPs) last; "
                      "FLOPs saved = 1 - FLOPs per token relative to full depth. In sample, "
                      "the setting is chosen and scored on the same documents; cross-fitted, it is chosen on "
-                     "the other calibration folds and scored on each held-out fold (the headline's figure). "
+                     "the other calibration folds and scored on each held-out fold (the headline's figure; "
+                     "the headline's pick among the strategies compared is made on these same documents). "
                      "Intervals repeat the choice on every resample of documents (paired across settings). "
                      + REPLAY_ASSUMES)
     if t.get("withdrawn"):  # a broken baseline: no saving against it is claimed (see the warning)

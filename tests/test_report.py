@@ -278,3 +278,13 @@ def test_compare_pairs_runs_over_the_documents_both_scored(run1, tmp_path):
         assert float(va) == pytest.approx(da.groupby("doc_id").acc.first().mean() * 100, abs=0.006)
         lo, hi = (float(v) for v in ci.strip("[]").split(","))
         assert lo - 1e-9 <= float(diff.rstrip("*")) <= hi + 1e-9 and float(diff.rstrip("*")) == 0
+
+
+def test_headline_without_resamples_says_so():
+    from ouro_lab.report_page import headline
+
+    t = {"scale": 100.0, "metric_words": "accuracy", "full": 0.99, "mode": "replay", "headline": {
+        "setting": "thr(q=0.5)", "saved": 0.25, "ci_low": None, "ci_high": None, "delta": 0.0,
+        "mode": "replay", "in_sample": None, "live": None}}
+    text = headline("t", t, 1.0)
+    assert "n/a" not in text and "saves 25.0% of the FLOPs per token (no interval: bootstrap 0) for" in text
