@@ -70,6 +70,12 @@ def paired(ra: dict, rb: dict, task: str, metric: str, setting: str, mode: str, 
     a, b = _per_doc(sa, task, setting, mode, metric), _per_doc(sb, task, setting, mode, metric)
     if a is None or b is None:
         return None
+    ma, mb = ra["metrics"], rb["metrics"]
+    for per_doc, m in ((a, ma), (b, mb)):  # the metric must be the mean of its per-document values
+        row = m[(m.task == task) & (m.setting == setting) & (m[MODE] == mode) & (m[KEY] == metric)]
+        if not len(row) or not np.isclose(float(per_doc.mean()), float(row.value.iloc[0]), rtol=1e-6,
+                                          atol=1e-9):
+            return None  # perplexity, bits per byte, grouped metrics: no per-document pairing
     common = a.index.intersection(b.index)
     d = (b.loc[common] - a.loc[common]).to_numpy(np.float64)
     if not d.size or not np.isfinite(d).all():
@@ -110,8 +116,9 @@ def compare(run_a, run_b, resamples: int = 1000, seed: int = 0) -> str:
               "excludes zero)" + (": " + ", ".join(flagged) if flagged else "")]
     lines += body
     lines += ["", "`*` the interval excludes zero. A, B and B - A are means over the documents both runs "
-              "scored (docs), where the paired interval is. Differences in points where the metric is a "
-              "fraction."]
+              "scored (docs), where the paired interval is; where the metric is not a mean over documents "
+              "(perplexity) they are the runs' own figures, unpaired (CI n/a). FLOPs/tok: each run's own. "
+              "Differences in points where the metric is a fraction."]
     return "\n".join(lines)
 
 

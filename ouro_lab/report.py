@@ -96,12 +96,20 @@ def read_run(run_dir: str | Path, verify: bool = True) -> dict:
 
 def _rebuild_hint(run: Path, prov: dict | None) -> str:
     """The command that made the run, as it was typed (overrides kept: they are in the
-    settings' keys), and where, else the recipe and the folder."""
+    settings' keys) but writing to this folder (it may have been moved), and where, else
+    the recipe and the folder."""
     import shlex
 
     prov = prov if isinstance(prov, dict) else {}
     argv, cwd = prov.get("argv"), prov.get("cwd")
     if isinstance(argv, list) and argv[:1] == ["sweep"] and all(isinstance(a, str) for a in argv):
+        outs, kept, i = ("--out", "--output_path", "--output-path"), [], 0
+        while i < len(argv):  # every way the folder was named, dropped
+            a = argv[i]
+            i += 2 if a in outs else 1
+            if a not in outs and not a.startswith((*(f"{o}=" for o in outs), "output=")):
+                kept.append(a)
+        argv = [*kept, "--out", str(Path(run).resolve())]
         where = f" in {cwd}" if cwd else ""
         return (f"rerun the sweep to rebuild it (`ouro-lab {shlex.join(argv)}`{where}: finished settings "
                 "are reused)")
@@ -302,13 +310,16 @@ def _saved(samples, rep, task, metric, full, tol, B, seed, mode, folds=(2, 0), f
                 val.loc[full_row].to_numpy(float), fl.loc[full_row].to_numpy(float))
         res = stats.compute_saved(*args, idx, tolerance=tol, full_tokens=tok.loc[full_row].to_numpy(float))
         recs = [x for n in names for x in (fitted or {}).get(n, []) if x.get("task") == task]
-        if any(x.get("reads_outcomes", True) for x in recs):  # unknown (older records): refused too
-            cf = {"refused": "its fit reads the calibration documents' scores", "saved": np.nan,
-                  "delta": np.nan, "ci_low": np.nan, "ci_high": np.nan, "chosen": []}
+        unknown = any("reads_outcomes" not in x for x in recs)  # a run recorded before it was
+        if unknown or any(x["reads_outcomes"] for x in recs):
+            why = ("its run did not record whether its fit reads the calibration documents' scores; rerun "
+                   "the sweep" if unknown else "its fit reads the calibration documents' scores")
+            cf = {"refused": why, "saved": np.nan, "delta": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                  "chosen": []}
         else:
             cf = stats.compute_saved_crossfit(*args, fold, idx, tolerance=tol,
                                               full_tokens=tok.loc[full_row].to_numpy(float))
-        cf["settings"] = [names[i] if i >= 0 else full_row for i in cf["chosen"]]
+        cf["settings"] = [names[i] if i >= 0 else "full depth" for i in cf["chosen"]]
         res["crossfit"] = cf
         res["strategy"] = strat
         res["kind"] = str(d["kind"].iloc[0])

@@ -228,7 +228,7 @@ def cross_fit(setting: Setting, trace, fold, folds: int, seed: int = 0, outcomes
     import torch
 
     from ouro_lab.scoring import _unit_meta
-    from ouro_lab.strategy import ExitStrategy, decide_checked, fit_checked
+    from ouro_lab.strategy import ExitStrategy, decide_checked, expand_needs, fit_checked
 
     meta = _unit_meta(trace)
     tasks = sorted({u[0] for u in meta})
@@ -247,8 +247,9 @@ def cross_fit(setting: Setting, trace, fold, folds: int, seed: int = 0, outcomes
             s = copy.deepcopy(setting.obj)
             fit_checked(s, cal)
             fitted[t * folds + k] = s
+            answers = bool(expand_needs(getattr(s, "fit_needs", ())) & {"target_logprob", "target_is_argmax"})
             records.append({"task": task, "fold": k, "calibration_tokens": int(rows.numel()),
-                            "reads_outcomes": bool(read), **s.fitted()})
+                            "reads_outcomes": bool(read) or answers, **s.fitted()})
     base = setting.obj
 
     class CrossFitted(ExitStrategy):
@@ -277,18 +278,14 @@ def cross_fit(setting: Setting, trace, fold, folds: int, seed: int = 0, outcomes
 
 
 def check_folds(recipe: Recipe, src: RecipeSource, settings: list[Setting], taskset) -> None:
-    """Calibrating rules are cross-fitted over `calibration.folds` document folds: refuse
-    more folds than the loglikelihood tasks have documents (some copy would be fitted on
-    every document, or on none)."""
-    from ouro_lab.lm import LL_TYPES
-
-    if not any(s.fitted for s in settings):
-        return
-    ll = taskset.names_of("multiple_choice", *LL_TYPES)
-    limit = recipe.tasks.limit
-    docs = sum(min(len(taskset.tasks[n].eval_docs), limit or 1 << 62) for n in ll)
+    """Each task's documents are split into `calibration.folds` folds: calibrating rules
+    are fitted per task on the other folds, and every task's cross-fitted savings choose
+    on them. Refuse more folds than a task has documents (some fold would be empty: a
+    copy fitted on every document, a choice made on nothing)."""
     folds = recipe.calibration.folds
-    if ll and folds > docs:
-        raise RecipeError([src.error(("calibration", "folds"), f"{folds} folds, but the loglikelihood tasks "
-                                     f"({', '.join(ll)}) have {docs} documents; use at most {docs} folds, or "
-                                     "more documents (tasks.limit)")])
+    for name in taskset.tasks:
+        docs = taskset.selection(name)["documents"]
+        if folds > docs:
+            raise RecipeError([src.error(("calibration", "folds"), f"{folds} folds, but task {name} has "
+                                         f"{docs} documents; use at most {docs} folds, or more documents "
+                                         "(tasks.limit or tasks.sample)")])

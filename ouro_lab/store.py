@@ -65,6 +65,10 @@ def check_output(path: Path, what: str) -> None:
 
 
 def _flat(d, at: str = "") -> dict:
+    """Dotted paths to values: through mappings, and through lists of mappings by index
+    (strategies.0.grid.q); a list of plain values is one value."""
+    if isinstance(d, list) and any(isinstance(x, dict) for x in d):
+        d = {str(i): x for i, x in enumerate(d)}
     if not isinstance(d, dict):
         return {at: d}
     return {k: v for key, sub in d.items() for k, v in _flat(sub, f"{at}.{key}" if at else str(key)).items()}

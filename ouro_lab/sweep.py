@@ -28,7 +28,6 @@ This module is the orchestration only; each step lives in its own: settings
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ from pathlib import Path
 from ouro_lab import distributed
 from ouro_lab.errors import OuroLabError
 from ouro_lab.files import DamagedFileError, atomic_write, file_digest, sweep_temporaries
+from ouro_lab.keys import content_hash, requests_hash, source_hash
 from ouro_lab.plan import describe, plan
 from ouro_lab.progress import log, stderr_console, stdout_console
 from ouro_lab.progress import progress as progress_bars
@@ -75,30 +75,6 @@ from ouro_lab.tables import COLUMNS, LIVE_SUMS, assemble, compose_selects, live_
 
 __all__ = ["run_sweep", "load_tasks", "describe", "git_sha", "versions", "Setting", "expand_settings",
            "SweepError", "RunLock", "SettingStore", "cache_dir", "default_run_dir", "COLUMNS"]
-
-
-def _hash(*parts) -> str:
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(),
-                           digest_size=10).hexdigest()
-
-
-def _requests_hash(taskset, task: str) -> str:
-    """The requests lm-eval builds for `task` (contexts with their few-shot examples and
-    chat rendering, generation arguments): what a stored live result was computed from."""
-    from ouro_lab.scoring import scorer_for
-
-    return _hash([(i.doc_id, i.idx, i.request_type, repr(i.arguments))
-                  for i in scorer_for(taskset, [task]).instances[task]])
-
-
-def _source_hash(name: str, dirs) -> str:
-    from ouro_lab.registry import discover
-
-    info = discover(dirs).get(name)
-    if info is None or info.path is None:
-        return name
-    return hashlib.blake2b(info.path.read_bytes(), digest_size=8).hexdigest()
-
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -269,7 +245,7 @@ class _Run:
     def source_hash(self, name: str) -> str:
         """The strategy file's content hash (one read per strategy, not per setting)."""
         if name not in self._sources:
-            self._sources[name] = _source_hash(name, self.dirs)
+            self._sources[name] = source_hash(name, self.dirs)
         return self._sources[name]
 
     def stored(self, s: Setting, mode: str, key: str):
@@ -417,9 +393,9 @@ def _replay_all(run: _Run, trace) -> None:
         if s.kind == "select":  # composed from the fixed steps once they are all scored
             run.progress.advance(bar)
             continue
-        key = _hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
+        key = content_hash("replay", trace.meta.get("key"), s.strategy, s.params_json, s.granularity,
                     run.source_hash(s.strategy), s.fitted and canonical(recipe)["calibration"],
-                    recipe.bootstrap, recipe.seed)
+                    recipe.bootstrap, recipe.seed, [requests_hash(run.taskset, t) for t in replayed])
         found = run.stored(s, "replay", key)
         if found is None or not run.logged(s, "replay", replayed):
             found = None
@@ -450,12 +426,12 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
     bar = run.progress.add_task(f"live runs ({recipe.live.kv_policy} KV)", total=len(jobs))
     _warm_up(run.model)  # so the first setting's measured seconds carry no one-time costs
     for s, task in jobs:
-        key = _hash("live", run.fp, recipe.model.dtype, recipe.model.steps, task, recipe.tasks.limit,
+        key = content_hash("live", run.fp, recipe.model.dtype, recipe.model.steps, task, recipe.tasks.limit,
                     recipe.tasks.sample and (recipe.tasks.sample, recipe.seed),
                     recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
                     run.source_hash(s.params.get("draft_rule", s.strategy)), kv_policy_of(s, recipe),
                     recipe.live.max_gen_toks, recipe.bootstrap, recipe.seed,
-                    _requests_hash(run.taskset, task))
+                    requests_hash(run.taskset, task))
         found = run.stored(s, f"live, {task}", key) if distributed.is_main() else None
         if found is not None and not run.logged(s, "live", [task]):
             found = None  # its samples JSONL is missing: run it again

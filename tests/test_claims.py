@@ -189,9 +189,38 @@ def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     os.environ["OURO_LAB_CACHE"] = str(tmp / "cache")
     os.environ["OURO_LAB_PROGRESS"] = "0"
+    (tmp / "strats").mkdir()
+    (tmp / "strats" / "peek.py").write_text(PEEK)
     f = tmp / "demo.yaml"
-    f.write_text(DEMO.format(name=f, root=root, subset="sample: 60"))
+    f.write_text(DEMO.format(name=f, root=root, subset="sample: 60")
+                 .replace("bootstrap: 50", "  - {name: peek}\nstrategies_dirs: [strats]\nbootstrap: 50"))
     return run_sweep(f, out=tmp / "run")
+
+
+# a calibrating rule that reads the answers through `fit_needs`, not `calibration.outcome`
+PEEK = """\"\"\"Q-exit whose threshold is the calibration tokens' top-1 accuracy at full depth.\"\"\"
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ouro_lab.strategy import ExitStrategy
+
+
+@dataclass
+class Strategy(ExitStrategy):
+    needs: ClassVar[tuple[str, ...]] = ("exit_cdf",)
+    fit_needs: ClassVar[tuple[str, ...]] = ("target_is_argmax",)
+    q: float = 0.5
+
+    def fit(self, calibration):
+        self.q = float(calibration.target_is_argmax[-1].float().mean())
+
+    def fitted(self):
+        return {"q": self.q}
+
+    def decide(self, s, r):
+        return s.exit_cdf[r] >= self.q
+"""
 
 
 def test_oracle_is_an_upper_bound_on_every_demo_task(demo_run):
@@ -283,6 +312,7 @@ def test_no_cross_fitted_choice_for_a_rule_whose_fit_reads_the_answers(demo_run)
 
     prov = json.loads((demo_run / "provenance.json").read_text())
     assert all(r["reads_outcomes"] for r in prov["fitted"]["risk(delta=0.2)"])
+    assert all(r["reads_outcomes"] for r in prov["fitted"]["peek(q=0.5)"])  # through fit_needs
     assert not any(r["reads_outcomes"] for r in prov["fitted"]["budget(mean_steps=2.5)"])
 
     def strict(c):
@@ -291,12 +321,34 @@ def test_no_cross_fitted_choice_for_a_rule_whose_fit_reads_the_answers(demo_run)
     summary = json.loads((demo_run / "summary.json").read_text(), parse_constant=strict)  # no NaN
     t = summary["tasks"]["loop_demo_mc"]
     saved = {r["strategy"]: r["crossfit"] for r in t["saved"]}
-    assert saved["risk"]["refused"] == "its fit reads the calibration documents' scores"
+    reason = "its fit reads the calibration documents' scores"
+    assert saved["risk"]["refused"] == saved["peek"]["refused"] == reason
     assert saved["risk"]["saved"] is None and "refused" not in saved["budget"]
     assert saved["budget"]["saved"] is not None
     assert (t["headline"] or {}).get("strategy") != "risk"
     row = next(x for x in (demo_run / "report.md").read_text().splitlines() if x.startswith("| risk |"))
     assert "none: its fit reads the calibration documents' scores (see the certified table)" in row
+
+
+def test_a_run_that_did_not_record_what_fits_read_says_so(demo_run, tmp_path, monkeypatch, capsys):
+    """Provenance from before `reads_outcomes` was recorded: no cross-fitted figure, and the
+    reason given is that it was not recorded (not that budget reads the answers)."""
+    import json
+    import shutil
+
+    from cli_helpers import run_cli
+
+    old = tmp_path / "old"
+    shutil.copytree(demo_run, old, ignore=shutil.ignore_patterns("plots"))
+    prov = json.loads((old / "provenance.json").read_text())
+    for recs in prov["fitted"].values():
+        for r in recs:
+            r.pop("reads_outcomes")
+    (old / "provenance.json").write_text(json.dumps(prov))
+    assert run_cli(monkeypatch, capsys, "report", old).returncode == 0
+    saved = {r["strategy"]: r["crossfit"] for r in json.loads((old / "summary.json").read_text())
+             ["tasks"]["loop_demo_mc"]["saved"]}
+    assert saved["budget"]["refused"].startswith("its run did not record whether its fit reads")
 
 
 # --------------------------------------------------------------------------- warnings

@@ -350,7 +350,8 @@ def test_report_refuses_a_damaged_or_incomplete_run_folder_in_one_line(run, case
 
 def test_the_rebuild_hint_is_the_command_that_made_the_run(run):
     """Overrides are part of the stored settings' keys: the hint repeats them (it dropped
-    `--limit 24 bootstrap=200`, so following it recomputed everything)."""
+    `--limit 24 bootstrap=200`, so following it recomputed everything), writing to the folder
+    the report was asked about (a moved or copied run: not the original --out)."""
     import json
 
     prov = json.loads((run / "provenance.json").read_text())
@@ -360,8 +361,8 @@ def test_the_rebuild_hint_is_the_command_that_made_the_run(run):
     code, text = cli("report", run)
     errors = [x for x in text.splitlines() if x.startswith("error:")]
     assert code == 2 and len(errors) == 1
-    hint = "(`ouro-lab sweep r.yaml --limit 24 bootstrap=200 --out 'my run'` in /lab: finished settings"
-    assert hint in errors[0]
+    hint = f"(`ouro-lab sweep r.yaml --limit 24 bootstrap=200 --out {run.resolve()}` in /lab: finished"
+    assert hint + " settings are reused)" in errors[0]
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -600,9 +601,19 @@ def test_validate_checks_the_output_folder_and_the_folds_as_the_sweep_does(lab, 
         errors = _lines(text, "error: ")
         assert code == 2 and len(errors) == 1, text[-2000:]
         assert errors[0] == (f"error: {lab / 'r.yaml'}: override calibration.folds=9: calibration.folds: 9 "
-                             "folds, but the loglikelihood tasks (tiny_mc) have 8 documents; use at most 8 "
-                             "folds, or more documents (tasks.limit)")
+                             "folds, but task tiny_mc has 8 documents; use at most 8 folds, or more "
+                             "documents (tasks.limit or tasks.sample)")
     assert not (tmp_path / "run" / "settings").exists()
+    # no calibrating rule: the cross-fitted savings still choose on the folds (five picks for
+    # three documents were shown); generation tasks count too
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(MC_ONLY.replace("ckpt", str(lab / "ckpt")).replace("[tasks]", f"[{lab / 'tasks'}]")
+                     .replace("[tiny_mc]", "[tiny_mc, tiny_gen]"))
+    code, text = cli("validate", plain, "calibration.folds=5", "tasks.limit=3")
+    errors = _lines(text, "error: ")
+    assert code == 2 and len(errors) == 1 and "5 folds, but task tiny_mc has 3 documents" in errors[0], text
+    code, text = cli("validate", plain, "calibration.folds=3", "tasks.limit=3")
+    assert code == 0, text
 
 
 @pytest.mark.slow

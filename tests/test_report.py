@@ -288,3 +288,21 @@ def test_headline_without_resamples_says_so():
         "mode": "replay", "in_sample": None, "live": None}}
     text = headline("t", t, 1.0)
     assert "n/a" not in text and "saves 25.0% of the FLOPs per token (no interval: bootstrap 0) for" in text
+
+
+def test_compare_does_not_pair_a_metric_that_is_not_a_mean_over_documents():
+    """Perplexity: samples.parquet holds each document's log-likelihood, not the metric; the
+    A/B columns showed -35.84 for a word perplexity of 90.62, with a paired CI."""
+    from ouro_lab.compare import paired
+
+    def run(value, ll):
+        m = pd.DataFrame([{"task": "ppl", "setting": "fixed(step=1)", "run_mode": "replay",
+                           "metric_key": "word_perplexity", "value": value}])
+        s = pd.DataFrame({"task": "ppl", "setting": "fixed(step=1)", "run_mode": "replay",
+                          "doc_id": range(len(ll)), "word_perplexity": ll})
+        return {"metrics": m, "samples": s}
+
+    a, b = run(90.62, [-35.0, -36.7]), run(107.2, [-35.0, -36.7, -40.0])
+    assert paired(a, b, "ppl", "word_perplexity", "fixed(step=1)", "replay", 50, 0) is None
+    a, b = run(0.5, [0.0, 1.0]), run(2 / 3, [0.0, 1.0, 1.0])  # a mean: paired on the shared two
+    assert paired(a, b, "ppl", "word_perplexity", "fixed(step=1)", "replay", 50, 0)[:4] == (0.0, 0.0, 0.0, 2)

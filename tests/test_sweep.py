@@ -163,6 +163,8 @@ bootstrap: 50
     lines = [x for x in text.splitlines() if x.startswith("error:")]
     assert code == 2 and len(lines) == 1
     assert "holds a finished run of another recipe (seed 1234 -> 7)" in lines[0]
+    code, text = cli("sweep", recipe, "--out", a, "strategies.0.grid.mean_steps=[2, 3]")
+    assert code == 2 and "(strategies.0.grid.mean_steps 2 -> [2, 3])" in text  # inside the list
     assert (a / "metrics.csv").read_bytes() == before
     (a / "provenance.json").unlink()  # as a run interrupted before its tables were written
     run_sweep(recipe, ["seed=7"], out=tmp_path / "a")
@@ -178,6 +180,17 @@ bootstrap: 50
     run_sweep(recipe, ["seed=7"], out=tmp_path / "a")
     edited = run_sweep(recipe, ["seed=7"], out=tmp_path / "d")
     pd.testing.assert_frame_equal(metrics(a), metrics(edited))
+    # the answers alone (same requests, same trace): every score changes, nothing was reused
+    for name, key in (("tiny_mc", "label"), ("tiny_gen", "answer")):
+        f = tmp_path / "tasks" / name / "test.jsonl"
+        docs = [json.loads(x) for x in f.read_text().splitlines()]
+        for d in docs:
+            d[key] = (d[key] + 1) % 3 if key == "label" else "one"
+        f.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    run_sweep(recipe, ["seed=7"], out=tmp_path / "a")
+    answers = run_sweep(recipe, ["seed=7"], out=tmp_path / "e")
+    pd.testing.assert_frame_equal(metrics(a), metrics(answers))
+    assert not metrics(answers)["value"].equals(metrics(edited)["value"])
 
 
 def test_rerun_in_place_skips_finished_settings(lab, run1):
