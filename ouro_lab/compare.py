@@ -56,9 +56,18 @@ def param_key(params: str) -> tuple:
                  else (1, k, str(v)) for k, v in sorted(p.items()))
 
 
-def _per_doc(samples, task, setting, mode, metric):
+def _per_doc(samples, task, setting, mode, metric, selection=None):
+    """A setting's per-document values, indexed by the document's place in its file: with
+    `tasks.sample`, doc_id i is the file's document `indices[i]` (provenance), so two runs
+    that sampled differently are paired on the documents they share, not on doc_id."""
     d = samples[(samples.task == task) & (samples.setting == setting) & (samples[MODE] == mode)]
-    return d.groupby("doc_id")[metric].first() if metric in d.columns else None
+    if metric not in d.columns:
+        return None
+    per = d.groupby("doc_id")[metric].first()
+    if (selection or {}).get("how") == "sample" and selection.get("indices") is not None:
+        idx = selection["indices"]
+        per.index = [idx[int(i)] for i in per.index]
+    return per
 
 
 def paired(ra: dict, rb: dict, task: str, metric: str, setting: str, mode: str, resamples: int, seed: int):
@@ -67,7 +76,9 @@ def paired(ra: dict, rb: dict, task: str, metric: str, setting: str, mode: str, 
     sa, sb = ra["samples"], rb["samples"]
     if sa is None or sb is None:
         return None
-    a, b = _per_doc(sa, task, setting, mode, metric), _per_doc(sb, task, setting, mode, metric)
+    sel = [((r.get("provenance") or {}).get("tasks") or {}).get(task) for r in (ra, rb)]
+    a = _per_doc(sa, task, setting, mode, metric, sel[0])
+    b = _per_doc(sb, task, setting, mode, metric, sel[1])
     if a is None or b is None:
         return None
     ma, mb = ra["metrics"], rb["metrics"]

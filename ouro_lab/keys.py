@@ -33,7 +33,14 @@ def requests_hash(taskset, task: str) -> str:
 
     memo = taskset.__dict__.setdefault("_requests_hash", {})
     if task not in memo:
-        config = json.dumps(taskset.tasks[task].dump_config(), sort_keys=True, default=_stable)
+        config = dict(taskset.tasks[task].dump_config())
+        # where the files are (paths, a cache named by their mtimes) is not what they hold:
+        # the documents below are; a moved checkout or a re-downloaded copy keeps its key
+        config.pop("dataset_path", None)
+        config["dataset_kwargs"] = {k: v for k, v in (config.get("dataset_kwargs") or {}).items()
+                                    if k not in ("cache_dir", "data_files", "data_dir")}
+        config["metadata"] = {k: v for k, v in (config.get("metadata") or {}).items() if k != "config_source"}
+        config = json.dumps(config, sort_keys=True, default=_stable)
         memo[task] = content_hash(config, [(i.doc_id, i.idx, i.request_type, repr(i.arguments), repr(i.doc))
                                            for i in scorer_for(taskset, [task]).instances[task]])
     return memo[task]

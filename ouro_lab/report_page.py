@@ -164,7 +164,8 @@ def _saved_table(task, t, summary) -> Table:
                          (_pct(r["delta"], sc, signed=True), _v(r["delta"])),
                          (f"{_pct(cf.get('saved'))}% [{_pct(cf.get('ci_low'))}, {_pct(cf.get('ci_high'))}]",
                           _v(cf.get("saved", np.nan))) if not cf.get("refused") else
-                         ("none: " + cf["refused"] + " (see the certified table)", None),
+                         ("none: " + cf["refused"] + (" (see the certified table)" if t.get("certified")
+                                                      and "fit reads" in cf["refused"] else ""), None),
                          (_pct(cf.get("delta"), sc, signed=True), _v(cf.get("delta", np.nan)))
                          if not cf.get("refused") else ("-", None)])
         tab.keys.append(r["chosen"] or r["strategy"])  # the key its warnings carry

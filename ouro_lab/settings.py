@@ -247,7 +247,8 @@ def cross_fit(setting: Setting, trace, fold, folds: int, seed: int = 0, outcomes
             s = copy.deepcopy(setting.obj)
             fit_checked(s, cal)
             fitted[t * folds + k] = s
-            answers = bool(expand_needs(getattr(s, "fit_needs", ())) & {"target_logprob", "target_is_argmax"})
+            seen = (*getattr(s, "needs", ()), *getattr(s, "fit_needs", ()))  # what fit() may read
+            answers = bool(expand_needs(seen) & {"target_logprob", "target_is_argmax"})
             records.append({"task": task, "fold": k, "calibration_tokens": int(rows.numel()),
                             "reads_outcomes": bool(read) or answers, **s.fitted()})
     base = setting.obj
@@ -278,12 +279,16 @@ def cross_fit(setting: Setting, trace, fold, folds: int, seed: int = 0, outcomes
 
 
 def check_folds(recipe: Recipe, src: RecipeSource, settings: list[Setting], taskset) -> None:
-    """Each task's documents are split into `calibration.folds` folds: calibrating rules
-    are fitted per task on the other folds, and every task's cross-fitted savings choose
-    on them. Refuse more folds than a task has documents (some fold would be empty: a
-    copy fitted on every document, a choice made on nothing)."""
+    """Calibrating rules are fitted per task on the other folds of its documents: refuse
+    more folds than a replayed task has documents (some copy would be fitted on every
+    document, or on none). Without such rules a small run is fine: the report then gives
+    no cross-fitted figure for a task with fewer documents than folds."""
+    from ouro_lab.lm import LL_TYPES
+
+    if not any(s.fitted for s in settings):
+        return
     folds = recipe.calibration.folds
-    for name in taskset.tasks:
+    for name in taskset.names_of("multiple_choice", *LL_TYPES):
         docs = taskset.selection(name)["documents"]
         if folds > docs:
             raise RecipeError([src.error(("calibration", "folds"), f"{folds} folds, but task {name} has "

@@ -191,9 +191,12 @@ def demo_run(tmp_path_factory):
     os.environ["OURO_LAB_PROGRESS"] = "0"
     (tmp / "strats").mkdir()
     (tmp / "strats" / "peek.py").write_text(PEEK)
+    (tmp / "strats" / "peek2.py").write_text(PEEK.replace('"exit_cdf",)', '"exit_cdf", "target_is_argmax")')
+                                             .replace('("target_is_argmax",)', "()"))  # through needs
     f = tmp / "demo.yaml"
     f.write_text(DEMO.format(name=f, root=root, subset="sample: 60")
-                 .replace("bootstrap: 50", "  - {name: peek}\nstrategies_dirs: [strats]\nbootstrap: 50"))
+                 .replace("bootstrap: 50", "  - {name: peek}\n  - {name: peek2}\nstrategies_dirs: [strats]\n"
+                                                   "bootstrap: 50"))
     return run_sweep(f, out=tmp / "run")
 
 
@@ -313,6 +316,7 @@ def test_no_cross_fitted_choice_for_a_rule_whose_fit_reads_the_answers(demo_run)
     prov = json.loads((demo_run / "provenance.json").read_text())
     assert all(r["reads_outcomes"] for r in prov["fitted"]["risk(delta=0.2)"])
     assert all(r["reads_outcomes"] for r in prov["fitted"]["peek(q=0.5)"])  # through fit_needs
+    assert all(r["reads_outcomes"] for r in prov["fitted"]["peek2(q=0.5)"])  # through needs
     assert not any(r["reads_outcomes"] for r in prov["fitted"]["budget(mean_steps=2.5)"])
 
     def strict(c):
@@ -322,7 +326,7 @@ def test_no_cross_fitted_choice_for_a_rule_whose_fit_reads_the_answers(demo_run)
     t = summary["tasks"]["loop_demo_mc"]
     saved = {r["strategy"]: r["crossfit"] for r in t["saved"]}
     reason = "its fit reads the calibration documents' scores"
-    assert saved["risk"]["refused"] == saved["peek"]["refused"] == reason
+    assert saved["risk"]["refused"] == saved["peek"]["refused"] == saved["peek2"]["refused"] == reason
     assert saved["risk"]["saved"] is None and "refused" not in saved["budget"]
     assert saved["budget"]["saved"] is not None
     assert (t["headline"] or {}).get("strategy") != "risk"

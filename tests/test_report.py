@@ -306,3 +306,11 @@ def test_compare_does_not_pair_a_metric_that_is_not_a_mean_over_documents():
     assert paired(a, b, "ppl", "word_perplexity", "fixed(step=1)", "replay", 50, 0) is None
     a, b = run(0.5, [0.0, 1.0]), run(2 / 3, [0.0, 1.0, 1.0])  # a mean: paired on the shared two
     assert paired(a, b, "ppl", "word_perplexity", "fixed(step=1)", "replay", 50, 0)[:4] == (0.0, 0.0, 0.0, 2)
+    # tasks.sample: doc_id i is the file's document indices[i]; two seeds share files 5 and 7
+    a, b = run(0.5, [1.0, 0.0, 1.0]), run(1 / 3, [0.0, 1.0, 0.0])
+    a["provenance"] = {"tasks": {"ppl": {"how": "sample", "indices": [3, 5, 7]}}}
+    b["provenance"] = {"tasks": {"ppl": {"how": "sample", "indices": [5, 7, 9]}}}
+    a["metrics"].loc[0, "value"], b["metrics"].loc[0, "value"] = 2 / 3, 1 / 3
+    d, lo, hi, n, va, vb, na, nb = paired(a, b, "ppl", "word_perplexity", "fixed(step=1)", "replay", 50, 0)
+    assert (n, na, nb) == (2, 3, 3) and va == vb == 0.5 and d == 0.0  # files 5, 7: (0, 1) in both
+    # (paired on doc_id it was three "shared" documents and B - A = -1/3)

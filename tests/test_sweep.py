@@ -374,3 +374,26 @@ def test_demo_recipe_end_to_end_on_the_demo_model(tmp_path, monkeypatch):
     for f in ("report.html", "plots/loop_demo_mc_acc_vs_flops.png", "plots/loop_demo_mc_by_difficulty.png",
               "plots/loop_demo_gen_acc_vs_flops.png"):
         assert (out / f).is_file(), f
+
+
+def test_the_requests_key_is_content_not_where_the_files_are(lab, tmp_path):
+    """A copied or touched task folder (same documents) keeps every stored setting's key:
+    the task config's paths and its datasets cache name (made from file mtimes) are left out."""
+    import shutil
+
+    from ouro_lab.keys import requests_hash
+    from ouro_lab.tasks import TaskSet
+
+    def key(folder):
+        ts = TaskSet(names=["tiny_mc", "tiny_gen"], include_path=[str(folder)], limit=8)
+        return [requests_hash(ts, n) for n in ("tiny_mc", "tiny_gen")]
+
+    here = key(lab / "tasks")
+    shutil.copytree(lab / "tasks", tmp_path / "moved")
+    for f in (tmp_path / "moved").rglob("*.jsonl"):
+        os.utime(f, (f.stat().st_atime + 100, f.stat().st_mtime + 100))
+    assert key(tmp_path / "moved") == here
+    f = tmp_path / "moved" / "tiny_gen" / "test.jsonl"
+    f.write_text(f.read_text().replace('"answer": "', '"answer": "x', 1))  # one answer: a new key
+    moved = key(tmp_path / "moved")
+    assert moved[0] == here[0] and moved[1] != here[1]
