@@ -311,9 +311,10 @@ def _saved(samples, rep, task, metric, full, tol, B, seed, mode, folds=(2, 0), f
         res = stats.compute_saved(*args, idx, tolerance=tol, full_tokens=tok.loc[full_row].to_numpy(float))
         recs = [x for n in names for x in (fitted or {}).get(n, []) if x.get("task") == task]
         unknown = any("reads_outcomes" not in x for x in recs)  # a run recorded before it was
-        few = len(docs) < folds[0]  # some fold empty: a choice made on nothing
-        if few or unknown or any(x["reads_outcomes"] for x in recs):
-            why = (f"{len(docs)} documents for {folds[0]} calibration folds" if few else
+        empty = folds[0] - len(np.unique(fold))  # folds without documents: a choice made on nothing
+        if empty or unknown or any(x["reads_outcomes"] for x in recs):
+            why = (f"{empty} of {folds[0]} calibration folds hold none of the {len(docs)} documents"
+                   if empty else
                    "its run did not record whether its fit reads the calibration documents' scores; rerun "
                    "the sweep" if unknown else "its fit reads the calibration documents' scores")
             cf = {"refused": why, "saved": np.nan, "delta": np.nan, "ci_low": np.nan, "ci_high": np.nan,

@@ -69,6 +69,12 @@ def headline(task: str, t: dict, tol: float) -> str:
     if not h:
         if t.get("withdrawn") == "baseline_broken":
             return f"{task}: no claim: full depth scores {full}, at or below chance."
+        claims = [r for r in t.get("saved") or [] if r["kind"] != "select" and r["chosen"] and r["saved"] > 0]
+        if claims and all((r.get("crossfit") or {}).get("refused") for r in claims):  # not "no saving"
+            best = max(claims, key=lambda r: r["saved"])
+            return (f"{task}: no cross-fitted figure ({best['crossfit']['refused']}); in sample, "
+                    f"{best['chosen']} saves {_pct(best['saved'])}% of the FLOPs per token for "
+                    f"{_pct(best['delta'], sc, True)} {_unit(t, 2)} of {words} against full depth ({full}).")
         return (f"{task}: no strategy saves compute within {tol:g} {_unit(t, tol)} of full depth "
                 f"({words} {full}).")
     how = "replayed from the full-depth trace" if h["mode"] == "replay" else "run live (real early exit)"

@@ -279,17 +279,23 @@ def cross_fit(setting: Setting, trace, fold, folds: int, seed: int = 0, outcomes
 
 
 def check_folds(recipe: Recipe, src: RecipeSource, settings: list[Setting], taskset) -> None:
-    """Calibrating rules are fitted per task on the other folds of its documents: refuse
-    more folds than a replayed task has documents (some copy would be fitted on every
-    document, or on none). Without such rules a small run is fine: the report then gives
-    no cross-fitted figure for a task with fewer documents than folds."""
+    """Calibrating rules are fitted per task on the other folds of its documents: refuse a
+    replayed task whose folds (a seeded hash of each document, `stats.doc_folds`) leave
+    one empty (some copy would be fitted on every document, or decide for none). Without
+    such rules a small run is fine: the report then gives no cross-fitted figure."""
     from ouro_lab.lm import LL_TYPES
+    from ouro_lab.stats import doc_folds
 
     if not any(s.fitted for s in settings):
         return
-    folds = recipe.calibration.folds
+    folds, seed = recipe.calibration.folds, recipe.calibration.seed
     for name in taskset.names_of("multiple_choice", *LL_TYPES):
         docs = taskset.selection(name)["documents"]
+        empty = folds - len(set(doc_folds([name] * docs, range(docs), folds, seed).tolist()))
+        if empty and folds <= docs:
+            raise RecipeError([src.error(("calibration", "folds"), f"{folds} folds of task {name}'s {docs} "
+                                         f"documents leave {empty} empty (calibration.seed {seed}); use "
+                                         "fewer folds, another calibration.seed, or more documents")])
         if folds > docs:
             raise RecipeError([src.error(("calibration", "folds"), f"{folds} folds, but task {name} has "
                                          f"{docs} documents; use at most {docs} folds, or more documents "

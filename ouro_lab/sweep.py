@@ -551,7 +551,7 @@ def _summary(summary: dict, run_dir: Path) -> None:
                         f"{r['saved'] * 100:.1f}%" if r["chosen"] else "-",
                         f"[{r['ci_low'] * 100:.1f}, {r['ci_high'] * 100:.1f}]",
                         "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}",
-                        ("none (too few documents)" if "documents for" in cf["refused"] else
+                        ("none (empty folds)" if "hold none of the" in cf["refused"] else
                          "none (not recorded)" if "did not record" in cf["refused"] else
                          "none (fit reads outcomes)") if cf.get("refused") else
                         f"{cf.get('saved', 0) * 100:.1f}% ({cf.get('delta', 0) * sc:+.2f})" if cf else "-",

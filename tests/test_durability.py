@@ -610,9 +610,20 @@ def test_validate_checks_the_output_folder_and_the_folds_as_the_sweep_does(lab, 
     plain.write_text(MC_ONLY.replace("ckpt", str(lab / "ckpt")).replace("[tasks]", f"[{lab / 'tasks'}]"))
     code, text = cli("sweep", plain, "calibration.folds=5", "tasks.limit=3", "--out", tmp_path / "few")
     assert code == 0, text[-2000:]
+    from ouro_lab.stats import doc_folds
+
+    empty = 5 - len(set(doc_folds(["tiny_mc"] * 3, range(3), 5, 0).tolist()))
     saved = json.loads((tmp_path / "few" / "summary.json").read_text())["tasks"]["tiny_mc"]["saved"]
     assert {r["crossfit"].get("refused") for r in saved if r["kind"] != "select"} == {
-        "3 documents for 5 calibration folds"}
+        f"{empty} of 5 calibration folds hold none of the 3 documents"}
+    # folds are a seeded hash of each document: enough documents can still leave a fold empty
+    # (all 4 of tiny_mc's first documents fall in one of 3 folds); a calibrating rule is refused
+    folds = doc_folds(["tiny_mc"] * 4, range(4), 3, 0).tolist()
+    assert len(set(folds)) < 3
+    code, text = cli("validate", lab / "r.yaml", "calibration.folds=3", "tasks.limit=4")
+    errors = _lines(text, "error: ")
+    want = f"3 folds of task tiny_mc's 4 documents leave {3 - len(set(folds))} empty (calibration.seed 0)"
+    assert code == 2 and len(errors) == 1 and want in errors[0], text
 
 
 @pytest.mark.slow

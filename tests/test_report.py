@@ -314,3 +314,20 @@ def test_compare_does_not_pair_a_metric_that_is_not_a_mean_over_documents():
     d, lo, hi, n, va, vb, na, nb = paired(a, b, "ppl", "word_perplexity", "fixed(step=1)", "replay", 50, 0)
     assert (n, na, nb) == (2, 3, 3) and va == vb == 0.5 and d == 0.0  # files 5, 7: (0, 1) in both
     # (paired on doc_id it was three "shared" documents and B - A = -1/3)
+
+
+def test_headline_when_every_cross_fitted_figure_is_refused():
+    """Six documents in eight folds: the table had in-sample savings, the headline said
+    "no strategy saves compute"; it now says why there is no cross-fitted figure."""
+    from ouro_lab.report_page import headline
+
+    why = "3 of 8 calibration folds hold none of the 6 documents"
+    row = {"strategy": "threshold", "chosen": "threshold(q=0.3)", "kind": "skip", "saved": 0.332,
+           "delta": 0.0, "crossfit": {"refused": why}}
+    t = {"scale": 100.0, "metric_words": "accuracy", "full": 1.0, "mode": "replay", "headline": None,
+         "saved": [row, {**row, "strategy": "oracle", "kind": "select"}]}
+    assert headline("t", t, 1.0) == (f"t: no cross-fitted figure ({why}); in sample, threshold(q=0.3) "
+                                     "saves 33.2% of the FLOPs per token for +0.0 points of accuracy against "
+                                     "full depth (100.0%).")
+    t["saved"][0] = {**row, "crossfit": {"saved": 0.1}}  # a figure exists: the usual sentence
+    assert headline("t", t, 1.0).startswith("t: no strategy saves compute within 1 point")
