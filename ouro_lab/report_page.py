@@ -153,6 +153,9 @@ def _saved_table(task, t, summary) -> Table:
                      "the other calibration folds and scored on each held-out fold (the headline's figure; "
                      "the headline's pick among the strategies compared is made on these same documents). "
                      "Intervals repeat the choice on every resample of documents (paired across settings). "
+                     "Cross-fitted \"none\": the rule's fit reads the calibration documents' answers "
+                     "(its claim is the certified table), a calibration fold holds no documents, or the run "
+                     "did not record what its fit reads. "
                      + REPLAY_ASSUMES)
     if t.get("withdrawn"):  # a broken baseline: no saving against it is claimed (see the warning)
         tab.note = "No claim: full depth scores at or below chance. " + tab.note
@@ -170,13 +173,19 @@ def _saved_table(task, t, summary) -> Table:
                          (_pct(r["delta"], sc, signed=True), _v(r["delta"])),
                          (f"{_pct(cf.get('saved'))}% [{_pct(cf.get('ci_low'))}, {_pct(cf.get('ci_high'))}]",
                           _v(cf.get("saved", np.nan))) if not cf.get("refused") else
-                         ("none: " + cf["refused"] + (" (see the certified table)" if t.get("certified")
-                                                      and "fit reads" in cf["refused"] else ""), None),
+                         (_refused(cf["refused"]), None),
                          (_pct(cf.get("delta"), sc, signed=True), _v(cf.get("delta", np.nan)))
                          if not cf.get("refused") else ("-", None)])
         tab.keys.append(r["chosen"] or r["strategy"])  # the key its warnings carry
         tab.strategies.append(r["strategy"])
     return tab
+
+
+def _refused(why: str) -> str:
+    """A refused cross-fitted figure, in a few words (the table's note says the rest)."""
+    if "hold none of the" in why:
+        return "none: empty folds"
+    return "none: not recorded" if "did not record" in why else "none: fit reads the answers"
 
 
 def _certified_table(task, t) -> Table | None:
