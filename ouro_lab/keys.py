@@ -31,7 +31,7 @@ def requests_hash(taskset, task: str) -> str:
     filters, targets). Made once per task set."""
     from ouro_lab.scoring import scorer_for
 
-    memo = taskset.__dict__.setdefault("_requests_hash", {})
+    memo = taskset.request_keys
     if task not in memo:
         config = dict(taskset.tasks[task].dump_config())
         # where the files are (paths, a cache named by their mtimes) is not what they hold:
@@ -41,8 +41,11 @@ def requests_hash(taskset, task: str) -> str:
                                     if k not in ("cache_dir", "data_files", "data_dir")}
         config["metadata"] = {k: v for k, v in (config.get("metadata") or {}).items() if k != "config_source"}
         config = json.dumps(config, sort_keys=True, default=_stable)
+        # the requests a Scorer already built (the trace pass's, every loglikelihood task), else its own
+        scorer = next((sc for names, sc in taskset.scorers.items() if task in names), None)
+        scorer = scorer or scorer_for(taskset, [task])
         memo[task] = content_hash(config, [(i.doc_id, i.idx, i.request_type, repr(i.arguments), repr(i.doc))
-                                           for i in scorer_for(taskset, [task]).instances[task]])
+                                           for i in scorer.instances[task]])
     return memo[task]
 
 

@@ -205,7 +205,8 @@ def _speed(m) -> list[dict]:
     if not len(full):
         return []
     f = full.iloc[0]
-    return [{"setting": r.setting, "value": float(r.value), "decode_s": float(r.decode_s_per_token),
+    return [{"setting": r.setting, "kind": str(r.get("kind", "")), "value": float(r.value),
+             "decode_s": float(r.decode_s_per_token),
              "prefill_s": float(r.prefill_s_per_token),
              "speedup": f.decode_s_per_token / r.decode_s_per_token,
              "flops_saved": 1 - r.flops_executed_per_token / f.flops_executed_per_token,
@@ -275,6 +276,12 @@ def _headline(t: dict, tol: float) -> dict | None:
                           if best["chosen"] else None)}
 
 
+# why a cross-fitted figure is refused (`empty_folds` names its counts)
+REFUSED = {"not_recorded": "its run did not record whether its fit reads the calibration documents' scores; "
+                           "rerun the sweep",
+           "reads_answers": "its fit reads the calibration documents' scores"}
+
+
 def _saved(samples, rep, task, metric, full, tol, B, seed, mode, folds=(2, 0), fitted=None) -> list[dict]:
     """Per strategy: the cheapest setting within tolerance in sample (`stats.compute_saved`)
     and cross-fitted over the calibration folds (`crossfit`), each setting's FLOPs over its
@@ -297,6 +304,7 @@ def _saved(samples, rep, task, metric, full, tol, B, seed, mode, folds=(2, 0), f
     full_row = full.setting
     if full_row not in val.index:
         return []
+    empty = folds[0] - len(np.unique(fold))  # folds without documents: a choice made on nothing
     out = []
     for strat, d in rep.groupby("strategy", sort=False):
         if strat == "fixed" and len(d) == 1:
@@ -311,14 +319,13 @@ def _saved(samples, rep, task, metric, full, tol, B, seed, mode, folds=(2, 0), f
         res = stats.compute_saved(*args, idx, tolerance=tol, full_tokens=tok.loc[full_row].to_numpy(float))
         recs = [x for n in names for x in (fitted or {}).get(n, []) if x.get("task") == task]
         unknown = any("reads_outcomes" not in x for x in recs)  # a run recorded before it was
-        empty = folds[0] - len(np.unique(fold))  # folds without documents: a choice made on nothing
-        if empty or unknown or any(x["reads_outcomes"] for x in recs):
-            why = (f"{empty} of {folds[0]} calibration folds hold none of the {len(docs)} documents"
-                   if empty else
-                   "its run did not record whether its fit reads the calibration documents' scores; rerun "
-                   "the sweep" if unknown else "its fit reads the calibration documents' scores")
-            cf = {"refused": why, "saved": np.nan, "delta": np.nan, "ci_low": np.nan, "ci_high": np.nan,
-                  "chosen": []}
+        code = ("empty_folds" if empty else "not_recorded" if unknown else
+                "reads_answers" if any(x["reads_outcomes"] for x in recs) else None)
+        if code:
+            why = (REFUSED[code] if code != "empty_folds" else
+                   f"{empty} of {folds[0]} calibration folds hold none of the {len(docs)} documents")
+            cf = {"refused": why, "refused_code": code, "saved": np.nan, "delta": np.nan, "ci_low": np.nan,
+                  "ci_high": np.nan, "chosen": []}
         else:
             cf = stats.compute_saved_crossfit(*args, fold, idx, tolerance=tol,
                                               full_tokens=tok.loc[full_row].to_numpy(float))

@@ -173,7 +173,7 @@ def _saved_table(task, t, summary) -> Table:
                          (_pct(r["delta"], sc, signed=True), _v(r["delta"])),
                          (f"{_pct(cf.get('saved'))}% [{_pct(cf.get('ci_low'))}, {_pct(cf.get('ci_high'))}]",
                           _v(cf.get("saved", np.nan))) if not cf.get("refused") else
-                         (_refused(cf["refused"]), None),
+                         ("none: " + refused_words(cf), None),
                          (_pct(cf.get("delta"), sc, signed=True), _v(cf.get("delta", np.nan)))
                          if not cf.get("refused") else ("-", None)])
         tab.keys.append(r["chosen"] or r["strategy"])  # the key its warnings carry
@@ -181,11 +181,13 @@ def _saved_table(task, t, summary) -> Table:
     return tab
 
 
-def _refused(why: str) -> str:
-    """A refused cross-fitted figure, in a few words (the table's note says the rest)."""
-    if "hold none of the" in why:
-        return "none: empty folds"
-    return "none: not recorded" if "did not record" in why else "none: fit reads the answers"
+REFUSED_WORDS = {"empty_folds": "empty folds", "not_recorded": "not recorded",
+                 "reads_answers": "fit reads the answers"}
+
+
+def refused_words(cf: dict) -> str:
+    """Why a cross-fitted figure is refused, in a few words (the table's note says the rest)."""
+    return REFUSED_WORDS.get(cf.get("refused_code"), "refused")
 
 
 def _certified_table(task, t) -> Table | None:

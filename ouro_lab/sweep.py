@@ -534,7 +534,7 @@ def _summary(summary: dict, run_dir: Path) -> None:
     wrap, never cut), then where the run folder and the report are."""
     from rich.table import Table
 
-    from ouro_lab.report_page import headline
+    from ouro_lab.report_page import headline, refused_words
 
     console = stdout_console()
     for task, t in summary["tasks"].items():
@@ -551,15 +551,13 @@ def _summary(summary: dict, run_dir: Path) -> None:
                         f"{r['saved'] * 100:.1f}%" if r["chosen"] else "-",
                         f"[{r['ci_low'] * 100:.1f}, {r['ci_high'] * 100:.1f}]",
                         "-" if r["chosen"] is None else f"{r['delta'] * sc:+.2f}",
-                        ("none (empty folds)" if "hold none of the" in cf["refused"] else
-                         "none (not recorded)" if "did not record" in cf["refused"] else
-                         "none (fit reads outcomes)") if cf.get("refused") else
+                        f"none ({refused_words(cf)})" if cf.get("refused") else
                         f"{cf.get('saved', 0) * 100:.1f}% ({cf.get('delta', 0) * sc:+.2f})" if cf else "-",
                         "; ".join(w["code"] for w in summary["warnings"]
                                   if w["task"] == task and w["setting"] == (r["chosen"] or r["strategy"])))
         console.print(tab)
         for r in t.get("speed") or []:
-            if r["setting"].startswith("speculative("):  # lossless: its saving is time, not FLOPs
+            if r.get("kind") == "speculative":  # lossless: its saving is time, not FLOPs
                 log(console, f"{r['setting']}: output identical to full depth; measured decode speed-up "
                              f"{r['speedup']:.2f}x over full-depth live decoding, "
                              f"{r['acceptance'] * 100:.0f}% of drafts accepted, "

@@ -127,6 +127,7 @@ class TaskSet:
     task_dict: dict = field(init=False, repr=False)
     samples: dict | None = field(init=False, repr=False, default=None)  # task -> file indices
     scorers: dict = field(init=False, repr=False, default_factory=dict)  # scoring.Scorer cache
+    request_keys: dict = field(init=False, repr=False, default_factory=dict)  # keys.requests_hash cache
 
     def __post_init__(self):
         _offline_env()
