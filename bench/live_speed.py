@@ -6,17 +6,20 @@
 
 For every batch (1, 8) and prompt length (128, 2048) the prompt is prefilled once into a
 static cache (one row, expanded to the batch), then each method decodes `--tokens` tokens
-from it, methods interleaved and repeated `--reps` times (medians; these machines are
-noisy): plain `model.generate` at full depth, live decoding with every token exiting at
+from it: plain `model.generate` at full depth, live decoding with every token exiting at
 step k = 1 .. R-1 under `copy` and `last`, and live decoding at full depth. The cache is
-rolled back to the prompt between runs, so every run decodes the same positions.
+rolled back to the prompt between runs, so every run decodes the same positions. All
+methods of one batch, both prompt lengths, run once per rep, in an order reversed every
+other rep, `--reps` reps. These machines are noisy, so every ratio is paired: taken per
+rep between runs made side by side, then the median over reps (min-max printed as `runs`).
 
 Printed per case: decode tokens/s, the measured speed-up over `generate`, the ideal
 speed-up (the FLOPs ratio at the mean decode context, LM head included:
 `ModelCost.token_flops(R, ctx) / token_flops(k, ctx)`) and measured / ideal. Then:
 live at full depth over `generate`; per-token decode time at the longest prompt over the
-shortest; mixed depth at the widest batch (rows alternating step 1 and full depth, decoded in
-ticks: measured speed-up over the FLOPs ratio of the tokens made); self-speculative
+shortest, beside the FLOPs ratio (attending to a longer context is real work); mixed depth
+at the widest batch (rows alternating step 1 and full depth, decoded in ticks: measured
+speed-up over the FLOPs ratio of the tokens made); self-speculative
 decoding (drafts at step 1 or 2, 1-4 per round, verified at full depth) over plain greedy
 on the demo generation task, its output checked identical. The last line is the worst
 measured / ideal over the uniform early-exit cases (k = 1 .. R-1, both policies, every
@@ -104,52 +107,71 @@ def methods(model, caches, prompt_len: int, batch: int, tokens: int, ks: list[in
 
 
 def time_interleaved(fns: dict, reps: int, device: str) -> dict[str, list[float]]:
+    """Every method once per rep, the order reversed every other rep (a method's place in the
+    order, e.g. right after the heaviest one, averages out). Returns name -> seconds per rep."""
     for fn in fns.values():  # warm-up
         fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    times: dict = {name: [] for name in fns}
+    names = list(fns)
+    for rep in range(reps):
+        for name in (names if rep % 2 == 0 else names[::-1]):
             sync(device)
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return times
 
 
-def bench_case(model, batch: int, prompt_len: int, args, ks: list[int]) -> tuple[list[dict], float, float]:
-    """Rows of one (batch, prompt) case; also generate's and full-depth live's s/token."""
+def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """a / b per rep (runs side by side, so slow drift of the machine cancels): median, min, max."""
+    r = [x / y for x, y in zip(a, b, strict=True)]
+    return statistics.median(r), min(r), max(r)
+
+
+def bench_batch(model, batch: int, prompt_lens: list[int], args, ks: list[int]) -> tuple[list[dict], dict]:
+    """Rows of every prompt length at one batch, all methods of all lengths timed interleaved.
+    Also {prompt: (generate's s/token, full-depth live / generate)} and the per-rep ratios of
+    decode time at the longest prompt over the shortest."""
     cost = ModelCost.from_config(model.config)
     R = model.config.total_ut_steps
-    g = torch.Generator().manual_seed(prompt_len)
-    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(model.device)
-    capacity = prompt_len + args.tokens + 2
-    caches = {shared: prefilled(model, prompt, batch, capacity, shared) for shared in (False, True)}
-    fns = methods(model, caches, prompt_len, batch, args.tokens, ks)
+    fns = {}
+    for prompt_len in prompt_lens:
+        g = torch.Generator().manual_seed(prompt_len)
+        prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(model.device)
+        capacity = prompt_len + args.tokens + 2
+        caches = {shared: prefilled(model, prompt, batch, capacity, shared) for shared in (False, True)}
+        for name, fn in methods(model, caches, prompt_len, batch, args.tokens, ks).items():
+            fns[(prompt_len, name)] = fn
     times = time_interleaved(fns, args.reps, args.device)
-    med = {name: statistics.median(ts) / args.tokens for name, ts in times.items()}
-    spread = {name: (min(ts) / args.tokens, max(ts) / args.tokens) for name, ts in times.items()}
-    ctx = prompt_len + 1 + args.tokens / 2  # mean keys attended while decoding
-    rows = []
-    for name in med:
-        if name == "generate" or "full depth" in name:
-            continue
-        k = int(name.split("=")[1])
-        speedup = med["generate"] / med[name]
-        ideal = cost.token_flops(R, ctx) / cost.token_flops(k, ctx)
-        rows.append({"batch": batch, "prompt": prompt_len, "method": name, "tok_s": batch / med[name],
-                     "speedup": speedup, "ideal": ideal, "ratio": speedup / ideal,
-                     "spread": (med["generate"] / spread[name][1], med["generate"] / spread[name][0])})
-    full = next(n for n in med if "full depth" in n)
-    print(f"  batch {batch}, prompt {prompt_len}: generate {batch / med['generate']:.1f} tok/s "
-          f"({med['generate'] * 1e3:.1f} ms/token, runs {spread['generate'][0] * 1e3:.1f}-"
-          f"{spread['generate'][1] * 1e3:.1f}); live at full depth / generate: "
-          f"{med[full] / med['generate']:.3f}", flush=True)
-    for r in rows:
-        print(f"    {r['method']:<8} {r['tok_s']:8.1f} tok/s  speed-up {r['speedup']:5.2f}x "
-              f"(runs {r['spread'][0]:.2f}-{r['spread'][1]:.2f})  ideal {r['ideal']:5.2f}x  "
-              f"measured/ideal {r['ratio']:.3f}", flush=True)
-    return rows, med["generate"], med[full]
+    full_name = f"copy k={R} (full depth)"
+    rows, summary = [], {}
+    for prompt_len in prompt_lens:
+        gen = times[(prompt_len, "generate")]
+        med = statistics.median(gen) / args.tokens
+        full = paired(times[(prompt_len, full_name)], gen)
+        summary[prompt_len] = (med, full[0])
+        lo, hi = min(gen) / args.tokens * 1e3, max(gen) / args.tokens * 1e3
+        print(f"  batch {batch}, prompt {prompt_len}: generate {batch / med:.1f} tok/s ({med * 1e3:.1f} "
+              f"ms/token, runs {lo:.1f}-{hi:.1f}); live at full depth / generate: {full[0]:.3f} "
+              f"(runs {full[1]:.3f}-{full[2]:.3f})", flush=True)
+        ctx = prompt_len + 1 + args.tokens / 2  # mean keys attended while decoding
+        for (p, name), ts in times.items():
+            if p != prompt_len or name == "generate" or name == full_name:
+                continue
+            k = int(name.split("=")[1])
+            speedup, lo, hi = paired(gen, ts)
+            ideal = cost.token_flops(R, ctx) / cost.token_flops(k, ctx)
+            rows.append({"batch": batch, "prompt": prompt_len, "method": name, "ratio": speedup / ideal})
+            print(f"    {name:<8} {batch * args.tokens / statistics.median(ts):8.1f} tok/s  speed-up "
+                  f"{speedup:5.2f}x (runs {lo:.2f}-{hi:.2f})  ideal {ideal:5.2f}x  measured/ideal "
+                  f"{speedup / ideal:.3f}", flush=True)
+    if len(prompt_lens) > 1:
+        lo, hi = prompt_lens[0], prompt_lens[-1]
+        summary["growth"] = {m: paired(times[(hi, m)], times[(lo, m)]) for m in ("generate", full_name)}
+        summary["flops_growth"] = cost.token_flops(R, hi + 1 + args.tokens / 2) / cost.token_flops(
+            R, lo + 1 + args.tokens / 2)
+    return rows, summary
 
 
 class AlternateRows(ExitStrategy):
@@ -190,8 +212,8 @@ def bench_mixed(model, batch: int, prompt_len: int, args) -> dict:
 
     for run in runs.values():  # warm-up
         decode(run)
-    for _ in range(args.reps):
-        for name, run in runs.items():
+    for rep in range(args.reps):
+        for name, run in (runs.items() if rep % 2 == 0 else list(runs.items())[::-1]):
             sync(args.device)
             t0 = time.perf_counter()
             tokens, flops = decode(run)
@@ -233,9 +255,9 @@ def bench_speculation(args) -> None:
     for k, n in settings:
         texts, recs = fns[(k, n)]()
         acc = sum(r["accepted"] for r in recs) / max(sum(r["drafted"] for r in recs), 1)
-        ts = times[(k, n)]
-        print(f"  draft step {k}, {n} tokens/round: speed-up {base / statistics.median(ts):.2f}x "
-              f"(runs {base / max(ts):.2f}-{base / min(ts):.2f}), drafts accepted {acc:.0%}, "
+        speedup, lo, hi = paired(times["plain"], times[(k, n)])
+        print(f"  draft step {k}, {n} tokens/round: speed-up {speedup:.2f}x "
+              f"(runs {lo:.2f}-{hi:.2f}), drafts accepted {acc:.0%}, "
               f"identical output: {'yes' if texts == plain else 'NO'}", flush=True)
 
 
@@ -248,39 +270,38 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompts", default="128,2048")
     ap.add_argument("--tokens", type=int, default=8, help="decode tokens per timed run")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=6, help="reps (even: each order as often)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
     ap.add_argument("--no-speculation", action="store_true", help="skip the demo speculation part")
-    ap.add_argument("--quick", action="store_true", help="batch 1, prompt 128, k=1, 3 reps")
+    ap.add_argument("--quick", action="store_true", help="batch 1, prompt 128, k=1, 2 reps")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("live_speed: --device cuda but no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.batches, args.prompts, args.reps = "1", "128", 3
+        args.batches, args.prompts, args.reps = "1", "128", 2
     model = build_model(args.shape, getattr(torch, args.dtype), args.device)
     R = model.config.total_ut_steps
     ks = [1] if args.quick else list(range(1, R))
     print(f"live_speed: shape {args.shape}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
           f"{args.tokens} tokens x {args.reps} runs per method (medians)", flush=True)
-    rows, per_token = [], {}
+    rows, summaries = [], {}
+    prompt_lens = sorted(map(int, args.prompts.split(",")))
     for batch in map(int, args.batches.split(",")):
-        for prompt_len in map(int, args.prompts.split(",")):
-            case, gen, full = bench_case(model, batch, prompt_len, args, ks)
-            rows += case
-            per_token[(batch, prompt_len)] = (gen, full)
+        case, summaries[batch] = bench_batch(model, batch, prompt_lens, args, ks)
+        rows += case
     print("goals: measured/ideal >= 0.9 at batch 1, >= 0.85 at batch 8; full depth <= 1.05x generate; "
           "decode time at the longest prompt <= 1.3x the shortest")
-    for batch in sorted({b for b, _ in per_token}):
-        lens = sorted(p for b, p in per_token if b == batch)
+    for batch, summ in summaries.items():
         worst = min(r["ratio"] for r in rows if r["batch"] == batch)
-        full = max(per_token[(batch, p)][1] / per_token[(batch, p)][0] for p in lens)
+        full = max(summ[p][1] for p in prompt_lens)
         line = f"  batch {batch}: worst measured/ideal {worst:.3f}; full depth / generate (worst) {full:.3f}"
-        if len(lens) > 1:
-            (g0, f0), (g1, f1) = per_token[(batch, lens[0])], per_token[(batch, lens[-1])]
-            line += (f"; decode time prompt {lens[-1]} / {lens[0]}: generate {g1 / g0:.2f}x, "
-                     f"live full depth {f1 / f0:.2f}x")
+        if "growth" in summ:
+            g, f = summ["growth"].values()
+            line += (f"; decode time prompt {prompt_lens[-1]} / {prompt_lens[0]}: generate {g[0]:.2f}x "
+                     f"(runs {g[1]:.2f}-{g[2]:.2f}), live full depth {f[0]:.2f}x "
+                     f"(runs {f[1]:.2f}-{f[2]:.2f}); FLOPs per token {summ['flops_growth']:.2f}x")
         print(line, flush=True)
     widest = max(map(int, args.batches.split(",")))
     if not args.quick and widest > 1:

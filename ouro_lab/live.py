@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,6 +42,7 @@ from ouro_lab import distributed
 from ouro_lab.cache import KVCache
 from ouro_lab.errors import OuroLabError
 from ouro_lab.flops import ModelCost
+from ouro_lab.generation import Generation
 from ouro_lab.strategy import HEAD_SIGNALS, Signals, allowed_signals, decide_checked, expand_needs
 from ouro_lab.trace import head_signals, unit_results
 
@@ -120,12 +122,17 @@ class _RowSignals:
 
 class LiveBatch:
     """The decoding state of B rows: the static KV cache, each row's token in flight and
-    the compute counters (B,) on the CPU: `flops`, `flops_used`, `steps_executed`,
-    `readouts` (LM-head projections), `tokens` (tokens decoded), `fed` (tokens fed).
+    the compute counters (B,) numpy arrays: `flops`, `flops_used`, `steps_executed`,
+    `readouts` (LM-head projections), `tokens` (tokens decoded), `fed` (tokens fed). A
+    token's compute joins the counters when it finishes.
 
     `tick(rows, tokens)` starts new tokens in idle rows and runs one loop step for every
     busy row; `step(tokens, alive)` feeds one token per alive row and ticks until all have
-    exited. `capacity` preallocates the cache for that many tokens per row (it grows if full)."""
+    exited. `capacity` preallocates the cache for that many tokens per row (it grows if full).
+
+    The per-row bookkeeping is numpy, not torch: a tick makes a few dozen operations on
+    (B,) arrays, each ~1 us in numpy and 5-10 us as a CPU tensor, which at one loop step
+    per tick was most of the gap to the ideal speed-up (`bench/live_speed.py`)."""
 
     def __init__(self, model, strategy=None, kv_policy: str = "copy", steps: int | None = None,
                  batch: int = 1, seed: int = 0, row_ids=None, capacity: int = 0):
@@ -146,19 +153,16 @@ class LiveBatch:
         self.B, self.seed = batch, seed
         # stable ids of the rows' requests: randomized rules draw per (request, token), so
         # the same slot in two batches does not repeat the same draws
-        self.row_ids = torch.arange(batch) if row_ids is None else torch.as_tensor(row_ids).long().clone()
+        self.row_ids = np.arange(batch) if row_ids is None else np.array(row_ids, dtype=np.int64)
         for name in COUNTERS:
-            setattr(self, name, torch.zeros(batch, dtype=torch.float64 if "flops" in name else torch.long))
-        # the token in flight in each row (CPU): next step to run (-1: idle), cache column,
-        # decided exit (-1: not yet), readout wanted, draw index, keys attended, step cost,
-        # and the counters when it started
-        self.next_step = torch.full((batch,), -1, dtype=torch.long)
-        long = dict(dtype=torch.long)
-        self.col, self.exit_at = torch.zeros(batch, **long), torch.full((batch,), -1)
-        self.want, self.index = torch.zeros(batch, dtype=torch.bool), torch.zeros(batch, **long)
-        self.ctx_len, self.step_cost = torch.zeros(batch, **long), torch.zeros(batch, dtype=torch.float64)
-        self.at_start = {k: torch.zeros_like(getattr(self, k))
-                         for k in ("flops", "flops_used", "steps_executed", "readouts")}
+            setattr(self, name, np.zeros(batch, dtype=np.float64 if "flops" in name else np.int64))
+        # the token in flight in each row: next step to run (-1: idle), cache column, decided
+        # exit (-1: not yet), readout wanted, draw index, keys attended, cost of one step,
+        # steps run and LM-head readouts made so far
+        self.next_step, self.exit_at = np.full(batch, -1), np.full(batch, -1)
+        self.col, self.index, self.ctx_len = (np.zeros(batch, dtype=np.int64) for _ in range(3))
+        self.want, self.step_cost = np.zeros(batch, dtype=bool), np.zeros(batch)
+        self.ran, self.read = np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64)
         H, hd = cfg.hidden_size, cfg.head_dim
         self.h = torch.zeros(batch, 1, H, dtype=model.dtype, device=dev)
         self.cos, self.sin = (torch.zeros(batch, 1, hd, dtype=model.dtype, device=dev) for _ in range(2))
@@ -167,13 +171,13 @@ class LiveBatch:
         self.sig = _RowSignals(self.needs, self.R, batch, dev) if self.needs else None
         self.states: Tensor | None = None  # (R, B, H) per-step states, when `step` keeps them
 
-    def start(self, rows: Tensor, request_ids) -> None:
+    def start(self, rows, request_ids) -> None:
         """Empty `rows` for new requests: cache rows, counters, draw ids."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        self.cache.reset(rows)
+        rows = _np(rows)
+        self.cache.reset(torch.from_numpy(rows))
         for name in COUNTERS:
             getattr(self, name)[rows] = 0
-        self.row_ids[rows] = torch.as_tensor(request_ids, dtype=torch.long)
+        self.row_ids[rows] = np.asarray(request_ids, dtype=np.int64)
 
     def record(self, row: int) -> dict:
         """The compute counters of one row (its request since `start`)."""
@@ -187,15 +191,14 @@ class LiveBatch:
         if ids.shape[1] == 0:
             return
         self.model(ids.to(self.model.device), mask, self.R, None, self.cache, rows)
-        rows = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long)
-        lengths = mask.sum(1).cpu()
-        flops = torch.tensor([self.cost.sequence_flops(int(n), self.R, readouts=0) for n in lengths],
-                             dtype=torch.float64)
-        self.flops[rows] += flops
-        self.flops_used[rows] += flops
-        self.steps_executed[rows] += lengths * self.R
-        self.tokens[rows] += lengths
-        self.fed[rows] += lengths
+        at = slice(None) if rows is None else _np(rows)
+        lengths = mask.sum(1).cpu().numpy()
+        flops = np.array([self.cost.sequence_flops(int(n), self.R, readouts=0) for n in lengths])
+        self.flops[at] += flops
+        self.flops_used[at] += flops
+        self.steps_executed[at] += lengths * self.R
+        self.tokens[at] += lengths
+        self.fed[at] += lengths
 
     def _start_tokens(self, rows: Tensor, tokens: Tensor, targets: Tensor | None,
                       readout: Tensor | None) -> None:
@@ -205,18 +208,17 @@ class LiveBatch:
                             "which decoding does not know; it can only be replayed")
         dev, every = self.model.device, len(rows) == self.B
         x, ctx = self.model.prepare(tokens.to(dev)[:, None], None, None, self.cache, None if every else rows)
-        sel, at = (slice(None), slice(None)) if every else (rows, rows.to(dev))
+        sel, at = (slice(None), slice(None)) if every else (rows.numpy(), rows.to(dev))
         self.h[at], self.cos[at], self.sin[at] = x, ctx.cos, ctx.sin
         self.tgt[at] = -1 if targets is None else targets.to(dev).long()
         self.logp[at] = math.nan
-        self.col[sel], self.next_step[sel], self.exit_at[sel] = ctx.cols, 0, -1
-        self.want[sel] = True if readout is None else readout.bool()
+        self.col[sel], self.next_step[sel], self.exit_at[sel] = ctx.cols.numpy(), 0, -1
+        self.want[sel] = True if readout is None else readout.numpy().astype(bool)
         self.index[sel] = self.row_ids[sel] * 1_000_003 + self.fed[sel]
-        self.ctx_len[sel] = self.cache.next_pos[at].cpu()  # keys the token attends to, itself included
+        self.ctx_len[sel] = self.cache.next_pos[at].cpu().numpy()  # keys attended, the token's own included
         self.step_cost[sel] = (self.cost.layer_flops + self.cost.gate_flops
-                               + self.cost.attn_flops_per_ctx * self.ctx_len[sel].double())
-        for k, v in self.at_start.items():
-            v[sel] = getattr(self, k)[sel]
+                               + self.cost.attn_flops_per_ctx * self.ctx_len[sel])
+        self.ran[sel], self.read[sel] = 0, 0
         if self.sig is not None:
             self.sig.start(at)
 
@@ -225,50 +227,60 @@ class LiveBatch:
              readout: Tensor | None = None) -> dict | None:
         """Start `tokens` in idle `rows` (CPU, sorted; `targets`, `readout` (m,) optional),
         then run one loop step for every busy row. Returns None if no row was busy, else
-        {busy: rows that ran (CPU), done: rows whose token finished (CPU), exit: their
-        0-based exit steps, steps / flops / flops_used: what each finished token cost}.
+        {busy: rows that ran, done: rows whose token finished, exit: their 0-based exit
+        steps, steps / flops / flops_used: what each finished token cost} (CPU tensors).
         A finished row's exit log-probs (readout rows) are in `self.logp`."""
         if rows is not None and len(rows):
             self._start_tokens(rows, tokens, targets, readout)
-        busy = (self.next_step >= 0).nonzero()[:, 0]
+        busy = np.flatnonzero(self.next_step >= 0)
         if not len(busy):
             return None
         model, dev, R = self.model, self.model.device, self.R
         every = len(busy) == self.B  # then slices, not index tensors: the lockstep case stays cheap
-        sel, at = (slice(None), slice(None)) if every else (busy, busy.to(dev))
-        steps = self.next_step[sel]
+        sel = slice(None) if every else busy
+        busy_t = torch.from_numpy(busy)
+        at = slice(None) if every else busy_t.to(dev)
+        steps = self.next_step[sel].copy()
         uniform = bool((steps == steps[0]).all())
-        ctx = self.cache.context(self.cos[at], self.sin[at], busy, self.col[sel], None if uniform else steps)
+        ctx = self.cache.context(self.cos[at], self.sin[at], busy_t, torch.from_numpy(self.col[busy]),
+                                 None if uniform else torch.from_numpy(steps))
         h = model.loop_step(self.h[at], int(steps[0]), ctx)
         if every:
             self.h = h
         else:
             self.h[at] = h
-        self.flops[sel] += self.step_cost[sel]
-        self.steps_executed[sel] += 1
+        self.ran[sel] += 1
+        steps_t = None
+        if self.states is not None or self.sig is not None:
+            steps_t = torch.from_numpy(steps).to(dev)
         if self.states is not None:
-            self.states[steps.to(dev), busy.to(dev)] = h[:, 0]
+            self.states[steps_t, busy_t.to(dev)] = h[:, 0]
         logp = None
         if self.sig is not None:
             tgt = None if not self.needs & TARGET_SIGNALS else self.tgt[at]
-            logp = self.sig.add(model, busy.to(dev), steps.to(dev), h[:, 0], tgt)
+            logp = self.sig.add(model, busy_t.to(dev), steps_t, h[:, 0], tgt)
         if logp is not None:
-            self.readouts[sel] += 1
-            self.flops[sel] += self.cost.head_flops
+            self.read[sel] += 1
         self._decide_all(busy, steps, h[:, 0], logp, uniform)
-        done = (self.exit_at[sel] >= 0) & ((steps == R - 1) | (self.policy != "full"))
+        done = self.exit_at[sel] >= 0
+        if self.policy == "full":  # every token runs every step; the exit only picks the prediction
+            done &= steps == R - 1
         finished = busy[done]
         self.next_step[sel] += 1
         self.next_step[finished] = -1
-        return self._finish(busy, finished)
+        return self._finish(busy_t, finished)
 
-    def _decide_all(self, busy: Tensor, steps: Tensor, h: Tensor, logp: Tensor | None, uniform: bool) -> None:
+    def _decide_all(self, busy: np.ndarray, steps: np.ndarray, h: Tensor, logp: Tensor | None,
+                    uniform: bool) -> None:
         """Exit decisions of the busy rows that have not exited, grouped by their step."""
         undecided = self.exit_at[busy] < 0
-        lockstep = uniform and bool(undecided.all())  # one group: every busy row at one step
-        for r in [int(steps[0])] if lockstep else steps[undecided].unique().tolist():
-            pos = torch.arange(len(busy)) if lockstep else (undecided & (steps == r)).nonzero()[:, 0]
-            rows = busy if lockstep else busy[pos]  # positions among busy, their rows
+        if uniform and undecided.all():  # one group: every busy row at one step
+            groups = [(int(steps[0]), np.arange(len(busy)))]
+        else:
+            groups = [(int(r), np.flatnonzero(undecided & (steps == r))) for r in np.unique(steps[undecided])]
+        dev = self.model.device
+        for r, pos in groups:
+            rows = busy[pos]  # positions among busy, their rows
             stop = self._decide(r, rows)
             new, new_pos = rows[stop], pos[stop]
             if not len(new):
@@ -276,45 +288,54 @@ class LiveBatch:
             self.exit_at[new] = r
             want = self.want[new]
             if want.any():
-                rd, pd = new[want].to(self.model.device), new_pos[want].to(self.model.device)
+                rd, pd = torch.from_numpy(new[want]).to(dev), torch.from_numpy(new_pos[want]).to(dev)
                 self.logp[rd] = logp[pd] if logp is not None else self._read_head(new[want], h[pd])
 
-    def _decide(self, r: int, rows: Tensor) -> Tensor:
-        """(len(rows),) CPU bool: which of `rows` (all at step r) exit there (the last step always)."""
+    def _decide(self, r: int, rows: np.ndarray) -> np.ndarray:
+        """(len(rows),) bool: which of `rows` (all at step r) exit there (the last step always)."""
         if r == self.R - 1 or self.strategy is None:
-            return torch.full((len(rows),), r == self.R - 1, dtype=torch.bool)
-        dev, at = self.model.device, slice(None) if len(rows) == self.B else rows
-        ids = self.index[at].to(dev)
-        data = self.sig.upto(r, rows.to(dev)) if self.sig is not None else {}
-        s = Signals(data, self.R, ids, ids, self.seed, self.ctx_len[at].to(dev), self.cost,
-                    len(rows)).only(self.allowed)
-        return decide_checked(self.strategy, s, r).cpu()  # the contract, as replay enforces it
+            return np.full(len(rows), r == self.R - 1)
+        dev = self.model.device
+        ids = torch.from_numpy(self.index[rows]).to(dev)
+        data = self.sig.upto(r, torch.from_numpy(rows).to(dev)) if self.sig is not None else {}
+        s = Signals(data, self.R, ids, ids, self.seed, torch.from_numpy(self.ctx_len[rows]).to(dev),
+                    self.cost, len(rows)).only(self.allowed)
+        return decide_checked(self.strategy, s, r).cpu().numpy()  # the contract, as replay enforces it
 
-    def _read_head(self, rows: Tensor, h: Tensor) -> Tensor:
+    def _read_head(self, rows: np.ndarray, h: Tensor) -> Tensor:
         """The exit step's log-probs of `rows` (a readout only where a prediction is wanted)."""
-        self.readouts[rows] += 1
-        self.flops[rows] += self.cost.head_flops
+        self.read[rows] += 1
         return F.log_softmax(self.model.lm_head(h).float(), dim=-1)
 
-    def _finish(self, busy: Tensor, rows: Tensor) -> dict:
-        """Finished tokens: `copy` fills their deeper slots; "used" FLOPs (what replay
-        charges: steps up to the exit and the rule's readouts there; under `full` the
-        executed count also has the steps after) and token counts."""
-        at = slice(None) if len(rows) == self.B else rows  # all rows: slices, not index tensors
+    def _finish(self, busy: Tensor, rows: np.ndarray) -> dict:
+        """Finished tokens: `copy` fills their deeper slots; their compute joins the
+        counters: executed (steps run, readouts made) and "used" (what replay charges: steps
+        up to the exit and the rule's readouts there; under `full` the executed count also
+        has the steps after) FLOPs, steps and token counts."""
+        if not len(rows):
+            none = torch.zeros(0, dtype=torch.long)
+            return {"busy": busy, "done": none, "exit": none, "flops": none.double(),
+                    "flops_used": none.double(), "steps": none}
+        at = slice(None) if len(rows) == self.B else rows  # all rows: slices, not index arrays
         exit_step = self.exit_at[at]
-        if self.policy == "copy" and len(rows) and int(exit_step.min()) < self.R - 1:
-            for e in exit_step[exit_step < self.R - 1].unique().tolist():
+        if self.policy == "copy" and int(exit_step.min()) < self.R - 1:
+            for e in np.unique(exit_step[exit_step < self.R - 1]).tolist():
                 pick = rows[exit_step == e]
-                self.cache.copy_deeper(e, pick, self.col[pick])
-        need = (self.strategy.readouts(exit_step) if self.strategy is not None
-                else self.readouts[at] - self.at_start["readouts"][at])
-        used = (exit_step + 1).double() * self.step_cost[at] + need.double() * self.cost.head_flops
+                self.cache.copy_deeper(e, torch.from_numpy(pick), torch.from_numpy(self.col[pick]))
+        ran, read, cost = self.ran[at], self.read[at], self.step_cost[at]
+        need = (self.strategy.readouts(torch.from_numpy(exit_step)).numpy() if self.strategy is not None
+                else read)
+        flops = ran * cost + read * self.cost.head_flops
+        used = (exit_step + 1) * cost + need * self.cost.head_flops
+        self.flops[at] += flops
         self.flops_used[at] += used
+        self.steps_executed[at] += ran
+        self.readouts[at] += read
         self.tokens[at] += 1
         self.fed[at] += 1
-        return {"busy": busy, "done": rows, "exit": exit_step,
-                **{k: getattr(self, k)[at] - self.at_start[k][at] for k in ("flops", "flops_used")},
-                "steps": self.steps_executed[at] - self.at_start["steps_executed"][at]}
+        return {"busy": busy, "done": torch.from_numpy(rows), "exit": torch.from_numpy(exit_step.copy()),
+                "flops": torch.from_numpy(flops), "flops_used": torch.from_numpy(used),
+                "steps": torch.from_numpy(ran.copy())}
 
     @torch.no_grad()
     def step(self, tokens: Tensor, alive: Tensor, targets: Tensor | None = None,
@@ -347,100 +368,9 @@ class LiveBatch:
         return res
 
 
-def _left_pad(seqs: list[list[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
-    T = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for j, s in enumerate(seqs):
-        if s:
-            ids[j, T - len(s):] = torch.tensor(s)
-            mask[j, T - len(s):] = 1
-    return ids, mask
-
-
-class Generation:
-    """Greedy generation of many prompts on a batch of rows (continuous batching).
-
-    Rows take prompts in order; a row stops at its first `until` string (the text is cut
-    there), at `eos_token_id` or after `max_new_tokens` predictions, and the next prompt
-    takes it. `texts` and `records` (per prompt) fill as rows finish; wall time is
-    measured apart for prefill (each call shared by its prompt tokens) and decode (each
-    tick shared by the rows it ran)."""
-
-    def __init__(self, tokenizer, prompts: list[list[int]], rows: int, until, max_new_tokens: int,
-                 eos_token_id: int | None, request_ids=None):
-        self.tok, self.prompts, self.B = tokenizer, prompts, rows
-        self.ids = list(range(len(prompts))) if request_ids is None else list(request_ids)
-        self.until = [u for u in (until or []) if u]
-        self.max_new, self.eos = max_new_tokens, eos_token_id
-        self.queue = list(range(len(prompts)))[::-1]  # next prompt last
-        self.owner = [-1] * rows  # prompt held by each row (-1: free)
-        self.gen: list[list[int]] = [[] for _ in prompts]
-        self.texts = [""] * len(prompts)
-        self.records: list[dict] = [{"tokens": 0, "steps_used": 0, "prefill_seconds": 0.0,
-                                     "decode_seconds": 0.0, "prefill_tokens": 0} for _ in prompts]
-        self.cur = torch.zeros(rows, dtype=torch.long)  # the token each row feeds next
-
-    def admit(self, run: LiveBatch) -> list[int]:
-        """Free rows take the next prompts: all but their last token prefilled at full depth
-        in one left-padded pass. Returns the rows."""
-        free = [b for b in range(self.B) if self.owner[b] < 0][:len(self.queue)]
-        if not free:
-            return []
-        take = [(b, self.queue.pop()) for b in free]
-        for b, i in take:
-            self.owner[b] = i
-            self.cur[b] = self.prompts[i][-1]
-        run.start(torch.tensor(free), [self.ids[i] for _, i in take])
-        t0 = time.perf_counter()
-        ids, mask = _left_pad([self.prompts[i][:-1] for _, i in take])  # prompts come longest first
-        run.prefill(ids, mask, None if len(take) == self.B else torch.tensor(free))
-        n, dt = max(int(mask.sum()), 1), time.perf_counter() - t0
-        for b, i in take:  # the call's time shared by prompt tokens
-            self.records[i]["prefill_seconds"] += dt * (len(self.prompts[i]) - 1) / n
-            self.records[i]["prefill_tokens"] += len(self.prompts[i]) - 1
-            self.records[i]["_prefill"] = run.record(b)
-        return free
-
-    def charge(self, rows: Tensor, seconds: float) -> None:
-        """A tick's decode time, shared by the rows it ran."""
-        for b in rows.tolist():
-            self.records[self.owner[b]]["decode_seconds"] += seconds / len(rows)
-
-    def emit(self, b: int, tokens: list[int], steps_per_token: int = 0) -> bool:
-        """Row b's new tokens (greedy predictions in order), each kept one charged
-        `steps_per_token` steps used; those after a stop are dropped. Returns True when it stopped."""
-        i = self.owner[b]
-        rec = self.records[i]
-        for t in tokens:
-            if rec["tokens"] >= self.max_new:  # max_new_tokens 0: nothing is kept
-                return True
-            rec["tokens"] += 1
-            rec["steps_used"] += steps_per_token
-            if self.eos is not None and t == self.eos:
-                return True
-            self.gen[i].append(t)
-            text = self.tok.decode(self.gen[i], skip_special_tokens=True)
-            cut = min((text.find(u) for u in self.until if u in text), default=-1)
-            self.texts[i] = text[:cut] if cut >= 0 else text
-            if cut >= 0 or rec["tokens"] >= self.max_new:
-                return True
-        self.cur[b] = tokens[-1] if tokens else self.cur[b]
-        return False
-
-    def finish(self, b: int, run: LiveBatch) -> None:
-        """Row b's prompt is done: its compute counters join its record and the row is free."""
-        i = self.owner[b]
-        rec, now = self.records[i], run.record(b)
-        pre = rec.pop("_prefill")
-        rec.update(flops=now["flops"], flops_decode=now["flops"] - pre["flops"],
-                   flops_used_decode=now["flops_used"] - pre["flops_used"],
-                   steps_executed=int(now["steps_executed"] - pre["steps_executed"]),
-                   seconds=rec["prefill_seconds"] + rec["decode_seconds"])
-        self.owner[b] = -1
-
-    def active(self) -> bool:
-        return bool(self.queue) or any(o >= 0 for o in self.owner)
+def _np(rows) -> np.ndarray:
+    """Row indices (a CPU tensor, list or array) as an int64 numpy array."""
+    return rows.numpy() if isinstance(rows, Tensor) else np.asarray(rows, dtype=np.int64)
 
 
 @torch.no_grad()

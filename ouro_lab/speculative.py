@@ -32,7 +32,8 @@ import time
 import torch
 from torch import Tensor
 
-from ouro_lab.live import Generation, LiveBatch
+from ouro_lab.generation import Generation
+from ouro_lab.live import LiveBatch
 
 
 def _draft(run: LiveBatch, cur: Tensor, alive: Tensor, D: int):
@@ -64,11 +65,11 @@ def _verify(run: LiveBatch, fed: Tensor, states: Tensor, exits: Tensor, rows: Te
             h = model.loop_step(h, r, ctx)
         n, T = fed[rows].shape
         ctx_len = (run.cache.next_pos[rows.to(dev)].cpu()[:, None] - T + 1 + torch.arange(T)).double()
-        run.flops[rows] += (R - m) * (T * (run.cost.layer_flops + run.cost.gate_flops)
-                                      + run.cost.attn_flops_per_ctx * ctx_len.sum(1))
-        run.steps_executed[rows] += (R - m) * T
-    run.flops[rows] += fed.shape[1] * run.cost.head_flops
-    run.readouts[rows] += fed.shape[1]
+        run.flops[rows.numpy()] += ((R - m) * (T * (run.cost.layer_flops + run.cost.gate_flops)
+                                               + run.cost.attn_flops_per_ctx * ctx_len.sum(1))).numpy()
+        run.steps_executed[rows.numpy()] += (R - m) * T
+    run.flops[rows.numpy()] += fed.shape[1] * run.cost.head_flops
+    run.readouts[rows.numpy()] += fed.shape[1]
     return model.lm_head(h).argmax(-1).cpu()
 
 
