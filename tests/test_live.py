@@ -95,6 +95,53 @@ def test_policies_differ_in_compute_and_slots(env):
         assert not torch.equal(runs["full"].cache.kv[(R - 1, i)][0], runs["full"].cache.kv[(0, i)][0])
 
 
+@pytest.mark.parametrize("policy", ["full", "copy", "last"])
+def test_counters_are_the_cost_of_what_each_token_ran(env, policy):
+    """Rows exiting at different steps, decoded in ticks: each row's counters are the sum over
+    its tokens of steps run x (layer + gate + attention at the token's context) + readouts x
+    LM head, and the per-token results `tick` returns add up to them."""
+    import torch
+
+    from ouro_lab.live import LiveBatch
+    from ouro_lab.strategy import ExitStrategy
+
+    R = env["trace"].steps
+
+    class ByRow(ExitStrategy):  # row b exits at step b mod R (LiveBatch.index = row id * 1_000_003 + fed)
+        needs = ()
+
+        def decide(self, s, r):
+            return (s.index // 1_000_003) % R <= r
+
+    B, T = R + 1, 3
+    run = LiveBatch(env["model"], ByRow(), policy, batch=B)
+    ids = torch.arange(5, 5 + B * T).view(B, T)
+    fed, summed = [0] * B, {k: [0.0] * B for k in ("flops", "flops_used", "steps")}
+    ready = list(range(B))
+    while True:
+        rows = torch.tensor([b for b in ready if fed[b] < T], dtype=torch.long)
+        out = run.tick(rows, ids[rows, [fed[b] for b in rows.tolist()]] if len(rows) else None)
+        for b in rows.tolist():
+            fed[b] += 1
+        if out is None:
+            break
+        ready = out["done"].tolist()
+        for j, b in enumerate(ready):
+            for k in summed:
+                summed[k][b] += float(out[k][j])
+    cost = run.cost
+    for b in range(B):
+        exit_step = b % R
+        ran = R if policy == "full" else exit_step + 1
+        flops = sum(cost.token_flops(ran, t + 1, readouts=1) for t in range(T))
+        used = sum(cost.token_flops(exit_step + 1, t + 1, readouts=1) for t in range(T))
+        assert run.steps_executed[b] == T * ran == summed["steps"][b]
+        assert run.readouts[b] == T and run.tokens[b] == T == run.fed[b]
+        assert run.flops[b] == pytest.approx(flops, rel=1e-12) == summed["flops"][b]
+        assert run.flops_used[b] == pytest.approx(used, rel=1e-12) == summed["flops_used"][b]
+    assert (run.next_step == -1).all()  # every row idle at the end
+
+
 def test_live_generate_without_exit_is_greedy_generate(env):
     """No strategy: live decoding (parallel prefill, then token by token over a padded
     batch) produces the model's own greedy continuation."""
