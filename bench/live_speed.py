@@ -297,7 +297,8 @@ def main(argv=None) -> None:
     R = model.config.total_ut_steps
     ks = [1] if args.quick else list(range(1, R))
     print(f"live_speed: shape {args.shape}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
-          f"{args.tokens} tokens x {args.reps} runs per method (medians)", flush=True)
+          f"{args.tokens} tokens x {args.reps} runs per method (ratios of the fastest runs; per-rep "
+          "medians beside)", flush=True)
     rows, summaries = [], {}
     prompt_lens = sorted(map(int, args.prompts.split(",")))
     for batch in map(int, args.batches.split(",")):

@@ -143,6 +143,7 @@ class LiveBatch:
                             "composed from the fixed-step runs per document and cannot decode")
         self.model, self.strategy, self.policy = model, strategy, kv_policy
         cfg, dev = model.config, model.device
+        self.dev = dev
         self.R = steps or cfg.total_ut_steps
         self.cost = ModelCost.from_config(cfg)
         self.needs = expand_needs(strategy.needs) if strategy is not None else set()
@@ -170,6 +171,11 @@ class LiveBatch:
         self.logp = torch.full((batch, cfg.vocab_size), math.nan, device=dev)  # exit log-probs
         self.sig = _RowSignals(self.needs, self.R, batch, dev) if self.needs else None
         self.states: Tensor | None = None  # (R, B, H) per-step states, when `step` keeps them
+        # the attention context of the last tick, reused while the same rows run at one step
+        # and no token has started (a token's ticks all attend at the same columns)
+        self._ctx_key: bytes | None = None
+        self._ctx = None
+        self._none = torch.zeros(0, dtype=torch.long)
 
     def start(self, rows, request_ids) -> None:
         """Empty `rows` for new requests: cache rows, counters, draw ids."""
@@ -206,7 +212,8 @@ class LiveBatch:
         if self.needs & TARGET_SIGNALS and targets is None:
             raise LiveError(f"strategy {type(self.strategy).__module__} reads the target token, "
                             "which decoding does not know; it can only be replayed")
-        dev, every = self.model.device, len(rows) == self.B
+        dev, every = self.dev, len(rows) == self.B
+        self._ctx_key = None
         x, ctx = self.model.prepare(tokens.to(dev)[:, None], None, None, self.cache, None if every else rows)
         sel, at = (slice(None), slice(None)) if every else (rows.numpy(), rows.to(dev))
         self.h[at], self.cos[at], self.sin[at] = x, ctx.cos, ctx.sin
@@ -235,15 +242,20 @@ class LiveBatch:
         busy = np.flatnonzero(self.next_step >= 0)
         if not len(busy):
             return None
-        model, dev, R = self.model, self.model.device, self.R
+        model, dev, R = self.model, self.dev, self.R
         every = len(busy) == self.B  # then slices, not index tensors: the lockstep case stays cheap
         sel = slice(None) if every else busy
         busy_t = torch.from_numpy(busy)
         at = slice(None) if every else busy_t.to(dev)
         steps = self.next_step[sel].copy()
         uniform = bool((steps == steps[0]).all())
-        ctx = self.cache.context(self.cos[at], self.sin[at], busy_t, torch.from_numpy(self.col[busy]),
-                                 None if uniform else torch.from_numpy(steps))
+        key = busy.tobytes() if uniform else None
+        if key is not None and key == self._ctx_key and self.cache is self._ctx.cache:
+            ctx = self._ctx
+        else:
+            ctx = self.cache.context(self.cos[at], self.sin[at], busy_t, torch.from_numpy(self.col[busy]),
+                                     None if uniform else torch.from_numpy(steps))
+            self._ctx_key, self._ctx = key, ctx
         h = model.loop_step(self.h[at], int(steps[0]), ctx)
         if every:
             self.h = h
@@ -278,7 +290,7 @@ class LiveBatch:
             groups = [(int(steps[0]), np.arange(len(busy)))]
         else:
             groups = [(int(r), np.flatnonzero(undecided & (steps == r))) for r in np.unique(steps[undecided])]
-        dev = self.model.device
+        dev = self.dev
         for r, pos in groups:
             rows = busy[pos]  # positions among busy, their rows
             stop = self._decide(r, rows)
@@ -295,7 +307,7 @@ class LiveBatch:
         """(len(rows),) bool: which of `rows` (all at step r) exit there (the last step always)."""
         if r == self.R - 1 or self.strategy is None:
             return np.full(len(rows), r == self.R - 1)
-        dev = self.model.device
+        dev = self.dev
         ids = torch.from_numpy(self.index[rows]).to(dev)
         data = self.sig.upto(r, torch.from_numpy(rows).to(dev)) if self.sig is not None else {}
         s = Signals(data, self.R, ids, ids, self.seed, torch.from_numpy(self.ctx_len[rows]).to(dev),
@@ -313,7 +325,7 @@ class LiveBatch:
         up to the exit and the rule's readouts there; under `full` the executed count also
         has the steps after) FLOPs, steps and token counts."""
         if not len(rows):
-            none = torch.zeros(0, dtype=torch.long)
+            none = self._none
             return {"busy": busy, "done": none, "exit": none, "flops": none.double(),
                     "flops_used": none.double(), "steps": none}
         at = slice(None) if len(rows) == self.B else rows  # all rows: slices, not index arrays
@@ -354,7 +366,8 @@ class LiveBatch:
         exit_step = torch.full((self.B,), self.R - 1, dtype=torch.long)
         out = self.tick(rows, tokens.cpu()[rows], pick(targets), pick(readout))
         while out is not None:
-            exit_step[out["done"]] = out["exit"]
+            if len(out["done"]):
+                exit_step[out["done"]] = out["exit"]
             out = self.tick()
         logp = torch.where(alive.to(self.logp.device)[:, None], self.logp, math.nan)
         res = {"exit": exit_step, "logp": logp}
