@@ -148,12 +148,13 @@ class KVCache:
         them (None: none). Returns the first column of each row (n,) CPU."""
         n, T = real.shape
         starts = self.lengths[rows]
-        need = int(starts.max()) + T
+        st, rs = starts.tolist(), rows.tolist()  # plain ints: cheaper than tensor ops per token
+        need = max(st) + T
         if need > self.capacity:
             self._grow(max(need, 2 * self.capacity))
-        a = int(rows[0])
-        if bool((starts == starts[0]).all()) and int(rows[-1]) - a + 1 == n:
-            c = int(starts[0])
+        a = rs[0]
+        if st.count(st[0]) == n and rs[-1] - a + 1 == n:
+            c = st[0]
             self.real[a:a + n, c:c + T] = real
         else:
             dev = real.device

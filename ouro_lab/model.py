@@ -17,6 +17,7 @@ scaling other than the default, dropout, training-time tricks.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -119,11 +120,18 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
+    """RoPE's inverse frequencies (head_dim/2,), made once per shape and device (decoding
+    asks for them every token)."""
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whatever mode asks first
+        exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim
+        return 1.0 / (theta ** exponents)
+
+
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """Default RoPE tables for integer positions (B, T) -> cos, sin (B, T, head_dim)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
-                                              dtype=torch.int64).float() / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    freqs = positions.float()[..., None] * _inv_freq(head_dim, theta, positions.device)  # (B, T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -302,9 +310,12 @@ class OuroForCausalLM(nn.Module):
         if position_ids is None:
             start = (torch.zeros(B, dtype=torch.long, device=dev) if cache is None else
                      cache.next_pos if rows is None else cache.next_pos[rows.to(dev)])
-            counts = real.long().cumsum(-1)
-            position_ids = start[:, None] + (counts - 1).clamp(min=0)
-            pos_next = start + real.sum(1)
+            if attention_mask is None:  # every token real: positions run on from `start`
+                position_ids, pos_next = start[:, None] + torch.arange(T, device=dev), start + T
+            else:
+                counts = real.long().cumsum(-1)
+                position_ids = start[:, None] + (counts - 1).clamp(min=0)
+                pos_next = start + real.sum(1)
         else:
             pos_next = position_ids[:, -1] + 1
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
