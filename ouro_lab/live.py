@@ -160,7 +160,7 @@ class LiveBatch:
         # the token in flight in each row: next step to run (-1: idle), cache column, decided
         # exit (-1: not yet), readout wanted, draw index, keys attended, cost of one step,
         # steps run and LM-head readouts made so far
-        self.next_step, self.exit_at = np.full(batch, -1), np.full(batch, -1)
+        self.next_step, self.exit_at = np.full(batch, -1, dtype=np.int64), np.full(batch, -1, dtype=np.int64)
         self.col, self.index, self.ctx_len = (np.zeros(batch, dtype=np.int64) for _ in range(3))
         self.want, self.step_cost = np.zeros(batch, dtype=bool), np.zeros(batch)
         self.ran, self.read = np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64)
@@ -180,6 +180,7 @@ class LiveBatch:
     def start(self, rows, request_ids) -> None:
         """Empty `rows` for new requests: cache rows, counters, draw ids."""
         rows = _np(rows)
+        self._ctx_key = None  # the cache's rows change under any reused context
         self.cache.reset(torch.from_numpy(rows))
         for name in COUNTERS:
             getattr(self, name)[rows] = 0
@@ -196,6 +197,7 @@ class LiveBatch:
         the last step's K/V remain."""
         if ids.shape[1] == 0:
             return
+        self._ctx_key = None
         self.model(ids.to(self.model.device), mask, self.R, None, self.cache, rows)
         at = slice(None) if rows is None else _np(rows)
         lengths = mask.sum(1).cpu().numpy()
@@ -280,7 +282,7 @@ class LiveBatch:
         finished = busy[done]
         self.next_step[sel] += 1
         self.next_step[finished] = -1
-        return self._finish(busy_t, finished)
+        return self._finish(busy_t.clone(), finished)  # a copy: the context keeps busy_t
 
     def _decide_all(self, busy: np.ndarray, steps: np.ndarray, h: Tensor, logp: Tensor | None,
                     uniform: bool) -> None:
