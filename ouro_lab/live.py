@@ -5,7 +5,9 @@ each row at its own step (the steps share their weights, so rows at different st
 one matmul; each reads and writes its own KV slot). After its step a row's strategy reads
 the signals of steps 0..r (`decide_checked(strategy, signals, r)`: the call replay makes,
 with the same contract checks); a row whose token exits starts its next token in the next
-tick. So a batch of mixed depths costs its rows' own steps, not its deepest row's.
+tick. So a batch of mixed depths costs its rows' own steps, not its deepest row's. Rows in
+lockstep under a rule that reads no signals run the steps before its `earliest()` promise
+(`fixed` k: k - 1; full depth: R - 1) in one tick, as plain decoding would.
 
 An exited token never computes its deeper steps, yet later tokens attend to its KV at
 those steps; `kv_policy` says what they see:
@@ -43,7 +45,7 @@ from ouro_lab.cache import KVCache
 from ouro_lab.errors import OuroLabError
 from ouro_lab.flops import ModelCost
 from ouro_lab.generation import Generation
-from ouro_lab.strategy import HEAD_SIGNALS, Signals, allowed_signals, decide_checked, expand_needs
+from ouro_lab.strategy import HEAD_SIGNALS, Signals, allowed_signals, decide_checked, earliest, expand_needs
 from ouro_lab.trace import head_signals, unit_results
 
 KV_POLICIES = ("full", "copy", "last")
@@ -147,6 +149,8 @@ class LiveBatch:
         self.R = steps or cfg.total_ut_steps
         self.cost = ModelCost.from_config(cfg)
         self.needs = expand_needs(strategy.needs) if strategy is not None else set()
+        # the first step any token may stop at: the rule's promise (`earliest`); full depth: the last
+        self.first_exit = self.R - 1 if strategy is None else min(earliest(strategy), self.R - 1)
         self.allowed = allowed_signals(strategy) if strategy is not None else frozenset()
         # allocated for all B rows now (a first call for some rows must not size it); grows if full
         self.cache = KVCache(shared=kv_policy == "last", steps=self.R).allocate(cfg, batch, capacity or 16,
@@ -258,17 +262,25 @@ class LiveBatch:
             ctx = self.cache.context(self.cos[at], self.sin[at], busy_t, torch.from_numpy(self.col[busy]),
                                      None if uniform else torch.from_numpy(steps))
             self._ctx_key, self._ctx = key, ctx
-        h = model.loop_step(self.h[at], int(steps[0]), ctx)
+        # rows in lockstep under a rule that reads no signals and promises no stop before step
+        # e (`earliest`) run their steps up to e back to back: one tick, no decisions between
+        first = last = int(steps[0])
+        if uniform and self.sig is None and self.first_exit > first and bool((self.exit_at[busy] < 0).all()):
+            last = self.first_exit
+        h = self.h[at]
+        for r in range(first, last + 1):
+            h = model.loop_step(h, r, ctx)
+            if self.states is not None:  # each row's state after the step it ran
+                self.states[r if uniform else torch.from_numpy(steps).to(dev), busy_t.to(dev)] = h[:, 0]
         if every:
             self.h = h
         else:
             self.h[at] = h
-        self.ran[sel] += 1
+        self.ran[sel] += last - first + 1
+        steps += last - first  # the step each row ran last
         steps_t = None
-        if self.states is not None or self.sig is not None:
+        if self.sig is not None:
             steps_t = torch.from_numpy(steps).to(dev)
-        if self.states is not None:
-            self.states[steps_t, busy_t.to(dev)] = h[:, 0]
         logp = None
         if self.sig is not None:
             tgt = None if not self.needs & TARGET_SIGNALS else self.tgt[at]
@@ -280,7 +292,7 @@ class LiveBatch:
         if self.policy == "full":  # every token runs every step; the exit only picks the prediction
             done &= steps == R - 1
         finished = busy[done]
-        self.next_step[sel] += 1
+        self.next_step[sel] = steps + 1
         self.next_step[finished] = -1
         return self._finish(busy_t.clone(), finished)  # a copy: the context keeps busy_t
 

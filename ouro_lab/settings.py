@@ -228,7 +228,7 @@ def cross_fit(setting: Setting, trace, fold, folds: int, seed: int = 0, outcomes
     import torch
 
     from ouro_lab.scoring import _unit_meta
-    from ouro_lab.strategy import ExitStrategy, decide_checked, expand_needs, fit_checked
+    from ouro_lab.strategy import ExitStrategy, decide_checked, earliest, expand_needs, fit_checked
 
     meta = _unit_meta(trace)
     tasks = sorted({u[0] for u in meta})
@@ -269,6 +269,9 @@ def cross_fit(setting: Setting, trace, fold, folds: int, seed: int = 0, outcomes
 
         def readouts(self, exit_step):
             return base.readouts(exit_step)
+
+        def earliest(self):
+            return min(earliest(s) for s in fitted.values()) if fitted else 0
 
         def fitted_records(self):
             return records

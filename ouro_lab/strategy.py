@@ -191,6 +191,12 @@ class ExitStrategy:
     def params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
+    def earliest(self) -> int:
+        """Optional: the first step (0-based) at which `decide` may stop any token. Live
+        decoding runs the steps before it back to back without asking; replay checks the
+        promise (a stop before it is a contract error). Default 0: no promise."""
+        return 0
+
     def readouts(self, exit_step: Tensor) -> Tensor:
         """LM-head readouts each token needs (N,): one per checked step for rules that
         read the head, else one (the emitted prediction)."""
@@ -259,7 +265,18 @@ def decide_checked(strategy, s: Signals, r: int) -> Tensor:
         src, label = origin(strategy)
         raise ContractError(f"{src}: {label}: decide(s, r={r}) must return an (N,) bool tensor "
                             f"(N = {s.n}), got {_what(d)}; e.g. `return s.exit_cdf[r] >= self.q`")
+    first = earliest(strategy)
+    if r < first and bool(d.any()):
+        src, label = origin(strategy)
+        raise ContractError(f"{src}: {label}: decide(s, r={r}) stopped tokens before step {first}, the "
+                            f"earliest() it promises (live decoding would not ask); lower earliest()")
     return d
+
+
+def earliest(strategy) -> int:
+    """The strategy's `earliest()` promise (0 when it makes none), as an int >= 0."""
+    fn = getattr(strategy, "earliest", None)
+    return max(int(fn()), 0) if callable(fn) else 0
 
 
 def fit_checked(strategy, calibration: Signals) -> None:

@@ -20,3 +20,6 @@ class Strategy(ExitStrategy):
 
     def decide(self, s: Signals, r: int) -> Tensor:
         return torch.full((s.n,), r + 1 >= self.step, dtype=torch.bool)
+
+    def earliest(self) -> int:  # no token stops before step k: live decoding runs them back to back
+        return self.step - 1

@@ -79,6 +79,14 @@ BROKEN = {
     def decide(self, s: Signals, r: int):
         return s.exit_cdf[r] >= 0.5
 ''', "fit_raises(): fit(calibration) raised ValueError: no budget"),
+    "breaks_promise": ('''    needs: ClassVar[tuple[str, ...]] = ("gate",)
+
+    def earliest(self) -> int:  # promises no stop before step 2 (0-based)
+        return 2
+
+    def decide(self, s: Signals, r: int):
+        return s.exit_cdf[r] >= 0.0
+''', "breaks_promise(): decide(s, r=0) stopped tokens before step 2, the earliest() it promises"),
     "peeks_ahead": ('''    needs: ClassVar[tuple[str, ...]] = ("gate",)
     _deepest: ClassVar[dict] = {}
 

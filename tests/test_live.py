@@ -142,6 +142,44 @@ def test_counters_are_the_cost_of_what_each_token_ran(env, policy):
     assert (run.next_step == -1).all()  # every row idle at the end
 
 
+@pytest.mark.parametrize("policy", ["full", "copy", "last"])
+@pytest.mark.parametrize("k", [2, 9])
+def test_steps_before_the_earliest_exit_run_in_one_tick(env, policy, k):
+    """fixed k promises no stop before step k (`earliest`), so rows in lockstep run steps
+    1..k in one tick (9: past the depth, all of them). Exits, log-probs, per-step states,
+    counters and the cache equal those of a run that asks after every step."""
+    import torch
+
+    from ouro_lab.live import COUNTERS, LiveBatch
+    from ouro_lab.registry import make_strategy
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    R = env["trace"].steps
+    got = {}
+    for fused in (True, False):
+        run = LiveBatch(env["model"], make_strategy("fixed", {"step": k}), policy, batch=2)
+        if not fused:
+            run.first_exit = 0  # the promise ignored: a decision after every step
+        ticks, tick = [0], run.tick
+
+        def counted(*a, _tick=tick, _n=ticks, **kw):
+            _n[0] += 1
+            return _tick(*a, **kw)
+
+        run.tick = counted
+        outs = [run.step(ids[:, t], torch.ones(2, dtype=torch.bool), keep_states=True) for t in range(4)]
+        got[fused] = (run, outs, ticks[0])
+    (a, oa, ta), (b, ob, tb) = got[True], got[False]
+    for x, y in zip(oa, ob, strict=True):
+        assert torch.equal(x["exit"], y["exit"]) and torch.equal(x["logp"], y["logp"])
+        assert torch.equal(x["states"], y["states"])
+    assert all((getattr(a, c) == getattr(b, c)).all() for c in COUNTERS)
+    assert torch.equal(a.cache.store, b.cache.store)
+    kk = min(k, R)  # a step() makes one more tick, which finds no row busy
+    assert ta == 4 * (1 + (R - kk if policy == "full" else 0) + 1)
+    assert tb == 4 * ((R if policy == "full" else kk) + 1)
+
+
 def test_live_generate_without_exit_is_greedy_generate(env):
     """No strategy: live decoding (parallel prefill, then token by token over a padded
     batch) produces the model's own greedy continuation."""
