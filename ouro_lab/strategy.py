@@ -29,6 +29,7 @@ over every step (`ouro-lab strategies --check`, and the tests for every strategy
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
@@ -274,9 +275,19 @@ def decide_checked(strategy, s: Signals, r: int) -> Tensor:
 
 
 def earliest(strategy) -> int:
-    """The strategy's `earliest()` promise (0 when it makes none), as an int >= 0."""
+    """The strategy's `earliest()` promise (0 when it makes none), as an int >= 0; a failing
+    or non-integer `earliest()` is one line naming the file and the setting."""
     fn = getattr(strategy, "earliest", None)
-    return max(int(fn()), 0) if callable(fn) else 0
+    if not callable(fn):
+        return 0
+    try:
+        e = fn()
+    except Exception as err:  # user code: one line, the cause chained
+        raise _raised(strategy, "earliest()", err) from err
+    if isinstance(e, bool) or not isinstance(e, numbers.Integral):
+        src, label = origin(strategy)
+        raise ContractError(f"{src}: {label}: earliest() must return an int (a 0-based step), got {_what(e)}")
+    return max(int(e), 0)
 
 
 def fit_checked(strategy, calibration: Signals) -> None:

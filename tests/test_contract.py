@@ -87,6 +87,22 @@ BROKEN = {
     def decide(self, s: Signals, r: int):
         return s.exit_cdf[r] >= 0.0
 ''', "breaks_promise(): decide(s, r=0) stopped tokens before step 2, the earliest() it promises"),
+    "earliest_raises": ('''    needs: ClassVar[tuple[str, ...]] = ("gate",)
+
+    def earliest(self) -> int:  # reads state that only fit() would set
+        return self._k
+
+    def decide(self, s: Signals, r: int):
+        return s.exit_cdf[r] >= 0.5
+''', "earliest_raises(): earliest() raised AttributeError"),
+    "earliest_not_int": ('''    needs: ClassVar[tuple[str, ...]] = ("gate",)
+
+    def earliest(self):
+        return 1.5
+
+    def decide(self, s: Signals, r: int):
+        return s.exit_cdf[r] >= 0.5
+''', "earliest_not_int(): earliest() must return an int (a 0-based step), got float"),
     "peeks_ahead": ('''    needs: ClassVar[tuple[str, ...]] = ("gate",)
     _deepest: ClassVar[dict] = {}
 
