@@ -8,12 +8,12 @@ For every batch (1, 8) and prompt length (128, 2048) the prompt is prefilled onc
 static cache (one row, expanded to the batch), then each method decodes `--tokens` tokens
 from it: plain `model.generate` at full depth, live decoding with every token exiting at
 step k = 1 .. R-1 under `copy` and `last`, and live decoding at full depth. The cache is
-rolled back to the prompt between runs, so every run decodes the same positions. All
-methods of one batch, both prompt lengths, run once per rep, in an order reversed every
-other rep, `--reps` reps. These machines are noisy and noise only adds time, so a ratio is
-that of the two methods' fastest runs; beside it, the ratio per rep (runs side by side):
-its median and range (`runs`). The goals are checked on the fastest runs, and the summary
-repeats its worst figures from the per-rep medians.
+rolled back to the prompt between runs, so every run decodes the same positions. Noise
+on these machines comes and goes within seconds, so each method is timed in pairs with
+`generate` at the same prompt, the two runs back to back (which goes first alternates),
+`--reps` pairs per method, all pairs of a batch interleaved in an order reversed every other
+rep. A ratio is the median over its pairs (range printed as `pairs`); the ratio of the two
+sides' fastest runs is printed beside it. The goals are checked on the medians.
 
 Printed per case: decode tokens/s, the measured speed-up over `generate`, the ideal
 speed-up (the FLOPs ratio at the mean decode context, LM head included:
@@ -108,45 +108,48 @@ def methods(model, caches, prompt_len: int, batch: int, tokens: int, ks: list[in
     return out
 
 
-def time_interleaved(fns: dict, reps: int, device: str) -> dict[str, list[float]]:
-    """Every method once per rep, the order reversed every other rep (a method's place in the
-    order, e.g. right after the heaviest one, averages out). Returns name -> seconds per rep."""
+def time_pairs(fns: dict, pairs: list[tuple], reps: int, device: str) -> dict:
+    """Every pair (a, b) of methods run back to back once per rep (a first in even reps, b in
+    odd ones), the pairs in an order reversed every other rep. Noise here comes and goes
+    within seconds, so only runs made next to each other compare fairly. Returns
+    (a, b) -> ([seconds of a per rep], [seconds of b per rep])."""
     for fn in fns.values():  # warm-up
         fn()
-    times: dict = {name: [] for name in fns}
-    names = list(fns)
+    out: dict = {pair: ([], []) for pair in pairs}
     for rep in range(reps):
-        for name in (names if rep % 2 == 0 else names[::-1]):
-            sync(device)
-            t0 = time.perf_counter()
-            fns[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
+        for pair in (pairs if rep % 2 == 0 else pairs[::-1]):
+            for side in ((0, 1) if rep % 2 == 0 else (1, 0)):
+                sync(device)
+                t0 = time.perf_counter()
+                fns[pair[side]]()
+                sync(device)
+                out[pair][side].append(time.perf_counter() - t0)
+    return out
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
-    """a / b: the ratio of each side's fastest run (noise on a shared machine only adds time,
-    so a method's fastest run is the best estimate of its cost), then the ratio per rep
-    (runs side by side, so slow drift cancels): its median, min and max."""
+    """a / b from runs made back to back: the median over reps (the figure the goals are
+    checked on), then the ratio of each side's fastest run, and the range over reps."""
     r = [x / y for x, y in zip(a, b, strict=True)]
-    return min(a) / min(b), statistics.median(r), min(r), max(r)
+    return statistics.median(r), min(a) / min(b), min(r), max(r)
 
 
 def show(r: tuple[float, float, float, float], digits: int = 2, unit: str = "x") -> str:
-    """`paired`'s result as printed: fastest runs, then the per-rep median and range."""
+    """`paired`'s result as printed: the median pair, its range, the fastest runs' ratio."""
     f = f"{{:.{digits}f}}"
-    return (f"{f.format(r[0])}{unit} (per rep: median {f.format(r[1])}, "
-            f"runs {f.format(r[2])}-{f.format(r[3])})")
+    return (f"{f.format(r[0])}{unit} (pairs {f.format(r[2])}-{f.format(r[3])}; fastest runs "
+            f"{f.format(r[1])})")
 
 
 def bench_batch(model, batch: int, prompt_lens: list[int], args, ks: list[int]) -> tuple[list[dict], dict]:
-    """Rows of every prompt length at one batch, all methods of all lengths timed interleaved.
-    Also {prompt: (generate's s/token, full-depth live / generate)} and the per-rep ratios of
-    decode time at the longest prompt over the shortest."""
+    """Rows of every prompt length at one batch: each method timed in pairs with `generate`
+    at the same prompt, all pairs of both lengths interleaved. Also {prompt: (generate's
+    s/token, full-depth live / generate)} and the decode time at the longest prompt over the
+    shortest (`generate` and full-depth live, each paired with itself)."""
     cost = ModelCost.from_config(model.config)
     R = model.config.total_ut_steps
-    fns = {}
+    full_name = f"copy k={R} (full depth)"
+    fns, pairs = {}, []
     for prompt_len in prompt_lens:
         g = torch.Generator().manual_seed(prompt_len)
         prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(model.device)
@@ -154,33 +157,37 @@ def bench_batch(model, batch: int, prompt_lens: list[int], args, ks: list[int]) 
         caches = {shared: prefilled(model, prompt, batch, capacity, shared) for shared in (False, True)}
         for name, fn in methods(model, caches, prompt_len, batch, args.tokens, ks).items():
             fns[(prompt_len, name)] = fn
-    times = time_interleaved(fns, args.reps, args.device)
-    full_name = f"copy k={R} (full depth)"
+            if name != "generate":
+                pairs.append(((prompt_len, "generate"), (prompt_len, name)))
+    lo, hi = prompt_lens[0], prompt_lens[-1]
+    if len(prompt_lens) > 1:
+        pairs += [((lo, m), (hi, m)) for m in ("generate", full_name)]
+    timed = time_pairs(fns, pairs, args.reps, args.device)
     rows, summary = [], {}
     for prompt_len in prompt_lens:
-        gen = times[(prompt_len, "generate")]
-        fast = min(gen) / args.tokens
-        full = paired(times[(prompt_len, full_name)], gen)
-        summary[prompt_len] = (fast, full)
-        med, hi = statistics.median(gen) / args.tokens * 1e3, max(gen) / args.tokens * 1e3
-        print(f"  batch {batch}, prompt {prompt_len}: generate {batch / fast:.1f} tok/s in its fastest run "
-              f"({fast * 1e3:.1f} ms/token; median {med:.1f}, slowest {hi:.1f}); live at full depth / "
-              f"generate: {show(full, 3, '')}", flush=True)
+        gen, ts_full = timed[((prompt_len, "generate"), (prompt_len, full_name))]
+        med = statistics.median(gen) / args.tokens
+        full = paired(ts_full, gen)
+        summary[prompt_len] = (med, full)
+        fast, slow = min(gen) / args.tokens * 1e3, max(gen) / args.tokens * 1e3
+        print(f"  batch {batch}, prompt {prompt_len}: generate {batch / med:.1f} tok/s ({med * 1e3:.1f} "
+              f"ms/token; runs {fast:.1f}-{slow:.1f}); live at full depth / generate: {show(full, 3, '')}",
+              flush=True)
         ctx = prompt_len + 1 + args.tokens / 2  # mean keys attended while decoding
-        for (p, name), ts in times.items():
-            if p != prompt_len or name == "generate" or name == full_name:
+        for (a, (p, name)), (tg, ts) in timed.items():
+            if a != (prompt_len, "generate") or p != prompt_len or name in ("generate", full_name):
                 continue
             k = int(name.split("=")[1])
-            speedup = paired(gen, ts)
+            speedup = paired(tg, ts)
             ideal = cost.token_flops(R, ctx) / cost.token_flops(k, ctx)
             rows.append({"batch": batch, "prompt": prompt_len, "method": name, "ratio": speedup[0] / ideal,
-                         "median_ratio": speedup[1] / ideal})
-            print(f"    {name:<8} {batch * args.tokens / min(ts):8.1f} tok/s  speed-up {show(speedup)}  "
-                  f"ideal {ideal:5.2f}x  measured/ideal {speedup[0] / ideal:.3f} (per-rep median "
-                  f"{speedup[1] / ideal:.3f})", flush=True)
+                         "fastest_ratio": speedup[1] / ideal})
+            print(f"    {name:<8} {batch * args.tokens / statistics.median(ts):8.1f} tok/s  speed-up "
+                  f"{show(speedup)}  ideal {ideal:5.2f}x  measured/ideal {speedup[0] / ideal:.3f} "
+                  f"(fastest runs {speedup[1] / ideal:.3f})", flush=True)
     if len(prompt_lens) > 1:
-        lo, hi = prompt_lens[0], prompt_lens[-1]
-        summary["growth"] = {m: paired(times[(hi, m)], times[(lo, m)]) for m in ("generate", full_name)}
+        summary["growth"] = {m: paired(timed[((lo, m), (hi, m))][1], timed[((lo, m), (hi, m))][0])
+                             for m in ("generate", full_name)}
         summary["flops_growth"] = cost.token_flops(R, hi + 1 + args.tokens / 2) / cost.token_flops(
             R, lo + 1 + args.tokens / 2)
     return rows, summary
@@ -261,14 +268,14 @@ def bench_speculation(args) -> None:
         draft = make_strategy("fixed", {"step": k})
         fns[(k, n)] = (lambda d=draft, n=n: speculative_generate(model, tok, prompts, d, n, **kw))
     plain = fns["plain"]()[0]
-    times = time_interleaved(fns, args.reps, args.device)
-    base = statistics.median(times["plain"])
+    timed = time_pairs(fns, [("plain", key) for key in settings], args.reps, args.device)
+    base = statistics.median(t for key in settings for t in timed[("plain", key)][0])
     print(f"speculation on the demo generation task ({len(prompts)} prompts, batch 16; plain greedy "
           f"{base * 1e3:.0f} ms):", flush=True)
     for k, n in settings:
         texts, recs = fns[(k, n)]()
         acc = sum(r["accepted"] for r in recs) / max(sum(r["drafted"] for r in recs), 1)
-        print(f"  draft step {k}, {n} tokens/round: speed-up {show(paired(times['plain'], times[(k, n)]))}, "
+        print(f"  draft step {k}, {n} tokens/round: speed-up {show(paired(*timed[('plain', (k, n))]))}, "
               f"drafts accepted {acc:.0%}, "
               f"identical output: {'yes' if texts == plain else 'NO'}", flush=True)
 
@@ -297,8 +304,8 @@ def main(argv=None) -> None:
     R = model.config.total_ut_steps
     ks = [1] if args.quick else list(range(1, R))
     print(f"live_speed: shape {args.shape}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
-          f"{args.tokens} tokens x {args.reps} runs per method (tok/s and ratios from the fastest runs; "
-          "per-rep medians beside)", flush=True)
+          f"{args.tokens} tokens x {args.reps} runs per method, each paired with a generate run next to it "
+          "(medians over pairs; the fastest runs' ratio beside)", flush=True)
     rows, summaries = [], {}
     prompt_lens = sorted(map(int, args.prompts.split(",")))
     for batch in map(int, args.batches.split(",")):
@@ -308,11 +315,11 @@ def main(argv=None) -> None:
           "decode time at the longest prompt <= 1.3x the shortest")
     for batch, summ in summaries.items():
         worst = min(r["ratio"] for r in rows if r["batch"] == batch)
-        worst_med = min(r["median_ratio"] for r in rows if r["batch"] == batch)
+        worst_fast = min(r["fastest_ratio"] for r in rows if r["batch"] == batch)
         full = max(summ[p][1][0] for p in prompt_lens)
-        full_med = max(summ[p][1][1] for p in prompt_lens)
-        line = (f"  batch {batch}: worst measured/ideal {worst:.3f} (per-rep medians {worst_med:.3f}); "
-                f"full depth / generate (worst) {full:.3f} ({full_med:.3f})")
+        full_fast = max(summ[p][1][1] for p in prompt_lens)
+        line = (f"  batch {batch}: worst measured/ideal {worst:.3f} (fastest runs {worst_fast:.3f}); "
+                f"full depth / generate (worst) {full:.3f} (fastest runs {full_fast:.3f})")
         if "growth" in summ:
             g, f = summ["growth"].values()
             line += (f"; decode time prompt {prompt_lens[-1]} / {prompt_lens[0]}: generate {show(g)}, "
