@@ -70,10 +70,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def prefilled(model, prompt: torch.Tensor, batch: int, capacity: int, shared):
-    """A cache holding `prompt` (1, P) at full depth, its row repeated `batch` times
-    (`shared` True: one slot for `last`; False or "generate": one per step)."""
-    run = LiveBatch(model, None, "last" if shared is True else "copy", batch=1, capacity=capacity)
+def prefilled(model, prompt: torch.Tensor, batch: int, capacity: int, shared: bool):
+    """A cache holding `prompt` (1, P) at full depth, its row repeated `batch` times."""
+    run = LiveBatch(model, None, "last" if shared else "copy", batch=1, capacity=capacity)
     run.prefill(prompt, torch.ones_like(prompt))
     return run.cache.select(torch.zeros(batch, dtype=torch.long))
 
@@ -144,8 +143,8 @@ def show(r: tuple[float, float, float, float], digits: int = 2, unit: str = "x")
 
 def bench_batch(model, batch: int, prompt_lens: list[int], args, ks: list[int]) -> tuple[list[dict], dict]:
     """Rows of every prompt length at one batch: each method timed in pairs with `generate`
-    at the same prompt, all pairs of both lengths interleaved. Also {prompt: (generate's
-    s/token, full-depth live / generate)} and the decode time at the longest prompt over the
+    at the same prompt, all pairs of both lengths interleaved. Also {prompt: full-depth live /
+    generate (`paired`)} and the decode time at the longest prompt over the
     shortest (`generate` and full-depth live, each paired with itself)."""
     cost = ModelCost.from_config(model.config)
     R = model.config.total_ut_steps
@@ -155,7 +154,8 @@ def bench_batch(model, batch: int, prompt_lens: list[int], args, ks: list[int]) 
         g = torch.Generator().manual_seed(prompt_len)
         prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(model.device)
         capacity = prompt_len + args.tokens + 2
-        caches = {kind: prefilled(model, prompt, batch, capacity, kind) for kind in (False, True, "generate")}
+        caches = {shared: prefilled(model, prompt, batch, capacity, shared) for shared in (False, True)}
+        caches["generate"] = caches[False].select(torch.arange(batch))  # generate's own copy
         for name, fn in methods(model, caches, prompt_len, batch, args.tokens, ks).items():
             fns[(prompt_len, name)] = fn
             if name != "generate":
@@ -168,8 +168,7 @@ def bench_batch(model, batch: int, prompt_lens: list[int], args, ks: list[int]) 
     for prompt_len in prompt_lens:
         gen, ts_full = timed[((prompt_len, "generate"), (prompt_len, full_name))]
         med = statistics.median(gen) / args.tokens
-        full = paired(ts_full, gen)
-        summary[prompt_len] = (med, full)
+        full = summary[prompt_len] = paired(ts_full, gen)
         fast, slow = min(gen) / args.tokens * 1e3, max(gen) / args.tokens * 1e3
         print(f"  batch {batch}, prompt {prompt_len}: generate {batch / med:.1f} tok/s ({med * 1e3:.1f} "
               f"ms/token; runs {fast:.1f}-{slow:.1f}); live at full depth / generate: {show(full, 3, '')}",
@@ -317,8 +316,8 @@ def main(argv=None) -> None:
     for batch, summ in summaries.items():
         worst = min(r["ratio"] for r in rows if r["batch"] == batch)
         worst_fast = min(r["fastest_ratio"] for r in rows if r["batch"] == batch)
-        full = max(summ[p][1][0] for p in prompt_lens)
-        full_fast = max(summ[p][1][1] for p in prompt_lens)
+        full = max(summ[p][0] for p in prompt_lens)
+        full_fast = max(summ[p][1] for p in prompt_lens)
         line = (f"  batch {batch}: worst measured/ideal {worst:.3f} (fastest runs {worst_fast:.3f}); "
                 f"full depth / generate (worst) {full:.3f} (fastest runs {full_fast:.3f})")
         if "growth" in summ:

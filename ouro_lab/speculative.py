@@ -56,6 +56,7 @@ def _verify(run: LiveBatch, fed: Tensor, states: Tensor, exits: Tensor, rows: Te
     """Steps m..R-1 of the fed tokens of `rows` in one parallel pass from their states after
     step m - 1; returns the full-depth greedy predictions (n, D + 1) (CPU)."""
     model, R, dev = run.model, run.R, run.model.device
+    at = rows.numpy()  # the counters' rows (numpy)
     m = 1 + int(exits[:, rows].min())
     h = states[:, m - 1][:, rows.to(dev)].transpose(0, 1)  # (n, D + 1, H)
     if m < R:
@@ -65,11 +66,11 @@ def _verify(run: LiveBatch, fed: Tensor, states: Tensor, exits: Tensor, rows: Te
             h = model.loop_step(h, r, ctx)
         n, T = fed[rows].shape
         ctx_len = (run.cache.next_pos[rows.to(dev)].cpu()[:, None] - T + 1 + torch.arange(T)).double()
-        run.flops[rows.numpy()] += ((R - m) * (T * (run.cost.layer_flops + run.cost.gate_flops)
-                                               + run.cost.attn_flops_per_ctx * ctx_len.sum(1))).numpy()
-        run.steps_executed[rows.numpy()] += (R - m) * T
-    run.flops[rows.numpy()] += fed.shape[1] * run.cost.head_flops
-    run.readouts[rows.numpy()] += fed.shape[1]
+        run.flops[at] += ((R - m) * (T * (run.cost.layer_flops + run.cost.gate_flops)
+                                     + run.cost.attn_flops_per_ctx * ctx_len.sum(1))).numpy()
+        run.steps_executed[at] += (R - m) * T
+    run.flops[at] += fed.shape[1] * run.cost.head_flops
+    run.readouts[at] += fed.shape[1]
     return model.lm_head(h).argmax(-1).cpu()
 
 
