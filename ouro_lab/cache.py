@@ -247,6 +247,11 @@ class KVCache:
     def copy_deeper(self, step: int, rows: Tensor, cols: Tensor) -> None:
         """Fill the slots after `step` of `rows` at columns `cols` (both (n,)) with the K/V
         of `step` (live `copy` policy: a token that exited at `step` never ran the deeper ones)."""
+        r, c = rows.tolist(), cols.tolist()
+        if c.count(c[0]) == len(c) and r == list(range(r[0], r[0] + len(r))):  # one block: slices
+            st, a = self.store, r[0]
+            st[:, step + 1:, :, a:a + len(r), :, c[0]] = st[:, step:step + 1, :, a:a + len(r), :, c[0]]
+            return
         by_col = self.store.permute(3, 5, 0, 1, 2, 4, 6)  # (B, C, 2, slots, layers, nkv, hd) view
         rows, cols = rows.to(self.store.device), cols.to(self.store.device)
         by_col[rows, cols, :, step + 1:] = by_col[rows, cols, :, step:step + 1]

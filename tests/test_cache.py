@@ -159,6 +159,24 @@ def test_shared_slot_keeps_the_last_step_and_copy_deeper_fills_slots(model, tiny
     assert not torch.equal(full.get(R - 1, 1)[0][:, :, 1], full.get(0, 1)[0][:, :, 1])
 
 
+def test_copy_deeper_fills_the_same_slots_by_slices_and_by_index(model):
+    """A block of rows at one column is copied with slices, any other set by index; both
+    fill exactly the deeper slots of the named (row, column)s with the step's K/V."""
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14]])
+    cache = model.new_cache(3, 6)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    # a block, rows not adjacent, columns that differ, one row
+    for step, rows, cols in ((1, [1, 2], [2, 2]), (0, [0, 2], [3, 3]), (0, [0, 1], [1, 3]), (1, [2], [0])):
+        got = cache.select(torch.arange(3))
+        expected = got.store.clone()
+        for row, col in zip(rows, cols, strict=True):
+            expected[:, step + 1:, :, row, :, col] = expected[:, step:step + 1, :, row, :, col]
+        assert not torch.equal(expected, got.store)
+        got.copy_deeper(step, torch.tensor(rows), torch.tensor(cols))
+        assert torch.equal(got.store, expected)
+
+
 def test_generate_from_a_prefilled_cache_equals_generate_on_the_whole_prompt(model):
     prompt = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
     ref = model.generate(prompt, max_new_tokens=6)
