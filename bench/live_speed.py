@@ -19,7 +19,11 @@ Printed per case: decode tokens/s, the measured speed-up over `generate`, the id
 speed-up (the FLOPs ratio at the mean decode context, LM head included:
 `ModelCost.token_flops(R, ctx) / token_flops(k, ctx)`) and measured / ideal. Then:
 live at full depth over `generate`; per-token decode time at the longest prompt over the
-shortest, beside the FLOPs ratio (attending to a longer context is real work); mixed depth
+shortest, beside the FLOPs ratio (attending to a longer context is real work) and a floor
+from what must be read: ops run one after another, so a full-depth token at the longest
+prompt takes at least the rest of a token at the shortest (its time less its attention,
+timed alone) plus reading the K/V of every (step, layer) at the machine's best read rate
+(a 256 MiB sum, timed first); mixed depth
 at the widest batch (rows alternating step 1 and full depth, decoded in ticks: measured
 speed-up over the FLOPs ratio of the tokens made); self-speculative
 decoding (drafts at step 1 or 2, 1-4 per round, verified at full depth) over plain greedy
@@ -31,6 +35,7 @@ batch and prompt): `ratio: X`.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -197,7 +202,69 @@ def bench_batch(model, batch: int, prompt_lens: list[int], args, ks: list[int]) 
                              for m in ("generate", full_name)}
         summary["flops_growth"] = cost.token_flops(R, hi + 1 + args.tokens / 2) / cost.token_flops(
             R, lo + 1 + args.tokens / 2)
+        t_lo = statistics.median(timed[((lo, "generate"), (hi, "generate"))][0]) / args.tokens
+        summary["floor"] = growth_floor(model, batch, lo, hi, args.tokens, t_lo)
     return rows, summary
+
+
+_BEST_RATE = [0.0]  # the best read rate seen in this run, bytes/s (noise only ever lowers it)
+
+
+def read_bandwidth(device: str, mib: int = 256, reps: int = 5) -> float:
+    """The machine's best streaming read rate so far, bytes/s: the fastest of `reps` sums
+    over a `mib` MiB float32 tensor (8x this machine's L3, so it streams from memory),
+    against every earlier call's (noise only slows a sum, so the fastest seen is the truest)."""
+    x = torch.ones(mib * 2**18, device=device)
+    x.sum()
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        x.sum()
+        sync(device)
+        _BEST_RATE[0] = max(_BEST_RATE[0], x.numel() * 4 / (time.perf_counter() - t0))
+    return _BEST_RATE[0]
+
+
+def attention_seconds(model, batch: int, ctx: int, reps: int = 5) -> float:
+    """Median seconds of one full-depth token's attention alone at `ctx` keys: R x layers
+    SDPA calls of `batch` one-token queries over a (batch, kv heads, ctx, head_dim) cache."""
+    cfg, dev = model.config, model.device
+    R, L = cfg.total_ut_steps, cfg.num_hidden_layers
+    q = torch.randn(batch, cfg.num_attention_heads, 1, cfg.head_dim, dtype=model.dtype, device=dev)
+    kv = torch.randn(2, R * L, batch, cfg.num_key_value_heads, ctx, cfg.head_dim, dtype=model.dtype, device=dev)
+    gqa = cfg.num_key_value_heads != cfg.num_attention_heads
+
+    def token():
+        for i in range(R * L):  # a distinct (step, layer) cache each call, as decoding reads them
+            torch.nn.functional.scaled_dot_product_attention(q, kv[0, i], kv[1, i], enable_gqa=gqa)
+    token()
+    times = []
+    for _ in range(reps):
+        sync(model.device.type)
+        t0 = time.perf_counter()
+        token()
+        sync(model.device.type)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def growth_floor(model, batch: int, lo: int, hi: int, tokens: int, t_lo: float) -> dict:
+    """What bounds full-depth decode time at prompt `hi` over prompt `lo` from below: ops run
+    one after another, so a token at `hi` takes at least the rest of a token at `lo` (its
+    measured time `t_lo` less its attention, timed alone: `rest`) plus reading the K/V of
+    every (step, layer) over `hi` keys (`kv_bytes`) at the machine's best read rate. The
+    rate is the best over the whole run (`floor`, once every batch is timed)."""
+    cost = ModelCost.from_config(model.config)
+    read_bandwidth(model.device.type)  # one more chance at the true rate
+    ctx_lo, ctx_hi = lo + 1 + tokens // 2, hi + 1 + tokens // 2
+    attn_lo = attention_seconds(model, batch, ctx_lo)
+    return {"kv_bytes": batch * cost.kv_bytes(ctx_hi, dtype=model.dtype), "t_lo": t_lo, "rest": t_lo - attn_lo,
+            "attn_lo": attn_lo, "attn_hi": attention_seconds(model, batch, ctx_hi)}
+
+
+def floor(f: dict, rate: float) -> float:
+    """`growth_floor`'s bound at read rate `rate` (bytes/s)."""
+    return (f["rest"] + f["kv_bytes"] / rate) / f["t_lo"]
 
 
 class AlternateRows(ExitStrategy):
@@ -308,11 +375,13 @@ def main(argv=None) -> None:
     if args.quick:
         args.batches, args.prompts, args.reps = "1", "128", 2
     model = build_model(args.shape, getattr(torch, args.dtype), args.device)
+    rate = read_bandwidth(args.device)
     R = model.config.total_ut_steps
     ks = [1] if args.quick else list(range(1, R))
     print(f"live_speed: shape {args.shape}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
           f"{args.tokens} tokens x {args.reps} runs per method, each paired with a generate run next to it "
-          "(medians over pairs; the fastest runs' ratio beside)", flush=True)
+          f"(medians over pairs; the fastest runs' ratio beside); read rate {rate / 1e9:.1f} GB/s "
+          "(a 256 MiB sum; measured again after each batch, the best kept)", flush=True)
     rows, summaries = [], {}
     prompt_lens = sorted(map(int, args.prompts.split(",")))
     for batch in map(int, args.batches.split(",")):
@@ -320,6 +389,7 @@ def main(argv=None) -> None:
         rows += case
     print("goals: measured/ideal >= 0.9 at batch 1, >= 0.85 at batch 8; full depth <= 1.05x generate; "
           "decode time at the longest prompt <= 1.3x the shortest")
+    rate = read_bandwidth(args.device)  # the best over the run
     for batch, summ in summaries.items():
         worst = min(r["ratio"] for r in rows if r["batch"] == batch)
         worst_fast = min(r["fastest_ratio"] for r in rows if r["batch"] == batch)
@@ -329,8 +399,14 @@ def main(argv=None) -> None:
                 f"full depth / generate (worst) {full:.3f} (fastest runs {full_fast:.3f})")
         if "growth" in summ:
             g, f = summ["growth"].values()
+            fl = summ["floor"]
             line += (f"; decode time prompt {prompt_lens[-1]} / {prompt_lens[0]}: generate {show(g)}, "
-                     f"live full depth {show(f)}; FLOPs per token {summ['flops_growth']:.2f}x")
+                     f"live full depth {show(f)}; FLOPs per token {summ['flops_growth']:.2f}x; "
+                     f"floor {floor(fl, rate):.2f}x (the K/V read per token at {prompt_lens[-1]}, "
+                     f"{fl['kv_bytes'] / 1e9:.2f} GB, takes >= {fl['kv_bytes'] / rate * 1e3:.1f} ms at "
+                     f"{rate / 1e9:.1f} GB/s, beside {fl['rest'] * 1e3:.1f} ms for the rest of a token at "
+                     f"{prompt_lens[0]}; attention alone measured {fl['attn_lo'] * 1e3:.1f} -> "
+                     f"{fl['attn_hi'] * 1e3:.1f} ms)")
         print(line, flush=True)
     widest = max(map(int, args.batches.split(",")))
     if not args.quick and widest > 1:

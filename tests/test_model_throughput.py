@@ -42,8 +42,26 @@ def test_live_speed_bench_runs_every_part_and_prints_the_ratio_last(capsys):
     cases = [x for x in lines if "measured/ideal" in x and "k=" in x]
     assert len(cases) == 2 * 2 * 2 * 3  # batches x prompts x policies x k = 1 .. R-1
     assert sum("mixed depth, batch 2" in x for x in lines) == 2
+    floors = [x for x in lines if x.startswith("  batch ") and "floor" in x]
+    assert len(floors) == 2 and all(float(x.split("floor ")[1].split("x")[0]) > 0 for x in floors)
     spec = [x for x in lines if "tokens/round" in x]
     assert len(spec) == 6 and all(x.endswith("identical output: yes") for x in spec)
+
+
+def test_live_speed_growth_floor_counts_every_slot_of_every_row():
+    """The floor reads the K/V of every (step, layer) of every row over the long prompt's keys
+    and adds it, at the given rate, to the rest of a short-prompt token."""
+    import torch
+
+    bench = _load_bench("live_speed")
+    model = bench.build_model("tiny", torch.float32, "cpu")
+    cfg = model.config
+    f = bench.growth_floor(model, 3, 8, 40, 4, t_lo=0.5)
+    ctx = 40 + 1 + 2
+    assert f["kv_bytes"] == 3 * ctx * cfg.total_ut_steps * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads \
+        * cfg.head_dim * 4
+    assert 0 < f["attn_lo"] < 0.5 and f["rest"] == 0.5 - f["attn_lo"]
+    assert bench.floor(f, 1e9) == (f["rest"] + f["kv_bytes"] / 1e9) / 0.5
 
 
 # --------------------------------------------------------------------------- bench/gpu_throughput.py
