@@ -35,7 +35,6 @@ batch and prompt): `ratio: X`.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import statistics
 import sys
@@ -231,7 +230,8 @@ def attention_seconds(model, batch: int, ctx: int, reps: int = 5) -> float:
     cfg, dev = model.config, model.device
     R, L = cfg.total_ut_steps, cfg.num_hidden_layers
     q = torch.randn(batch, cfg.num_attention_heads, 1, cfg.head_dim, dtype=model.dtype, device=dev)
-    kv = torch.randn(2, R * L, batch, cfg.num_key_value_heads, ctx, cfg.head_dim, dtype=model.dtype, device=dev)
+    kv = torch.randn(2, R * L, batch, cfg.num_key_value_heads, ctx, cfg.head_dim, dtype=model.dtype,
+                     device=dev)
     gqa = cfg.num_key_value_heads != cfg.num_attention_heads
 
     def token():
@@ -258,8 +258,8 @@ def growth_floor(model, batch: int, lo: int, hi: int, tokens: int, t_lo: float) 
     read_bandwidth(model.device.type)  # one more chance at the true rate
     ctx_lo, ctx_hi = lo + 1 + tokens // 2, hi + 1 + tokens // 2
     attn_lo = attention_seconds(model, batch, ctx_lo)
-    return {"kv_bytes": batch * cost.kv_bytes(ctx_hi, dtype=model.dtype), "t_lo": t_lo, "rest": t_lo - attn_lo,
-            "attn_lo": attn_lo, "attn_hi": attention_seconds(model, batch, ctx_hi)}
+    return {"kv_bytes": batch * cost.kv_bytes(ctx_hi, dtype=model.dtype), "t_lo": t_lo,
+            "rest": t_lo - attn_lo, "attn_lo": attn_lo, "attn_hi": attention_seconds(model, batch, ctx_hi)}
 
 
 def floor(f: dict, rate: float) -> float:

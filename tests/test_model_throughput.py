@@ -58,8 +58,8 @@ def test_live_speed_growth_floor_counts_every_slot_of_every_row():
     cfg = model.config
     f = bench.growth_floor(model, 3, 8, 40, 4, t_lo=0.5)
     ctx = 40 + 1 + 2
-    assert f["kv_bytes"] == 3 * ctx * cfg.total_ut_steps * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads \
-        * cfg.head_dim * 4
+    per_token = cfg.total_ut_steps * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert f["kv_bytes"] == 3 * ctx * per_token
     assert 0 < f["attn_lo"] < 0.5 and f["rest"] == 0.5 - f["attn_lo"]
     assert bench.floor(f, 1e9) == (f["rest"] + f["kv_bytes"] / 1e9) / 0.5
 
