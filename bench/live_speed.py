@@ -321,6 +321,28 @@ def bench_mixed(model, batch: int, prompt_len: int, args) -> dict:
     return {"speedup": speedup[0], "ideal": ideal}
 
 
+def verify_cost(model, batch: int, prompt_len: int, reps: int, device: str, sizes=(2, 3, 5)) -> dict:
+    """What parallel verification costs: a full-depth pass over T new tokens per row against
+    one over a single token, both from the same prefilled cache (rolled back between runs),
+    timed in adjacent pairs. {T: (median ratio, ...) as `paired`}."""
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(0, V, (1, prompt_len), generator=g).to(model.device)
+    cache = prefilled(model, prompt, batch, prompt_len + max(sizes) + 1, False)
+    keep = torch.full((batch,), prompt_len, dtype=torch.long)
+    ids = torch.randint(0, V, (batch, max(sizes)), generator=g).to(model.device)
+
+    def run(T):
+        def go():
+            cache.truncate(keep)
+            with torch.no_grad():
+                model(ids[:, :T], cache=cache)
+        return go
+    fns = {T: run(T) for T in (1, *sizes)}
+    timed = time_pairs(fns, [(T, 1) for T in sizes], reps, device)
+    return {T: paired(*timed[(T, 1)]) for T in sizes}
+
+
 def bench_speculation(args) -> None:
     """Self-speculative decoding against plain full-depth greedy live decoding on the demo
     generation task (all 80 prompts, its until strings and token cap), same batch plan;
@@ -349,9 +371,14 @@ def bench_speculation(args) -> None:
     for k, n in settings:
         texts, recs = fns[(k, n)]()
         acc = sum(r["accepted"] for r in recs) / max(sum(r["drafted"] for r in recs), 1)
+        per_round = sum(r["tokens"] for r in recs) / max(sum(r["rounds"] for r in recs), 1)
         print(f"  draft step {k}, {n} tokens/round: speed-up {show(paired(*timed[('plain', (k, n))]))}, "
-              f"drafts accepted {acc:.0%}, "
+              f"drafts accepted {acc:.0%}, {per_round:.2f} tokens per round, "
               f"identical output: {'yes' if texts == plain else 'NO'}", flush=True)
+    prompt_len = max(len(p) for p in prompts)
+    cost = verify_cost(model, 16, prompt_len, args.reps, args.device)
+    print(f"  a full-depth pass over T tokens per row / over one (demo model, batch 16, prompt "
+          f"{prompt_len}): " + ", ".join(f"T={T} {show(r)}" for T, r in cost.items()), flush=True)
 
 
 def main(argv=None) -> None:
@@ -413,6 +440,11 @@ def main(argv=None) -> None:
         for prompt_len in map(int, args.prompts.split(",")):
             bench_mixed(model, widest, prompt_len, args)
     if not args.no_speculation:
+        batch, prompt_len = min(map(int, args.batches.split(","))), prompt_lens[0]
+        cost = verify_cost(model, batch, prompt_len, args.reps, args.device)
+        print(f"verification cost: a full-depth pass over T tokens per row / over one ({args.shape} shape, "
+              f"batch {batch}, prompt {prompt_len}): "
+              + ", ".join(f"T={T} {show(r)}" for T, r in cost.items()), flush=True)
         bench_speculation(args)
     print(f"ratio: {min(r['ratio'] for r in rows):.3f}")
 
