@@ -19,11 +19,11 @@ Printed per case: decode tokens/s, the measured speed-up over `generate`, the id
 speed-up (the FLOPs ratio at the mean decode context, LM head included:
 `ModelCost.token_flops(R, ctx) / token_flops(k, ctx)`) and measured / ideal. Then:
 live at full depth over `generate`; per-token decode time at the longest prompt over the
-shortest, beside the FLOPs ratio (attending to a longer context is real work) and a floor
-from what must be read: ops run one after another, so a full-depth token at the longest
-prompt takes at least the rest of a token at the shortest (its time less its attention,
-timed alone) plus reading the K/V of every (step, layer) at the machine's best read rate
-(a 256 MiB sum, timed first); mixed depth
+shortest, beside the FLOPs ratio (attending to a longer context is real work) and an
+estimated floor from what must be read: ops run one after another, so a full-depth token at
+the longest prompt takes at least the rest of a token at the shortest (its time less its
+attention, timed alone) plus reading the K/V of every (step, layer) at the machine's best
+read rate (the fastest 256 MiB sum of the run); mixed depth
 at the widest batch (rows alternating step 1 and full depth, decoded in ticks: measured
 speed-up over the FLOPs ratio of the tokens made); self-speculative
 decoding (drafts at step 1 or 2, 1-4 per round, verified at full depth) over plain greedy
@@ -249,11 +249,13 @@ def attention_seconds(model, batch: int, ctx: int, reps: int = 5) -> float:
 
 
 def growth_floor(model, batch: int, lo: int, hi: int, tokens: int, t_lo: float) -> dict:
-    """What bounds full-depth decode time at prompt `hi` over prompt `lo` from below: ops run
-    one after another, so a token at `hi` takes at least the rest of a token at `lo` (its
+    """An estimated lower bound on full-depth decode time at prompt `hi` over prompt `lo`: ops
+    run one after another, so a token at `hi` takes at least the rest of a token at `lo` (its
     measured time `t_lo` less its attention, timed alone: `rest`) plus reading the K/V of
     every (step, layer) over `hi` keys (`kv_bytes`) at the machine's best read rate. The
-    rate is the best over the whole run (`floor`, once every batch is timed)."""
+    rate is the best over the whole run (`floor`, once every batch is timed). Estimated:
+    it assumes attention costs inside the model what it costs alone, and takes a 2-thread
+    sum's rate for the machine's peak."""
     cost = ModelCost.from_config(model.config)
     read_bandwidth(model.device.type)  # one more chance at the true rate
     ctx_lo, ctx_hi = lo + 1 + tokens // 2, hi + 1 + tokens // 2
@@ -376,9 +378,9 @@ def bench_speculation(args) -> None:
               f"drafts accepted {acc:.0%}, {per_round:.2f} tokens per round, "
               f"identical output: {'yes' if texts == plain else 'NO'}", flush=True)
     prompt_len = max(len(p) for p in prompts)
-    cost = verify_cost(model, 16, prompt_len, args.reps, args.device)
-    print(f"  a full-depth pass over T tokens per row / over one (demo model, batch 16, prompt "
-          f"{prompt_len}): " + ", ".join(f"T={T} {show(r)}" for T, r in cost.items()), flush=True)
+    cost = verify_cost(model, kw["batch_size"], prompt_len, args.reps, args.device)
+    print(f"  a full-depth pass over T tokens per row / over one (demo model, batch {kw['batch_size']}, "
+          f"prompt {prompt_len}): " + ", ".join(f"T={T} {show(r)}" for T, r in cost.items()), flush=True)
 
 
 def main(argv=None) -> None:

@@ -248,6 +248,8 @@ class KVCache:
         """Fill the slots after `step` of `rows` at columns `cols` (both (n,)) with the K/V
         of `step` (live `copy` policy: a token that exited at `step` never ran the deeper ones)."""
         r, c = rows.tolist(), cols.tolist()
+        if not r:
+            return
         if c.count(c[0]) == len(c) and r == list(range(r[0], r[0] + len(r))):  # one block: slices
             st, a = self.store, r[0]
             st[:, step + 1:, :, a:a + len(r), :, c[0]] = st[:, step:step + 1, :, a:a + len(r), :, c[0]]

@@ -166,8 +166,9 @@ def test_copy_deeper_fills_the_same_slots_by_slices_and_by_index(model):
     cache = model.new_cache(3, 6)
     with torch.no_grad():
         model(ids, cache=cache)
-    # a block, rows not adjacent, columns that differ, one row
-    for step, rows, cols in ((1, [1, 2], [2, 2]), (0, [0, 2], [3, 3]), (0, [0, 1], [1, 3]), (1, [2], [0])):
+    # a block, rows not adjacent, columns that differ, one row, rows descending
+    for step, rows, cols in ((1, [1, 2], [2, 2]), (0, [0, 2], [3, 3]), (0, [0, 1], [1, 3]), (1, [2], [0]),
+                             (0, [2, 1], [1, 1])):
         got = cache.select(torch.arange(3))
         expected = got.store.clone()
         for row, col in zip(rows, cols, strict=True):
@@ -175,6 +176,9 @@ def test_copy_deeper_fills_the_same_slots_by_slices_and_by_index(model):
         assert not torch.equal(expected, got.store)
         got.copy_deeper(step, torch.tensor(rows), torch.tensor(cols))
         assert torch.equal(got.store, expected)
+    before = cache.store.clone()
+    cache.copy_deeper(0, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))  # no rows
+    assert torch.equal(cache.store, before)
 
 
 def test_generate_from_a_prefilled_cache_equals_generate_on_the_whole_prompt(model):
