@@ -30,10 +30,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return y.transpose(1, 2).reshape(B, T, nh * hd)
 
 
+# Adjacent rows at one slot whose first columns differ by at most this many attend in one
+# SDPA call, each masked to its own columns: a separate call per column costs more than
+# reading a few dozen masked columns (rows rolled back by different amounts after
+# speculative verification, or decoded a few tokens apart).
+RAGGED_COLUMNS = 64
+
+
 @dataclass(frozen=True)
 class Run:
     """Call rows [i, j) that attend in one SDPA call: cache rows [a, a + j - i), all at the
-    same first column and slot, over columns [0, width), with `mask` (j - i, 1, T, width) or None."""
+    same slot and first columns at most `RAGGED_COLUMNS` apart, over columns [0, width),
+    with `mask` (j - i, 1, T, width) or None (all at one column, no padding)."""
 
     i: int
     j: int
@@ -59,6 +67,7 @@ class Context:
     cols: Tensor | None = None
     slots: Tensor | None = None
     runs: tuple[Run, ...] = ()
+    one_block: bool = False  # one run, every row at one column and the step's slot: slices
 
     def select(self, idx: Tensor) -> Context:
         """The context of a subset of this call's rows: `idx` (m,) sorted CPU positions."""
@@ -178,20 +187,35 @@ class KVCache:
                 mask: Tensor | None = None) -> Context:
         """The `Context` of a call feeding cache `rows` at columns `cols` (both (n,) CPU),
         each row at slot `slots` (n,) (None: the step run), with the call's `mask` or None:
-        then T = 1 (padded rows read their `real` mask in place) or a fresh, unpadded causal call."""
+        then T = 1 (padded rows read their `real` mask in place; a run of rows at different
+        columns gets each row's own, `_ragged_mask`) or a fresh, unpadded causal call."""
         T = cos.shape[1]
         r, c = rows.tolist(), cols.tolist()
         s = [None] * len(r) if slots is None else slots.tolist()
         runs, i = [], 0
+        lo = hi = c[0] if c else 0  # the run's first columns span [lo, hi]
         for j in range(1, len(r) + 1):
-            if j < len(r) and r[j] == r[j - 1] + 1 and c[j] == c[i] and s[j] == s[i]:
+            if (j < len(r) and r[j] == r[j - 1] + 1 and s[j] == s[i]
+                    and max(hi, c[j]) - min(lo, c[j]) <= RAGGED_COLUMNS):
+                lo, hi = min(lo, c[j]), max(hi, c[j])
                 continue
-            a, width = r[i], c[i] + T
+            a, width = r[i], hi + T
             m = (mask[i:j, :, :, :width] if mask is not None else
+                 self._ragged_mask(a, c[i:j], width) if lo < hi else
                  self.real[a:a + j - i, None, None, :width] if self.padded[a:a + j - i].any() else None)
             runs.append(Run(i, j, a, s[i], width, m))
-            i = j
-        return Context(cos, sin, mask, self, rows, cols, slots, tuple(runs))
+            if j < len(r):
+                i, lo, hi = j, c[j], c[j]
+        one_block = len(runs) == 1 and slots is None and c.count(c[0]) == len(c)
+        return Context(cos, sin, mask, self, rows, cols, slots, tuple(runs), one_block)
+
+    def _ragged_mask(self, a: int, cols: list[int], width: int) -> Tensor:
+        """(n, 1, 1, width) for one-token queries of cache rows [a, a + n) at `cols`: each sees
+        the real keys up to its own column (later ones may hold rolled-back tokens)."""
+        dev = self.real.device
+        k = torch.arange(width, device=dev)
+        q = torch.tensor(cols, device=dev)[:, None]
+        return (((k <= q) & self.real[a:a + len(cols), :width]) | (k == q))[:, None, None]
 
     def attend(self, ctx: Context, slot: tuple[int, int], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Write this call's k, v (n, nkv, T, hd) at (step, layer) `slot` (or each row's own
@@ -202,7 +226,7 @@ class KVCache:
             self._grow(self.capacity, slots=top + 1)
         T, store = k.shape[2], self.store
         s = 0 if self.shared else step
-        if len(ctx.runs) == 1 and ctx.slots is None:  # one block of rows and columns: slices
+        if ctx.one_block:  # one block of rows and columns: slices
             a, n, c = ctx.runs[0].a, k.shape[0], int(ctx.cols[0])
             store[0, s, layer, a:a + n, :, c:c + T] = k
             store[1, s, layer, a:a + n, :, c:c + T] = v
@@ -287,4 +311,4 @@ class KVCache:
         self.lengths = lengths
 
 
-__all__ = ["Context", "KVCache", "Run", "attention"]
+__all__ = ["RAGGED_COLUMNS", "Context", "KVCache", "Run", "attention"]

@@ -123,6 +123,28 @@ def test_a_subset_of_rows_attends_over_its_cache_rows_in_place(model, rows, runs
         torch.testing.assert_close(h[j, 0], alone(model, seqs[b])[0, 3], **TOL)
 
 
+@pytest.mark.parametrize("ragged, runs", [(64, 1), (1, 2)])
+def test_rows_at_different_columns_attend_in_one_masked_call(model, monkeypatch, ragged, runs):
+    """Rows rolled back by different amounts (stale K/V left beyond their lengths) decode
+    one token each in one call: within `RAGGED_COLUMNS` they share one SDPA call, each row
+    masked to its own columns; further apart, a call each. Both equal each row alone."""
+    import ouro_lab.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "RAGGED_COLUMNS", ragged)
+    seqs = [[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+    cache = model.new_cache(2, 10)
+    with torch.no_grad():
+        model(torch.tensor(seqs), cache=cache)
+        cache.truncate(torch.tensor([5, 2]))  # columns 5 and 2-5 now hold rolled-back tokens
+        x, ctx = model.prepare(torch.tensor([[20], [21]]), cache=cache)
+        h = model.loop_step(x, 0, ctx)
+    assert ctx.cols.tolist() == [5, 2] and len(ctx.runs) == runs and not ctx.one_block
+    if runs == 1:
+        assert ctx.runs[0].mask[:, 0, 0].tolist() == [[True] * 6, [True] * 3 + [False] * 3]
+    torch.testing.assert_close(h[0, 0], alone(model, seqs[0][:5] + [20])[0, 5], **TOL)
+    torch.testing.assert_close(h[1, 0], alone(model, seqs[1][:2] + [21])[0, 2], **TOL)
+
+
 def test_rows_at_different_loop_steps_share_one_call(model):
     """One call, each row at its own step (`slots`): row 0 runs step 2 of its token while
     row 1 runs step 1 of a token one position later; both equal their sequences alone."""
