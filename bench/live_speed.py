@@ -27,9 +27,10 @@ read rate (the fastest 256 MiB sum of the run); mixed depth
 at the widest batch (rows alternating step 1 and full depth, decoded in ticks: measured
 speed-up over the FLOPs ratio of the tokens made); self-speculative
 decoding (drafts at step 1 or 2, 1-4 per round, verified at full depth) over plain greedy
-on the demo generation task, its output checked identical. The last line is the worst
-measured / ideal over the uniform early-exit cases (k = 1 .. R-1, both policies, every
-batch and prompt): `ratio: X`.
+on the demo generation task, its output checked identical, and what one masked attention
+call for rows at different cache columns saves it over a call per column. The last line
+is the worst measured / ideal over the uniform early-exit cases (k = 1 .. R-1, both
+policies, every batch and prompt): `ratio: X`.
 """
 
 from __future__ import annotations
@@ -345,6 +346,26 @@ def verify_cost(model, batch: int, prompt_len: int, reps: int, device: str, size
     return {T: paired(*timed[(T, 1)]) for T in sizes}
 
 
+def split_vs_merged(fn, reps: int, device: str, label: str) -> None:
+    """`fn` with rows at different cache columns attending in one masked SDPA call (within
+    `RAGGED_COLUMNS`) against a call per column (`RAGGED_COLUMNS` = 0), in adjacent pairs."""
+    from ouro_lab import cache
+
+    default = cache.RAGGED_COLUMNS
+
+    def split():
+        cache.RAGGED_COLUMNS = 0
+        try:
+            return fn()
+        finally:
+            cache.RAGGED_COLUMNS = default
+    timed = time_pairs({"split": split, "merged": fn}, [("split", "merged")], reps, device)
+    same = split()[0] == fn()[0]
+    print(f"  {label}: a call per column / rows within {default} columns in one masked call: "
+          f"{show(paired(*timed[('split', 'merged')]))}, identical output: {'yes' if same else 'NO'}",
+          flush=True)
+
+
 def bench_speculation(args) -> None:
     """Self-speculative decoding against plain full-depth greedy live decoding on the demo
     generation task (all 80 prompts, its until strings and token cap), same batch plan;
@@ -377,6 +398,7 @@ def bench_speculation(args) -> None:
         print(f"  draft step {k}, {n} tokens/round: speed-up {show(paired(*timed[('plain', (k, n))]))}, "
               f"drafts accepted {acc:.0%}, {per_round:.2f} tokens per round, "
               f"identical output: {'yes' if texts == plain else 'NO'}", flush=True)
+    split_vs_merged(fns[(1, 2)], args.reps, args.device, "draft step 1, 2 tokens/round")
     prompt_len = max(len(p) for p in prompts)
     cost = verify_cost(model, kw["batch_size"], prompt_len, args.reps, args.device)
     print(f"  a full-depth pass over T tokens per row / over one (demo model, batch {kw['batch_size']}, "

@@ -44,9 +44,11 @@ def test_live_speed_bench_runs_every_part_and_prints_the_ratio_last(capsys):
     assert sum("mixed depth, batch 2" in x for x in lines) == 2
     floors = [x for x in lines if x.startswith("  batch ") and "floor" in x]
     assert len(floors) == 2 and all(float(x.split("floor ")[1].split("x")[0]) > 0 for x in floors)
+    merged = [x for x in lines if "a call per column / rows within" in x]
+    assert len(merged) == 1 and merged[0].endswith("identical output: yes")
     verify = [x for x in lines if "a full-depth pass over T tokens per row / over one" in x]
     assert len(verify) == 2 and all(all(f"T={T} " in x for T in (2, 3, 5)) for x in verify)
-    spec = [x for x in lines if "tokens/round" in x]
+    spec = [x for x in lines if "tokens/round: speed-up" in x]
     assert len(spec) == 6 and all(x.endswith("identical output: yes") for x in spec)
 
 
