@@ -28,7 +28,8 @@ at the widest batch (rows alternating step 1 and full depth, decoded in ticks: m
 speed-up over the FLOPs ratio of the tokens made); self-speculative
 decoding (drafts at step 1 or 2, 1-4 per round, verified at full depth) over plain greedy
 on the demo generation task, its output checked identical, and what one masked attention
-call for rows at different cache columns saves it over a call per column. The last line
+call for rows at different cache columns saves it over a call per column (on 16-token
+continuations of the same prompts, where rows roll back by different amounts). The last line
 is the worst measured / ideal over the uniform early-exit cases (k = 1 .. R-1, both
 policies, every batch and prompt): `ratio: X`.
 """
@@ -398,7 +399,10 @@ def bench_speculation(args) -> None:
         print(f"  draft step {k}, {n} tokens/round: speed-up {show(paired(*timed[('plain', (k, n))]))}, "
               f"drafts accepted {acc:.0%}, {per_round:.2f} tokens per round, "
               f"identical output: {'yes' if texts == plain else 'NO'}", flush=True)
-    split_vs_merged(fns[(1, 2)], args.reps, args.device, "draft step 1, 2 tokens/round")
+    long = dict(kw, until=None, max_new_tokens=16, eos_token_id=None)  # rows diverge: rollbacks differ
+    draft = make_strategy("fixed", {"step": 1})
+    split_vs_merged(lambda: speculative_generate(model, tok, prompts, draft, 2, **long), args.reps,
+                    args.device, "16-token continuations (no stop), draft step 1, 2 tokens/round")
     prompt_len = max(len(p) for p in prompts)
     cost = verify_cost(model, kw["batch_size"], prompt_len, args.reps, args.device)
     print(f"  a full-depth pass over T tokens per row / over one (demo model, batch {kw['batch_size']}, "
