@@ -30,6 +30,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return y.transpose(1, 2).reshape(B, T, nh * hd)
 
 
+def _one_block(rows: list[int], cols: list[int]) -> bool:
+    """Cache rows consecutive and ascending, all at one column: slices can address them."""
+    return cols.count(cols[0]) == len(cols) and rows == list(range(rows[0], rows[0] + len(rows)))
+
+
 # Adjacent rows at one slot whose first columns differ by at most this many attend in one
 # SDPA call, each masked to its own columns: a separate call per column costs more than
 # reading a few dozen masked columns (rows rolled back by different amounts after
@@ -162,7 +167,7 @@ class KVCache:
         if need > self.capacity:
             self._grow(max(need, 2 * self.capacity))
         a = rs[0]
-        if st.count(st[0]) == n and rs[-1] - a + 1 == n:
+        if _one_block(rs, st):
             c = st[0]
             self.real[a:a + n, c:c + T] = real
         else:
@@ -206,7 +211,7 @@ class KVCache:
             runs.append(Run(i, j, a, s[i], width, m))
             if j < len(r):
                 i, lo, hi = j, c[j], c[j]
-        one_block = len(runs) == 1 and slots is None and c.count(c[0]) == len(c)
+        one_block = len(runs) == 1 and slots is None and _one_block(r, c)
         return Context(cos, sin, mask, self, rows, cols, slots, tuple(runs), one_block)
 
     def _ragged_mask(self, a: int, cols: list[int], width: int) -> Tensor:
@@ -274,7 +279,7 @@ class KVCache:
         r, c = rows.tolist(), cols.tolist()
         if not r:
             return
-        if c.count(c[0]) == len(c) and r == list(range(r[0], r[0] + len(r))):  # one block: slices
+        if _one_block(r, c):
             st, a = self.store, r[0]
             st[:, step + 1:, :, a:a + len(r), :, c[0]] = st[:, step:step + 1, :, a:a + len(r), :, c[0]]
             return
