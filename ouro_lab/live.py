@@ -179,7 +179,7 @@ class LiveBatch:
         # and no token has started (a token's ticks all attend at the same columns)
         self._ctx_key: bytes | None = None
         self._ctx = None
-        self._none = torch.zeros(0, dtype=torch.long)
+        self._none, self._all = torch.zeros(0, dtype=torch.long), torch.arange(batch)
 
     def start(self, rows, request_ids) -> None:
         """Empty `rows` for new requests: cache rows, counters, draw ids."""
@@ -219,12 +219,15 @@ class LiveBatch:
             raise LiveError(f"strategy {type(self.strategy).__module__} reads the target token, "
                             "which decoding does not know; it can only be replayed")
         dev, every = self.dev, len(rows) == self.B
-        self._ctx_key = None
         x, ctx = self.model.prepare(tokens.to(dev)[:, None], None, None, self.cache, None if every else rows)
+        # the context of these rows at step 0: the first tick reuses it if they run alone
+        self._ctx_key, self._ctx = _np(rows).tobytes(), ctx
         sel, at = (slice(None), slice(None)) if every else (rows.numpy(), rows.to(dev))
-        self.h[at], self.cos[at], self.sin[at] = x, ctx.cos, ctx.sin
+        if every:  # fresh tensors of the whole batch: taken, not copied
+            self.h, self.cos, self.sin = x, ctx.cos, ctx.sin
+        else:
+            self.h[at], self.cos[at], self.sin[at] = x, ctx.cos, ctx.sin
         self.tgt[at] = -1 if targets is None else targets.to(dev).long()
-        self.logp[at] = math.nan
         self.col[sel], self.next_step[sel], self.exit_at[sel] = ctx.cols.numpy(), 0, -1
         self.want[sel] = True if readout is None else readout.numpy().astype(bool)
         self.index[sel] = self.row_ids[sel] * 1_000_003 + self.fed[sel]
@@ -241,7 +244,8 @@ class LiveBatch:
         """Start `tokens` in idle `rows` (CPU, sorted; `targets`, `readout` (m,) optional),
         then run one loop step for every busy row. Returns None if no row was busy, else
         {busy: rows that ran, done: rows whose token finished, exit: their 0-based exit
-        steps, steps / flops / flops_used: what each finished token cost} (CPU tensors).
+        steps, steps / flops / flops_used: what each finished token cost} (CPU tensors) and
+        idle: True when no token is left in flight.
         A finished row's exit log-probs (readout rows) are in `self.logp`."""
         if rows is not None and len(rows):
             self._start_tokens(rows, tokens, targets, readout)
@@ -294,7 +298,9 @@ class LiveBatch:
         finished = busy[done]
         self.next_step[sel] = steps + 1
         self.next_step[finished] = -1
-        return self._finish(busy_t.clone(), finished)  # a copy: the context keeps busy_t
+        out = self._finish(busy_t.clone(), finished)  # a copy: the context keeps busy_t
+        out["idle"] = len(finished) == len(busy)  # no token left in flight
+        return out
 
     def _decide_all(self, busy: np.ndarray, steps: np.ndarray, h: Tensor, logp: Tensor | None,
                     uniform: bool) -> None:
@@ -313,9 +319,13 @@ class LiveBatch:
                 continue
             self.exit_at[new] = r
             want = self.want[new]
-            if want.any():
+            if want.all() and len(new) == self.B:  # the whole batch, in order: taken, not copied
+                self.logp = logp if logp is not None else self._read_head(new, h)
+            elif want.any():
                 rd, pd = torch.from_numpy(new[want]).to(dev), torch.from_numpy(new_pos[want]).to(dev)
                 self.logp[rd] = logp[pd] if logp is not None else self._read_head(new[want], h[pd])
+            if not want.all():  # no prediction wanted: none given
+                self.logp[torch.from_numpy(new[~want]).to(dev)] = math.nan
 
     def _decide(self, r: int, rows: np.ndarray) -> np.ndarray:
         """(len(rows),) bool: which of `rows` (all at step r) exit there (the last step always)."""
@@ -344,9 +354,10 @@ class LiveBatch:
                     "flops_used": none.double(), "steps": none}
         at = slice(None) if len(rows) == self.B else rows  # all rows: slices, not index arrays
         exit_step = self.exit_at[at]
-        if self.policy == "copy" and int(exit_step.min()) < self.R - 1:
-            for e in np.unique(exit_step[exit_step < self.R - 1]).tolist():
-                pick = rows[exit_step == e]
+        lo, hi = int(exit_step.min()), int(exit_step.max())
+        if self.policy == "copy" and lo < self.R - 1:
+            for e in ([lo] if lo == hi else np.unique(exit_step[exit_step < self.R - 1]).tolist()):
+                pick = rows if lo == hi else rows[exit_step == e]
                 self.cache.copy_deeper(e, torch.from_numpy(pick), torch.from_numpy(self.col[pick]))
         ran, read, cost = self.ran[at], self.read[at], self.step_cost[at]
         need = (self.strategy.readouts(torch.from_numpy(exit_step)).numpy() if self.strategy is not None
@@ -373,16 +384,17 @@ class LiveBatch:
         target_is_argmax (B,) if targets; with `keep_states`, states: (R, B, H) each row's
         state after every step it ran}."""
         alive = alive.cpu().bool()
-        rows = alive.nonzero()[:, 0]
-        pick = (lambda t: None if t is None else t.cpu()[rows])
+        every = bool(alive.all())
+        rows = self._all if every else alive.nonzero()[:, 0]
+        pick = (lambda t: None if t is None else t.cpu() if every else t.cpu()[rows])
         self.states = (torch.zeros(self.R, self.B, self.h.shape[-1], dtype=self.h.dtype, device=self.h.device)
                        if keep_states else None)
         exit_step = torch.full((self.B,), self.R - 1, dtype=torch.long)
-        out = self.tick(rows, tokens.cpu()[rows], pick(targets), pick(readout))
+        out = self.tick(rows, pick(tokens), pick(targets), pick(readout))
         while out is not None:
             if len(out["done"]):
                 exit_step[out["done"]] = out["exit"]
-            out = self.tick()
+            out = None if out["idle"] else self.tick()
         logp = torch.where(alive.to(self.logp.device)[:, None], self.logp, math.nan)
         res = {"exit": exit_step, "logp": logp}
         if targets is not None:

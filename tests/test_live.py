@@ -175,9 +175,37 @@ def test_steps_before_the_earliest_exit_run_in_one_tick(env, policy, k):
         assert torch.equal(x["states"], y["states"])
     assert all((getattr(a, c) == getattr(b, c)).all() for c in COUNTERS)
     assert torch.equal(a.cache.store, b.cache.store)
-    kk = min(k, R)  # a step() makes one more tick, which finds no row busy
-    assert ta == 4 * (1 + (R - kk if policy == "full" else 0) + 1)
-    assert tb == 4 * ((R if policy == "full" else kk) + 1)
+    kk = min(k, R)  # a step() stops at the tick that leaves no token in flight: no empty tick
+    assert ta == 4 * (1 + (R - kk if policy == "full" else 0))
+    assert tb == 4 * (R if policy == "full" else kk)
+
+
+@pytest.mark.parametrize("rule", [("fixed", {"step": 2}), ("confidence", {"tau": 0.5})])
+def test_step_log_probs_only_where_wanted_and_never_overwritten(env, rule):
+    """`step`'s log-probs: rows without a readout (or not alive) are NaN, the others equal a
+    run that reads every row out, and a result already returned stays as it was when later
+    steps write the batch's log-probs (whole-batch exits and partial ones alike)."""
+    import torch
+
+    from ouro_lab.live import LiveBatch
+    from ouro_lab.registry import make_strategy
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+    wants = [torch.tensor([True, True, True]), torch.tensor([True, False, True]),
+             torch.tensor([False, False, False]), torch.tensor([True, True, True])]
+    alive = [torch.ones(3, dtype=torch.bool)] * 3 + [torch.tensor([True, False, True])]
+    runs = {w: LiveBatch(env["model"], make_strategy(*rule), "copy", batch=3) for w in ("some", "all")}
+    kept = []
+    for t in range(4):
+        got = runs["some"].step(ids[:, t], alive[t], readout=wants[t])
+        ref = runs["all"].step(ids[:, t], alive[t])
+        kept.append((got["logp"], got["logp"].clone()))
+        shown = wants[t] & alive[t]
+        assert torch.isnan(got["logp"][~shown]).all()
+        assert torch.equal(got["logp"][shown], ref["logp"][shown])
+        assert not torch.isnan(got["logp"][shown]).any()
+    for returned, copy in kept:  # later steps wrote their own tensors, not these
+        assert torch.equal(returned.nan_to_num(), copy.nan_to_num())
 
 
 def test_live_generate_without_exit_is_greedy_generate(env):
