@@ -304,28 +304,30 @@ class LiveBatch:
 
     def _decide_all(self, busy: np.ndarray, steps: np.ndarray, h: Tensor, logp: Tensor | None,
                     uniform: bool) -> None:
-        """Exit decisions of the busy rows that have not exited, grouped by their step."""
+        """Exit decisions of the busy rows that have not exited, grouped by their step; the
+        rows that exit, at whatever step, are read out in one LM-head call (a call reads the
+        head's weights once, whatever its rows)."""
         undecided = self.exit_at[busy] < 0
         if uniform and undecided.all():  # one group: every busy row at one step
             groups = [(int(steps[0]), np.arange(len(busy)))]
         else:
             groups = [(int(r), np.flatnonzero(undecided & (steps == r))) for r in np.unique(steps[undecided])]
-        dev = self.dev
+        exits = []  # positions among busy of the rows that exit now
         for r, pos in groups:
-            rows = busy[pos]  # positions among busy, their rows
-            stop = self._decide(r, rows)
-            new, new_pos = rows[stop], pos[stop]
-            if not len(new):
-                continue
-            self.exit_at[new] = r
-            want = self.want[new]
-            if want.all() and len(new) == self.B:  # the whole batch, in order: taken, not copied
-                self.logp = logp if logp is not None else self._read_head(new, h)
-            elif want.any():
-                rd, pd = torch.from_numpy(new[want]).to(dev), torch.from_numpy(new_pos[want]).to(dev)
-                self.logp[rd] = logp[pd] if logp is not None else self._read_head(new[want], h[pd])
-            if not want.all():  # no prediction wanted: none given
-                self.logp[torch.from_numpy(new[~want]).to(dev)] = math.nan
+            stop = self._decide(r, busy[pos])
+            self.exit_at[busy[pos[stop]]] = r
+            exits.append(pos[stop])
+        pos = np.sort(np.concatenate(exits)) if len(exits) > 1 else exits[0] if exits else exits
+        if not len(pos):
+            return
+        new, want, dev = busy[pos], self.want[busy[pos]], self.dev
+        if want.all() and len(new) == self.B:  # the whole batch, in order: taken, not copied
+            self.logp = logp if logp is not None else self._read_head(new, h)
+        elif want.any():
+            rd, pd = torch.from_numpy(new[want]).to(dev), torch.from_numpy(pos[want]).to(dev)
+            self.logp[rd] = logp[pd] if logp is not None else self._read_head(new[want], h[pd])
+        if not want.all():  # no prediction wanted: none given
+            self.logp[torch.from_numpy(new[~want]).to(dev)] = math.nan
 
     def _decide(self, r: int, rows: np.ndarray) -> np.ndarray:
         """(len(rows),) bool: which of `rows` (all at step r) exit there (the last step always)."""

@@ -276,6 +276,62 @@ def test_rows_at_different_depths_decode_as_if_alone(env, policy):
     assert 1 < sum(r["steps_used"] for r in recs) / sum(r["tokens"] for r in recs) < env["trace"].steps
 
 
+def test_rows_exiting_at_different_steps_share_one_head_readout(env):
+    """Row b's tokens exit at step b (rows decoded in ticks, a row starting its next token
+    as soon as one exits): ticks where rows exit at different steps read the LM head once
+    for all of them, and every token's log-probs equal those of its row decoded alone."""
+    import torch
+
+    from ouro_lab.live import LiveBatch
+    from ouro_lab.strategy import ExitStrategy
+
+    class ByRow(ExitStrategy):
+        needs = ()
+
+        def decide(self, s, r):
+            return s.index // 1_000_003 <= r  # the row id (see LiveBatch.index)
+
+    model, B, n = env["model"], 3, 4
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+    calls = []
+    head = model.lm_head.forward
+
+    def counted(x):
+        calls.append(x.shape[0])
+        return head(x)
+
+    def decode(rows, run):  # ticks; returns {row: [log-probs of each token]} and head calls per tick
+        out, fed, per_tick = {b: [] for b in rows}, {b: 0 for b in rows}, []
+        ready = list(range(len(rows)))
+        while True:  # until no token is in flight
+            start = [i for i in ready if fed[rows[i]] < n]
+            calls.clear()
+            res = run.tick(torch.tensor(start, dtype=torch.long),
+                           torch.tensor([int(ids[rows[i], fed[rows[i]]]) for i in start], dtype=torch.long))
+            for i in start:
+                fed[rows[i]] += 1
+            if res is None:
+                break
+            per_tick.append((len(calls), len(res["done"])))
+            for i in res["done"].tolist():
+                out[rows[i]].append(run.logp[i].clone())
+            ready = res["done"].tolist()
+        return out, per_tick
+
+    model.lm_head.forward = counted
+    try:
+        together, per_tick = decode([0, 1, 2], LiveBatch(model, ByRow(), "copy", batch=B))
+        alone = {b: decode([b], LiveBatch(model, ByRow(), "copy", batch=1, row_ids=[b]))[0][b] for b in range(B)}
+    finally:
+        model.lm_head.forward = head
+    assert any(done > 1 for _, done in per_tick)  # rows at different steps exited in one tick
+    assert all(c == (1 if done else 0) for c, done in per_tick)
+    for b in range(B):
+        assert len(together[b]) == n
+        for x, y in zip(together[b], alone[b], strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
 def test_generation_under_a_strategy_saves_compute(env):
     from ouro_lab.harness import evaluate_live
     from ouro_lab.registry import make_strategy
