@@ -280,10 +280,22 @@ class AlternateRows(ExitStrategy):
         return (s.index // 1_000_003) % 2 == 0  # the row id (see LiveBatch.index)
 
 
+def read_sizes(model) -> tuple[int, int, int]:
+    """Bytes a decode tick reads: the weights of one pass of the layer stack, the LM head's,
+    and the K and V of one cache column over every layer (per step run)."""
+    cfg, size = model.config, model.lm_head.weight.element_size()
+    w_step = sum(p.numel() for p in model.model.layers.parameters()) * size
+    kv_col = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size
+    return w_step, model.lm_head.weight.numel() * size, kv_col
+
+
 def bench_mixed(model, batch: int, prompt_len: int, args) -> dict:
     """Mixed depth in one batch: even rows exit at step 1, odd rows at full depth, decoded
     in ticks (an exited row starts its next token at once). Measured seconds per token of
-    full-depth live decoding over mixed, divided by the FLOPs ratio of the tokens made."""
+    full-depth live decoding over mixed, divided by the FLOPs ratio of the tokens made, and
+    by the ratio of bytes read, counted per tick: a tick reads the weights of each step it
+    runs once, whatever its rows, the LM head once if a row exits, and every busy row's K/V
+    at each step it runs (decoding at small batch is bound by those reads, not by FLOPs)."""
     g = torch.Generator().manual_seed(prompt_len)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(model.device)
     n = batch * args.tokens
@@ -292,20 +304,24 @@ def bench_mixed(model, batch: int, prompt_len: int, args) -> dict:
     runs = {"mixed": LiveBatch(model, AlternateRows(), "copy", batch=batch),
             "full": LiveBatch(model, None, "copy", batch=batch)}
     made: dict[str, list] = {k: [] for k in runs}
+    R = model.config.total_ut_steps
+    w_step, w_head, kv_col = read_sizes(model)
 
     def decode(run):  # ticks until `n` tokens are made; rows that exit early simply make more
         cache.truncate(keep)
         run.cache = cache
-        cur, ready, tokens = torch.zeros(batch, dtype=torch.long), list(range(batch)), 0
+        cur, ready, tokens, read = torch.zeros(batch, dtype=torch.long), list(range(batch)), 0, 0
         f0 = run.flops.sum().item()
-        while tokens < n:
-            out = run.tick(torch.tensor(ready, dtype=torch.long), cur[ready])
-            ready = out["done"].tolist()
-            tokens += len(ready)
+        per_tick = R if run.first_exit == R - 1 else 1  # steps a tick runs: all R back to back, or one
+        out = run.tick(torch.tensor(ready, dtype=torch.long), cur[ready])
+        while out is not None:
+            busy = out["busy"].numpy()
+            read += per_tick * (w_step + kv_col * int(run.ctx_len[busy].sum())) + (w_head if len(out["done"]) else 0)
+            tokens += len(out["done"])
+            ready = out["done"].tolist() if tokens < n else []  # past n: no new tokens, the rest finish
             cur[out["done"]] = run.logp[out["done"].to(run.logp.device)].argmax(-1).cpu()
-        while run.tick() is not None:
-            pass
-        return tokens, run.flops.sum().item() - f0
+            out = run.tick(torch.tensor(ready, dtype=torch.long), cur[ready]) if ready else run.tick()
+        return tokens, run.flops.sum().item() - f0, read
 
     for run in runs.values():  # warm-up
         decode(run)
@@ -313,16 +329,18 @@ def bench_mixed(model, batch: int, prompt_len: int, args) -> dict:
         for name, run in (runs.items() if rep % 2 == 0 else list(runs.items())[::-1]):
             sync(args.device)
             t0 = time.perf_counter()
-            tokens, flops = decode(run)
+            tokens, flops, read = decode(run)
             sync(args.device)
-            made[name].append(((time.perf_counter() - t0) / tokens, flops / tokens))
-    fpt = {k: statistics.median(f for _, f in v) for k, v in made.items()}
-    speedup = paired([t for t, _ in made["full"]], [t for t, _ in made["mixed"]])  # seconds per token
-    ideal = fpt["full"] / fpt["mixed"]
+            made[name].append(((time.perf_counter() - t0) / tokens, flops / tokens, read / tokens))
+    fpt = {k: statistics.median(f for _, f, _ in v) for k, v in made.items()}
+    bpt = {k: statistics.median(b for _, _, b in v) for k, v in made.items()}
+    speedup = paired([t for t, _, _ in made["full"]], [t for t, _, _ in made["mixed"]])  # seconds per token
+    ideal, by_bytes = fpt["full"] / fpt["mixed"], bpt["full"] / bpt["mixed"]
     print(f"  mixed depth, batch {batch}, prompt {prompt_len} (rows alternate step 1 / full depth): "
-          f"speed-up {show(speedup)}, ideal {ideal:.2f}x, measured/ideal {speedup[0] / ideal:.3f}",
+          f"speed-up {show(speedup)}, ideal {ideal:.2f}x, measured/ideal {speedup[0] / ideal:.3f}; "
+          f"bytes read per token, full / mixed, {by_bytes:.2f}x (measured / that {speedup[0] / by_bytes:.3f})",
           flush=True)
-    return {"speedup": speedup[0], "ideal": ideal}
+    return {"speedup": speedup[0], "ideal": ideal, "bytes": by_bytes}
 
 
 def verify_cost(model, batch: int, prompt_len: int, reps: int, device: str, sizes=(2, 3, 5)) -> dict:

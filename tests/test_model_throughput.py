@@ -41,7 +41,8 @@ def test_live_speed_bench_runs_every_part_and_prints_the_ratio_last(capsys):
     assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0
     cases = [x for x in lines if "measured/ideal" in x and "k=" in x]
     assert len(cases) == 2 * 2 * 2 * 3  # batches x prompts x policies x k = 1 .. R-1
-    assert sum("mixed depth, batch 2" in x for x in lines) == 2
+    mixed = [x for x in lines if "mixed depth, batch 2" in x]
+    assert len(mixed) == 2 and all(float(x.split("full / mixed, ")[1].split("x")[0]) > 1 for x in mixed)
     floors = [x for x in lines if x.startswith("  batch ") and "floor" in x]
     assert len(floors) == 2 and all(float(x.split("floor ")[1].split("x")[0]) > 0 for x in floors)
     merged = [x for x in lines if "a call per column / rows within" in x]
@@ -50,6 +51,21 @@ def test_live_speed_bench_runs_every_part_and_prints_the_ratio_last(capsys):
     assert len(verify) == 2 and all(all(f"T={T} " in x for T in (2, 3, 5)) for x in verify)
     spec = [x for x in lines if "tokens/round: speed-up" in x]
     assert len(spec) == 6 and all(x.endswith("identical output: yes") for x in spec)
+
+
+def test_live_speed_read_sizes_count_the_published_shapes():
+    """The bytes a tick reads, from the config's shapes (not from the module's parameters):
+    per layer q, k, v, o, the three MLP matrices and four norms; the head; K and V."""
+    import torch
+
+    bench = _load_bench("live_speed")
+    model = bench.build_model("tiny", torch.float32, "cpu")
+    c = model.config
+    H, I, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    layer = H * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) + 3 * H * I + 4 * H
+    assert bench.read_sizes(model) == (4 * c.num_hidden_layers * layer, 4 * c.vocab_size * H,
+                                       4 * 2 * c.num_hidden_layers * c.num_key_value_heads * hd)
+    assert bench.read_sizes(model.to(torch.bfloat16))[1] == 2 * c.vocab_size * H
 
 
 def test_live_speed_growth_floor_counts_every_slot_of_every_row():
