@@ -316,7 +316,8 @@ def bench_mixed(model, batch: int, prompt_len: int, args) -> dict:
         out = run.tick(torch.tensor(ready, dtype=torch.long), cur[ready])
         while out is not None:
             busy = out["busy"].numpy()
-            read += per_tick * (w_step + kv_col * int(run.ctx_len[busy].sum())) + (w_head if len(out["done"]) else 0)
+            read += per_tick * (w_step + kv_col * int(run.ctx_len[busy].sum()))
+            read += w_head if len(out["done"]) else 0
             tokens += len(out["done"])
             ready = out["done"].tolist() if tokens < n else []  # past n: no new tokens, the rest finish
             cur[out["done"]] = run.logp[out["done"].to(run.logp.device)].argmax(-1).cpu()
@@ -338,7 +339,8 @@ def bench_mixed(model, batch: int, prompt_len: int, args) -> dict:
     ideal, by_bytes = fpt["full"] / fpt["mixed"], bpt["full"] / bpt["mixed"]
     print(f"  mixed depth, batch {batch}, prompt {prompt_len} (rows alternate step 1 / full depth): "
           f"speed-up {show(speedup)}, ideal {ideal:.2f}x, measured/ideal {speedup[0] / ideal:.3f}; "
-          f"bytes read per token, full / mixed, {by_bytes:.2f}x (measured / that {speedup[0] / by_bytes:.3f})",
+          f"bytes read per token, full / mixed, {by_bytes:.2f}x "
+          f"(measured / that {speedup[0] / by_bytes:.3f})",
           flush=True)
     return {"speedup": speedup[0], "ideal": ideal, "bytes": by_bytes}
 

@@ -321,7 +321,8 @@ def test_rows_exiting_at_different_steps_share_one_head_readout(env):
     model.lm_head.forward = counted
     try:
         together, per_tick = decode([0, 1, 2], LiveBatch(model, ByRow(), "copy", batch=B))
-        alone = {b: decode([b], LiveBatch(model, ByRow(), "copy", batch=1, row_ids=[b]))[0][b] for b in range(B)}
+        alone = {b: decode([b], LiveBatch(model, ByRow(), "copy", batch=1, row_ids=[b]))[0][b]
+                 for b in range(B)}
     finally:
         model.lm_head.forward = head
     assert any(done > 1 for _, done in per_tick)  # rows at different steps exited in one tick
