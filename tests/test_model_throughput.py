@@ -61,8 +61,8 @@ def test_live_speed_read_sizes_count_the_published_shapes():
     bench = _load_bench("live_speed")
     model = bench.build_model("tiny", torch.float32, "cpu")
     c = model.config
-    H, I, hd = c.hidden_size, c.intermediate_size, c.head_dim
-    layer = H * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) + 3 * H * I + 4 * H
+    H, inter, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    layer = H * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) + 3 * H * inter + 4 * H
     assert bench.read_sizes(model) == (4 * c.num_hidden_layers * layer, 4 * c.vocab_size * H,
                                        4 * 2 * c.num_hidden_layers * c.num_key_value_heads * hd)
     assert bench.read_sizes(model.to(torch.bfloat16))[1] == 2 * c.vocab_size * H
