@@ -43,6 +43,8 @@ def test_live_speed_bench_runs_every_part_and_prints_the_ratio_last(capsys):
     assert len(cases) == 2 * 2 * 2 * 3  # batches x prompts x policies x k = 1 .. R-1
     mixed = [x for x in lines if "mixed depth, batch 2" in x]
     assert len(mixed) == 2 and all(float(x.split("full / mixed, ")[1].split("x")[0]) > 1 for x in mixed)
+    goals = [x for x in lines if x.startswith("    goals, on the unrounded medians: ")]
+    assert len(goals) == 2 and all("of 12 cases" in x and "full depth <= 1.05x: " in x for x in goals)
     floors = [x for x in lines if x.startswith("  batch ") and "floor" in x]
     assert len(floors) == 2 and all(float(x.split("floor ")[1].split("x")[0]) > 0 for x in floors)
     merged = [x for x in lines if "a call per column / rows within" in x]
