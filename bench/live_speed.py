@@ -304,6 +304,7 @@ def bench_mixed(model, batch: int, prompt_len: int, args) -> dict:
     runs = {"mixed": LiveBatch(model, AlternateRows(), "copy", batch=batch),
             "full": LiveBatch(model, None, "copy", batch=batch)}
     made: dict[str, list] = {k: [] for k in runs}
+    plan: dict[str, tuple] = {}  # tokens, ticks, ticks winding down (the same every rep)
     R = model.config.total_ut_steps
     w_step, w_head, kv_col = read_sizes(model)
 
@@ -311,18 +312,21 @@ def bench_mixed(model, batch: int, prompt_len: int, args) -> dict:
         cache.truncate(keep)
         run.cache = cache
         cur, ready, tokens, read = torch.zeros(batch, dtype=torch.long), list(range(batch)), 0, 0
+        ticks = [0, 0]  # ticks, and those of them after the n-th token (no new token starts)
         f0 = run.flops.sum().item()
         per_tick = R if run.first_exit == R - 1 else 1  # steps a tick runs: all R back to back, or one
         out = run.tick(torch.tensor(ready, dtype=torch.long), cur[ready])
         while out is not None:
             busy = out["busy"].numpy()
+            ticks[0] += 1
+            ticks[1] += tokens >= n
             read += per_tick * (w_step + kv_col * int(run.ctx_len[busy].sum()))
             read += w_head if len(out["done"]) else 0
             tokens += len(out["done"])
             ready = out["done"].tolist() if tokens < n else []  # past n: no new tokens, the rest finish
             cur[out["done"]] = run.logp[out["done"].to(run.logp.device)].argmax(-1).cpu()
             out = run.tick(torch.tensor(ready, dtype=torch.long), cur[ready]) if ready else run.tick()
-        return tokens, run.flops.sum().item() - f0, read
+        return tokens, run.flops.sum().item() - f0, read, ticks
 
     for run in runs.values():  # warm-up
         decode(run)
@@ -330,9 +334,10 @@ def bench_mixed(model, batch: int, prompt_len: int, args) -> dict:
         for name, run in (runs.items() if rep % 2 == 0 else list(runs.items())[::-1]):
             sync(args.device)
             t0 = time.perf_counter()
-            tokens, flops, read = decode(run)
+            tokens, flops, read, ticks = decode(run)
             sync(args.device)
             made[name].append(((time.perf_counter() - t0) / tokens, flops / tokens, read / tokens))
+            plan[name] = (tokens, *ticks)
     fpt = {k: statistics.median(f for _, f, _ in v) for k, v in made.items()}
     bpt = {k: statistics.median(b for _, _, b in v) for k, v in made.items()}
     speedup = paired([t for t, _, _ in made["full"]], [t for t, _, _ in made["mixed"]])  # seconds per token
@@ -340,7 +345,9 @@ def bench_mixed(model, batch: int, prompt_len: int, args) -> dict:
     print(f"  mixed depth, batch {batch}, prompt {prompt_len} (rows alternate step 1 / full depth): "
           f"speed-up {show(speedup)}, ideal {ideal:.2f}x, measured/ideal {speedup[0] / ideal:.3f}; "
           f"bytes read per token, full / mixed, {by_bytes:.2f}x "
-          f"(measured / that {speedup[0] / by_bytes:.3f})",
+          f"(measured / that {speedup[0] / by_bytes:.3f}); "
+          + ", ".join(f"{k} {t} tokens in {a} ticks, the last {b} winding down"
+                      for k, (t, a, b) in plan.items()),
           flush=True)
     return {"speedup": speedup[0], "ideal": ideal, "bytes": by_bytes}
 

@@ -219,8 +219,10 @@ class LiveBatch:
             raise LiveError(f"strategy {type(self.strategy).__module__} reads the target token, "
                             "which decoding does not know; it can only be replayed")
         dev, every = self.dev, len(rows) == self.B
-        x, ctx = self.model.prepare(tokens.to(dev)[:, None], None, None, self.cache, None if every else rows)
-        # the context of these rows at step 0: the first tick reuses it if they run alone
+        # the context of these rows at step 0, which the first tick reuses if they run alone; it
+        # keeps its rows, so a copy: a caller's later change to `rows` cannot reach it
+        x, ctx = self.model.prepare(tokens.to(dev)[:, None], None, None, self.cache,
+                                    None if every else rows.clone())
         self._ctx_key, self._ctx = _np(rows).tobytes(), ctx
         sel, at = (slice(None), slice(None)) if every else (rows.numpy(), rows.to(dev))
         if every:  # fresh tensors of the whole batch: taken, not copied
