@@ -25,7 +25,8 @@ the longest prompt takes at least the rest of a token at the shortest (its time 
 attention, timed alone) plus reading the K/V of every (step, layer) at the machine's best
 read rate (the fastest 256 MiB sum of the run); mixed depth
 at the widest batch (rows alternating step 1 and full depth, decoded in ticks: measured
-speed-up over the FLOPs ratio of the tokens made); self-speculative
+speed-up over the FLOPs ratio of the tokens made, and over the ratio of bytes read, counted
+per tick); self-speculative
 decoding (drafts at step 1 or 2, 1-4 per round, verified at full depth) over plain greedy
 on the demo generation task, its output checked identical, and what one masked attention
 call for rows at different cache columns saves it over a call per column (on 16-token
