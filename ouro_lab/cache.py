@@ -44,9 +44,11 @@ RAGGED_COLUMNS = 64
 
 @dataclass(frozen=True)
 class Run:
-    """Call rows [i, j) that attend in one SDPA call: cache rows [a, a + j - i), all at the
-    same slot and first columns at most `RAGGED_COLUMNS` apart, over columns [0, width),
-    with `mask` (j - i, 1, T, width) or None (all at one column, no padding)."""
+    """Call rows i, i + e, ... (< j) that attend in one SDPA call: cache rows a, a + d, ...
+    (< b), all at the same slot and first columns at most `RAGGED_COLUMNS` apart, over
+    columns [0, width), with `mask` (n, 1, T, width) or None (all at one column, no
+    padding). Strides above 1 let rows interleaved with rows at another slot (a batch of
+    mixed depths) share a call: strided views, nothing copied."""
 
     i: int
     j: int
@@ -54,6 +56,12 @@ class Run:
     slot: int | None  # None: the loop step being run
     width: int
     mask: Tensor | None
+    e: int = 1  # call-row stride
+    d: int = 1  # cache-row stride
+
+    @property
+    def b(self) -> int:
+        return self.a + (len(range(self.i, self.j, self.e)) - 1) * self.d + 1
 
 
 @dataclass(frozen=True)
@@ -197,30 +205,41 @@ class KVCache:
         T = cos.shape[1]
         r, c = rows.tolist(), cols.tolist()
         s = [None] * len(r) if slots is None else slots.tolist()
-        runs, i = [], 0
-        lo = hi = c[0] if c else 0  # the run's first columns span [lo, hi]
-        for j in range(1, len(r) + 1):
-            if (j < len(r) and r[j] == r[j - 1] + 1 and s[j] == s[i]
-                    and max(hi, c[j]) - min(lo, c[j]) <= RAGGED_COLUMNS):
-                lo, hi = min(lo, c[j]), max(hi, c[j])
-                continue
-            a, width = r[i], hi + T
-            m = (mask[i:j, :, :, :width] if mask is not None else
-                 self._ragged_mask(a, c[i:j], width) if lo < hi else
-                 self.real[a:a + j - i, None, None, :width] if self.padded[a:a + j - i].any() else None)
-            runs.append(Run(i, j, a, s[i], width, m))
-            if j < len(r):
-                i, lo, hi = j, c[j], c[j]
+        by_slot: dict = {}
+        for p, sl in enumerate(s):
+            by_slot.setdefault(sl, []).append(p)
+        runs = []
+        for ps in by_slot.values():  # each slot's rows, in order, cut into runs of constant strides
+            k = 0
+            while k < len(ps):
+                first = ps[k]
+                members, e, d, lo, hi = [first], 1, 1, c[first], c[first]
+                for p in ps[k + 1:]:
+                    step, gap = p - members[-1], r[p] - r[members[-1]]
+                    strides_differ = len(members) > 1 and (step, gap) != (e, d)
+                    if strides_differ or max(hi, c[p]) - min(lo, c[p]) > RAGGED_COLUMNS:
+                        break
+                    e, d = step, gap
+                    members.append(p)
+                    lo, hi = min(lo, c[p]), max(hi, c[p])
+                k += len(members)
+                i, j, a, n, width = first, members[-1] + 1, r[first], len(members), hi + T
+                b = a + (n - 1) * d + 1
+                m = (mask[i:j:e, :, :, :width] if mask is not None else
+                     self._ragged_mask(a, b, d, [c[p] for p in members], width) if lo < hi else
+                     self.real[a:b:d, None, None, :width] if self.padded[a:b:d].any() else None)
+                runs.append(Run(i, j, a, s[first], width, m, e, d))
+        runs.sort(key=lambda run: run.i)
         one_block = len(runs) == 1 and slots is None and _one_block(r, c)
         return Context(cos, sin, mask, self, rows, cols, slots, tuple(runs), one_block)
 
-    def _ragged_mask(self, a: int, cols: list[int], width: int) -> Tensor:
-        """(n, 1, 1, width) for one-token queries of cache rows [a, a + n) at `cols`: each sees
-        the real keys up to its own column (later ones may hold rolled-back tokens)."""
+    def _ragged_mask(self, a: int, b: int, d: int, cols: list[int], width: int) -> Tensor:
+        """(n, 1, 1, width) for one-token queries of cache rows a, a + d, ... (< b) at `cols`:
+        each sees the real keys up to its own column (later ones may hold rolled-back tokens)."""
         dev = self.real.device
         k = torch.arange(width, device=dev)
         q = torch.tensor(cols, device=dev)[:, None]
-        return (((k <= q) & self.real[a:a + len(cols), :width]) | (k == q))[:, None, None]
+        return (((k <= q) & self.real[a:b:d, :width]) | (k == q))[:, None, None]
 
     def attend(self, ctx: Context, slot: tuple[int, int], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Write this call's k, v (n, nkv, T, hd) at (step, layer) `slot` (or each row's own
@@ -245,9 +264,16 @@ class KVCache:
         out = []
         for run in ctx.runs:
             rs = s if run.slot is None or self.shared else run.slot
-            kv = store[:, rs, layer, run.a:run.a + run.j - run.i, :, :run.width]
-            out.append(attention(q[run.i:run.j], kv[0], kv[1], run.mask))
-        return out[0] if len(out) == 1 else torch.cat(out)
+            kv = store[:, rs, layer, run.a:run.b:run.d, :, :run.width]
+            out.append(attention(q[run.i:run.j:run.e], kv[0], kv[1], run.mask))
+        if len(out) == 1:
+            return out[0]
+        if all(run.e == 1 for run in ctx.runs):  # consecutive call rows, in order
+            return torch.cat(out)
+        y = out[0].new_empty(q.shape[0], *out[0].shape[1:])
+        for run, o in zip(ctx.runs, out, strict=True):  # interleaved runs: each to its call rows
+            y[run.i:run.j:run.e] = o
+        return y
 
     # -- rows
     def __len__(self) -> int:

@@ -166,6 +166,29 @@ def test_rows_at_different_loop_steps_share_one_call(model):
     torch.testing.assert_close(h[1, 0], alone(model, b)[1, 4], **TOL)
 
 
+@pytest.mark.parametrize("busy, strides", [([0, 1, 2, 3], (2, 2)), ([0, 2, 3, 5], (2, 3))])
+def test_rows_interleaved_at_two_slots_attend_in_two_strided_calls(model, busy, strides):
+    """Mixed depths in one tick: the busy rows alternate between step 0 (slot 0) and step 1
+    (slot 1). Each slot's rows attend in one SDPA call over strided views of their cache
+    rows (call-row and cache-row strides), and every row gets what the lockstep step gives."""
+    seqs = [[3 + i, 4 + i, 5 + i, 6 + i] for i in range(6)]
+    cache = model.new_cache(6, 8)
+    rows = torch.tensor(busy)
+    with torch.no_grad():
+        model(torch.tensor([q[:3] for q in seqs]), cache=cache)
+        x, ctx = model.prepare(torch.tensor([[q[3]] for q in seqs]), cache=cache)
+        h0 = model.loop_step(x, 0, ctx)  # every row, step 0
+        h1 = model.loop_step(h0, 1, ctx)  # every row, step 1
+        slots = torch.tensor([0, 1, 0, 1])
+        inp = torch.where((slots == 1)[:, None, None], h0[rows], x[rows])
+        mixed = cache.context(ctx.cos[rows], ctx.sin[rows], rows, torch.full((4,), 3), slots)
+        h = model.loop_step(inp, 0, mixed)
+    assert [(r.i, r.e, r.a, r.d, r.slot) for r in mixed.runs] == [(0, strides[0], busy[0], strides[1], 0),
+                                                                   (1, strides[0], busy[1], strides[1], 1)]
+    want = torch.where((slots == 1)[:, None, None], h1[rows], h0[rows])
+    torch.testing.assert_close(h, want, **TOL)
+
+
 def test_shared_slot_keeps_the_last_step_and_copy_deeper_fills_slots(model, tiny_config):
     ids = torch.tensor([[3, 4, 5, 6]])
     full, shared = model.new_cache(1, 6), KVCache(shared=True)
