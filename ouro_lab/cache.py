@@ -35,8 +35,8 @@ def _one_block(rows: list[int], cols: list[int]) -> bool:
     return cols.count(cols[0]) == len(cols) and rows == list(range(rows[0], rows[0] + len(rows)))
 
 
-# Adjacent rows at one slot whose first columns differ by at most this many attend in one
-# SDPA call, each masked to its own columns: a separate call per column costs more than
+# Rows at one slot (adjacent, or evenly spaced) whose first columns differ by at most this
+# many attend in one SDPA call, each masked to its own columns: a separate call per column costs more than
 # reading a few dozen masked columns (rows rolled back by different amounts after
 # speculative verification, or decoded a few tokens apart).
 RAGGED_COLUMNS = 64
@@ -205,9 +205,9 @@ class KVCache:
         T = cos.shape[1]
         r, c = rows.tolist(), cols.tolist()
         s = [None] * len(r) if slots is None else slots.tolist()
-        by_slot: dict = {}
+        by_slot: dict = {}  # a shared cache has one slot, whatever step each row runs
         for p, sl in enumerate(s):
-            by_slot.setdefault(sl, []).append(p)
+            by_slot.setdefault(None if self.shared else sl, []).append(p)
         runs = []
         for ps in by_slot.values():  # each slot's rows, in order, cut into runs of constant strides
             k = 0
@@ -217,7 +217,7 @@ class KVCache:
                 for p in ps[k + 1:]:
                     step, gap = p - members[-1], r[p] - r[members[-1]]
                     strides_differ = len(members) > 1 and (step, gap) != (e, d)
-                    if strides_differ or max(hi, c[p]) - min(lo, c[p]) > RAGGED_COLUMNS:
+                    if gap <= 0 or strides_differ or max(hi, c[p]) - min(lo, c[p]) > RAGGED_COLUMNS:
                         break
                     e, d = step, gap
                     members.append(p)

@@ -110,7 +110,7 @@ def test_truncate_rolls_rows_back_to_different_lengths(model):
 @pytest.mark.parametrize("rows, runs", [([0, 2, 3], 2), ([1, 2], 1), ([3], 1)])
 def test_a_subset_of_rows_attends_over_its_cache_rows_in_place(model, rows, runs):
     """`Context.select`: a step run for some rows of a call (live early exit) equals those
-    rows run alone; each run of consecutive rows attends over views of its cache rows."""
+    rows run alone; each run of evenly spaced rows attends over views of its cache rows."""
     seqs = [[3 + i, 4 + i, 5 + i, 6 + i] for i in range(4)]
     cache = model.new_cache(4, 8)
     with torch.no_grad():
@@ -166,25 +166,34 @@ def test_rows_at_different_loop_steps_share_one_call(model):
     torch.testing.assert_close(h[1, 0], alone(model, b)[1, 4], **TOL)
 
 
+@pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("busy, strides", [([0, 1, 2, 3], (2, 2)), ([0, 2, 3, 5], (2, 3))])
-def test_rows_interleaved_at_two_slots_attend_in_two_strided_calls(model, busy, strides):
+def test_rows_interleaved_at_two_slots_attend_in_two_strided_calls(model, busy, strides, ragged):
     """Mixed depths in one tick: the busy rows alternate between step 0 (slot 0) and step 1
     (slot 1). Each slot's rows attend in one SDPA call over strided views of their cache
-    rows (call-row and cache-row strides), and every row gets what the lockstep step gives."""
+    rows (call-row and cache-row strides), and every row gets what the lockstep step gives;
+    with a left-padded row, and (`ragged`) with rows rolled back to different columns, so
+    each strided run reads its own rows' masks."""
     seqs = [[3 + i, 4 + i, 5 + i, 6 + i] for i in range(6)]
     cache = model.new_cache(6, 8)
     rows = torch.tensor(busy)
+    mask = torch.ones(6, 3, dtype=torch.long)
+    mask[busy[1], 0] = 0  # one row's first column is padding
     with torch.no_grad():
-        model(torch.tensor([q[:3] for q in seqs]), cache=cache)
+        model(torch.tensor([q[:3] for q in seqs]), mask, cache=cache)
+        if ragged:  # the last two busy rows roll back a column: runs span columns 2 and 3
+            cache.truncate(torch.tensor([2 if b in busy[2:] else 3 for b in range(6)]))
         x, ctx = model.prepare(torch.tensor([[q[3]] for q in seqs]), cache=cache)
         h0 = model.loop_step(x, 0, ctx)  # every row, step 0
         h1 = model.loop_step(h0, 1, ctx)  # every row, step 1
         slots = torch.tensor([0, 1, 0, 1])
         inp = torch.where((slots == 1)[:, None, None], h0[rows], x[rows])
-        mixed = cache.context(ctx.cos[rows], ctx.sin[rows], rows, torch.full((4,), 3), slots)
+        mixed = cache.context(ctx.cos[rows], ctx.sin[rows], rows, ctx.cols[rows], slots)
         h = model.loop_step(inp, 0, mixed)
     assert [(r.i, r.e, r.a, r.d, r.slot) for r in mixed.runs] == [(0, strides[0], busy[0], strides[1], 0),
                                                                    (1, strides[0], busy[1], strides[1], 1)]
+    # the padded row's run reads its rows' padding; rolled-back rows mask their stale columns
+    assert mixed.runs[1].mask is not None and (mixed.runs[0].mask is not None) == ragged
     want = torch.where((slots == 1)[:, None, None], h1[rows], h0[rows])
     torch.testing.assert_close(h, want, **TOL)
 
