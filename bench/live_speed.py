@@ -26,7 +26,11 @@ attention, timed alone) plus reading the K/V of every (step, layer) at the machi
 read rate (the fastest 256 MiB sum of the run); mixed depth
 at the widest batch (rows alternating step 1 and full depth, decoded in ticks: measured
 speed-up over the FLOPs ratio of the tokens made, and over the ratio of bytes read, counted
-per tick); self-speculative
+per tick); per-token dispatch at the shortest prompt (ATen ops per token, counted, and the
+time per token of a twin of the model with the same layers, steps and heads at next to no
+width: it runs the same ops with next to no arithmetic, so its time is what issuing a token's
+work costs: the Python around the ops, their dispatch, on a GPU their launches; its share of the model's token, and each case's measured /
+ideal with the twin's time taken off both sides); self-speculative
 decoding (drafts at step 1 or 2, 1-4 per round, verified at full depth) over plain greedy
 on the demo generation task, its output checked identical, and what one masked attention
 call for rows at different cache columns saves it over a call per column (on 16-token
@@ -45,6 +49,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -183,6 +188,8 @@ def bench_batch(model, batch: int, prompt_lens: list[int], args, ks: list[int]) 
         gen, ts_full = timed[((prompt_len, "generate"), (prompt_len, full_name))]
         med = statistics.median(gen) / args.tokens
         full = summary[prompt_len] = paired(ts_full, gen)
+        summary["seconds", prompt_len] = {"generate": med,
+                                          full_name: statistics.median(ts_full) / args.tokens}
         fast, slow = min(gen) / args.tokens * 1e3, max(gen) / args.tokens * 1e3
         print(f"  batch {batch}, prompt {prompt_len}: generate {batch / med:.1f} tok/s ({med * 1e3:.1f} "
               f"ms/token; runs {fast:.1f}-{slow:.1f}); live at full depth / generate: {show(full, 3, '')}",
@@ -195,7 +202,8 @@ def bench_batch(model, batch: int, prompt_lens: list[int], args, ks: list[int]) 
             speedup = paired(tg, ts)
             ideal = cost.token_flops(R, ctx) / cost.token_flops(k, ctx)
             rows.append({"batch": batch, "prompt": prompt_len, "method": name, "ratio": speedup[0] / ideal,
-                         "fastest_ratio": speedup[1] / ideal})
+                         "fastest_ratio": speedup[1] / ideal, "ideal": ideal,
+                         "seconds": statistics.median(ts) / args.tokens})
             print(f"    {name:<8} {batch * args.tokens / statistics.median(ts):8.1f} tok/s  speed-up "
                   f"{show(speedup)}  ideal {ideal:5.2f}x  measured/ideal {speedup[0] / ideal:.3f} "
                   f"(fastest runs {speedup[1] / ideal:.3f})", flush=True)
@@ -270,6 +278,91 @@ def growth_floor(model, batch: int, lo: int, hi: int, tokens: int, t_lo: float) 
 def floor(f: dict, rate: float) -> float:
     """`growth_floor`'s bound at read rate `rate` (bytes/s)."""
     return (f["rest"] + f["kv_bytes"] / rate) / f["t_lo"]
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the ATen ops dispatched while active (after autograd and decomposition: the
+    kernels a CPU runs, views included; on a GPU each non-view op is a kernel launch or more)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def narrow_twin(model) -> OuroForCausalLM:
+    """The model's stack at next to no width: as many layers, loop steps, attention and KV
+    heads, head_dim 4, MLP width 8 per head, vocab 64. Decoding it runs the same ops in the
+    same order as the model (the same code paths), with next to no arithmetic, so its time
+    per token is what issuing a token's work costs: the Python around the ops, dispatching
+    them and, on a GPU, launching their kernels."""
+    c = model.config
+    cfg = OuroConfig(vocab_size=64, hidden_size=4 * c.num_attention_heads,
+                     intermediate_size=8 * c.num_attention_heads, num_hidden_layers=c.num_hidden_layers,
+                     num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                     head_dim=4, total_ut_steps=c.total_ut_steps, rope_theta=c.rope_theta,
+                     max_position_embeddings=c.max_position_embeddings,
+                     tie_word_embeddings=c.tie_word_embeddings)
+    with torch.device(model.device):
+        twin = OuroForCausalLM(cfg)
+    return init_weights(twin, seed=0).to(model.dtype).eval()
+
+
+def decoders(model, batch: int, prompt_len: int, tokens: int, ks: list[int]) -> dict:
+    """`methods` over a prompt of zeros prefilled into fresh caches, each run warmed up once."""
+    prompt = torch.zeros(1, prompt_len, dtype=torch.long, device=model.device)
+    capacity = prompt_len + tokens + 2
+    caches = {shared: prefilled(model, prompt, batch, capacity, shared) for shared in (False, True)}
+    caches["generate"] = caches[False].select(torch.arange(batch))
+    fns = methods(model, caches, prompt_len, batch, tokens, ks)
+    for fn in fns.values():
+        fn()
+    return fns
+
+
+def op_counts(fns: dict, tokens: int) -> dict:
+    """{name: ATen ops dispatched per decoded token} (a run's cache rollback included)."""
+    out = {}
+    for name, fn in fns.items():
+        with OpCount() as count:
+            fn()
+        out[name] = count.n / tokens
+    return out
+
+
+def dispatch_cost(model, batch: int, prompt_len: int, args, ks: list[int]) -> dict:
+    """Per decoded token of each method (as `methods`): ATen ops dispatched, and seconds per
+    token of the model's `narrow_twin` (the same ops, next to no arithmetic), the runs
+    interleaved, `args.reps` of each. {name: (ops per token, twin seconds per token)}."""
+    fns = decoders(narrow_twin(model), batch, prompt_len, args.tokens, ks)
+    ops, times = op_counts(fns, args.tokens), {name: [] for name in fns}
+    for _ in range(args.reps):
+        for name, fn in fns.items():
+            sync(args.device)
+            t0 = time.perf_counter()
+            fn()
+            sync(args.device)
+            times[name].append((time.perf_counter() - t0) / args.tokens)
+    return {name: (ops[name], statistics.median(times[name])) for name in fns}
+
+
+def show_dispatch(cost: dict, seconds: dict, ideal: dict, full_name: str) -> str:
+    """`dispatch_cost`'s figures beside the model's measured seconds per token (`seconds`,
+    same names), and each early-exit case's measured / ideal once the twin's time is taken
+    off both sides (on a CPU, issuing work and doing it take turns on one thread)."""
+    parts = []
+    for name, (ops, t) in cost.items():
+        share = t / seconds[name]
+        part = f"{name} {ops:.0f} ops, {t * 1e3:.2f} ms ({share:.0%} of {seconds[name] * 1e3:.1f})"
+        if name in ideal:  # (not where the twin took as long as the model: no arithmetic left to compare)
+            left = seconds[name] - t, seconds[full_name] - cost[full_name][1]
+            part += (f", measured/ideal without it {left[1] / left[0] / ideal[name]:.3f}" if min(left) > 0
+                     else ", measured/ideal without it: n/a (the twin took as long)")
+        parts.append(part)
+    return "; ".join(parts)
 
 
 class AlternateRows(ExitStrategy):
@@ -470,6 +563,14 @@ def main(argv=None) -> None:
     for batch in map(int, args.batches.split(",")):
         case, summaries[batch] = bench_batch(model, batch, prompt_lens, args, ks)
         rows += case
+        lo, full_name = prompt_lens[0], f"copy k={R} (full depth)"
+        here = [r for r in case if r["prompt"] == lo]
+        seconds = {**summaries[batch]["seconds", lo], **{r["method"]: r["seconds"] for r in here}}
+        cost = dispatch_cost(model, batch, lo, args, ks)
+        print(f"  dispatch, batch {batch}, prompt {lo}, per token: ATen ops, and the time of a twin of "
+              "the same depth at next to no width (what issuing the token's work costs: Python, "
+              "dispatch, on a GPU launches; its share of the measured token): " + show_dispatch(cost, seconds, {r["method"]: r["ideal"] for r in here},
+                                                  full_name), flush=True)
     print("goals: measured/ideal >= 0.9 at batch 1, >= 0.85 at batch 8; full depth <= 1.05x generate; "
           "decode time at the longest prompt <= 1.3x the shortest")
     rate = read_bandwidth(args.device)  # the best over the run

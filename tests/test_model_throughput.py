@@ -1,6 +1,7 @@
 """bench/model_throughput.py runs end to end on a tiny config (no timing asserted)."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +40,15 @@ def test_live_speed_bench_runs_every_part_and_prints_the_ratio_last(capsys):
     bench.main(["--shape", "tiny", "--batches", "1,2", "--prompts", "8,24", "--tokens", "2", "--reps", "1"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0
-    cases = [x for x in lines if "measured/ideal" in x and "k=" in x]
+    cases = [x for x in lines if "measured/ideal" in x and "k=" in x and not x.startswith("  dispatch")]
     assert len(cases) == 2 * 2 * 2 * 3  # batches x prompts x policies x k = 1 .. R-1
     mixed = [x for x in lines if "mixed depth, batch 2" in x]
     assert len(mixed) == 2 and all(float(x.split("full / mixed, ")[1].split("x")[0]) > 1 for x in mixed)
     goals = [x for x in lines if x.startswith("    goals, on the unrounded medians: ")]
     assert len(goals) == 2 and all("of 12 cases" in x and "full depth <= 1.05x: " in x for x in goals)
+    dispatch = [x for x in lines if x.startswith("  dispatch, batch ")]
+    assert len(dispatch) == 2 and all(len(re.findall(r"\d ops, ", x)) == 8 and x.count("without it") == 6
+                                     for x in dispatch)
     floors = [x for x in lines if x.startswith("  batch ") and "floor" in x]
     assert len(floors) == 2 and all(float(x.split("floor ")[1].split("x")[0]) > 0 for x in floors)
     merged = [x for x in lines if "a call per column / rows within" in x]
@@ -191,3 +195,34 @@ def test_trace_cost_runs_and_counts_the_work(capsys):
     for name in ("mmlu-like", "hellaswag-like", "demo-mc"):
         assert 1.0 <= out[name]["work"] <= 1.05, (name, out[name])
     assert bench.prefix_tree_tokens([(1, 2, 3), (1, 2, 4), (1, 2), (5,)]) == 5
+
+
+def test_live_speed_narrow_twin_dispatches_the_models_ops():
+    """The dispatch part's twin (same depth and heads, next to no width) runs exactly the
+    ops the model runs, method by method, GQA included; each extra loop step adds the same
+    number of ops (no K/V copies under `last`), and a step's ops are most of a token's."""
+    bench = _load_bench("live_speed")
+    for cfg in (bench.SHAPES["tiny"], dict(bench.SHAPES["tiny"], num_key_value_heads=2)):
+        model = bench.init_weights(bench.OuroForCausalLM(bench.OuroConfig(**cfg)), seed=0).eval()
+        twin = bench.narrow_twin(model)
+        c, t = model.config, twin.config
+        assert (t.num_hidden_layers, t.total_ut_steps, t.num_attention_heads, t.num_key_value_heads) == (
+            c.num_hidden_layers, c.total_ut_steps, c.num_attention_heads, c.num_key_value_heads)
+        assert t.hidden_size * t.intermediate_size < c.hidden_size * c.intermediate_size
+        ops = bench.op_counts(bench.decoders(model, 2, 8, 2, [1, 2, 3]), 2)
+        assert ops == bench.op_counts(bench.decoders(twin, 2, 8, 2, [1, 2, 3]), 2)
+        last = [ops[f"last k={k}"] for k in (1, 2, 3)]
+        assert last[1] - last[0] == last[2] - last[1] > last[0] / 2
+        assert ops["copy k=4 (full depth)"] > 3 * (last[1] - last[0])
+
+
+def test_live_speed_dispatch_line_takes_the_twins_time_off_both_sides():
+    """measured/ideal without dispatch: (full - its twin) / (case - its twin) over the ideal;
+    n/a where the twin took as long as the model."""
+    bench = _load_bench("live_speed")
+    cost = {"copy k=1": (100, 0.001), "full": (400, 0.004)}
+    line = bench.show_dispatch(cost, {"copy k=1": 0.003, "full": 0.012}, {"copy k=1": 3.0}, "full")
+    assert "copy k=1 100 ops, 1.00 ms (33% of 3.0), measured/ideal without it 1.333" in line
+    assert "full 400 ops, 4.00 ms (33% of 12.0)" in line and line.count("without it") == 1
+    slow = bench.show_dispatch(cost, {"copy k=1": 0.001, "full": 0.012}, {"copy k=1": 3.0}, "full")
+    assert "without it: n/a" in slow
