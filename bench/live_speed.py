@@ -29,8 +29,9 @@ speed-up over the FLOPs ratio of the tokens made, and over the ratio of bytes re
 per tick); per-token dispatch at the shortest prompt (ATen ops per token, counted, and the
 time per token of a twin of the model with the same layers, steps and heads at next to no
 width: it runs the same ops with next to no arithmetic, so its time is what issuing a token's
-work costs: the Python around the ops, their dispatch, on a GPU their launches; its share of the model's token, and each case's measured /
-ideal with the twin's time taken off both sides); self-speculative
+work costs: the Python around the ops, their dispatch, on a GPU their launches; its share
+of the model's token, and each case's measured / ideal with the twin's time taken off both
+sides); self-speculative
 decoding (drafts at step 1 or 2, 1-4 per round, verified at full depth) over plain greedy
 on the demo generation task, its output checked identical, and what one masked attention
 call for rows at different cache columns saves it over a call per column (on 16-token
@@ -567,10 +568,11 @@ def main(argv=None) -> None:
         here = [r for r in case if r["prompt"] == lo]
         seconds = {**summaries[batch]["seconds", lo], **{r["method"]: r["seconds"] for r in here}}
         cost = dispatch_cost(model, batch, lo, args, ks)
+        ideal = {r["method"]: r["ideal"] for r in here}
         print(f"  dispatch, batch {batch}, prompt {lo}, per token: ATen ops, and the time of a twin of "
               "the same depth at next to no width (what issuing the token's work costs: Python, "
-              "dispatch, on a GPU launches; its share of the measured token): " + show_dispatch(cost, seconds, {r["method"]: r["ideal"] for r in here},
-                                                  full_name), flush=True)
+              "dispatch, on a GPU launches; its share of the measured token): "
+              + show_dispatch(cost, seconds, ideal, full_name), flush=True)
     print("goals: measured/ideal >= 0.9 at batch 1, >= 0.85 at batch 8; full depth <= 1.05x generate; "
           "decode time at the longest prompt <= 1.3x the shortest")
     rate = read_bandwidth(args.device)  # the best over the run
