@@ -26,7 +26,7 @@ import pandas as pd
 from ouro_lab import claims, stats
 from ouro_lab.errors import OuroLabError
 from ouro_lab.files import atomic_write
-from ouro_lab.labels import metric_words, points_scale
+from ouro_lab.labels import LOWER_IS_BETTER, metric_words, points_scale, split_metric
 from ouro_lab.tables import MODE
 
 KEY = "metric_key"  # a metric with its filter: the samples.parquet column of its per-document values
@@ -165,13 +165,20 @@ def _analyze_task(run: dict, task: str, tol: float) -> dict | None:
     full = full.iloc[0]
     scale = points_scale(metric, rep.value)
     info = (prov.get("tasks") or {}).get(task) or {}
+    lower = split_metric(metric)[0] in LOWER_IS_BETTER
     t = {"metric": metric, "metric_words": metric_words(metric), "mode": mode, "full": float(full.value),
-         "full_flops": float(full.flops_executed_per_token), "scale": scale,
+         "full_flops": float(full.flops_executed_per_token), "scale": scale, "lower_is_better": lower,
          "n_docs": _n_docs(m, samples, task), "chance": info.get("chance"),
-         "curves": _curves(rep, info.get("chance")), "saved": [], "budgets": _budgets(rep), "live": []}
+         # the AUC ranks by mean score, higher first, chance below a curve: not for perplexities
+         "curves": [] if lower else _curves(rep, info.get("chance")), "saved": [],
+         "budgets": _budgets(rep, lower), "live": []}
     t["auc_range"] = [t["curves"][0]["auc_lo"], 1.0] if t["curves"] else None
     t["full_setting"] = str(full.setting)
-    if samples is not None and metric in samples.columns:
+    # compute saved per document needs the metric to be the mean of its per-document values
+    # (perplexities and bits per byte are corpus-level: samples hold log-likelihoods)
+    t["doc_mean"] = samples is None or metric not in samples.columns or _doc_mean(samples, task, mode, metric,
+                                                                                  full)
+    if samples is not None and metric in samples.columns and t["doc_mean"]:
         cal = recipe.get("calibration") or {}
         folds = (int(cal.get("folds", 2)), int(cal.get("seed", 0)))
         saved = _saved(samples, rep, task, metric, full, tol / scale, int(recipe.get("bootstrap", 1000)),
@@ -241,11 +248,21 @@ def _curves(rep, chance) -> list[dict]:
     return sorted(out, key=lambda c: -c["auc"] if np.isfinite(c["auc"]) else 0)
 
 
-def _budgets(rep) -> list[dict]:
+def _doc_mean(samples, task, mode, metric, full) -> bool:
+    """Whether full depth's `metric` is the mean of its per-document sample values."""
+    d = samples[(samples.task == task) & (samples.setting == full.setting) & (samples[MODE] == mode)]
+    per = d.groupby("doc_id")[metric].first().to_numpy(np.float64)
+    return bool(per.size) and bool(np.isclose(per.mean(), float(full.value), rtol=1e-6, atol=1e-9))
+
+
+def _budgets(rep, lower: bool = False) -> list[dict]:
+    """Per fixed step's FLOPs: the best-scoring setting (lowest, for a lower-is-better
+    metric) that costs no more."""
     fixed = rep[rep.strategy == "fixed"].sort_values("flops_rel")
     pts = [r for r in rep.to_dict("records") if r["kind"] != "select"]
     out = []
-    for (_, f), best in zip(fixed.iterrows(), stats.best_at_budgets(pts, list(fixed.flops_rel)), strict=True):
+    bests = stats.best_at_budgets(pts, list(fixed.flops_rel), lower=lower)
+    for (_, f), best in zip(fixed.iterrows(), bests, strict=True):
         out.append({"budget": f"step {json.loads(f.params).get('step')}", "flops_rel": float(f.flops_rel),
                     "fixed": float(f.value), "best": best["setting"] if best else None,
                     "best_value": float(best["value"]) if best else None,
@@ -386,10 +403,13 @@ def make_plots(run: dict, summary: dict) -> list[dict]:
         add("main", task, f"{task}: {words} versus FLOPs per token",
             plots.accuracy_vs_flops(metrics, task, t["metric"], pdir / f"{_safe(task)}_acc_vs_flops.png",
                                     mode=t["mode"], tolerance=tol, chance=t.get("chance")),
-            f"{_capital(words)} (points) against FLOPs per token relative to full depth (absolute FLOPs on "
-            f"the top axis), {'replayed from the trace' if t['mode'] == 'replay' else 'live runs'}; each "
+            f"{_capital(words)}{' (points)' if t['scale'] == 100 else ''} against FLOPs per token relative "
+            f"to full depth (absolute FLOPs on the top axis), "
+            f"{'replayed from the trace' if t['mode'] == 'replay' else 'live runs'}; each "
             f"point is one setting, labelled with its parameter value. {bars} The grey band is the "
-            f"{tol:g}-point tolerance under full depth.")
+            f"{tol:g}-{'point' if t['scale'] == 100 else 'unit'} tolerance "
+            f"{'above' if t.get('lower_is_better') else 'under'} full depth"
+            f"{' (lower is better)' if t.get('lower_is_better') else ''}.")
         col = plots.seconds_column(metrics[metrics.task == task])
         if col is not None and ((metrics.task == task) & (metrics[MODE] == "live")).any():
             add("seconds", task, f"{task}: {words} versus measured time per token",

@@ -67,6 +67,10 @@ def headline(task: str, t: dict, tol: float) -> str:
     full = f"{t['full'] * sc:.1f}{'%' if sc == 100 else ''}"
     h = t.get("headline")
     if not h:
+        if t.get("doc_mean") is False:
+            return (f"{task}: {words} {full} at full depth. It is not a mean over documents (a corpus-level "
+                    "figure), so no per-document compute-saved figure is stated; the budget table and the "
+                    "curve compare the settings.")
         if t.get("withdrawn") == "baseline_broken":
             return f"{task}: no claim: full depth scores {full}, at or below chance."
         claims = [r for r in t.get("saved") or [] if r["kind"] != "select" and r["chosen"] and r["saved"] > 0]
@@ -141,7 +145,9 @@ def tables(summary: dict) -> dict[str, list[Table]]:
             for task, t in summary["tasks"].items()}
 
 
-def _saved_table(task, t, summary) -> Table:
+def _saved_table(task, t, summary) -> Table | None:
+    if t.get("doc_mean") is False:  # a corpus-level metric: no per-document figure (see the headline)
+        return None
     sc, tol = t["scale"], summary["tolerance"]
     tab = Table(f"{task}-saved", f"{task}: compute saved at <= {tol:g} {_unit(t, tol)} loss",
                 ["strategy", "cheapest setting within tolerance", "FLOPs saved", "95% paired bootstrap",
@@ -215,9 +221,10 @@ def _certified_table(task, t) -> Table | None:
 
 def _budget_table(task, t) -> Table:
     sc = t["scale"]
+    best = "lowest" if t.get("lower_is_better") else "highest-scoring"
     tab = Table(f"{task}-budgets", f"{task}: best strategy at each budget ({t['metric_words']})",
                 ["budget", "FLOPs vs full", "fixed", "best setting", "its score", "its FLOPs"],
-                note="Budget = the executed FLOPs per token of each fixed step; best = the highest-scoring "
+                note=f"Budget = the executed FLOPs per token of each fixed step; best = the {best} "
                      "setting (oracles excluded) that costs no more.")
     for b in t["budgets"]:
         bv = np.nan if b["best_value"] is None else b["best_value"]
@@ -230,7 +237,9 @@ def _budget_table(task, t) -> Table:
     return tab
 
 
-def _auc_table(task, t) -> Table:
+def _auc_table(task, t) -> Table | None:
+    if t.get("lower_is_better"):  # a mean score over FLOPs, highest first: not for a perplexity
+        return None
     sc = t["scale"]
     lo = t["auc_range"][0] if t.get("auc_range") else float("nan")
     floor = "chance" if t.get("chance") is not None else "0"

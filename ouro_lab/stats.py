@@ -296,14 +296,16 @@ def fixed_sequence(pvalues, alpha: float) -> int:
 
 
 def best_at_budgets(points: list[dict], budgets: list[float], key_cost: str = "flops_rel",
-                    key_value: str = "value") -> list[dict | None]:
-    """For each budget, the point with the highest value among those costing at most
-    the budget (ties: cheaper, then earlier). `points` are dicts; None if none fits."""
+                    key_value: str = "value", lower: bool = False) -> list[dict | None]:
+    """For each budget, the point with the highest value (`lower`: the lowest) among those
+    costing at most the budget (ties: cheaper, then earlier). `points` are dicts; None if
+    none fits."""
+    sign = -1.0 if lower else 1.0
     out = []
     for b in budgets:
         fit = [p for p in points if np.isfinite(p[key_cost]) and p[key_cost] <= b + 1e-9]
         if not fit:
             out.append(None)
             continue
-        out.append(max(enumerate(fit), key=lambda ip: (ip[1][key_value], -ip[1][key_cost], -ip[0]))[1])
+        out.append(max(enumerate(fit), key=lambda ip: (sign * ip[1][key_value], -ip[1][key_cost], -ip[0]))[1])
     return out

@@ -331,3 +331,37 @@ def test_headline_when_every_cross_fitted_figure_is_refused():
                                      "full depth (100.0%).")
     t["saved"][0] = {**row, "crossfit": {"saved": 0.1}}  # a figure exists: the usual sentence
     assert headline("t", t, 1.0).startswith("t: no strategy saves compute within 1 point")
+
+
+def test_a_perplexity_task_claims_no_per_document_saving_and_ranks_the_lowest_best(tmp_path):
+    """Word perplexity is corpus-level: samples hold each document's log-likelihood. The report
+    ran compute saved on those ("saves 74.0% ... for +2.8 units of word perplexity against full
+    depth (116.6)", a log-likelihood difference), ranked AUCs higher first, and named the
+    highest perplexity under each budget the best."""
+    from harness_helpers import make_model_dir, make_tasks
+
+    from ouro_lab.sweep import run_sweep
+
+    sweep_helpers.lab(tmp_path)  # the environment (cache, progress) the shared lab uses
+    make_model_dir(tmp_path / "ckpt")
+    make_tasks(tmp_path / "tasks", n=8)
+    (tmp_path / "ppl.yaml").write_text(
+        "model: {path: ckpt, dtype: float32, device: cpu, threads: 1}\n"
+        "tasks: {names: [tiny_ppl], include: [tasks], limit: 8}\n"
+        "strategies:\n  - {name: threshold, grid: {q: [0.3, 0.6, 0.9]}}\n"
+        "bootstrap: 50\nbatch_size: 16\nlog_samples: true\n")
+    run = run_sweep(tmp_path / "ppl.yaml", out=tmp_path / "run")
+    t = json.loads((run / "summary.json").read_text())["tasks"]["tiny_ppl"]
+    assert t["metric"] == "word_perplexity" and t["lower_is_better"] and t["doc_mean"] is False
+    assert t["saved"] == [] and t["headline"] is None and t["curves"] == []
+    m = pd.read_csv(run / "metrics.csv")
+    rows = m[(m.task == "tiny_ppl") & (m.metric_key == "word_perplexity") & (m.run_mode == "replay")]
+    assert rows.value.nunique() > 2  # settings differ, so "best" can be told from "worst"
+    for b in t["budgets"]:
+        fit = rows[rows.flops_rel <= b["flops_rel"] + 1e-9]
+        assert b["best_value"] == pytest.approx(fit.value.min())
+    report = (run / "report.md").read_text()
+    assert "word perplexity" in report and "is not a mean over documents" in report
+    assert "saves" not in report.split("## ")[0] and "tiny_ppl: area under the curve" not in report
+    assert "best = the lowest setting" in report
+    assert "Word perplexity against FLOPs" in report and "1-unit tolerance above full depth (lower" in report
