@@ -242,8 +242,8 @@ class OuroLM(TemplateLM):
         if self.draft_len is not None and (strategy is None or self.draft_len < 1):
             raise HarnessError("model_args: draft_len (speculative decoding) needs a draft strategy "
                                "(strategy=fixed,step=1) and a value >= 1")
-        if not live and _is_fixed(strategy) and self.draft_len is None:
-            steps, strategy = min(int(strategy.step), R), None  # fixed k = the model truncated to k steps
+        if not live and _is_fixed(strategy) and self.draft_len is None:  # fixed k = the model truncated
+            steps, strategy = min(int(strategy.step), R if steps is None else int(steps)), None  # to k steps
         self.steps = R if steps is None else int(steps)
         # live: loglikelihood requests run token by token with early exit (ouro_lab.live)
         if isinstance(live, str):
@@ -495,9 +495,11 @@ def largest_fitting(fits, start: int) -> int:
 
 
 def _is_fixed(strategy) -> bool:
-    """The `fixed` strategy (exit every token at step k), however the registry named its module."""
-    mod = type(strategy).__module__ if strategy is not None else ""
-    return hasattr(strategy, "step") and (mod.endswith("fixed") or "_fixed_" in mod)
+    """The built-in `fixed` strategy (exit every token at step k): its class, not a name that
+    looks like it (a user's `fixed_then_kl` with a `step` field is a rule of its own)."""
+    from ouro_lab.registry import load_strategy
+
+    return strategy is not None and type(strategy) is load_strategy("fixed")
 
 
 class _Record(dict):

@@ -371,6 +371,11 @@ class OuroForCausalLM(nn.Module):
         cache (`input_ids` are their next tokens), e.g. a shared prefix prefilled once."""
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        if attention_mask is not None and T and mask.device.type != "meta" and not bool(mask[:, -1].all()):
+            # the next token is read at the last column
+            row = int((mask[:, -1] == 0).nonzero()[0])
+            raise ValueError(f"generate: prompt row {row} ends in padding (attention_mask 0 in its last "
+                             "column); pad prompts on the left (tokenizer.padding_side = 'left')")
         ids = torch.cat((input_ids, input_ids.new_zeros(B, max_new_tokens)), 1)
         mask = torch.cat((mask, mask.new_ones(B, max_new_tokens)), 1)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

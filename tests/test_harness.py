@@ -272,3 +272,29 @@ def test_score_memo_and_caches_change_nothing(env, traced):
             pd.testing.assert_frame_equal(s, cold[1], check_exact=True)
     cold[1].loc[0, "task"] = "changed"  # a returned frame is the caller's to change
     assert (score(env["ts"], trace, settings[-1])[1].task != "changed").all()
+
+
+def test_only_the_builtin_fixed_rule_becomes_a_truncated_model(env, tmp_path):
+    """OuroLM runs the built-in `fixed` k as the model truncated to k steps. It matched on the
+    module's name, so a user's `fixed_then_kl` (a `step` field and rules of its own) was
+    silently replaced by a 2-step model; and the shortcut clamped k to the checkpoint's depth,
+    ignoring `steps` (steps=2 with step=4 ran 4 steps; live ran 2)."""
+    from ouro_lab.lm import OuroLM
+    from ouro_lab.registry import make_strategy
+
+    (tmp_path / "fixed_then_kl.py").write_text(
+        "from dataclasses import dataclass\nfrom typing import ClassVar\nimport torch\n"
+        "from ouro_lab.strategy import ExitStrategy\n\n\n@dataclass\nclass Strategy(ExitStrategy):\n"
+        "    step: int = 2\n    eps: float = 0.1\n    needs: ClassVar[tuple[str, ...]] = ('kl_prev',)\n\n"
+        "    def decide(self, s, r):\n"
+        "        return (s['kl_prev'] < self.eps) & torch.tensor(r + 1 >= self.step)\n")
+    mine = make_strategy("fixed_then_kl", {"step": 2}, dirs=[tmp_path])
+    lm = OuroLM(model=env["model"], tokenizer=env["tok"], strategy=mine)
+    assert lm.strategy is mine and lm.steps == env["model"].config.total_ut_steps
+    fixed = make_strategy("fixed", {"step": 4})
+    for steps, want in ((None, 4), (2, 2), (6, 4)):
+        lm = OuroLM(model=env["model"], tokenizer=env["tok"], strategy=fixed, steps=steps, live=False)
+        assert (lm.strategy, lm.steps) == (None, want)
+    six = make_strategy("fixed", {"step": 6})
+    lm = OuroLM(model=env["model"], tokenizer=env["tok"], strategy=six, steps=6)
+    assert (lm.strategy, lm.steps) == (None, 6)

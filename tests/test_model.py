@@ -84,6 +84,19 @@ def test_left_padded_batch_generation_equals_each_row_alone(tiny_config):
     assert torch.equal(out[1, 7:], m.generate(b, max_new_tokens=6)[0, 7:])
 
 
+def test_right_padded_generation_is_refused(tiny_config):
+    """The next token is read at the last column: a right-padded row decoded from padding
+    (row 1 gave [41, 13, 7, 23, 18, 48] where alone it gives [7, 13, 13, 13, 23, 18])."""
+    import pytest
+
+    m = make(tiny_config, seed=3)
+    ids = torch.randint(1, 64, (2, 5))
+    mask = torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match="prompt row 1 ends in padding.*padding_side = 'left'"):
+            m.generate(ids, mask, max_new_tokens=3, use_cache=use_cache)
+
+
 def test_bad_rope_scaling_is_refused():
     import pytest
 
