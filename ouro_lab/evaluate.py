@@ -16,7 +16,7 @@ import math
 from ouro_lab import distributed
 from ouro_lab.lm import LL_TYPES, HarnessError, OuroLM, resolve_batch_size
 from ouro_lab.scoring import metric_rows, run_evaluate, sample_rows, score
-from ouro_lab.tasks import TaskSet
+from ouro_lab.tasks import TaskSet, leaf_members
 from ouro_lab.tracing import trace_pass
 
 
@@ -62,7 +62,7 @@ def evaluate_live(model, tokenizer, taskset: TaskSet, strategy=None, kv_policy: 
 
     metrics = []
     for row in metric_rows(results):
-        members = results.get("group_subtasks", {}).get(row["task"]) or [row["task"]]
+        members = leaf_members(results.get("group_subtasks", {}), row["task"])  # nested groups too
         sub = rec[rec.task.isin(members)]
         if len(sub):
             row.update({k: float(v) for k, v in summarize(sub).items()})

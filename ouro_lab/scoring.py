@@ -35,7 +35,7 @@ from lm_eval.api.model import LM
 from torch import Tensor
 
 from ouro_lab.lm import HarnessError
-from ouro_lab.tasks import TaskSet
+from ouro_lab.tasks import TaskSet, leaf_members
 from ouro_lab.trace import unit_sums
 
 # --------------------------------------------------------------------------- replay answers
@@ -567,7 +567,7 @@ def _score(taskset, trace, strategy, granularity, bootstrap_iters, seed=0, exit_
              "flops_per_token": "flops_per_token", "flops_executed_per_token": "flops_executed_per_token"}
     metrics = []
     for row in metric_rows(results):
-        members = tuple(results.get("group_subtasks", {}).get(row["task"]) or [row["task"]])
+        members = tuple(leaf_members(results.get("group_subtasks", {}), row["task"]))  # nested groups too
         sel = ix["select"].get(members)
         if sel is None:  # the trace's tokens of these tasks: every token (None) or a mask
             sel = np.isin(ix["tok_task"], [ix["tasks"].index(t) for t in members if t in ix["tasks"]])

@@ -95,6 +95,14 @@ def _absolute_data_files(data_files, folder: Path):
     return fix(data_files)
 
 
+def leaf_members(group_map: dict, name: str) -> list[str]:
+    """The leaf tasks under group `name`, through nested groups (lm-eval's `group_map` or
+    results' `group_subtasks`: group -> direct members, [] for a task); a task is its own leaf."""
+    if not group_map.get(name):
+        return [name]
+    return list(dict.fromkeys(t for m in group_map[name] for t in leaf_members(group_map, m)))
+
+
 @dataclass
 class TaskSet:
     """lm-eval tasks built once. `names` are task or group names found in `include_path`
@@ -188,11 +196,13 @@ class TaskSet:
         return [n for n, t in self.tasks.items() if t.OUTPUT_TYPE in output_types]
 
     def subset(self, names: list[str]) -> dict:
-        """A task_dict holding only the leaf tasks `names` (groups whose members are all
-        kept stay, so group aggregates are still computed)."""
+        """A task_dict holding only the leaf tasks `names` (groups whose leaf tasks are all
+        kept stay, nested ones too, e.g. mmlu over its four category groups, so group
+        aggregates are still computed)."""
         keep = set(names)
+        group_map = self.task_dict["group_map"]
         groups = {g: obj for g, obj in self.task_dict.get("groups", {}).items()
-                  if set(self.task_dict["group_map"].get(g, [])) <= keep}
+                  if set(leaf_members(group_map, g)) <= keep}
         return {"tasks": {n: t for n, t in self.tasks.items() if n in keep}, "groups": groups,
                 "group_map": {g: self.task_dict["group_map"][g] for g in groups}}
 
@@ -308,9 +318,11 @@ def build_task_dict(names: list[str], include_path=None, data_root=None,
 
 
 def _local_copies_factory(meta, num_fewshot: int | None):
-    """lm-eval's TaskFactory, with every leaf task whose data is a local copy of a hub
-    dataset fitted to the splits that copy really has (`fit_local_splits`) before the
-    task object (which reads them) is built. `.local_copies`: resolved folder -> hub id."""
+    """lm-eval's TaskFactory, with every leaf task's relative `data_files` resolved against
+    its own YAML's folder (a group's members included) and every leaf task whose data is a
+    local copy of a hub dataset fitted to the splits that copy really has
+    (`fit_local_splits`) before the task object (which reads them) is built.
+    `.local_copies`: resolved folder -> hub id."""
     from lm_eval.tasks._factory import TaskFactory
 
     class LocalCopies(TaskFactory):
@@ -318,6 +330,11 @@ def _local_copies_factory(meta, num_fewshot: int | None):
 
         def _load_full_config(self, entry, overrides=None):
             cfg = super()._load_full_config(entry, overrides)
+            kwargs = cfg.get("dataset_kwargs")
+            if isinstance(cfg.get("task"), str) and entry.yaml_path and isinstance(kwargs, dict) \
+                    and "data_files" in kwargs:  # every member of a group too, each against its own YAML
+                cfg["dataset_kwargs"] = {**kwargs, "data_files": _absolute_data_files(
+                    kwargs["data_files"], Path(entry.yaml_path).parent)}
             if isinstance(cfg.get("task"), str) and cfg.get("dataset_path") in self.local_copies:
                 cfg = fit_local_splits(cfg, num_fewshot, self.local_copies[cfg["dataset_path"]])
             return cfg

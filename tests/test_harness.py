@@ -298,3 +298,41 @@ def test_only_the_builtin_fixed_rule_becomes_a_truncated_model(env, tmp_path):
     six = make_strategy("fixed", {"step": 6})
     lm = OuroLM(model=env["model"], tokenizer=env["tok"], strategy=six, steps=6)
     assert (lm.strategy, lm.steps) == (None, 6)
+
+
+def test_nested_groups_keep_their_aggregate_and_compute(env, tmp_path):
+    """A group of groups (mmlu: its four category groups over 57 subjects) kept no row: a
+    group stayed only if its direct members were all leaf tasks, and a nested group's
+    compute columns averaged only its direct leaf members (none: NaN). Replay and live."""
+    import shutil
+
+    from ouro_lab.evaluate import evaluate_live
+    from ouro_lab.harness import trace_pass
+    from ouro_lab.scoring import score
+    from ouro_lab.tasks import TaskSet
+
+    tasks = shutil.copytree(env["root"] / "tasks", tmp_path / "tasks")
+    (tasks / "tiny_mc" / "tiny_mc2.yaml").write_text("include: tiny_mc.yaml\ntask: tiny_mc2\n")
+    (tasks / "tiny_mc" / "tiny_mc3.yaml").write_text(  # longer contexts: more FLOPs per token
+        'include: tiny_mc.yaml\ntask: tiny_mc3\ndoc_to_text: "one two three four five six {{question}}"\n')
+    agg = "aggregate_metric_list:\n  - {metric: acc, aggregation: mean, weight_by_size: true}\n"
+    (tasks / "tiny_inner.yaml").write_text("group: tiny_inner\ntask: [tiny_mc, tiny_mc2]\n" + agg)
+    (tasks / "tiny_outer.yaml").write_text("group: tiny_outer\ntask: [tiny_inner, tiny_mc3]\n" + agg)
+    ts = TaskSet(["tiny_outer"], include_path=[tasks], limit=4)
+    assert sorted(ts.tasks) == ["tiny_mc", "tiny_mc2", "tiny_mc3"]
+    assert set(ts.subset(list(ts.tasks))["groups"]) == {"tiny_inner", "tiny_outer"}
+    assert set(ts.subset(["tiny_mc", "tiny_mc2"])["groups"]) == {"tiny_inner"}
+    trace, _ = trace_pass(env["model"], env["tok"], ts, batch_size=4, cache_dir=tmp_path / "cache")
+    from ouro_lab.registry import make_strategy
+
+    for rows in (score(ts, trace, make_strategy("fixed", {"step": 2}), bootstrap_iters=0)[0],
+                 evaluate_live(env["model"], env["tok"], ts, make_strategy("fixed", {"step": 2}),
+                               batch_size=4, bootstrap_iters=0)[0]):
+        acc = {r["task"]: r for r in rows if r["metric"] == "acc"}
+        assert set(acc) == {"tiny_mc", "tiny_mc2", "tiny_mc3", "tiny_inner", "tiny_outer"}
+        leaves = [acc[t]["value"] for t in ("tiny_mc", "tiny_mc2", "tiny_mc3")]
+        assert acc["tiny_outer"]["value"] == pytest.approx(sum(leaves) / 3)  # 4 documents each
+        flops = {t: r["flops_per_token"] for t, r in acc.items()}
+        assert all(acc[g]["steps_used_mean"] == pytest.approx(2.0) for g in ("tiny_inner", "tiny_outer"))
+        assert flops["tiny_inner"] == pytest.approx(flops["tiny_mc"]) and flops["tiny_mc"] < flops["tiny_mc3"]
+        assert flops["tiny_mc"] < flops["tiny_outer"] < flops["tiny_mc3"]  # all three leaves' tokens
