@@ -47,7 +47,8 @@ class Generation:
         self.gen: list[list[int]] = [[] for _ in prompts]
         self.texts = [""] * len(prompts)
         self.records: list[dict] = [{"tokens": 0, "steps_used": 0, "prefill_seconds": 0.0,
-                                     "decode_seconds": 0.0, "prefill_tokens": 0} for _ in prompts]
+                                     "decode_seconds": 0.0, "prefill_tokens": 0, "exits": {}}
+                                    for _ in prompts]  # exits: {step used (1-based): tokens}
         self.cur = torch.zeros(rows, dtype=torch.long)  # the token each row feeds next
 
     def admit(self, run) -> list[int]:
@@ -86,6 +87,7 @@ class Generation:
                 return True
             rec["tokens"] += 1
             rec["steps_used"] += steps_per_token
+            rec["exits"][steps_per_token] = rec["exits"].get(steps_per_token, 0) + 1
             if self.eos is not None and t == self.eos:
                 return True
             self.gen[i].append(t)

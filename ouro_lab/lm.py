@@ -504,11 +504,17 @@ def _is_fixed(strategy) -> bool:
 
 class _Record(dict):
     """Per-request compute of a live run: tokens, sum of exit steps (1-based), steps
-    executed, FLOPs executed (prefill included for loglikelihood), wall seconds."""
+    executed, FLOPs executed (prefill included for loglikelihood), wall seconds; for
+    generation, `exits` {step used (1-based): generated tokens}."""
 
     def update_add(self, other: dict) -> None:
         for k, v in other.items():
-            self[k] = self.get(k, 0) + v
+            if isinstance(v, dict):  # counts by key
+                mine = self.setdefault(k, {})
+                for key, n in v.items():
+                    mine[key] = mine.get(key, 0) + n
+            else:
+                self[k] = self.get(k, 0) + v
 
 
 def _empty_record() -> _Record:

@@ -337,10 +337,11 @@ def accuracy_vs_seconds(metrics, task: str, metric: str, path: Path, tolerance: 
 
 
 def exit_histograms(exits, task: str, settings: list[str], path: Path) -> Path:
-    """Share of scored tokens exiting at each loop step, one bar group per setting,
-    coloured by its strategy."""
+    """Share of scored tokens exiting at each loop step (`exit_step`, 1-based), one bar
+    group per setting that has counts, coloured by its strategy."""
     e = exits[(exits.task == task) & exits.setting.isin(settings)]
-    steps = sorted(e.step.unique())
+    settings = [s for s in settings if s in set(e.setting)]
+    steps = sorted(e.exit_step.unique())
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.0, 3.4))
         width = 0.8 / max(len(settings), 1)
@@ -350,17 +351,18 @@ def exit_histograms(exits, task: str, settings: list[str], path: Path) -> Path:
             color, _ = strategy_style(strat)
             hatch = ["", "//", "..", "xx"][seen.get(strat, 0) % 4]
             seen[strat] = seen.get(strat, 0) + 1
-            d = e[e.setting == s].set_index("step")["count"].reindex(steps, fill_value=0)
+            d = e[e.setting == s].set_index("exit_step")["count"].reindex(steps, fill_value=0)
             share = d / max(d.sum(), 1)
             ax.bar(np.arange(len(steps)) + i * width - 0.4 + width / 2, share.to_numpy() * 100, width,
                    color=color, hatch=hatch, edgecolor="white", lw=0.3, label=s)
-        ax.set_xticks(np.arange(len(steps)), [str(int(s) + 1) for s in steps])
+        ax.set_xticks(np.arange(len(steps)), [str(int(s)) for s in steps])
         ax.set_xlabel("exit step")
-        ax.set_ylabel("share of scored tokens (%)")
+        ax.set_ylabel("share of tokens (%)")
         ax.set_title(f"{task}: where tokens exit", fontsize=9.5)
         _legend_outside(ax)
         _caption(fig, "One bar group per loop step; within it one bar per setting (the setting the report "
-                 "chose for each strategy). Counts over all scored tokens; no intervals.")
+                 "chose for each strategy). Counts over every scored token (generated tokens, for a "
+                 "generation task); no intervals.")
         return _save(fig, path)
 
 

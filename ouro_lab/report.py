@@ -40,7 +40,7 @@ class RunDirError(OuroLabError):
 METRICS_COLUMNS = ("task", "strategy", "params", "setting", "kind", MODE, "is_full", KEY, "value",
                    "flops_rel", "flops_executed_per_token")
 SAMPLES_COLUMNS = ("task", "setting", MODE, "doc_id")
-EXITS_COLUMNS = ("task", "setting", "step", "count")
+EXITS_COLUMNS = ("task", "setting", "count")  # and exit_step (1-based), or step (0-based: older runs)
 
 
 def read_run(run_dir: str | Path, verify: bool = True) -> dict:
@@ -81,6 +81,10 @@ def read_run(run_dir: str | Path, verify: bool = True) -> dict:
         if not efile.is_file():
             raise DamagedFileError(efile, "missing (the exit-step counts the histograms are drawn from)")
         exits = read_csv(efile, EXITS_COLUMNS)
+        if "exit_step" not in exits.columns:
+            if "step" not in exits.columns:
+                raise DamagedFileError(efile, "missing column exit_step: not the table ouro-lab wrote")
+            exits["exit_step"] = exits["step"] + 1  # written before exits.csv counted from 1
         recorded = prov.get("files") if verify and isinstance(prov.get("files"), dict) else {}
         for name, want in recorded.items():  # whole tables, as the sweep wrote them, byte for byte
             p = run / name
@@ -418,10 +422,11 @@ def make_plots(run: dict, summary: dict) -> list[dict]:
                                           chance=t.get("chance"), column=col),
                 f"Live runs: {words} against measured seconds per token. {bars}")
         chosen = _representatives(metrics, task, t)
-        if exits is not None and len(exits[exits.task == task]):
+        if exits is not None and len(exits[(exits.task == task) & exits.setting.isin(chosen)]):
             add("exits", task, f"{task}: exit-step histogram",
                 plots.exit_histograms(exits, task, chosen, pdir / f"{_safe(task)}_exit_hist.png"),
-                "Share of scored tokens exiting at each loop step, for the setting chosen for each strategy.")
+                "Share of tokens exiting at each loop step (scored tokens; generated ones for a generation "
+                "task), for the setting chosen for each strategy.")
         if samples is not None and "difficulty" in samples.columns and t["metric"] in samples.columns \
                 and samples[samples.task == task]["difficulty"].notna().any():
             add("difficulty", task, f"{task}: {words} by difficulty",

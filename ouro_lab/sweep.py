@@ -526,7 +526,13 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe, log: dict 
     rows = [{k: (v if not (isinstance(v, float) and math.isnan(v)) else None) for k, v in r.items()}
             for r in rows]
     ntok = int(tot["tokens"]) if tot is not None else 0
-    return {"metrics": rows, "exits": [], "tokens": {task: ntok}}, samples
+    exits: dict[int, int] = {}  # generated tokens by step used (loglikelihood runs record none)
+    for (t, _doc, _idx), rec in lm.records.items():
+        for k, n in (rec.get("exits") or {}).items() if t == task else ():
+            exits[int(k)] = exits.get(int(k), 0) + int(n)
+    return {"metrics": rows, "exits": [{"task": task, "step": k - 1, "count": n}  # 0-based, as replay's
+                                       for k, n in sorted(exits.items())],
+            "tokens": {task: ntok}}, samples
 
 
 def _summary(summary: dict, run_dir: Path) -> None:

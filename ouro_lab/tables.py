@@ -206,12 +206,12 @@ def assemble(records, frames, recipe: Recipe):
                                             "metric_key"], kind="stable").reset_index(drop=True)
     metrics = param_columns(metrics)
     exits = []
-    for s, mode, rec in records:
+    for s, mode, rec in records:  # records count steps from 0; exits.csv from 1, as steps_used does
         for e in rec.get("exits", []):
             exits.append({"task": e["task"], "setting": s.label, "strategy": s.strategy, MODE: mode,
-                          "step": int(e["step"]), "count": int(e["count"])})
-    exits = pd.DataFrame(exits, columns=["task", "setting", "strategy", MODE, "step", "count"])
-    exits = exits.sort_values(["task", MODE, "setting", "step"], kind="stable").reset_index(drop=True)
+                          "exit_step": int(e["step"]) + 1, "count": int(e["count"])})
+    exits = pd.DataFrame(exits, columns=["task", "setting", "strategy", MODE, "exit_step", "count"])
+    exits = exits.sort_values(["task", MODE, "setting", "exit_step"], kind="stable").reset_index(drop=True)
     if len(samples):
         samples = samples.sort_values(["task", MODE, "setting", "doc_id"], kind="stable")
         samples = samples.reset_index(drop=True)

@@ -333,7 +333,7 @@ def test_headline_when_every_cross_fitted_figure_is_refused():
     assert headline("t", t, 1.0).startswith("t: no strategy saves compute within 1 point")
 
 
-def test_a_perplexity_task_claims_no_per_document_saving_and_ranks_the_lowest_best(tmp_path):
+def test_a_perplexity_task_claims_no_per_document_saving_and_ranks_the_lowest_best(tmp_path, monkeypatch):
     """Word perplexity is corpus-level: samples hold each document's log-likelihood. The report
     ran compute saved on those ("saves 74.0% ... for +2.8 units of word perplexity against full
     depth (116.6)", a log-likelihood difference), ranked AUCs higher first, and named the
@@ -342,7 +342,9 @@ def test_a_perplexity_task_claims_no_per_document_saving_and_ranks_the_lowest_be
 
     from ouro_lab.sweep import run_sweep
 
-    sweep_helpers.lab(tmp_path)  # the environment (cache, progress) the shared lab uses
+    for k, v in {"OURO_LAB_CACHE": tmp_path / "cache", "OURO_LAB_PROGRESS": "0",
+                 "OURO_LAB_PLOT_FORMATS": "png", "TQDM_DISABLE": "1"}.items():  # the lab's, its own cache
+        monkeypatch.setenv(k, str(v))
     make_model_dir(tmp_path / "ckpt")
     make_tasks(tmp_path / "tasks", n=8)
     (tmp_path / "ppl.yaml").write_text(

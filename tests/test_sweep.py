@@ -75,6 +75,34 @@ def test_sweep_writes_every_output(run1):
         assert heading in md
 
 
+def test_exits_count_from_one_and_cover_generation(run1, tmp_path):
+    """exits.csv counts steps from 1, as steps_used and fixed's `step` do (it wrote fixed(step=1)
+    as step 0), and generation tasks, decoded live, have counts too (they had none: their
+    histogram was an empty frame under a legend of seven settings)."""
+    from ouro_lab.report import read_run
+
+    e = pd.read_csv(run1 / "exits.csv")
+    assert list(e.columns) == ["task", "setting", "strategy", "run_mode", "exit_step", "count"]
+    assert e.exit_step.between(1, 4).all()
+    s = pd.read_parquet(run1 / "samples.parquet")
+    for task, mode in (("tiny_mc", "replay"), ("tiny_gen", "live")):
+        for k in (1, 4):
+            d = e[(e.task == task) & (e.setting == f"fixed(step={k})") & (e.run_mode == mode)]
+            assert d.exit_step.tolist() == [k], (task, k)
+    live = e[(e.task == "tiny_gen") & (e.setting == "threshold(q=0.6)")]
+    docs = s[(s.task == "tiny_gen") & (s.setting == "threshold(q=0.6)") & (s.run_mode == "live")]
+    assert len(live) and live["count"].sum() == docs.drop_duplicates("doc_id").tokens.sum() > 0
+    m = pd.read_csv(run1 / "metrics.csv")
+    row = m[(m.task == "tiny_gen") & (m.setting == "threshold(q=0.6)") & (m.run_mode == "live")].iloc[0]
+    assert (live.exit_step * live["count"]).sum() / live["count"].sum() == pytest.approx(row.steps_used_mean)
+    assert (run1 / "plots" / "tiny_gen_exit_hist.png").is_file()
+    import shutil
+
+    copy = shutil.copytree(run1, tmp_path / "old_run")  # a run written before: steps from 0
+    e.drop(columns="exit_step").assign(step=e.exit_step - 1).to_csv(copy / "exits.csv", index=False)
+    assert read_run(copy, verify=False)["exits"].exit_step.tolist() == e.exit_step.tolist()
+
+
 def test_live_rows_carry_measured_seconds_and_speculative_rows_equal_full_depth(run1, monkeypatch):
     """Every live generation row has decode and prefill seconds per token (same batch plan)
     and its measured speed-up over full depth; speculative settings score exactly what full
