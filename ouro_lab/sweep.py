@@ -431,7 +431,10 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
                     recipe.tasks.num_fewshot, s.strategy, s.params_json, s.granularity,
                     run.source_hash(s.params.get("draft_rule", s.strategy)), kv_policy_of(s, recipe),
                     recipe.live.max_gen_toks, recipe.bootstrap, recipe.seed,
-                    requests_hash(run.taskset, task))
+                    requests_hash(run.taskset, task),
+                    # its measured seconds, and the speed-ups between settings, hold for one batch plan
+                    # on one machine setting: a setting timed under another is not reused
+                    recipe.batch_size, recipe.model.threads, recipe.model.device)
         found = run.stored(s, f"live, {task}", key) if distributed.is_main() else None
         if found is not None and not run.logged(s, "live", [task]):
             found = None  # its samples JSONL is missing: run it again

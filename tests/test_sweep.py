@@ -425,3 +425,25 @@ def test_the_requests_key_is_content_not_where_the_files_are(lab, tmp_path):
     f.write_text(f.read_text().replace('"answer": "', '"answer": "x', 1))  # one answer: a new key
     moved = key(tmp_path / "moved")
     assert moved[0] == here[0] and moved[1] != here[1]
+
+
+def test_live_settings_timed_under_another_batch_plan_are_not_reused(lab, tmp_path):
+    """A live setting's seconds (and decode_speedup between settings) hold for one batch plan
+    and thread count: an interrupted run resumed with batch_size 2 reused all 10 settings
+    timed at batch 16, and provenance said batch_size 2."""
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text(f"""model: {{path: {lab / 'ckpt'}, dtype: float32, device: cpu, threads: 1}}
+tasks: {{names: [tiny_gen], include: [{lab / 'tasks'}], limit: 4}}
+strategies:
+  - {{name: threshold, grid: {{q: 0.5}}}}
+bootstrap: 0
+batch_size: 4
+""")
+    a = run_sweep(recipe, out=tmp_path / "a")
+    first = {p.name for p in (a / "settings").glob("*.json")}
+    (a / "provenance.json").unlink()  # as a run interrupted before its tables were written
+    run_sweep(recipe, ["batch_size=2"], out=a)
+    second = {p.name for p in (a / "settings").glob("*.json")} - first
+    assert len(first) == len(second) > 0  # every live setting run again, none reused
+    run_sweep(recipe, ["batch_size=2"], out=tmp_path / "b")
+    assert {p.name for p in (tmp_path / "b" / "settings").glob("*.json")} == second
