@@ -16,6 +16,8 @@ message}. Codes:
                        tolerance (the live figure is the real one)
     crossfit_gap       the cross-fitted (held-out) choice loses more than the tolerance
     guarantee_missed   a certified setting's held-out loss exceeds its delta
+    other_code         stored settings computed by other code (another ouro-lab version or
+                       git commit) were reused: the task's rows do not all come from this code
 
 Reads only what the report reads (tables, provenance, the summary).
 """
@@ -63,7 +65,25 @@ def warnings(run: dict, summary: dict) -> list[dict]:
             if r.get("chosen") and r.get("saved", 0) > 0:  # an in-sample claim made
                 out += _claim_warnings(task, t, r, metrics, tol, unit)
             out += _crossfit_warnings(task, t, r, tol, unit)
+        other = [o for o in prov.get("other_code") or [] if task in o.get("tasks", [])]
+        if other:
+            codes = "; ".join(sorted({_code_words(o["code"]) for o in other}))
+            here = _code_words({"ouro_lab": (prov.get("versions") or {}).get("ouro-lab"),
+                                "git_sha": prov.get("git_sha")})
+            out.append(_w(task, None, "other_code",
+                          f"{len(other)} of its stored settings were computed by other code ({codes}) than "
+                          f"this run ({here}) and reused; sweep into a fresh --out to compute every setting "
+                          "with this code"))
     return out
+
+
+def _code_words(code: dict | None) -> str:
+    """Which code computed a setting, as words."""
+    if not code:
+        return "not recorded"
+    sha = code.get("git_sha")
+    return f"ouro-lab {code.get('ouro_lab')}" + (f" at {sha[:12]}{'-dirty' if sha.endswith('-dirty') else ''}"
+                                                  if sha else "")
 
 
 def _crossfit_warnings(task, t, r, tol, unit) -> list[dict]:

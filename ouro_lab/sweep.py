@@ -248,6 +248,15 @@ class _Run:
             self._sources[name] = source_hash(name, self.dirs)
         return self._sources[name]
 
+    @property
+    def code(self) -> dict:
+        """The code that computes this run's settings (stored with each, checked on reuse)."""
+        return {"ouro_lab": self.prov["versions"].get("ouro-lab"), "git_sha": self.prov.get("git_sha")}
+
+    def save(self, key: str, rec: dict, samples, label: str) -> None:
+        """A finished setting into the store, with the code that computed it."""
+        self.store.save(key, {**rec, "code": self.code}, samples, label)
+
     def stored(self, s: Setting, mode: str, key: str):
         """The finished setting from the store, checked; None if it is not there or is
         damaged (said in one line: the caller redoes it and the files are overwritten)."""
@@ -338,6 +347,10 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
                 wall_s=round(time.perf_counter() - t_start, 2), settings=len(settings),
                 model_forward_calls=calls[0],
                 fitted={s.label: rec["fitted"] for s, _, rec in run.records if rec.get("fitted")},  # per fold
+                # stored settings reused from a run of other code (None: stored before code was recorded)
+                other_code=[{"setting": s.label, "run_mode": mode, "code": rec.get("code"),
+                             "tasks": sorted({m["task"] for m in rec.get("metrics", [])})}
+                            for s, mode, rec in run.records if rec.get("code") != run.code],
                 files={n: {"checksum": file_digest(run_dir / n), "bytes": (run_dir / n).stat().st_size}
                        for n in tables})  # `ouro-lab report` refuses a table that no longer matches
     atomic_write(run_dir / "provenance.json", json.dumps(prov, indent=2, default=jsonable) + "\n",
@@ -406,7 +419,7 @@ def _replay_all(run: _Run, trace) -> None:
             run.log_samples(s, "replay", log, samples)
             if s.fitted:
                 rec["fitted"] = strat.fitted_records()  # what each task x fold copy chose
-            run.store.save(key, rec, samples, f"setting {s.label}, replay")
+            run.save(key, rec, samples, f"setting {s.label}, replay")
         run.keep(s, "replay", key, found)
         run.progress.advance(bar)
 
@@ -443,7 +456,7 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
             rec, samples = _live(run.model, run.tok, run.taskset, task, s, recipe, log)
             if distributed.is_main():
                 run.log_samples(s, "live", log, samples)
-                run.store.save(key, rec, samples, f"setting {s.label}, live on {task}")
+                run.save(key, rec, samples, f"setting {s.label}, live on {task}")
         if not distributed.is_main():
             continue
         run.keep(s, "live", key, found)

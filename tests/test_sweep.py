@@ -447,3 +447,37 @@ batch_size: 4
     assert len(first) == len(second) > 0  # every live setting run again, none reused
     run_sweep(recipe, ["batch_size=2"], out=tmp_path / "b")
     assert {p.name for p in (tmp_path / "b" / "settings").glob("*.json")} == second
+
+
+def test_settings_reused_from_other_code_are_named(lab, tmp_path, monkeypatch):
+    """Rerun after a code change, a folder's stored settings come back (keyed by inputs, not
+    code) while provenance records the new git SHA: each stored setting now carries the code
+    that computed it, and reused ones from other code are listed and warned of per task."""
+    import ouro_lab
+    import ouro_lab.sweep as sweep_mod
+
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text(f"""model: {{path: {lab / 'ckpt'}, dtype: float32, device: cpu, threads: 1}}
+tasks: {{names: [tiny_mc], include: [{lab / 'tasks'}], limit: 4}}
+strategies:
+  - {{name: threshold, grid: {{q: 0.5}}}}
+bootstrap: 0
+""")
+    monkeypatch.setenv("OURO_LAB_CACHE", str(tmp_path / "cache"))  # its trace apart from the lab's
+    monkeypatch.setattr(sweep_mod, "git_sha", lambda: "a" * 40)
+    a = run_sweep(recipe, out=tmp_path / "a")
+    assert json.loads((a / "provenance.json").read_text())["other_code"] == []
+    (a / "provenance.json").unlink()  # as a run interrupted before its tables were written
+    monkeypatch.setattr(sweep_mod, "git_sha", lambda: "b" * 40 + "-dirty")
+    run_sweep(recipe, out=a)
+    prov = json.loads((a / "provenance.json").read_text())
+    other = prov["other_code"]
+    assert len(other) == 5 and {o["code"]["git_sha"] for o in other} == {"a" * 40}  # fixed 1-4, threshold
+    assert all(o["tasks"] == ["tiny_mc"] for o in other)
+    warn = [w for w in json.loads((a / "summary.json").read_text())["warnings"] if w["code"] == "other_code"]
+    assert len(warn) == 1 and warn[0]["task"] == "tiny_mc"
+    v = ouro_lab.__version__
+    assert warn[0]["message"].startswith(f"5 of its stored settings were computed by other code (ouro-lab "
+                                         f"{v} at {'a' * 12}) than this run (ouro-lab {v} at "
+                                         f"{'b' * 12}-dirty) and reused")
+    assert warn[0]["message"] in (a / "report.md").read_text()
