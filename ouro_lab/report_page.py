@@ -292,7 +292,10 @@ def _speed_table(task, t) -> Table | None:
                 note="Wall-clock seconds measured in this run, every setting on the same batch plan; "
                      "speed-up = full-depth live decoding's seconds per token / the setting's; ideal = full "
                      "depth's executed FLOPs per token / the setting's. Speculative settings output full "
-                     "depth's tokens exactly: they spend FLOPs on fewer sequential passes." + note)
+                     "depth's tokens exactly: they spend FLOPs on fewer sequential passes. Each setting is "
+                     "timed once, in one run (no interval): on a shared machine single timings can differ "
+                     "by tens of percent; bench/live_speed.py times methods in adjacent pairs and prints "
+                     "their spread." + note)
     for r in t["speed"]:
         acc = r["acceptance"]
         tab.rows.append([r["setting"], (_num(r["value"] * sc, 1), _v(r["value"])),

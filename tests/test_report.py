@@ -251,6 +251,7 @@ def test_speed_table_says_when_overhead_not_flops_sets_the_time():
 
     slow = _speed_table("g", t(2.0)).note
     assert "fixed(step=1) reaches 0.50 of its ideal speed-up" in slow and "bench/live_speed.py" in slow
+    assert "Each setting is timed once, in one run (no interval)" in slow  # a single timing, said so
     assert "ideal speed-up" not in _speed_table("g", t(3.9)).note.split("Speculative")[1]
 
 
