@@ -67,20 +67,26 @@ def warnings(run: dict, summary: dict) -> list[dict]:
             out += _crossfit_warnings(task, t, r, tol, unit)
         other = [o for o in prov.get("other_code") or [] if task in o.get("tasks", [])]
         if other:
-            codes = "; ".join(sorted({_code_words(o["code"]) for o in other}))
             here = _code_words({"ouro_lab": (prov.get("versions") or {}).get("ouro-lab"),
                                 "git_sha": prov.get("git_sha")})
-            out.append(_w(task, None, "other_code",
-                          f"{len(other)} of its stored settings were computed by other code ({codes}) than "
-                          f"this run ({here}) and reused; sweep into a fresh --out to compute every setting "
-                          "with this code"))
+            known = [o for o in other if o.get("code")]
+            said = []
+            if known:
+                codes = "; ".join(sorted({_code_words(o["code"]) for o in known}))
+                said.append(f"{len(known)} of its stored settings were computed by other code ({codes}) "
+                            f"than this run ({here})")
+            if len(known) < len(other):
+                said.append(f"{len(other) - len(known)} were stored before ouro-lab recorded the code that "
+                            "computed them (it may or may not be this run's)")
+            dirty = (" (a -dirty tree cannot be told apart from other edits of itself)" if "-dirty" in here
+                     else "")
+            out.append(_w(task, None, "other_code", "; ".join(said) + f"; they were reused{dirty}: sweep "
+                          "into a fresh --out to compute every setting with this code"))
     return out
 
 
-def _code_words(code: dict | None) -> str:
+def _code_words(code: dict) -> str:
     """Which code computed a setting, as words."""
-    if not code:
-        return "not recorded"
     sha = code.get("git_sha")
     return f"ouro-lab {code.get('ouro_lab')}" + (f" at {sha[:12]}{'-dirty' if sha.endswith('-dirty') else ''}"
                                                   if sha else "")

@@ -499,7 +499,12 @@ def _is_fixed(strategy) -> bool:
     looks like it (a user's `fixed_then_kl` with a `step` field is a rule of its own)."""
     from ouro_lab.registry import load_strategy
 
-    return strategy is not None and type(strategy) is load_strategy("fixed")
+    if strategy is None:
+        return False
+    try:
+        return type(strategy) is load_strategy("fixed")
+    except OuroLabError:  # the registry cannot load it (a broken entry point): not the built-in, then
+        return False
 
 
 class _Record(dict):

@@ -336,10 +336,12 @@ def accuracy_vs_seconds(metrics, task: str, metric: str, path: Path, tolerance: 
         return _save(fig, path)
 
 
-def exit_histograms(exits, task: str, settings: list[str], path: Path) -> Path:
+def exit_histograms(exits, task: str, settings: list[str], path: Path, mode: str | None = None) -> Path:
     """Share of scored tokens exiting at each loop step (`exit_step`, 1-based), one bar
-    group per setting that has counts, coloured by its strategy."""
+    group per setting that has counts, coloured by its strategy; `mode`: that run mode's."""
     e = exits[(exits.task == task) & exits.setting.isin(settings)]
+    if mode is not None and MODE in e.columns:
+        e = e[e[MODE] == mode]
     settings = [s for s in settings if s in set(e.setting)]
     steps = sorted(e.exit_step.unique())
     with plt.rc_context(STYLE):

@@ -180,9 +180,9 @@ def _analyze_task(run: dict, task: str, tol: float) -> dict | None:
     t["full_setting"] = str(full.setting)
     # compute saved per document needs the metric to be the mean of its per-document values
     # (perplexities and bits per byte are corpus-level: samples hold log-likelihoods)
-    t["doc_mean"] = samples is None or metric not in samples.columns or _doc_mean(samples, task, mode, metric,
-                                                                                  full)
-    if samples is not None and metric in samples.columns and t["doc_mean"]:
+    t["doc_mean"] = (None if samples is None or metric not in samples.columns
+                     else _doc_mean(samples, task, mode, metric, full))
+    if t["doc_mean"]:
         cal = recipe.get("calibration") or {}
         folds = (int(cal.get("folds", 2)), int(cal.get("seed", 0)))
         saved = _saved(samples, rep, task, metric, full, tol / scale, int(recipe.get("bootstrap", 1000)),
@@ -252,11 +252,14 @@ def _curves(rep, chance) -> list[dict]:
     return sorted(out, key=lambda c: -c["auc"] if np.isfinite(c["auc"]) else 0)
 
 
-def _doc_mean(samples, task, mode, metric, full) -> bool:
-    """Whether full depth's `metric` is the mean of its per-document sample values."""
+def _doc_mean(samples, task, mode, metric, full) -> bool | None:
+    """Whether full depth's `metric` is the mean of its per-document sample values (None:
+    no per-document rows to tell, e.g. a group, whose samples are its leaf tasks')."""
     d = samples[(samples.task == task) & (samples.setting == full.setting) & (samples[MODE] == mode)]
     per = d.groupby("doc_id")[metric].first().to_numpy(np.float64)
-    return bool(per.size) and bool(np.isclose(per.mean(), float(full.value), rtol=1e-6, atol=1e-9))
+    if not per.size:
+        return None
+    return bool(np.isclose(per.mean(), float(full.value), rtol=1e-6, atol=1e-9))
 
 
 def _budgets(rep, lower: bool = False) -> list[dict]:
@@ -424,7 +427,7 @@ def make_plots(run: dict, summary: dict) -> list[dict]:
         chosen = _representatives(metrics, task, t)
         if exits is not None and len(exits[(exits.task == task) & exits.setting.isin(chosen)]):
             add("exits", task, f"{task}: exit-step histogram",
-                plots.exit_histograms(exits, task, chosen, pdir / f"{_safe(task)}_exit_hist.png"),
+                plots.exit_histograms(exits, task, chosen, pdir / f"{_safe(task)}_exit_hist.png", t["mode"]),
                 "Share of tokens exiting at each loop step (scored tokens; generated ones for a generation "
                 "task), for the setting chosen for each strategy.")
         if samples is not None and "difficulty" in samples.columns and t["metric"] in samples.columns \

@@ -221,11 +221,12 @@ def _certified_table(task, t) -> Table | None:
 
 def _budget_table(task, t) -> Table:
     sc = t["scale"]
-    best = "lowest" if t.get("lower_is_better") else "highest-scoring"
+    best = (f"setting with the lowest {t['metric_words']} (lower is better)" if t.get("lower_is_better")
+            else "highest-scoring setting")
     tab = Table(f"{task}-budgets", f"{task}: best strategy at each budget ({t['metric_words']})",
                 ["budget", "FLOPs vs full", "fixed", "best setting", "its score", "its FLOPs"],
                 note=f"Budget = the executed FLOPs per token of each fixed step; best = the {best} "
-                     "setting (oracles excluded) that costs no more.")
+                     "(oracles excluded) that costs no more.")
     for b in t["budgets"]:
         bv = np.nan if b["best_value"] is None else b["best_value"]
         tab.rows.append([(b["budget"], _v(b["flops_rel"])), (_pct(b["flops_rel"]) + "%", _v(b["flops_rel"])),

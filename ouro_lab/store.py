@@ -221,8 +221,14 @@ def _canonical(rec) -> bytes:
 
 
 def git_sha() -> str | None:
+    """The commit of ouro-lab's own checkout (None when installed from a package: the
+    repository around site-packages, e.g. a user's project, is not ouro-lab's)."""
     root = Path(__file__).resolve().parent.parent
     try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+            return None
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10)
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],

@@ -446,8 +446,8 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
                     recipe.live.max_gen_toks, recipe.bootstrap, recipe.seed,
                     requests_hash(run.taskset, task),
                     # its measured seconds, and the speed-ups between settings, hold for one batch plan
-                    # on one machine setting: a setting timed under another is not reused
-                    recipe.batch_size, recipe.model.threads, recipe.model.device)
+                    # on one machine: a setting timed under another is not reused
+                    recipe.batch_size, timing_context(run.model))
         found = run.stored(s, f"live, {task}", key) if distributed.is_main() else None
         if found is not None and not run.logged(s, "live", [task]):
             found = None  # its samples JSONL is missing: run it again
@@ -461,6 +461,18 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
             continue
         run.keep(s, "live", key, found)
         run.progress.advance(bar)
+
+
+def timing_context(model) -> dict:
+    """What a live setting's measured seconds depend on beyond the recipe: the resolved
+    device and its name, torch's threads, and the host."""
+    import torch
+
+    dev = model.device
+    name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else platform.processor() or platform.machine())
+    return {"device": str(dev), "device_name": name, "threads": torch.get_num_threads(),
+            "host": platform.node()}
 
 
 def _warm_up(model) -> None:

@@ -314,7 +314,13 @@ def build_task_dict(names: list[str], include_path=None, data_root=None,
                 raise
             raise TaskError(msg) from None
         built.extend(obj if isinstance(obj, list) else [obj])
-    return tm.load(built)
+    try:
+        return tm.load(built)
+    except ValueError as e:  # lm-eval refuses a task named alone and inside a group
+        if not str(e).startswith("Duplicate task"):
+            raise
+        raise TaskError(f"tasks: {str(e).splitlines()[0]}; name it once (a group already runs its "
+                        "members)") from None
 
 
 def _local_copies_factory(meta, num_fewshot: int | None):

@@ -481,3 +481,24 @@ def test_summary_piped_to_a_file_keeps_its_words_whole(demo_run, monkeypatch, ca
     from ouro_lab.progress import stdout_console
 
     assert stdout_console().width == 100
+
+
+def test_other_code_warning_tells_known_code_from_unrecorded():
+    """Settings stored before ouro-lab recorded its code are not said to come from other code."""
+    from ouro_lab.claims import warnings
+
+    prov = {"versions": {"ouro-lab": "9.9"}, "git_sha": "c" * 40,
+            "other_code": [{"setting": "a", "run_mode": "replay", "tasks": ["t"],
+                            "code": {"ouro_lab": "9.8", "git_sha": None}},
+                           {"setting": "b", "run_mode": "replay", "tasks": ["t"], "code": None},
+                           {"setting": "c", "run_mode": "live, u", "tasks": ["u"], "code": None}]}
+    t = {"scale": 100.0, "full": 0.9, "saved": []}
+    summary = {"tolerance": 1.0, "tasks": {"t": t, "u": dict(t)}}
+    got = [w for w in warnings({"provenance": prov, "metrics": None}, summary) if w["code"] == "other_code"]
+    assert [w["task"] for w in got] == ["t", "u"]
+    assert got[0]["message"] == (
+        f"1 of its stored settings were computed by other code (ouro-lab 9.8) than this run (ouro-lab 9.9 "
+        f"at {'c' * 12}); 1 were stored before ouro-lab recorded the code that computed them (it may or "
+        "may not be this run's); they were reused: sweep into a fresh --out to compute every setting with "
+        "this code")
+    assert got[1]["message"].startswith("1 were stored before ouro-lab recorded the code")

@@ -309,7 +309,7 @@ def test_nested_groups_keep_their_aggregate_and_compute(env, tmp_path):
     from ouro_lab.evaluate import evaluate_live
     from ouro_lab.harness import trace_pass
     from ouro_lab.scoring import score
-    from ouro_lab.tasks import TaskSet
+    from ouro_lab.tasks import TaskError, TaskSet
 
     tasks = shutil.copytree(env["root"] / "tasks", tmp_path / "tasks")
     (tasks / "tiny_mc" / "tiny_mc2.yaml").write_text("include: tiny_mc.yaml\ntask: tiny_mc2\n")
@@ -318,6 +318,8 @@ def test_nested_groups_keep_their_aggregate_and_compute(env, tmp_path):
     agg = "aggregate_metric_list:\n  - {metric: acc, aggregation: mean, weight_by_size: true}\n"
     (tasks / "tiny_inner.yaml").write_text("group: tiny_inner\ntask: [tiny_mc, tiny_mc2]\n" + agg)
     (tasks / "tiny_outer.yaml").write_text("group: tiny_outer\ntask: [tiny_inner, tiny_mc3]\n" + agg)
+    with pytest.raises(TaskError, match=r"^tasks: Duplicate task 'tiny_mc3'.*; name it once"):
+        TaskSet(["tiny_outer", "tiny_mc3"], include_path=[tasks], limit=4)  # one line, not a traceback
     ts = TaskSet(["tiny_outer"], include_path=[tasks], limit=4)
     assert sorted(ts.tasks) == ["tiny_mc", "tiny_mc2", "tiny_mc3"]
     assert set(ts.subset(list(ts.tasks))["groups"]) == {"tiny_inner", "tiny_outer"}

@@ -366,5 +366,24 @@ def test_a_perplexity_task_claims_no_per_document_saving_and_ranks_the_lowest_be
     report = (run / "report.md").read_text()
     assert "word perplexity" in report and "is not a mean over documents" in report
     assert "saves" not in report.split("## ")[0] and "tiny_ppl: area under the curve" not in report
-    assert "best = the lowest setting" in report
+    assert "best = the setting with the lowest word perplexity (lower is better)" in report
     assert "Word perplexity against FLOPs" in report and "1-unit tolerance above full depth (lower" in report
+
+
+def test_a_group_is_not_called_corpus_level():
+    """A group's samples are its leaf tasks': with no rows of its own, whether its metric is a
+    mean over documents is unknown, not false (every mmlu group read "not a mean over
+    documents (a corpus-level figure)")."""
+    from ouro_lab.report import _doc_mean
+    from ouro_lab.report_page import headline
+
+    samples = pd.DataFrame({"task": ["leaf", "leaf"], "setting": "fixed(step=4)", "run_mode": "replay",
+                            "doc_id": [0, 1], "acc": [1.0, 0.0]})
+    full = pd.Series({"setting": "fixed(step=4)", "value": 0.5})
+    assert _doc_mean(samples, "group", "replay", "acc", full) is None
+    assert _doc_mean(samples, "leaf", "replay", "acc", full) is True
+    assert _doc_mean(samples, "leaf", "replay", "acc", full.replace(0.5, 0.7)) is False
+    t = {"scale": 100.0, "metric_words": "accuracy", "full": 0.5, "mode": "replay", "headline": None,
+         "saved": [], "doc_mean": None}
+    assert "not a mean over documents" not in headline("group", t, 1.0)
+    assert "not a mean over documents" in headline("ppl", {**t, "doc_mean": False}, 1.0)

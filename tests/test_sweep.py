@@ -427,18 +427,22 @@ def test_the_requests_key_is_content_not_where_the_files_are(lab, tmp_path):
     assert moved[0] == here[0] and moved[1] != here[1]
 
 
+def _one_task_recipe(path: Path, lab: Path, task: str, extra: str = "") -> Path:
+    """A recipe over the lab's model and `task` (4 documents), threshold q=0.5 only."""
+    path.write_text(f"""model: {{path: {lab / 'ckpt'}, dtype: float32, device: cpu, threads: 1}}
+tasks: {{names: [{task}], include: [{lab / 'tasks'}], limit: 4}}
+strategies:
+  - {{name: threshold, grid: {{q: 0.5}}}}
+bootstrap: 0
+""" + extra)
+    return path
+
+
 def test_live_settings_timed_under_another_batch_plan_are_not_reused(lab, tmp_path):
     """A live setting's seconds (and decode_speedup between settings) hold for one batch plan
     and thread count: an interrupted run resumed with batch_size 2 reused all 10 settings
     timed at batch 16, and provenance said batch_size 2."""
-    recipe = tmp_path / "g.yaml"
-    recipe.write_text(f"""model: {{path: {lab / 'ckpt'}, dtype: float32, device: cpu, threads: 1}}
-tasks: {{names: [tiny_gen], include: [{lab / 'tasks'}], limit: 4}}
-strategies:
-  - {{name: threshold, grid: {{q: 0.5}}}}
-bootstrap: 0
-batch_size: 4
-""")
+    recipe = _one_task_recipe(tmp_path / "g.yaml", lab, "tiny_gen", "batch_size: 4\n")
     a = run_sweep(recipe, out=tmp_path / "a")
     first = {p.name for p in (a / "settings").glob("*.json")}
     (a / "provenance.json").unlink()  # as a run interrupted before its tables were written
@@ -447,6 +451,10 @@ batch_size: 4
     assert len(first) == len(second) > 0  # every live setting run again, none reused
     run_sweep(recipe, ["batch_size=2"], out=tmp_path / "b")
     assert {p.name for p in (tmp_path / "b" / "settings").glob("*.json")} == second
+    (a / "provenance.json").unlink()
+    run_sweep(recipe, ["batch_size=2", "model.threads=2"], out=a)  # torch's threads: timed anew too
+    third = {p.name for p in (a / "settings").glob("*.json")} - first - second
+    assert len(third) == len(first)
 
 
 def test_settings_reused_from_other_code_are_named(lab, tmp_path, monkeypatch):
@@ -456,13 +464,7 @@ def test_settings_reused_from_other_code_are_named(lab, tmp_path, monkeypatch):
     import ouro_lab
     import ouro_lab.sweep as sweep_mod
 
-    recipe = tmp_path / "c.yaml"
-    recipe.write_text(f"""model: {{path: {lab / 'ckpt'}, dtype: float32, device: cpu, threads: 1}}
-tasks: {{names: [tiny_mc], include: [{lab / 'tasks'}], limit: 4}}
-strategies:
-  - {{name: threshold, grid: {{q: 0.5}}}}
-bootstrap: 0
-""")
+    recipe = _one_task_recipe(tmp_path / "c.yaml", lab, "tiny_mc")
     monkeypatch.setenv("OURO_LAB_CACHE", str(tmp_path / "cache"))  # its trace apart from the lab's
     monkeypatch.setattr(sweep_mod, "git_sha", lambda: "a" * 40)
     a = run_sweep(recipe, out=tmp_path / "a")
@@ -479,5 +481,33 @@ bootstrap: 0
     v = ouro_lab.__version__
     assert warn[0]["message"].startswith(f"5 of its stored settings were computed by other code (ouro-lab "
                                          f"{v} at {'a' * 12}) than this run (ouro-lab {v} at "
-                                         f"{'b' * 12}-dirty) and reused")
+                                         f"{'b' * 12}-dirty); they were reused")
     assert warn[0]["message"] in (a / "report.md").read_text()
+
+
+def test_git_sha_is_ouro_labs_own_checkout_or_none(tmp_path):
+    """Installed into a project's .venv, `git -C site-packages` found the user's project and
+    provenance recorded its commit (and `other_code` fired after each of the user's commits)."""
+    import importlib.util
+    import shutil
+
+    def sha_from(root: Path):
+        (root / "ouro_lab").mkdir(parents=True)
+        shutil.copy(Path(__file__).parents[1] / "ouro_lab" / "store.py", root / "ouro_lab" / "store.py")
+        spec = importlib.util.spec_from_file_location("store_copy", root / "ouro_lab" / "store.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.git_sha()
+
+    project = tmp_path / "project"
+    project.mkdir()
+    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (project / "a.txt").write_text("a\n")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    assert sha_from(project / ".venv" / "site-packages") is None  # the project's repo, not ouro-lab's
+    assert sha_from(tmp_path / "elsewhere") is None  # no repository at all
+    own = sha_from(project)  # ouro-lab's own checkout: its commit (an untracked file is not dirt)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert own == head
