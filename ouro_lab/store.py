@@ -7,7 +7,8 @@
         metrics.csv, samples.parquet... atomic_frame: a reader never sees half a table
 
 Traces are cached apart, by content, under `cache_dir()` (`trace_cache` checks it first).
-`git_sha()` and `versions()` are what provenance.json records of the code that ran.
+`git_sha()` and `versions()` are what provenance.json records of the code that ran;
+`timing_context(model)`, where live settings are timed (part of their keys).
 Every write is durable (`ouro_lab.files`): fsynced, renamed into place, its temporary
 removed on failure; a full disk is one `DiskFullError` line.
 """
@@ -238,6 +239,18 @@ def git_sha() -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def timing_context(model) -> dict:
+    """What a live setting's measured seconds depend on beyond the recipe: the resolved
+    device and its name, torch's threads, and the host."""
+    import torch
+
+    dev = model.device
+    name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else platform.processor() or platform.machine())
+    return {"device": str(dev), "device_name": name, "threads": torch.get_num_threads(),
+            "host": platform.node()}
 
 
 def versions() -> dict:

@@ -68,6 +68,7 @@ from ouro_lab.store import (
     jsonable,
     resumable_on_full_disk,
     run_dir_for,
+    timing_context,
     trace_cache,
     versions,
 )
@@ -461,18 +462,6 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
             continue
         run.keep(s, "live", key, found)
         run.progress.advance(bar)
-
-
-def timing_context(model) -> dict:
-    """What a live setting's measured seconds depend on beyond the recipe: the resolved
-    device and its name, torch's threads, and the host."""
-    import torch
-
-    dev = model.device
-    name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-            else platform.processor() or platform.machine())
-    return {"device": str(dev), "device_name": name, "threads": torch.get_num_threads(),
-            "host": platform.node()}
 
 
 def _warm_up(model) -> None:
