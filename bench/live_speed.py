@@ -30,8 +30,8 @@ per tick); per-token dispatch at the shortest prompt (ATen ops per token, counte
 time per token of a twin of the model with the same layers, steps and heads at next to no
 width: it runs the same ops with next to no arithmetic, so its time is what issuing a token's
 work costs: the Python around the ops, their dispatch, on a GPU their launches; its share
-of the model's token, and each case's measured / ideal with the twin's time taken off both
-sides); self-speculative
+of the model's token, and each case's measured / ideal on one basis, `generate`'s median
+over the case's, as timed and with each side's twin time taken off); self-speculative
 decoding (drafts at step 1 or 2, 1-4 per round, verified at full depth) over plain greedy
 on the demo generation task, its output checked identical, and what one masked attention
 call for rows at different cache columns saves it over a call per column (on 16-token

@@ -117,7 +117,9 @@ def facts(run: dict, summary: dict) -> tuple[str, str]:
         tasks.append(f"{task} ({n}, {t['metric_words']}, {how})")
     recipe = run["provenance"].get("recipe", {})
     tol = summary["tolerance"]
-    return model, (f"Tasks: {'; '.join(tasks)}. Tolerance {tol:g} point{'s' if tol != 1 else ''}; "
+    scales = {t["scale"] for t in summary["tasks"].values()}
+    unit = _unit({"scale": scales.pop()}, tol) if len(scales) == 1 else "(points for scores in %, else units)"
+    return model, (f"Tasks: {'; '.join(tasks)}. Tolerance {tol:g} {unit}; "
                    f"intervals: 95% paired bootstrap over documents, {recipe.get('bootstrap', 1000)} "
                    "resamples.")
 

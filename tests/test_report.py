@@ -367,6 +367,7 @@ def test_a_perplexity_task_claims_no_per_document_saving_and_ranks_the_lowest_be
     assert "word perplexity" in report and "is not a mean over documents" in report
     assert "saves" not in report.split("## ")[0] and "tiny_ppl: area under the curve" not in report
     assert "best = the setting with the lowest word perplexity (lower is better)" in report
+    assert "Tolerance 1 unit;" in report  # a perplexity is not in points
     assert "Word perplexity against FLOPs" in report and "1-unit tolerance above full depth (lower" in report
 
 
