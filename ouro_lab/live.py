@@ -45,7 +45,8 @@ from ouro_lab.cache import KVCache
 from ouro_lab.errors import OuroLabError
 from ouro_lab.flops import ModelCost
 from ouro_lab.generation import Generation
-from ouro_lab.strategy import HEAD_SIGNALS, Signals, allowed_signals, decide_checked, earliest, expand_needs
+from ouro_lab.strategy import (HEAD_SIGNALS, TOKEN_STRIDE, Signals, allowed_signals, decide_checked, earliest,
+                               expand_needs, request_keys)
 from ouro_lab.trace import head_signals, unit_results
 
 KV_POLICIES = ("full", "copy", "last")
@@ -232,7 +233,7 @@ class LiveBatch:
         self.tgt[at] = -1 if targets is None else targets.to(dev).long()
         self.col[sel], self.next_step[sel], self.exit_at[sel] = ctx.cols.numpy(), 0, -1
         self.want[sel] = True if readout is None else readout.numpy().astype(bool)
-        self.index[sel] = self.row_ids[sel] * 1_000_003 + self.fed[sel]
+        self.index[sel] = self.row_ids[sel] * TOKEN_STRIDE + self.fed[sel]  # as replay draws
         self.ctx_len[sel] = self.cache.next_pos[at].cpu().numpy()  # keys attended, the token's own included
         self.step_cost[sel] = (self.cost.layer_flops + self.cost.gate_flops
                                + self.cost.attn_flops_per_ctx * self.ctx_len[sel])
@@ -473,13 +474,14 @@ def live_score_units(model, units, strategy=None, kv_policy: str = "copy", batch
     results: list = [None] * len(units)
     records: list = [None] * len(units)
     order = sorted(range(len(units)), key=lambda i: (-len(units[i].ctx) - len(units[i].cont), i))
+    keys = request_keys(units)  # randomized rules draw per (request, position), as replay does
     for c, part in enumerate(chunks(order, batch_size)):
         if not distributed.owns(c):  # data parallel: whole chunks of this plan per rank
             continue
         wholes = [(list(units[i].ctx) + list(units[i].cont))[-(max_length + 1):] for i in part]
         run = LiveBatch(model, strategy, kv_policy, steps, min(batch_size, len(part)), seed,
                         capacity=max(len(w) for w in wholes))
-        res, recs = _score_chunk(model, wholes, [len(units[i].cont) for i in part], part, run)
+        res, recs = _score_chunk(model, wholes, [len(units[i].cont) for i in part], [keys[i] for i in part], run)
         for i, r, rec in zip(part, res, recs, strict=True):
             results[i], records[i] = r, rec
     return distributed.merge(results), distributed.merge(records)  # no-op in one process

@@ -30,6 +30,7 @@ from ouro_lab.errors import OuroLabError
 from ouro_lab.live import KV_POLICIES, chunks, live_generate, live_score_units
 from ouro_lab.sampling import Sampling
 from ouro_lab.speculative import speculative_generate
+from ouro_lab.strategy import request_keys
 from ouro_lab.trace import CHUNK_ELEMENTS, step_signals, unit_results
 
 LL_TYPES = ("loglikelihood", "loglikelihood_rolling")  # request types scored from log-probs
@@ -360,15 +361,15 @@ class OuroLM(TemplateLM):
         units, keys = [], []
         for req in requests:
             c, x = self.encode_request(*req.args)
-            units.append(Unit(tuple(c), tuple(x)))
+            units.append(Unit(tuple(c), tuple(x), req.task_name, req.doc_id, req.idx))
             keys.append((req.task_name, req.doc_id, req.idx))
         return self._score_units(units, keys)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         units, owner, keys = [], [], []
         for i, req in enumerate(requests):
-            for c, x in self.rolling_units(req.args[0]):
-                units.append(Unit(tuple(c), tuple(x)))
+            for w, (c, x) in enumerate(self.rolling_units(req.args[0])):
+                units.append(Unit(tuple(c), tuple(x), req.task_name, req.doc_id, req.idx, w))
                 owner.append(i)
                 keys.append((req.task_name, req.doc_id, req.idx))
         res = self._score_units(units, keys)
@@ -413,8 +414,11 @@ class OuroLM(TemplateLM):
                     continue
                 prompts = [enc[i][-(self.max_length - max_new):] if max_new < self.max_length
                            else enc[i][-1:] for i in part]
+                # draws (random rules, sampling) keyed by request, not by place in this call
+                ids = request_keys([(requests[i].task_name, requests[i].doc_id, requests[i].idx, -1)
+                                    for i in part])
                 kw = dict(until=list(until), max_new_tokens=max_new, steps=self.steps, seed=self.seed,
-                          eos_token_id=self.eot_token_id, row_ids=part, batch_size=self.batch_size)
+                          eos_token_id=self.eot_token_id, row_ids=ids, batch_size=self.batch_size)
                 m, tok, st = self.model, self.tokenizer, self.strategy
                 texts, recs = (live_generate(m, tok, prompts, st, self.kv_policy, sampling=sampling, **kw)
                                if self.draft_len is None else

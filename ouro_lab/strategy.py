@@ -96,12 +96,34 @@ def expand_needs(needs) -> set[str]:
     return out
 
 
+# A token's draw index (`Signals.index`) is request_key * TOKEN_STRIDE + its position in
+# the request's input sequence: replay and live decoding draw alike, and a request draws
+# the same whatever else the run holds (other tasks, limits, batch sizes).
+TOKEN_STRIDE = 1_000_003  # above any position; keys have 43 bits, so no int64 overflow
+
+
+def request_keys(units) -> list[int]:
+    """A stable 43-bit key per request: units (objects with task, doc_id, idx, window, or
+    [task, doc_id, idx, window] lists) keyed by what they are; one without a document
+    (doc_id < 0) by its place in the list."""
+    import hashlib
+    import json
+
+    out = []
+    for i, u in enumerate(units):
+        task, doc, idx, window = (u.task, u.doc_id, u.idx, u.window) if hasattr(u, "doc_id") else u
+        what = [task, doc, idx, window] if doc is not None and doc >= 0 else ["#", i]
+        digest = hashlib.blake2b(json.dumps(what).encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little") >> 21)
+    return out
+
+
 class Signals:
     """Per-step signals for N tokens, steps 0..r (attribute access: `s.exit_cdf[r]`).
 
     `steps` is the model's full depth R (the last step always exits), `seed` a per-run
-    seed for randomized rules, `index` (N,) the tokens' global indices (stable ids for
-    deterministic randomness), `group` (N,) the sequence each token belongs to.
+    seed for randomized rules, `index` (N,) the tokens' draw indices (stable ids for
+    deterministic randomness: see TOKEN_STRIDE), `group` (N,) the sequence each token belongs to.
     Optional, for rules with a FLOPs budget: `ctx` (N,) keys each token attends to and
     `cost` (an `ouro_lab.flops.ModelCost`). `n` gives N even when `data` is empty.
     Calibration sets may carry `outcome`: a function from exit steps (N,) to each

@@ -1,6 +1,7 @@
 """Baseline to beat: exit at random, constant per-step hazard, expected steps = mean_steps.
 
-Deterministic: a pure function of (run seed, seed parameter, token index).
+Deterministic: a pure function of (run seed, seed parameter, request, token position), so
+replay and live decoding draw alike, whatever else the run holds.
 """
 
 from dataclasses import dataclass, field

@@ -123,6 +123,29 @@ def test_generate_until_cuts_and_caps(env):
     assert capped[0] == outs[0] and all(len(o.split()) <= 2 for o in capped)
 
 
+def test_random_generation_draws_per_request_not_per_batch_place(env):
+    """A randomized rule's draws in generation are keyed by the request (task, document,
+    index): a request decodes the same alone or behind other requests (other tasks)."""
+    from lm_eval.api.instance import Instance
+
+    from ouro_lab.harness import OuroLM
+
+    prompts = ["what is one plus two", "one two", "what is two plus two plus one", "two"]
+    reqs = [Instance("generate_until", {}, (p, {"until": ["."], "max_gen_toks": 6}), 0, ("t", i, 1))
+            for i, p in enumerate(prompts)]
+
+    def run(rs):
+        lm = OuroLM(model=env["model"], tokenizer=env["tok"], batch_size=2, strategy="random",
+                    strategy_params={"mean_steps": 2.0})
+        return lm.generate_until(rs), lm.records
+
+    texts, recs = run(reqs)
+    alone, alone_recs = run(reqs[3:])
+    assert alone[0] == texts[3]
+    assert alone_recs[("t", 3, 0)]["steps_used"] == recs[("t", 3, 0)]["steps_used"]
+    assert recs[("t", 3, 0)]["steps_used"] < 4 * recs[("t", 3, 0)]["tokens"]  # it did exit early
+
+
 def test_a_strategy_is_never_scored_at_full_depth_under_its_name(env):
     from lm_eval.api.instance import Instance
 

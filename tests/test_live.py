@@ -20,10 +20,11 @@ def env(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("live")
     mdir = make_model_dir(root / "model", seed=1)
-    ts = TaskSet(["tiny_mc", "tiny_ppl", "tiny_gen"], include_path=[make_tasks(root / "tasks", n=8)])
+    tasks = make_tasks(root / "tasks", n=8)
+    ts = TaskSet(["tiny_mc", "tiny_ppl", "tiny_gen"], include_path=[tasks])
     model, tok = load_model(mdir), load_tokenizer(mdir)
     trace, _ = trace_pass(model, tok, ts, batch_size=4)
-    return {"ts": ts, "model": model, "tok": tok, "trace": trace}
+    return {"ts": ts, "model": model, "tok": tok, "trace": trace, "tasks": tasks}
 
 
 def _by_key(rows):
@@ -31,11 +32,12 @@ def _by_key(rows):
 
 
 @pytest.mark.parametrize("rule", [("threshold", {"q": 0.5}), ("confidence", {"tau": 0.5}),
-                                  ("kl", {"eps": 0.05, "min_step": 3})])
+                                  ("kl", {"eps": 0.05, "min_step": 3}), ("random", {"mean_steps": 2.5})])
 def test_full_policy_live_matches_replay(env, rule):
     """With every step computed (`full`), a live run sees the same states as the trace:
     same exits, same metrics (up to float noise of token-by-token attention), and the
-    same FLOPs used, LM-head readouts of head-reading rules included."""
+    same FLOPs used, LM-head readouts of head-reading rules included. A randomized rule
+    draws the same numbers for the same (request, position) in both."""
     from ouro_lab.harness import evaluate_live, score
     from ouro_lab.registry import make_strategy
 
@@ -362,6 +364,25 @@ def test_oracle_cannot_decode(env):
     with pytest.raises(LiveError, match="composed from the fixed-step runs"):
         LiveBatch(env["model"], make_strategy("oracle", {}), "copy", batch=1)
     assert torch is not None
+
+
+def test_random_draws_of_a_task_do_not_depend_on_the_others(env):
+    """A request's draws are keyed by the request and the token's position, not by its place
+    in the trace: tiny_ppl's random baseline is the same traced alone or with tiny_mc."""
+    from ouro_lab.harness import score, trace_pass
+    from ouro_lab.registry import make_strategy
+    from ouro_lab.tasks import TaskSet
+
+    alone_ts = TaskSet(["tiny_ppl"], include_path=[env["tasks"]])
+    alone, _ = trace_pass(env["model"], env["tok"], alone_ts, batch_size=4)
+    st = make_strategy("random", {"mean_steps": 2.5})
+    a, _ = score(alone_ts, alone, st, seed=7)
+    b, _ = score(env["ts"], env["trace"], st, seed=7)
+    a = {r["metric"]: r for r in a}
+    for r in b:
+        if r["task"] == "tiny_ppl":
+            assert r["steps_used_mean"] == a[r["metric"]]["steps_used_mean"]  # the same draws
+            assert r["value"] == pytest.approx(a[r["metric"]]["value"], rel=1e-6)  # batched apart
 
 
 def test_random_exits_differ_between_batches(env):
