@@ -45,8 +45,16 @@ from ouro_lab.cache import KVCache
 from ouro_lab.errors import OuroLabError
 from ouro_lab.flops import ModelCost
 from ouro_lab.generation import Generation
-from ouro_lab.strategy import (HEAD_SIGNALS, TOKEN_STRIDE, Signals, allowed_signals, decide_checked, earliest,
-                               expand_needs, request_keys)
+from ouro_lab.strategy import (
+    HEAD_SIGNALS,
+    TOKEN_STRIDE,
+    Signals,
+    allowed_signals,
+    decide_checked,
+    earliest,
+    expand_needs,
+    request_keys,
+)
 from ouro_lab.trace import head_signals, unit_results
 
 KV_POLICIES = ("full", "copy", "last")
@@ -481,7 +489,8 @@ def live_score_units(model, units, strategy=None, kv_policy: str = "copy", batch
         wholes = [(list(units[i].ctx) + list(units[i].cont))[-(max_length + 1):] for i in part]
         run = LiveBatch(model, strategy, kv_policy, steps, min(batch_size, len(part)), seed,
                         capacity=max(len(w) for w in wholes))
-        res, recs = _score_chunk(model, wholes, [len(units[i].cont) for i in part], [keys[i] for i in part], run)
+        res, recs = _score_chunk(model, wholes, [len(units[i].cont) for i in part],
+                                 [keys[i] for i in part], run)
         for i, r, rec in zip(part, res, recs, strict=True):
             results[i], records[i] = r, rec
     return distributed.merge(results), distributed.merge(records)  # no-op in one process
