@@ -204,12 +204,32 @@ def doc_outcomes(taskset, trace, strategy):
             got = {}
             for task, d in samples.groupby("task"):
                 col = primary_metric([c for c in d.columns if c not in NOT_METRICS])
+                _bounded_mean(taskset, task, col, d[col].to_numpy(np.float64), strategy)
                 got.update({(task, int(i)): float(v) for i, v in zip(d.doc_id, d[col], strict=True)})
             return torch.tensor(np.array([got[k] for k in docs], dtype=np.float64))
 
         return outcome
 
     return for_rows
+
+
+def _bounded_mean(taskset, task: str, metric: str, values, strategy) -> None:
+    """A calibration outcome must be a per-document score in [0, 1] that the task averages
+    (accuracy, exact match): a loss bound in those units means nothing for a perplexity,
+    whose per-document values are log-likelihoods."""
+    import numpy as np
+    from lm_eval.api.metrics import mean
+
+    from ouro_lab.strategy import origin
+
+    agg = taskset.tasks[task].aggregation().get(metric) if task in taskset.tasks else None
+    if agg is mean and np.all((values >= 0) & (values <= 1)):
+        return
+    what = (f"aggregated by {getattr(agg, '__name__', agg)}, not a mean over documents" if agg is not mean
+            else "with per-document values outside [0, 1]")
+    raise OuroLabError(f"{origin(strategy)[0]}: calibrates on each document's score, but task {task}'s "
+                        f"primary metric {metric} is {what}; use this rule on tasks scored per document "
+                        "in [0, 1] (accuracy, exact match), or `budget` for the others")
 
 
 NOT_METRICS = {"task", "doc_id", "filter", "difficulty", "steps_used", "steps_executed", "flops_per_token",

@@ -319,7 +319,7 @@ def fit_checked(strategy, calibration: Signals) -> None:
                             outcome=True)
     try:
         strategy.fit(view)
-    except ContractError:
+    except OuroLabError:  # a contract breach, or the calibration's own refusal (one line each)
         raise
     except Exception as e:
         raise _raised(strategy, "fit(calibration)", e) from e

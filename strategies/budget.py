@@ -58,9 +58,13 @@ class Strategy(ExitStrategy):
         cw = torch.cat((torch.zeros(1, dtype=torch.float64), (w.repeat(R - 1)[order] / n).cumsum(0)))
         uniq = vals.unique()
         cost_at = base + cw[torch.searchsorted(vals, uniq, side="left")]  # cost(t = uniq_k)
-        if base > target * (1 + 1e-12):
+        # a NaN signal (-inf here) passes no threshold in decide(): t = -inf is no candidate
+        finite = uniq > -torch.inf
+        uniq, cost_at = uniq[finite], cost_at[finite]
+        cheapest = float(cost_at[0]) if len(uniq) else base + float(cw[-1])
+        if cheapest > target * (1 + 1e-12):
             raise ValueError(f"budget: target {target:g} is below the cheapest possible "
-                             f"{base:g} (every token exits at step 1)")
+                             f"{cheapest:g} (every token exits at step 1, but one whose signal is NaN)")
         if base + float(cw[-1]) <= target * (1 + 1e-12):
             self._threshold = torch.inf                              # the budget allows full depth
         else:

@@ -11,6 +11,8 @@ family-wise error <= alpha). The most aggressive rejected threshold is used; if 
 every token runs to full depth (loss 0, the guarantee holds trivially). As CALM
 calibrates its confidence thresholds. The guarantee is over calibration draws: with
 probability >= 1 - alpha the expected accuracy loss on documents like these is <= delta.
+Tasks whose primary metric is not a per-document score in [0, 1] averaged over documents
+(perplexities, corpus-level F1 or BLEU) are refused: a loss bound there has no unit.
 """
 
 import math
@@ -58,6 +60,12 @@ class Strategy(ExitStrategy):
             raise ValueError("risk: the calibration split carries no per-document outcome; run it through "
                              "`ouro-lab sweep` (cross-fitted on loglikelihood tasks)")
         R, sign = calibration.steps, DIRECTION[self.signal]
+        if R == 1:  # one step: nothing to exit from; the guarantee holds trivially
+            self._threshold = math.inf if sign > 0 else -math.inf
+            self._record = {"threshold": self._threshold, "docs": calibration.n, "certified": False,
+                            "calibration_loss": 0.0, "p_value": None, "tested": 0, "delta": self.delta,
+                            "alpha": self.alpha}
+            return
         x = torch.nan_to_num(sign * getattr(calibration, self.signal)[: R - 1].double(), nan=-math.inf)
         m = x.cummax(0).values  # (R-1, N): exited by step r iff m_r >= sign * t
         full = calibration.outcome(torch.full((calibration.n,), R - 1, dtype=torch.long)).double()

@@ -159,6 +159,40 @@ def test_risk_refuses_to_fit_without_outcomes():
         fit_checked(make_strategy("risk", {}), s)
 
 
+def test_risk_on_a_one_step_model_runs_its_one_step():
+    from ouro_lab.contract import synthetic_signals
+    from ouro_lab.strategy import fit_checked, replay
+
+    s = synthetic_signals(1, 50, seed=3)
+    st = make_strategy("risk", {"signal": "entropy"})
+    fit_checked(st, s)  # there is nothing to exit from: no threshold to test
+    assert replay(st, s).eq(0).all() and st.fitted()["certified"] is False
+
+
+def test_risk_refuses_a_perplexity_task(tmp_path):
+    """risk bounds a per-document score drop in [0, 1]; a perplexity task's per-document
+    values are log-likelihoods, so its "certificate" would be in nats: refused, in one line."""
+    from harness_helpers import make_model_dir, make_tasks
+
+    from ouro_lab.errors import OuroLabError
+    from ouro_lab.harness import trace_pass
+    from ouro_lab.loading import load_model, load_tokenizer
+    from ouro_lab.scoring import _unit_meta
+    from ouro_lab.settings import Setting, cross_fit, doc_outcomes, folds_of
+    from ouro_lab.tasks import TaskSet
+
+    mdir = make_model_dir(tmp_path / "model", seed=1)
+    ts = TaskSet(["tiny_ppl"], include_path=[make_tasks(tmp_path / "tasks", n=12)])
+    model, tok = load_model(mdir), load_tokenizer(mdir)
+    trace, _ = trace_pass(model, tok, ts, batch_size=4)
+    obj = make_strategy("risk", {"delta": 0.5, "alpha": 0.3, "candidates": 5})
+    s = Setting("risk", obj.params(), "token", 0, fitted=True, obj=obj)
+    want = r"^strategies/risk\.py: .*tiny_ppl's primary metric word_perplexity is aggregated by weighted_perp"
+    with pytest.raises(OuroLabError, match=want) as e:
+        cross_fit(s, trace, folds_of(trace, _unit_meta(trace), 2, 0), 2, 0, doc_outcomes(ts, trace, obj))
+    assert "\n" not in str(e.value)
+
+
 # --------------------------------------------------------------------------- sweeps
 
 

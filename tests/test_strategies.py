@@ -224,6 +224,20 @@ def test_budget_on_other_signals(signal):
     assert replay(st, calib).eq(3).all()
 
 
+def test_budget_meets_its_target_when_a_signal_is_nan():
+    """A NaN signal passes no threshold in decide(), so fit() must not count NaN tokens as
+    exiting: the replayed mean stays within the target, and a target only NaN-free exits
+    could meet is refused."""
+    calib = sig(4, 4_000, seed=7)
+    calib._data["max_prob"][:, :1_000] = math.nan  # a quarter of the tokens never pass
+    for target in (1.75, 2.0, 2.5):
+        st = make_strategy("budget", {"mean_steps": target, "signal": "max_prob"})
+        st.fit(calib)
+        assert target - 0.1 < (replay(st, calib).float() + 1).mean().item() <= target
+    with pytest.raises(ValueError, match="cheapest possible 1.75"):
+        make_strategy("budget", {"mean_steps": 1.5, "signal": "max_prob"}).fit(calib)
+
+
 def test_budget_flops_target():
     from ouro_lab.flops import ModelCost
 
