@@ -182,6 +182,11 @@ def _units_forward(model, units: list[Unit], steps: int, batch_size: int, max_le
 # --------------------------------------------------------------------------- the lm-eval LM
 
 
+def _truthy(v) -> bool:
+    """A model_args flag: a bool, or its text from `--model_args` ("true", "1", "yes")."""
+    return v.strip().lower() in ("1", "true", "yes") if isinstance(v, str) else bool(v)
+
+
 class OuroLM(TemplateLM):
     """lm-eval `LM` for ouro-lab checkpoints.
 
@@ -206,8 +211,10 @@ class OuroLM(TemplateLM):
                  kv_policy: str = "copy", live: bool | None = None, batch_size: int | str = 8,
                  device: str | None = None, dtype: str | None = None, max_length: int | None = None,
                  max_gen_toks: int | None = None, seed: int = 0, chat_template: str | None = None,
-                 draft_len: int | None = None, **kwargs):
+                 draft_len: int | None = None, add_bos_token: bool | None = None, **kwargs):
         super().__init__()
+        # as HFLM's: None keeps the tokenizer's own default for special tokens
+        self.add_bos_token = None if add_bos_token in (None, "") else _truthy(add_bos_token)
         self.seed = int(seed)  # the run's seed, for randomized exit rules
         from ouro_lab.loading import load_model, load_tokenizer
 
@@ -237,7 +244,7 @@ class OuroLM(TemplateLM):
         elif kwargs:
             raise HarnessError(f"model_args: unknown argument(s) {', '.join(sorted(kwargs))}; known: path, "
                                "steps, strategy, kv_policy, live, batch_size, device, dtype, max_length, "
-                               "max_gen_toks, seed, chat_template, draft_len")
+                               "max_gen_toks, seed, chat_template, draft_len, add_bos_token")
         # draft_len: generate_until decodes speculatively (ouro_lab.speculative), `strategy` drafting
         self.draft_len = None if draft_len in (None, "") else int(draft_len)
         if self.draft_len is not None and (strategy is None or self.draft_len < 1):
@@ -247,9 +254,7 @@ class OuroLM(TemplateLM):
             steps, strategy = min(int(strategy.step), R if steps is None else int(steps)), None  # to k steps
         self.steps = R if steps is None else int(steps)
         # live: loglikelihood requests run token by token with early exit (ouro_lab.live)
-        if isinstance(live, str):
-            live = live.strip().lower() in ("1", "true", "yes")
-        self.live = bool(live) if live is not None else strategy is not None
+        self.live = _truthy(live) if live is not None else strategy is not None
         if self.steps < 1:
             raise HarnessError(f"model_args: steps must be >= 1, got {steps}")
         self.strategy = strategy
@@ -309,8 +314,24 @@ class OuroLM(TemplateLM):
     def device(self):
         return self.model.device
 
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context or a rolling window starts from, as lm-eval's HFLM: the
+        tokenizer's BOS token, else its end-of-text token."""
+        bos = self.tokenizer.bos_token_id
+        return int(bos) if bos is not None else self.eot_token_id
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return list(self.tokenizer(string, add_special_tokens=bool(add_special_tokens)).input_ids)
+        """Token ids, as HFLM encodes: `add_special_tokens=None` keeps the tokenizer's default
+        (a Llama-style tokenizer adds its BOS) unless `add_bos_token` was given, and adds
+        nothing to a text that already starts with the prefix token's text."""
+        if add_special_tokens is None:
+            add_special_tokens = self.add_bos_token
+            bos = self.tokenizer.decode([self.prefix_token_id])
+            if bos and string.startswith(bos):
+                add_special_tokens = False
+        kw = {} if add_special_tokens is None else {"add_special_tokens": bool(add_special_tokens)}
+        return list(self.tokenizer(string, **kw).input_ids)
 
     def tok_decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -389,9 +410,16 @@ class OuroLM(TemplateLM):
             eos_text = self.tok_decode([self.eot_token_id])
             if eos_text and eos_text not in until:
                 until.append(eos_text)
-            max_new = int(gk.pop("max_gen_toks", self.max_gen_toks))
+            # lm-eval's names for the cap, in its order of priority (`normalize_gen_kwargs`)
+            caps = [gk.pop(k, None) for k in ("max_gen_toks", "max_new_tokens", "max_tokens",
+                                              "max_completion_tokens")]
+            max_new = int(next((c for c in caps if c is not None), self.max_gen_toks))
             if self.max_gen_cap is not None:
                 max_new = min(max_new, self.max_gen_cap)
+            if max_new >= self.max_length:  # no room for the prompt (HFLM refuses too)
+                raise HarnessError(f"generate_until: {requests[i].task_name or 'a task'} asks for {max_new} "
+                                   f"new tokens, not below max_length {self.max_length}; cap them with the "
+                                   "recipe's live.max_gen_toks (lm-eval: model_args max_gen_toks=N)")
             sampling = Sampling.from_gen_kwargs(gk, self.seed)  # greedy unless the task asks to sample
             bad = {k: v for k, v in gk.items() if k in UNSUPPORTED_GEN and v not in UNSUPPORTED_GEN[k]}
             if bad:
@@ -412,8 +440,7 @@ class OuroLM(TemplateLM):
                 n_chunk += 1
                 if not distributed.owns(n_chunk - 1):  # data parallel: whole chunks per rank
                     continue
-                prompts = [enc[i][-(self.max_length - max_new):] if max_new < self.max_length
-                           else enc[i][-1:] for i in part]
+                prompts = [enc[i][-(self.max_length - max_new):] for i in part]
                 # draws (random rules, sampling) keyed by request, not by place in this call
                 ids = request_keys([(requests[i].task_name, requests[i].doc_id, requests[i].idx, -1)
                                     for i in part])

@@ -123,6 +123,29 @@ def test_generate_until_cuts_and_caps(env):
     assert capped[0] == outs[0] and all(len(o.split()) <= 2 for o in capped)
 
 
+def test_generate_until_reads_lm_evals_cap_aliases_and_refuses_no_room(env):
+    """lm-eval's own names for the token cap (max_new_tokens, max_tokens, max_completion_tokens)
+    cap as max_gen_toks does; a cap leaving no room for the prompt is refused, as HFLM does
+    (it used to keep only the prompt's last token)."""
+    from lm_eval.api.instance import Instance
+
+    from ouro_lab.harness import HarnessError, OuroLM
+
+    lm = OuroLM(model=env["model"], tokenizer=env["tok"], batch_size=2, max_length=64)
+
+    def gen(**gk):
+        args = ("what is one plus two", {"until": ["<x>"], **gk})
+        return lm.generate_until([Instance("generate_until", {}, args, 0, ("t", 0, 1))])[0]
+
+    two = gen(max_gen_toks=2)
+    assert two and len(env["tok"](two).input_ids) <= 2 and gen(max_gen_toks=6) != two
+    for alias in ("max_new_tokens", "max_tokens", "max_completion_tokens"):
+        assert gen(**{alias: 2}) == two, alias
+    assert gen(max_gen_toks=2, max_new_tokens=5) == two  # lm-eval's priority: max_gen_toks first
+    with pytest.raises(HarnessError, match="asks for 64 new tokens, not below max_length 64"):
+        gen(max_gen_toks=64)
+
+
 def test_random_generation_draws_per_request_not_per_batch_place(env):
     """A randomized rule's draws in generation are keyed by the request (task, document,
     index): a request decodes the same alone or behind other requests (other tasks)."""
@@ -144,6 +167,49 @@ def test_random_generation_draws_per_request_not_per_batch_place(env):
     assert alone[0] == texts[3]
     assert alone_recs[("t", 3, 0)]["steps_used"] == recs[("t", 3, 0)]["steps_used"]
     assert recs[("t", 3, 0)]["steps_used"] < 4 * recs[("t", 3, 0)]["tokens"]  # it did exit early
+
+
+def _bos_tokenizer(add_bos: bool):
+    """A word-level tokenizer with a BOS token distinct from its EOS, adding it by default
+    (Llama style) or not (Ouro-Thinking style: BOS 0, turns end with another id)."""
+    from harness_helpers import WORDS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<bos>", "<unk>", "<eos>"] + WORDS)}
+    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.decoder = decoders.WordPiece(prefix="##")
+    if add_bos:
+        t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<eos>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_encoding_is_lm_evals_hflm_with_a_bos_token(env, adds_bos):
+    """The ids lm-eval's HFLM makes (its own methods, run on the same tokenizer): the BOS
+    token as the prefix of empty contexts and rolling windows, and the tokenizer's default
+    special tokens unless `add_bos_token` says otherwise (a text starting with BOS gets none)."""
+    from types import SimpleNamespace
+
+    from lm_eval.models.huggingface import HFLM
+
+    from ouro_lab.harness import OuroLM
+
+    tok = _bos_tokenizer(adds_bos)
+    for add_bos in (None, False, True):
+        lm = OuroLM(model=env["model"], tokenizer=tok, add_bos_token=add_bos)
+        ref = SimpleNamespace(tokenizer=tok, add_bos_token=add_bos, custom_prefix_token_id=None)
+        ref.prefix_token_id = HFLM.prefix_token_id.fget(ref)
+        assert lm.prefix_token_id == ref.prefix_token_id == 0 != lm.eot_token_id
+        for text in ("one two", "<bos> one two", "three"):
+            for special in (None, False, True):
+                assert lm.tok_encode(text, special) == HFLM.tok_encode(ref, text, special), (text, special)
+        assert lm.rolling_units("one two three")[0][0] == [0]  # the first window starts from BOS
+    lm = OuroLM(model=env["model"], tokenizer=tok)
+    assert lm.encode_request("", "one two") == ([0], lm.tok_encode("one two", add_special_tokens=False))
+    assert lm.encode_request("one", " two")[0][:1] == ([0] if adds_bos else [lm.tok_encode("one")[0]])
 
 
 def test_a_strategy_is_never_scored_at_full_depth_under_its_name(env):
