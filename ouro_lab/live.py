@@ -413,7 +413,7 @@ class LiveBatch:
         if targets is not None:
             tgt = targets.to(logp.device).long()
             res["target_logprob"] = logp.gather(1, tgt.clamp(min=0)[:, None])[:, 0].cpu()
-            top1 = logp.topk(min(2, logp.shape[-1]), dim=-1).indices[:, 0]  # as head_signals
+            top1 = logp.argmax(-1)  # as head_signals
             res["target_is_argmax"] = (top1 == tgt).cpu()
         if keep_states:
             res["states"], self.states = self.states, None
@@ -540,7 +540,7 @@ def _score_done(run: LiveBatch, out: dict, owner, pos, wholes, scored, lp, greed
     tgt = run.tgt[done.to(dev)]
     logp = run.logp[done.to(dev)]
     tlp = logp.gather(1, tgt.clamp(min=0)[:, None])[:, 0].cpu()
-    top1 = (logp.topk(min(2, logp.shape[-1]), dim=-1).indices[:, 0] == tgt).cpu()  # as head_signals
+    top1 = (logp.argmax(-1) == tgt).cpu()  # as head_signals
     for j, b in enumerate(done.tolist()):
         k = owner[b]
         if run.want[b]:

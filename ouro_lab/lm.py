@@ -62,7 +62,7 @@ class Unit:
 def _head_scores(model, h: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
     """Target log-prob and greedy flag of hidden states h (N, H) for targets `tgt` (N,) or
     (N, K) (K targets per state, one readout) — the very arithmetic of
-    `ouro_lab.trace.step_signals` (same chunks, same float32 log-softmax, same topk), so a
+    `ouro_lab.trace.step_signals` (same chunks, same float32 log-softmax, same argmax), so a
     plain k-step run and a replay of the trace at step k agree bit for bit."""
     N, V = h.shape[0], model.config.vocab_size
     lp = torch.empty(tgt.shape, dtype=torch.float32, device=h.device)
@@ -73,7 +73,7 @@ def _head_scores(model, h: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
         b = min(N, a + chunk)
         logp = F.log_softmax(model.lm_head(h[a:b]).float(), dim=-1)
         t = tgt[a:b] if many else tgt[a:b, None]
-        top = logp.topk(min(2, V), dim=-1).indices[:, :1]
+        top = logp.argmax(-1, keepdim=True)  # the first of tied maxima, as head_signals
         got, hit = logp.gather(1, t.clamp(min=0)), top == t
         lp[a:b], greedy[a:b] = (got, hit) if many else (got[:, 0], hit[:, 0])
     return lp.cpu(), greedy.cpu()

@@ -116,7 +116,7 @@ def head_signals(logits: Tensor, prev_logp: Tensor | None = None,
     p = logp.exp()
     top = logp.topk(min(2, logp.shape[-1]), dim=-1)
     tp = top.values.exp()
-    am = top.indices[:, 0]
+    am = logp.argmax(-1)  # the first of tied maxima, as lm-eval's HFLM decides is_greedy
     out = {"entropy": -(p * logp).sum(-1), "max_prob": tp[:, 0],
            "margin": tp[:, 0] - tp[:, 1] if tp.shape[-1] > 1 else tp[:, 0], "argmax": am,
            "kl_prev": (torch.full_like(tp[:, 0], math.inf) if prev_logp is None
@@ -140,7 +140,7 @@ def steps_head_signals(logits: Tensor, prev_logp: Tensor | None = None,
     p = logp.exp()
     top = logp.topk(min(2, logp.shape[-1]), dim=-1)
     tp = top.values.exp()
-    am = top.indices[..., 0]
+    am = logp.argmax(-1)  # the first of tied maxima, as head_signals
     kl = torch.empty_like(tp[..., 0])
     kl[0] = math.inf if prev_logp is None else (p[0] * (logp[0] - prev_logp)).sum(-1)
     if logp.shape[0] > 1:

@@ -79,6 +79,22 @@ def test_step_signals_match_brute_force(tiny, chunk_tokens):
     assert torch.isnan(got["target_logprob"]).sum() == 4
 
 
+def test_greedy_on_tied_maxima_is_the_first_as_lm_eval_decides():
+    """lm-eval's HFLM calls a continuation greedy when `argmax` (the first of tied maxima)
+    is its token; bf16 logits tie often. Every path (trace, plain scoring, live) reads it here."""
+    from ouro_lab.trace import head_signals, steps_head_signals
+
+    logits = torch.full((2, 10), -5.0)
+    logits[:, 3] = logits[:, 7] = 4.0  # tokens 3 and 7 tie
+    target = torch.tensor([3, 7])
+    want = logits.log_softmax(-1).argmax(-1) == target  # HFLM's rule
+    assert want.tolist() == [True, False]
+    one, _ = head_signals(logits, None, target)
+    many, _ = steps_head_signals(logits[None].repeat(3, 1, 1), None, target)
+    assert one["target_is_argmax"].tolist() == want.tolist() and one["argmax"].tolist() == [3, 3]
+    assert many["target_is_argmax"].tolist() == [want.tolist()] * 3
+
+
 def test_step_signals_bfloat16_model_is_computed_in_float32(tiny):
     m16 = OuroForCausalLM(tiny.config).to(torch.bfloat16)
     m16.load_state_dict({k: v.to(torch.bfloat16) for k, v in tiny.state_dict().items()})
