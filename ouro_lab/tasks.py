@@ -178,7 +178,9 @@ class TaskSet:
         if self.samples is not None:
             return {"how": "sample", "documents": len(self.samples[task]), "of": n, "seed": self.sample_seed,
                     "indices": self.samples[task]}  # doc_id i is the file's document indices[i]
-        k = n if not self.limit else int(self.limit) if self.limit >= 1 else int(n * self.limit)
+        from lm_eval.evaluator_utils import get_sample_size  # lm-eval's own count (0.3 of 10: 3)
+
+        k = n if not self.limit else min(n, get_sample_size(self.tasks[task], self.limit))
         if k < n:
             return {"how": "limit", "documents": k, "of": n}
         return {"how": "all", "documents": n, "of": n}

@@ -103,6 +103,18 @@ def test_score_compute_columns(env, traced):
     assert all(math.isfinite(r["value"]) for r in ppl)
 
 
+def test_a_fractional_limit_counts_documents_as_lm_eval_does(env):
+    """limit 0.35 of 12 documents: lm-eval scores ceil(4.2) = 5; provenance must say 5."""
+    from ouro_lab.harness import OuroLM, build_units
+    from ouro_lab.tasks import TaskSet
+
+    ts = TaskSet(["tiny_mc"], include_path=[env["root"] / "tasks"], limit=0.35)
+    n = len(ts.tasks["tiny_mc"].eval_docs)
+    scored = {u.doc_id for u in build_units(ts, OuroLM(model=env["model"], tokenizer=env["tok"]))}
+    assert ts.selection("tiny_mc") == {"how": "limit", "documents": math.ceil(0.35 * n), "of": n}
+    assert len(scored) == ts.selection("tiny_mc")["documents"] and 0.35 * n % 1
+
+
 def test_generate_until_cuts_and_caps(env):
     from lm_eval.api.instance import Instance
 
