@@ -79,13 +79,13 @@ def check_contract(strategy, steps: int = 4, n: int = 200) -> None:
     for r in range(steps - 1):
         other = synthetic_signals(steps, n, seed=50 + r)._data
         mixed = Signals({k: torch.cat((v[: r + 1], other[k][r + 1:])) for k, v in s._data.items()}, steps,
-                        s.index, s.group, s.seed, s.ctx, s.cost, n).only(view._allowed)
+                        s.index, s.group, s.seed, s.ctx, s.cost, n, draw=s.draw).only(view._allowed)
         for q in range(r + 1):
             if not torch.equal(first[q], decide_checked(strategy, mixed.upto(q), q)):
                 fail(f"decide(s, r={q}) changed when steps after {r + 1} changed: a decision may read "
                      "steps 0..r only (keep no state between calls that depends on later steps)")
     group = torch.arange(n) // 10
-    sg = Signals(dict(s._data), steps, s.index, group, s.seed, s.ctx, s.cost, n)
+    sg = Signals(dict(s._data), steps, s.index, group, s.seed, s.ctx, s.cost, n, draw=s.draw)
     es = replay(strategy, sg, granularity="sequence")
     same = torch.zeros(int(group.max()) + 1, dtype=es.dtype).scatter_reduce(0, group, es, "amax",
                                                                              include_self=False)

@@ -40,7 +40,8 @@ def evaluate_live(model, tokenizer, taskset: TaskSet, strategy=None, kv_policy: 
                 batch_size=batch_size, max_gen_toks=max_gen_toks, seed=seed)
     results = run_evaluate(lm, taskset, names, bootstrap_iters)
     if log is not None:
-        log.append({"results": results, "tasks": taskset.tasks, "run_mode": "live"})
+        log.append({"results": results, "tasks": taskset.tasks, "run_mode": "live",
+                    "file_index": taskset.samples})
     rows = []
     for (task, doc_id, _), rec in lm.records.items():
         rows.append({"task": task, "doc_id": int(doc_id), "tokens": rec.get("tokens", 0),
@@ -135,7 +136,7 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
         with stage(console, f"eval: {len(ts.tasks)} task(s) at {lm.steps} loop steps"):
             res = run_evaluate(lm, ts, list(ts.tasks))
         if log is not None:
-            log.append({"results": res, "tasks": ts.tasks, "run_mode": "direct",
+            log.append({"results": res, "tasks": ts.tasks, "run_mode": "direct", "file_index": ts.samples,
                         "compute": {"steps_used": lm.steps, "steps_executed": lm.steps}})
         return metric_rows(res), pd.DataFrame(sample_rows(res, ts))
     if steps is not None:
@@ -210,6 +211,6 @@ def write_outputs(metrics: list[dict], samples, out, strategy=None, params=None,
     for part in logs or []:
         extra = {"strategy": name, "params": p, "run_mode": part["run_mode"], **part.get("compute", {})}
         lines = lm_eval_samples(part["results"], part["tasks"], part.get("requests"), part.get("samples"),
-                                extra, part.get("exit_steps"))
+                                extra, part.get("exit_steps"), part.get("file_index"))
         written += write_samples(out, lines)
     return written

@@ -61,12 +61,15 @@ def _number(v):
 
 
 def lm_eval_samples(results: dict, tasks: dict, requests: dict | None = None, compute=None,
-                    extra: dict | None = None, exits: dict | None = None) -> dict[str, list[dict]]:
+                    extra: dict | None = None, exits: dict | None = None,
+                    file_index: dict | None = None) -> dict[str, list[dict]]:
     """Per task, lm-eval's sample records of `results` (lm-eval's results dict with
     `samples`), each with `ouro_lab` = `extra` + that document's row of `compute` (a
     DataFrame with task, doc_id and COMPUTE columns) + its tokens' exit steps from `exits`
     ({(task, doc_id): [step, ...]}). `tasks`: {name: lm-eval Task}; `requests`:
-    {name: {doc_id: [Instance]}} for records that lack them (replayed settings)."""
+    {name: {doc_id: [Instance]}} for records that lack them (replayed settings).
+    `file_index` ({name: [file index, ...]}, a `sample` run's draw): a line's doc_id is
+    then the document's index in its file, as lm-eval logs it (ours count 0..n-1)."""
     rows = {}
     if compute is not None and len(compute):
         cols = [c for c in COMPUTE if c in compute.columns]
@@ -84,6 +87,10 @@ def lm_eval_samples(results: dict, tasks: dict, requests: dict | None = None, co
             if exits and key in exits:
                 info["exit_steps"] = exits[key]
             line["ouro_lab"] = info
+            index = (file_index or {}).get(name)
+            if index:  # lm-eval's doc_id: the file's; ours (samples.parquet's) stays in `ouro_lab`
+                line["doc_id"] = index[int(ex["doc_id"])]
+                info["doc_id"] = int(ex["doc_id"])
             lines.append(line)
         out[name] = lines
     return out

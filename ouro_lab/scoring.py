@@ -560,7 +560,8 @@ def _score(taskset, trace, strategy, granularity, bootstrap_iters, seed=0, exit_
         per: dict = {}
         for i, d in enumerate(tok.tolist()):
             per.setdefault(ix["pairs"][d], []).append(steps[i])
-        log.update(results=results, requests=scorer.by_doc, exit_steps=per, tasks=scorer.task_dict["tasks"])
+        log.update(results=results, requests=scorer.by_doc, exit_steps=per, tasks=scorer.task_dict["tasks"],
+                   file_index=taskset.samples)
     cols = {"steps_used": (exit_step + 1).double().numpy(), "steps_executed": executed.double().numpy(),
             "flops_per_token": flops_used.numpy(), "flops_executed_per_token": flops_run.numpy()}
     names = {"steps_used": "steps_used_mean", "steps_executed": "steps_executed_mean",

@@ -96,7 +96,7 @@ def expand_needs(needs) -> set[str]:
     return out
 
 
-# A token's draw index (`Signals.index`) is request_key * TOKEN_STRIDE + its position in
+# A token's draw key (`Signals.draw`) is request_key * TOKEN_STRIDE + its position in
 # the request's input sequence: replay and live decoding draw alike, and a request draws
 # the same whatever else the run holds (other tasks, limits, batch sizes).
 TOKEN_STRIDE = 1_000_003  # above any position; keys have 43 bits, so no int64 overflow
@@ -122,8 +122,10 @@ class Signals:
     """Per-step signals for N tokens, steps 0..r (attribute access: `s.exit_cdf[r]`).
 
     `steps` is the model's full depth R (the last step always exits), `seed` a per-run
-    seed for randomized rules, `index` (N,) the tokens' draw indices (stable ids for
-    deterministic randomness: see TOKEN_STRIDE), `group` (N,) the sequence each token belongs to.
+    seed for randomized rules, `index` (N,) the tokens' indices in the trace (cross-fitting
+    reads which fold each one is in), `draw` (N,) their draw keys (stable ids for
+    deterministic randomness, the same in replay and live: see TOKEN_STRIDE; default
+    `index`), `group` (N,) the sequence each token belongs to.
     Optional, for rules with a FLOPs budget: `ctx` (N,) keys each token attends to and
     `cost` (an `ouro_lab.flops.ModelCost`). `n` gives N even when `data` is empty.
     Calibration sets may carry `outcome`: a function from exit steps (N,) to each
@@ -132,7 +134,7 @@ class Signals:
 
     def __init__(self, data: dict[str, Tensor], steps: int, index: Tensor | None = None,
                  group: Tensor | None = None, seed: int = 0, ctx: Tensor | None = None,
-                 cost=None, n: int | None = None, outcome=None):
+                 cost=None, n: int | None = None, outcome=None, draw: Tensor | None = None):
         self._data = data
         self._allowed: frozenset | None = None  # set by only(): the signals a rule may read
         self.steps = steps
@@ -140,6 +142,7 @@ class Signals:
             n = (next(iter(data.values())).shape[1] if data else
                  next(t.shape[0] for t in (index, group, ctx) if t is not None))
         self.index = torch.arange(n) if index is None else index
+        self.draw = self.index if draw is None else draw
         self.group = self.index if group is None else group
         self.seed = seed
         self.ctx = ctx
@@ -166,7 +169,8 @@ class Signals:
         `outcome` only where asked (calibration: decisions never see the answer)."""
         names = frozenset(names)
         out = Signals({k: v for k, v in self._data.items() if k in names}, self.steps, self.index,
-                      self.group, self.seed, self.ctx, self.cost, self.n, self.outcome if outcome else None)
+                      self.group, self.seed, self.ctx, self.cost, self.n, self.outcome if outcome else None,
+                      self.draw)
         out._allowed = names
         return out
 
@@ -177,14 +181,14 @@ class Signals:
     def upto(self, r: int) -> Signals:
         """The view a causal decision at step r may read: steps 0..r."""
         out = Signals({k: v[: r + 1] for k, v in self._data.items()}, self.steps,
-                      self.index, self.group, self.seed, self.ctx, self.cost, self.n, self.outcome)
+                      self.index, self.group, self.seed, self.ctx, self.cost, self.n, self.outcome, self.draw)
         out._allowed = self._allowed
         return out
 
     def subset(self, rows: Tensor) -> Signals:
         out = Signals({k: v[:, rows] for k, v in self._data.items()}, self.steps,
                       self.index[rows], self.group[rows], self.seed,
-                      None if self.ctx is None else self.ctx[rows], self.cost)
+                      None if self.ctx is None else self.ctx[rows], self.cost, draw=self.draw[rows])
         out._allowed = self._allowed
         return out
 

@@ -288,7 +288,7 @@ class _Run:
             return
         lines = lm_eval_samples(log["results"], log["tasks"], log.get("requests"), samples,
                                 {"setting": s.label, "strategy": s.strategy, "params": s.params,
-                                 "run_mode": mode}, log.get("exit_steps"))
+                                 "run_mode": mode}, log.get("exit_steps"), log.get("file_index"))
         write_samples(self.samples_dir(s, mode), lines)
 
     def keep(self, s: Setting, mode: str, key: str, found=None) -> None:

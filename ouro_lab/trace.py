@@ -347,21 +347,19 @@ class Trace:
         return ModelCost(**c) if isinstance(c, dict) else None
 
     def to_signals(self, seed: int = 0, group: Tensor | None = None, cost=None) -> Signals:
-        """Signals for `replay`, grouped by request (one exit per request with
-        granularity="sequence") unless `group` says otherwise. A token's draw index is its
-        request's key and its position (`ouro_lab.strategy.TOKEN_STRIDE`), as live decoding
-        draws; a trace without a unit table numbers its tokens 0..N-1."""
+        """Signals for `replay`: token index 0..N-1, grouped by request (one exit per
+        request with granularity="sequence") unless `group` says otherwise. A token's draw
+        key is its request's key and its position (`ouro_lab.strategy.TOKEN_STRIDE`), as live
+        decoding draws; a trace without a unit table draws by token index."""
         from ouro_lab.strategy import TOKEN_STRIDE, request_keys
 
-        units = self.meta.get("units")
+        units, draw = self.meta.get("units"), None
         if units and all(isinstance(u, (list, tuple)) and len(u) == 4 for u in units):
             keys = torch.tensor(request_keys(units), dtype=torch.long)
-            index = keys[self.request.long()] * TOKEN_STRIDE + self.position.long()
-        else:
-            index = torch.arange(self.n)
-        return Signals(dict(self.signals), self.steps, index,
+            draw = keys[self.request.long()] * TOKEN_STRIDE + self.position.long()
+        return Signals(dict(self.signals), self.steps, torch.arange(self.n),
                        self.request if group is None else group, seed, self.ctx,
-                       cost if cost is not None else self.cost(), self.n)
+                       cost if cost is not None else self.cost(), self.n, draw=draw)
 
 
 # --------------------------------------------------------------------------- one text

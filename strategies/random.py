@@ -59,7 +59,7 @@ class Strategy(ExitStrategy):
         # one uniform per token: exits at the first r with u < P(steps <= r+1). Replay asks
         # step after step with the same index tensor: compute u and h once per pass.
         key = (s.seed, s.steps, self.mean_steps, self.seed)
-        if not (self._last and self._last[0] is s.index and self._last[1] == key):
-            self._last = (s.index, key, hazard(self.mean_steps, s.steps), uniform(s.index, s.seed, self.seed))
+        if not (self._last and self._last[0] is s.draw and self._last[1] == key):
+            self._last = (s.draw, key, hazard(self.mean_steps, s.steps), uniform(s.draw, s.seed, self.seed))
         h, u = self._last[2:]
         return u < 1 - (1 - h) ** (r + 1)

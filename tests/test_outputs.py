@@ -172,6 +172,27 @@ def test_eval_writes_the_sweep_columns_and_lm_eval_samples(run1, tmp_path, monke
     assert bad.returncode == 2 and "--output_path" in bad.stderr
 
 
+@pytest.mark.parametrize("strategy", [None, "threshold"])
+def test_sampled_documents_are_logged_by_their_file_index(run1, tmp_path, monkeypatch, capsys, strategy):
+    """Under --sample, lm-eval logs a document by its index in the data file; so do our
+    samples JSONL (direct, replayed and live), with our 0..n-1 numbering (samples.parquet's
+    doc_id) kept in `ouro_lab.doc_id`."""
+    lab = run1.parent
+    more = ["--strategy", strategy, "-p", "q=0.6"] if strategy else []
+    out = run_cli(monkeypatch, capsys, "eval", lab / "ckpt", "--tasks", "tiny_mc,tiny_gen", "--include_path",
+                  lab / "tasks", "--sample", "3", *more, "--output_path", tmp_path / "o", "--log_samples",
+                  "--threads", "1")
+    assert out.returncode == 0, out.stderr
+    for task in ("tiny_mc", "tiny_gen"):
+        docs = [json.loads(x) for x in (lab / "tasks" / task / "test.jsonl").read_text().splitlines()]
+        lines = _lines(tmp_path / "o" / f"samples_{task}.jsonl")
+        assert len(lines) == 3
+        assert sorted(x["ouro_lab"]["doc_id"] for x in lines) == [0, 1, 2]
+        for x in lines:
+            assert x["doc"] == docs[x["doc_id"]]
+        assert max(x["doc_id"] for x in lines) > 2  # file indices, not 0..n-1
+
+
 def test_lm_eval_reads_data_files_against_the_yaml_folder(run1, tmp_path, monkeypatch):
     from lm_eval.tasks import TaskManager
 
