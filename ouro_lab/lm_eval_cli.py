@@ -15,6 +15,7 @@ that document's compute (loop steps; for live runs also FLOPs and seconds per to
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -102,8 +103,20 @@ def annotate(argv: list[str], since: float) -> list[Path]:
              "live": lm.live}
     if not lm.live:  # no per-request records: every token ran the model cut to `steps`
         extra.update(steps_used=lm.steps, steps_executed=lm.steps)
-    annotate_lm_eval_files(files, compute, extra)
+    annotate_lm_eval_files(files, compute, extra, _samples_arg(_option(argv, "--samples", "-E")))
     return files
+
+
+def _samples_arg(value: str | None) -> dict | None:
+    """lm-eval's `--samples` ({task: [file index, ...]}: JSON text, or a JSON file's path)."""
+    if not value:
+        return None
+    try:
+        path = Path(value)
+        got = json.loads(path.read_text() if not value.lstrip().startswith("{") and path.is_file() else value)
+    except (OSError, ValueError):
+        return None  # lm-eval itself has refused it by now
+    return got if isinstance(got, dict) else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -158,16 +158,22 @@ def record_compute(records: dict) -> dict:
     return out
 
 
-def annotate_lm_eval_files(files: list[Path], compute: dict, extra: dict) -> None:
+def annotate_lm_eval_files(files: list[Path], compute: dict, extra: dict,
+                           file_index: dict | None = None) -> None:
     """Add `ouro_lab` (extra + the doc's compute) to every line of lm-eval's own samples
-    files (`samples_<task>_<date>.jsonl`); the task is read from the file name."""
+    files (`samples_<task>_<date>.jsonl`); the task is read from the file name. Under
+    lm-eval's `--samples` ({task: [file index, ...]} as `file_index`) a line's doc_id is the
+    file's index while requests (and `compute`) count the chosen documents 0..n-1 in file order."""
     for f in files:
         lines = []
+        task = Path(f).name.removeprefix("samples_").rsplit("_", 1)[0]
+        chosen = sorted(set((file_index or {}).get(task) or []))
+        position = {d: i for i, d in enumerate(chosen)}
         for line in Path(f).read_text().splitlines():
             if not line.strip():
                 continue
             s = json.loads(line)
-            task = Path(f).name.removeprefix("samples_").rsplit("_", 1)[0]
-            s["ouro_lab"] = {**extra, **compute.get((task, int(s["doc_id"])), {})}
+            doc = position.get(int(s["doc_id"]), -1) if chosen else int(s["doc_id"])
+            s["ouro_lab"] = {**extra, **compute.get((task, doc), {})}
             lines.append(json.dumps(s, ensure_ascii=False) + "\n")
         atomic_write(Path(f), "".join(lines))

@@ -330,6 +330,28 @@ def test_lm_eval_cli_wrapper_registers_ouro_lab(env, monkeypatch, capsys, tmp_pa
     assert all(x["ouro_lab"]["steps_used"] == 2 and x["ouro_lab"]["live"] is False for x in lines)
 
 
+def test_lm_eval_cli_samples_files_name_each_documents_compute(env, monkeypatch, tmp_path):
+    """Under lm-eval's --samples a line's doc_id is the file's index while requests count the
+    chosen documents 0..n-1: each line still gets its own document's compute (its tokens
+    are its continuations' tokens)."""
+    import json
+
+    from ouro_lab.lm_eval_cli import MADE, main
+
+    monkeypatch.chdir(tmp_path)
+    main(["--model", "ouro-lab", "--model_args", f"path={env['mdir']},strategy=threshold,q=0.5",
+          "--tasks", "tiny_mc", "--include_path", str(env["root"] / "tasks"), "--samples",
+          json.dumps({"tiny_mc": [5, 1]}), "--batch_size", "2", "--output_path", str(tmp_path / "out"),
+          "--log_samples"])
+    (f,) = (tmp_path / "out").rglob("samples_tiny_mc_*.jsonl")
+    lines = [json.loads(x) for x in f.read_text().splitlines()]
+    assert sorted(x["doc_id"] for x in lines) == [1, 5]
+    lm = MADE[-1]
+    for x in lines:
+        want = sum(len(lm.encode_request(a["arg_0"], a["arg_1"])[1]) for a in x["arguments"].values())
+        assert x["ouro_lab"]["tokens"] == want, x["doc_id"]
+
+
 def test_scorer_generic_path_matches_fast_path(env, traced):
     """Answers from any LM object go through lm-eval's own filters; ReplayLM answers take
     the inline default-filter path: same results."""
