@@ -117,6 +117,7 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
     import pandas as pd
 
     from ouro_lab.loading import fingerprint, load_model, load_tokenizer
+    from ouro_lab.progress import log as say
     from ouro_lab.progress import stage, stderr_console
 
     distributed.init(device)  # under torchrun / accelerate launch: shard batches over the ranks
@@ -165,6 +166,9 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
         metrics += m
         samples.append(s)
     live_names = gen + (ll if live else [])
+    for g in ts.groups_apart([[] if live else ll, live_names]):
+        say(console, f"eval: group {g}: its tasks are scored apart (replayed and live), so lm-eval's group "
+                     "aggregate is not reported; each task's rows are (--live scores them together)")
     if live_names:
         with stage(console, f"eval: live run of {len(live_names)} task(s) ({kv_policy} KV)"):
             m, s = evaluate_live(model, tok, ts, st, kv_policy, batch_size=batch_size, names=live_names,

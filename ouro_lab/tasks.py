@@ -208,6 +208,14 @@ class TaskSet:
         return {"tasks": {n: t for n, t in self.tasks.items() if n in keep}, "groups": groups,
                 "group_map": {g: self.task_dict["group_map"][g] for g in groups}}
 
+    def groups_apart(self, together: list[list[str]]) -> list[str]:
+        """Groups whose leaf tasks are not all in one of the `together` task lists (each list
+        one lm-eval scoring call: replayed tasks, a live task): lm-eval computes no aggregate
+        for them, so callers say so rather than leave the group's row out unnoticed."""
+        group_map = self.task_dict["group_map"]
+        return sorted(g for g in self.task_dict.get("groups", {})
+                      if not any(set(leaf_members(group_map, g)) <= set(t) for t in together))
+
     def use_tokenizer(self, tokenizer=None, chat_template=None, path=None) -> None:
         """Bind the model's tokenizer (loaded from checkpoint folder `path` when not given;
         none there: no chat) and a chat-template override (`ouro_lab.chat.ChatTemplate`);

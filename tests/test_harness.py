@@ -461,3 +461,26 @@ def test_nested_groups_keep_their_aggregate_and_compute(env, tmp_path):
         assert all(acc[g]["steps_used_mean"] == pytest.approx(2.0) for g in ("tiny_inner", "tiny_outer"))
         assert flops["tiny_inner"] == pytest.approx(flops["tiny_mc"]) and flops["tiny_mc"] < flops["tiny_mc3"]
         assert flops["tiny_mc"] < flops["tiny_outer"] < flops["tiny_mc3"]  # all three leaves' tokens
+
+
+def test_a_group_scored_apart_is_said_not_left_out(env, tmp_path, capsys):
+    """A group of a multiple-choice and a generation task under a strategy: the one is
+    replayed, the other decoded live, so lm-eval computes no aggregate; eval says so."""
+    import shutil
+
+    from ouro_lab.evaluate import evaluate_tasks
+    from ouro_lab.progress import stderr_console
+    from ouro_lab.tasks import TaskSet
+
+    tasks = shutil.copytree(env["root"] / "tasks", tmp_path / "tasks")
+    (tasks / "tiny_mix.yaml").write_text("group: tiny_mix\ntask: [tiny_mc, tiny_gen]\n")
+    ts = TaskSet(["tiny_mix"], include_path=[tasks], limit=2)
+    assert ts.groups_apart([["tiny_mc"], ["tiny_gen"]]) == ["tiny_mix"]
+    assert ts.groups_apart([["tiny_mc", "tiny_gen"]]) == []
+    m, _ = evaluate_tasks(env["mdir"], "tiny_mix", include_path=[tasks], limit=2, batch_size=4,
+                          strategy="threshold", params={"q": 0.5}, console=stderr_console(),
+                          cache_dir=tmp_path / "cache")
+    assert {r["task"] for r in m} == {"tiny_mc", "tiny_gen"}
+    err = capsys.readouterr().err
+    said = "group tiny_mix: its tasks are scored apart (replayed and live), so lm-eval's group aggregate"
+    assert said in " ".join(err.split())

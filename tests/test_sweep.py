@@ -511,3 +511,20 @@ def test_git_sha_is_ouro_labs_own_checkout_or_none(tmp_path):
     own = sha_from(project)  # ouro-lab's own checkout: its commit (an untracked file is not dirt)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert own == head
+
+
+def test_a_group_scored_apart_is_said_and_recorded(lab, run1, tmp_path, capsys):
+    """A group of a replayed and a generation task has no lm-eval aggregate in a sweep (its
+    tasks are scored in different calls): the sweep says so and provenance lists it."""
+    import shutil
+
+    shutil.copytree(lab / "tasks", tmp_path / "tasks")
+    (tmp_path / "tasks" / "tiny_mix.yaml").write_text("group: tiny_mix\ntask: [tiny_mc, tiny_gen]\n")
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(f"# ouro-lab sweep {recipe}\nmodel: {{path: {lab / 'ckpt'}, dtype: float32, "
+                      "device: cpu, threads: 1}\ntasks: {names: [tiny_mix], include: [tasks], limit: 2}\n"
+                      "strategies:\n  - {name: threshold, grid: {q: 0.5}}\nbootstrap: 20\n")
+    run = run_sweep(recipe, out=tmp_path / "run")
+    assert json.loads((run / "provenance.json").read_text())["groups_apart"] == ["tiny_mix"]
+    assert "group tiny_mix: its tasks are scored apart" in " ".join(capsys.readouterr().err.split())
+    assert set(pd.read_csv(run / "metrics.csv").task) == {"tiny_mc", "tiny_gen"}
