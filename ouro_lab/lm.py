@@ -10,9 +10,11 @@ pass, `ouro_lab.tracing`) or the last step's target log-prob and greedy flag (a 
 k-step run). `_batches` is the per-request plan (one sequence per unit), kept as the
 reference that tests and benchmarks compare with.
 
-Fixed step k replays to exactly (bit for bit) what `OuroLM(steps=k)` scores: both run
-the same plan through the same code (`_units_forward`), and the k-step model's hidden
-states are the first k of the full-depth model's.
+Fixed step k replays to what `OuroLM(steps=k)` scores through the same code
+(`_units_forward`; the k-step model's hidden states are the first k of the full-depth
+model's): bit for bit when both plan the same units, to float rounding (~1e-6 in a
+log-prob) when they do not (the trace plans every task's units in one tree, lm-eval
+sends loglikelihood and rolling requests apart, so the batches differ).
 """
 
 from __future__ import annotations
