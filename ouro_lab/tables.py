@@ -269,7 +269,7 @@ def _compose_task(rule, by_step):
     docs = np.sort(full.doc_id.unique())
     score = np.stack([by_step[k][0][by_step[k][0]["filter"] == first].set_index("doc_id")[primary]
                       .reindex(docs).to_numpy(float) for k in range(1, R + 1)])
-    best = score.max(0)
+    best = np.where(np.isnan(score), -np.inf, score).max(0)  # a step without a score is not the best
     ok = torch.as_tensor((score >= best) & (best > 0))
     pick = pd.Series(replay(rule, Signals({"doc_correct": ok}, R)).numpy() + 1, index=docs)  # 1-based
     comp = pd.concat([d[d.doc_id.map(pick) == k] for k, (d, _) in sorted(by_step.items())])
