@@ -124,14 +124,24 @@ def _inspect_text(model, model_dir: Path, text: str) -> list[dict]:
     """Per step, for the last token of `text`: exit probability and the next-token argmax."""
     import torch
 
+    from ouro_lab.errors import OuroLabError
+    from ouro_lab.loading import load_tokenizer
     from ouro_lab.model import exit_distribution
 
-    try:
-        from ouro_lab.loading import load_tokenizer
-        tok = load_tokenizer(model_dir)
-        ids = tok(text, return_tensors="pt").input_ids
-    except Exception:
-        ids = torch.tensor([[int(t) for t in text.split()]])
+    if any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        ids = list(load_tokenizer(model_dir)(text).input_ids)  # a broken tokenizer: one line
+    else:  # no tokenizer: the text is token ids
+        try:
+            ids = [int(t) for t in text.replace(",", " ").split()]
+        except ValueError:
+            raise OuroLabError(f"--text {text!r}: {model_dir} has no tokenizer, so --text takes token ids "
+                               "like '1 2 3'") from None
+    V = model.config.vocab_size
+    if not ids or not all(0 <= t < V for t in ids):
+        raise OuroLabError(f"--text {text!r}: " + ("no tokens to inspect" if not ids else
+                           f"token id {next(t for t in ids if not 0 <= t < V)} is out of the vocabulary "
+                           f"(0..{V - 1})"))
+    ids = torch.tensor([ids])
     with torch.no_grad():
         out = model(ids.to(model.device))
     pdf, _ = exit_distribution(out.gate_logits)
@@ -306,6 +316,7 @@ def schema(out: Path = typer.Option(Path("recipes/recipe.schema.json"), "--out",
         raise OuroLabError(f"schema --out: {out} is a folder; give a file path, e.g. "
                            f"{out / 'recipe.schema.json'}")
     _check_out(out.parent, "schema --out")
+    out.parent.mkdir(parents=True, exist_ok=True)  # the README's default, run outside a checkout
     typer.echo(f"schema: {write_json_schema(out)}")
 
 
@@ -365,6 +376,13 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
 
     if log_samples and out is None:
         raise OuroLabError("eval: --log_samples writes files: give the folder with --output_path DIR")
+    from ouro_lab.live import KV_POLICIES  # flags are checked before the model loads
+
+    if kv_policy not in KV_POLICIES:
+        raise OuroLabError(f"eval: --kv-policy {kv_policy!r} unknown; use one of {', '.join(KV_POLICIES)}")
+    for flag, v, low in (("--steps", steps, 1), ("--num-fewshot", num_fewshot, 0)):
+        if v is not None and v < low:
+            raise OuroLabError(f"eval: {flag} {v}: give a whole number >= {low}")
     if out is not None:
         _check_out(out)
     params = _strategy_params(param, strategy)

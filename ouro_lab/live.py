@@ -420,6 +420,15 @@ class LiveBatch:
         return res
 
 
+@torch.no_grad()
+def warm_up(model) -> None:
+    """A few untimed live decoding steps before timed live runs (no model forward call: a
+    sweep's counted calls stay its plan's)."""
+    run = LiveBatch(model, batch=1, capacity=4)
+    for _ in range(3):
+        run.step(torch.zeros(1, dtype=torch.long, device=model.device), torch.ones(1, dtype=torch.bool))
+
+
 def _np(rows) -> np.ndarray:
     """Row indices (a CPU tensor, list or array) as an int64 numpy array."""
     return rows.numpy() if isinstance(rows, Tensor) else np.asarray(rows, dtype=np.int64)
@@ -558,4 +567,4 @@ def _score_done(run: LiveBatch, out: dict, owner, pos, wholes, scored, lp, greed
 
 
 __all__ = ["CONTINUOUS_BATCHES", "KV_POLICIES", "Generation", "LiveBatch", "LiveError", "chunks",
-           "live_generate", "live_score_units"]
+           "live_generate", "live_score_units", "warm_up"]

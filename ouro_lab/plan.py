@@ -9,7 +9,6 @@ Reads the checkpoint's config.json and the tasks' requests; loads no model.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ouro_lab.recipe import Recipe
 from ouro_lab.settings import Setting, model_depth
@@ -17,13 +16,11 @@ from ouro_lab.settings import Setting, model_depth
 
 def _cost(recipe: Recipe):
     from ouro_lab.flops import ModelCost
+    from ouro_lab.loading import read_config
 
-    cfg = json.loads((Path(recipe.model.path) / "config.json").read_text())
-    heads = cfg["num_attention_heads"]
-    return ModelCost(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
-                     cfg.get("num_key_value_heads") or heads,
-                     cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                     cfg["vocab_size"], model_depth(recipe), bool(cfg.get("tie_word_embeddings", False)))
+    cfg = read_config(recipe.model.path)  # checked: a broken config.json is one line
+    cfg.total_ut_steps = model_depth(recipe)
+    return ModelCost.from_config(cfg)
 
 
 def plan(recipe: Recipe, settings: list[Setting], taskset=None) -> dict:

@@ -45,20 +45,36 @@ class Setting:
 def model_depth(recipe: Recipe) -> int:
     if recipe.model.steps:
         return recipe.model.steps
-    cfg = json.loads((Path(recipe.model.path) / "config.json").read_text())
-    return int(cfg.get("total_ut_steps", 4))
+    from ouro_lab.loading import read_config
+
+    return read_config(recipe.model.path).total_ut_steps  # checked: a broken config.json is one line
+
+
+def cannot_decode(s: Setting) -> str | None:
+    """Why a setting cannot decode a generation task token by token (None: it can)."""
+    if s.kind == "select":
+        return "it selects a step per document from the answers"
+    if s.fitted:
+        return "it calibrates on a trace, which generation tasks do not have"
+    if s.granularity != "token":
+        return "it decides once per continuation, which decoding cannot know in advance"
+    return None
 
 
 def past_depth(name: str, obj, R: int, recipe: Recipe, src: RecipeSource, where: tuple, errors: list) -> bool:
-    """`fixed` at a step past the model's depth would run (and be reported as) that step while
-    computing the last one: refused, naming the depth and where it comes from."""
-    step = obj.params().get("step") if name == "fixed" else None
-    if not isinstance(step, int) or step <= R:
-        return False
-    depth = "model.steps" if recipe.model.steps else f"total_ut_steps in {recipe.model.path}/config.json"
-    errors.append(src.error(where, f"step {step} is past the model's {R} loop steps ({depth}); use 1..{R}, "
-                            "or set model.steps to run the model deeper"))
-    return True
+    """A parameter counted in loop steps (`depth_params`: `fixed`'s step, `random`'s mean
+    steps, ...) past the model's depth would run, and be reported as, what the model cannot
+    do: refused, naming the depth and where it comes from. `where` is the grid's location."""
+    params = obj.params()
+    for p in getattr(type(obj), "depth_params", ()):
+        v = params.get(p)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= R:
+            continue
+        depth = "model.steps" if recipe.model.steps else f"total_ut_steps in {recipe.model.path}/config.json"
+        errors.append(src.error((*where, p), f"{p} {v:g} is past the model's {R} loop steps ({depth}); use "
+                                f"1..{R}, or set model.steps to run the model deeper"))
+        return True
+    return False
 
 
 def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
@@ -67,7 +83,10 @@ def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
     from ouro_lab.registry import expand_grid
     from ouro_lab.strategy import ExitStrategy
 
-    R = model_depth(recipe)
+    try:
+        R = model_depth(recipe)
+    except OuroLabError as e:  # the checkpoint's config.json: one line naming the recipe's field too
+        raise RecipeError([src.error(("model", "path"), str(e))]) from None
     dirs = [Path(d) for d in recipe.strategies_dirs]
     out, seen = [], {}
 
@@ -107,7 +126,7 @@ def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
                 errors.append(src.error(("strategies", i, "live"), "live runs decide token by token; use "
                                         "granularity: token for live settings (or set live: false)"))
                 break
-            if past_depth(spec.name, obj, R, recipe, src, ("strategies", i, "grid", "step"), errors):
+            if past_depth(spec.name, obj, R, recipe, src, ("strategies", i, "grid"), errors):
                 break
             add(Setting(spec.name, obj.params(), spec.granularity or recipe.granularity, i, spec.live,
                         False, type(obj).kind, fitted, obj, tuple(spec.grid)))
@@ -138,8 +157,7 @@ def _speculative(spec, i: int, dirs, src: RecipeSource, errors: list, recipe: Re
                                     "(it calibrates on data or reads the answer); use a rule that decides "
                                     "from the steps it ran, e.g. fixed or threshold"))
             return []
-        where = ("speculative", i, "draft", "grid", "step")
-        if past_depth(spec.draft.name, obj, R, recipe, src, where, errors):
+        if past_depth(spec.draft.name, obj, R, recipe, src, ("speculative", i, "draft", "grid"), errors):
             return []
         draft = Setting(spec.draft.name, obj.params(), "token", shown=tuple(spec.draft.grid)).label
         for n in lens:

@@ -80,8 +80,12 @@ def check_same_recipe(path: Path, recipe: Recipe, what: str) -> None:
     replaced: one line naming what differs. An unfinished one resumes (its stored
     settings are keyed by what they were computed from)."""
     prov = path / "provenance.json"
-    if not prov.is_file():
-        return
+    try:
+        if not prov.is_file():
+            return
+    except OSError as e:  # e.g. a name too long for the file system
+        raise SweepError(f"{what}: {path}: not usable as an output folder ({e.strerror or e}); choose "
+                         "another folder with --out") from None
     try:
         old = json.loads(prov.read_text())
     except (OSError, ValueError):

@@ -204,6 +204,9 @@ class ExitStrategy:
     # "select": picks, per document, which fixed-step run to take (an oracle / upper bound),
     # reading SELECT_SIGNALS only; "skip": a real exit rule whose skipped steps need not run.
     kind: ClassVar[str] = "skip"
+    # parameters counted in loop steps (1-based): a value past the model's depth is refused
+    # before any compute (`ouro-lab validate`), naming the depth
+    depth_params: ClassVar[tuple[str, ...]] = ()
 
     def fit(self, calibration: Signals) -> None:
         """Optional: set internal state from calibration data (never the reported split)."""

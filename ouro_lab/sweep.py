@@ -46,6 +46,7 @@ from ouro_lab.progress import progress as progress_bars
 from ouro_lab.recipe import Recipe, RecipeError, RecipeSource, canonical, load_recipe, recipe_hash
 from ouro_lab.settings import (
     Setting,
+    cannot_decode,
     check_folds,
     check_speculative,
     cross_fit,
@@ -156,12 +157,14 @@ def _load(recipe: Recipe, src: RecipeSource):
     if recipe.batch_size == "auto":  # once, for the trace pass and every live run alike (logged)
         from ouro_lab.lm import resolve_batch_size
         recipe.batch_size = resolve_batch_size("auto", model)
-    tok = None
-    if any((Path(recipe.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        try:
-            tok = load_tokenizer(recipe.model.path)
-        except OuroLabError as e:
-            raise RecipeError([src.error(("model", "path"), str(e))]) from None
+    try:  # lm-eval's tasks are text: the checkpoint's tokenizer reads them
+        if not any((Path(recipe.model.path) / f).is_file() for f in ("tokenizer.json",
+                                                                     "tokenizer_config.json")):
+            raise OuroLabError(f"{recipe.model.path}: no tokenizer.json or tokenizer_config.json; a sweep's "
+                               "tasks are text: add the checkpoint's tokenizer files")
+        tok = load_tokenizer(recipe.model.path)
+    except OuroLabError as e:
+        raise RecipeError([src.error(("model", "path"), str(e))]) from None
     return model, tok, load_tasks(recipe, src, tok), fp
 
 
@@ -202,9 +205,11 @@ def _task_data_error(recipe: Recipe, src: RecipeSource, first: Exception) -> str
             TaskSet([name], include_path=recipe.tasks.include or None, data_root=recipe.tasks.data_root,
                     limit=recipe.tasks.limit)
         except Exception as e:  # noqa: BLE001 (any failure of the data is the user's to fix)
-            what = "its data file is empty" if isinstance(e, StopIteration) else \
-                f"its data cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            return src.error(("tasks", "names", i), f"task {name}: {what}; add documents or drop the task")
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            what = "its data file is empty; add documents" if isinstance(e, StopIteration) else \
+                (f"its documents do not build ({type(e).__name__}: {first_line}); check the data against "
+                 "its YAML (doc_to_text, doc_to_target, doc_to_choice)")
+            return src.error(("tasks", "names", i), f"task {name}: {what}, or drop the task")
     return src.error(("tasks", "names"), f"the tasks cannot be built ({type(first).__name__}: {first})")
 
 
@@ -437,12 +442,16 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
     # generation runs live for every rule that can decode token by token: no oracles (they
     # read the answer), no calibrated rules (no held-out trace), no per-sequence exits
     jobs = [(s, t) for s in live for t in ll_tasks] + [
-        (s, t) for s in settings for t in gen_tasks
-        if s.kind != "select" and not s.fitted and s.granularity == "token"]
+        (s, t) for s in settings for t in gen_tasks if not cannot_decode(s)]
+    for s in (s for s in settings if gen_tasks and cannot_decode(s)):  # said, not dropped unseen
+        log(run.console, f"{s.label}: not run on {', '.join(gen_tasks)} (generation decodes live, and "
+                         f"{cannot_decode(s)})")
     if not jobs:
         return
     bar = run.progress.add_task(f"live runs ({recipe.live.kv_policy} KV)", total=len(jobs))
-    _warm_up(run.model)  # so the first setting's measured seconds carry no one-time costs
+    from ouro_lab.live import warm_up
+
+    warm_up(run.model)  # so the first setting's measured seconds carry no one-time costs
     for s, task in jobs:
         key = content_hash("live", run.fp, recipe.model.dtype, recipe.model.steps, task, recipe.tasks.limit,
                     recipe.tasks.sample and (recipe.tasks.sample, recipe.seed),
@@ -457,27 +466,15 @@ def _live_all(run: _Run, ll_tasks: list[str], gen_tasks: list[str]) -> None:
         if found is not None and not run.logged(s, "live", [task]):
             found = None  # its samples JSONL is missing: run it again
         if not distributed.broadcast(found is not None):  # rank 0 decides; every rank runs it
-            log: dict = {}
-            rec, samples = _live(run.model, run.tok, run.taskset, task, s, recipe, log)
+            got: dict = {}
+            rec, samples = _live(run.model, run.tok, run.taskset, task, s, recipe, got)
             if distributed.is_main():
-                run.log_samples(s, "live", log, samples)
+                run.log_samples(s, "live", got, samples)
                 run.save(key, rec, samples, f"setting {s.label}, live on {task}")
         if not distributed.is_main():
             continue
         run.keep(s, "live", key, found)
         run.progress.advance(bar)
-
-
-def _warm_up(model) -> None:
-    """A few untimed live decoding steps before the timed live runs (no model forward call:
-    the plan's call counts stay the plan's)."""
-    import torch
-
-    from ouro_lab.live import LiveBatch
-
-    run = LiveBatch(model, batch=1, capacity=4)
-    for _ in range(3):
-        run.step(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool))
 
 
 def _replay(taskset, trace, strat, s: Setting, recipe: Recipe, tok_task: list[str], log: dict | None = None):

@@ -6,6 +6,7 @@ calibrated on it). decide() before fit() raises.
 """
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ class Strategy(ExitStrategy):
     mean_steps: float | None = None  # target mean loop steps per token (1-based); 2.0 if flops is unset
     flops: float | None = None       # or: target mean FLOPs per token (needs Signals.cost and .ctx)
     _threshold: float | None = field(default=None, init=False, repr=False)
+    depth_params: ClassVar[tuple[str, ...]] = ("mean_steps",)
 
     def __post_init__(self):
         if self.signal not in DIRECTION:
@@ -27,6 +29,10 @@ class Strategy(ExitStrategy):
             raise ValueError("set only one of the parameters mean_steps and flops")
         if self.flops is None and self.mean_steps is None:
             self.mean_steps = 2.0
+        if self.mean_steps is not None and not self.mean_steps >= 1:
+            raise ValueError(f"parameter mean_steps must be >= 1 (1-based), got {self.mean_steps}")
+        if self.flops is not None and not self.flops > 0:
+            raise ValueError(f"parameter flops must be > 0, got {self.flops}")
         self.needs = (self.signal,)  # what it reads depends on the parameter
 
     def fit(self, calibration: Signals) -> None:

@@ -17,6 +17,8 @@ class Strategy(ExitStrategy):
     def __post_init__(self):
         if self.signal not in ("max_prob", "margin"):
             raise ValueError(f"parameter signal must be 'max_prob' or 'margin', got {self.signal!r}")
+        if not 0 <= self.tau <= 1:
+            raise ValueError(f"parameter tau is a probability: use 0..1, got {self.tau}")
 
     def decide(self, s: Signals, r: int) -> Tensor:
         return getattr(s, self.signal)[r] >= self.tau

@@ -13,6 +13,7 @@ from ouro_lab.strategy import ExitStrategy, Signals
 class Strategy(ExitStrategy):
     step: int = 4  # 1-based; a step past the model's depth means the last step
     needs: ClassVar[tuple[str, ...]] = ()
+    depth_params: ClassVar[tuple[str, ...]] = ("step",)
 
     def __post_init__(self):
         if self.step < 1:

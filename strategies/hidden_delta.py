@@ -14,6 +14,11 @@ class Strategy(ExitStrategy):
     eps: float = 0.05
     min_step: int = 2  # 1-based
     needs: ClassVar[tuple[str, ...]] = ("hidden_delta",)
+    depth_params: ClassVar[tuple[str, ...]] = ("min_step",)
+
+    def __post_init__(self):
+        if self.min_step < 1:
+            raise ValueError(f"parameter min_step must be >= 1 (1-based), got {self.min_step}")
 
     def decide(self, s: Signals, r: int) -> Tensor:
         if r + 1 < self.min_step:

@@ -14,6 +14,7 @@ class Strategy(ExitStrategy):
     eps: float = 0.01
     min_step: int = 2  # 1-based; step 1 has no previous step to compare with
     needs: ClassVar[tuple[str, ...]] = ("kl_prev",)
+    depth_params: ClassVar[tuple[str, ...]] = ("min_step",)
 
     def __post_init__(self):
         if self.min_step < 1:

@@ -51,7 +51,12 @@ class Strategy(ExitStrategy):
     mean_steps: float = 2.0  # expected steps per token, 1 <= mean_steps <= the model's depth
     seed: int = 0  # combined with the run's seed: a grid over seeds gives independent baselines
     needs: ClassVar[tuple[str, ...]] = ()
+    depth_params: ClassVar[tuple[str, ...]] = ("mean_steps",)
     _last: tuple = field(default=(), init=False, repr=False, compare=False)  # (key..., h, u)
+
+    def __post_init__(self):
+        if not self.mean_steps >= 1:
+            raise ValueError(f"parameter mean_steps must be >= 1 (1-based), got {self.mean_steps}")
 
     def decide(self, s: Signals, r: int) -> Tensor:
         if not 1 <= self.mean_steps <= s.steps:

@@ -13,5 +13,9 @@ class Strategy(ExitStrategy):
     q: float = 0.5
     needs: ClassVar[tuple[str, ...]] = ("exit_cdf",)
 
+    def __post_init__(self):
+        if not 0 <= self.q <= 1:
+            raise ValueError(f"parameter q is a probability: use 0..1, got {self.q}")
+
     def decide(self, s: Signals, r: int) -> Tensor:
         return s.exit_cdf[r] >= self.q

@@ -84,7 +84,65 @@ def test_schema_out_that_is_a_folder(monkeypatch, capsys, tmp_path):
 # --------------------------------------------------------------------------- counts and flags
 
 
+def test_schema_default_folder_is_made(monkeypatch, capsys, tmp_path):
+    """The README's `ouro-lab schema` from a folder without recipes/ (it crashed)."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(monkeypatch, capsys, "schema").returncode == 0
+    assert (tmp_path / "recipes" / "recipe.schema.json").is_file()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "--text '': no tokens to inspect"),
+    ("abc", "has no tokenizer, so --text takes token ids like '1 2 3'"),
+    ("1 2 99", "token id 99 is out of the vocabulary (0..17)"),
+])
+def test_inspect_text_is_one_line(monkeypatch, capsys, tmp_path, text, words):
+    import shutil
+
+    bare = tmp_path / "bare"  # the demo checkpoint without its tokenizer
+    shutil.copytree(DEMO, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    vocab = json.loads((bare / "config.json").read_text())["vocab_size"]
+    out = run_cli(monkeypatch, capsys, "inspect", bare, "--text", text.replace("99", str(vocab)))
+    one_line(out, words.replace("99", str(vocab)).replace("17", str(vocab - 1)))
+
+
+@pytest.mark.parametrize("edit, words", [
+    ("{not json", "config.json: not valid JSON"),
+    ("[1, 2]", "config.json: must hold a JSON object"),
+    (None, "field total_ut_steps must be a positive integer, got 'four'"),
+])
+def test_a_broken_config_is_one_line_in_validate(monkeypatch, capsys, tmp_path, edit, words):
+    import shutil
+
+    ck = shutil.copytree(DEMO, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(edit if edit else json.dumps({**cfg, "total_ut_steps": "four"}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace(str(DEMO), str(ck)))
+    one_line(run_cli(monkeypatch, capsys, "validate", recipe), "model.path", words)
+
+
+@pytest.mark.parametrize("grid, words", [
+    ("{name: random, grid: {mean_steps: 9}}", "strategies[0].grid.mean_steps: mean_steps 9 is past the "
+                                              "model's 4 loop steps"),
+    ("{name: kl, grid: {min_step: 7}}", "strategies[0].grid.min_step: min_step 7 is past"),
+    ("{name: budget, grid: {mean_steps: 0.5}}", "parameter mean_steps must be >= 1 (1-based), got 0.5"),
+    ("{name: threshold, grid: {q: [0.5, 1.5]}}", "parameter q is a probability: use 0..1, got 1.5"),
+    ("{name: confidence, grid: {tau: -1}}", "parameter tau is a probability: use 0..1, got -1"),
+    ("{name: hidden_delta, grid: {min_step: -3}}", "parameter min_step must be >= 1 (1-based), got -3"),
+])
+def test_parameters_out_of_range_are_refused_by_validate(monkeypatch, capsys, tmp_path, grid, words):
+    """They passed validate, then failed after the trace pass (random, budget) or ran as
+    nonsense (a threshold above 1 never exits)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("{name: threshold, grid: {q: [0.5]}}", grid))
+    one_line(run_cli(monkeypatch, capsys, "validate", recipe), words)
+
+
 @pytest.mark.parametrize("args, words", [
+    (["--kv-policy", "nope"], "eval: --kv-policy 'nope' unknown; use one of full, copy, last"),
+    (["--steps", "0"], "eval: --steps 0: give a whole number >= 1"),
+    (["--num-fewshot", "-1"], "eval: --num-fewshot -1: give a whole number >= 0"),
     (["--sample", "0"], "--sample 0: give a whole number of documents, >= 1"),
     (["--sample", "2.5"], "--sample 2.5: give a whole number of documents, >= 1"),
     (["--limit", "0.5"], "--limit 0.5: give a whole number of documents, >= 1"),
@@ -138,6 +196,9 @@ def _task_folder(tmp_path) -> Path:
                                      .replace("{{prompt}}", "{{question}}"))
     (d / "bad_jsonl.yaml").write_text(src.replace("task: loop_demo_mc", "task: bad_jsonl")
                                       .replace("data/loop_demo_mc.jsonl", "broken.jsonl"))
+    (d / "label.jsonl").write_text(good.replace('"label": 1,', '"label": 42,'))  # past the 10 choices
+    (d / "bad_label.yaml").write_text(src.replace("task: loop_demo_mc", "task: bad_label")
+                                      .replace("data/loop_demo_mc.jsonl", "label.jsonl"))
     return d
 
 
@@ -161,6 +222,8 @@ def test_broken_task_files_name_the_file_and_the_fix(monkeypatch, capsys, tmp_pa
         "no_field": "its template reads the field 'question', which its documents lack; fix the YAML's "
                     "doc_to_text",
         "bad_jsonl": f"data file {d / 'broken.jsonl'}:4: not valid JSON Lines",
+        "bad_label": "its documents do not build (IndexError: list index out of range); check the data "
+                     "against its YAML (doc_to_text, doc_to_target, doc_to_choice), or drop the task",
     }
     for name, words in cases.items():
         out = run_cli(monkeypatch, capsys, "validate", recipe, f"tasks.names=[{name}]",
@@ -184,3 +247,33 @@ def test_lm_eval_unknown_task_is_one_line():
     assert err == [f"error: --tasks nope_task: no such task in lm-eval's tasks or --include_path {TASKS}; "
                    f"check the name with `ouro-lab lm-eval ls tasks --include_path {TASKS}`, or add the "
                    "folder holding its YAML with --include_path DIR"]
+
+
+def test_sweep_without_a_tokenizer_or_with_a_too_long_out_is_one_line(monkeypatch, capsys, tmp_path, no_bars):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(DEMO, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    out = run_cli(monkeypatch, capsys, "sweep", recipe, f"model.path={bare}", "--out", tmp_path / "a")
+    one_line(out, "model.path: ", "no tokenizer.json or tokenizer_config.json; a sweep's tasks are text: add "
+                  "the checkpoint's tokenizer files")
+    out = run_cli(monkeypatch, capsys, "sweep", recipe, "--out", tmp_path / ("a" * 300))
+    one_line(out, "not usable as an output folder (File name too long)")
+
+
+def test_settings_that_cannot_decode_generation_are_said(monkeypatch, capsys, tmp_path, no_bars):
+    """On a generation task, a per-continuation, calibrated or oracle setting cannot run: the
+    sweep says which and why (they were dropped without a word)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("loop_demo_mc", "loop_demo_gen").replace(
+        "{name: threshold, grid: {q: [0.5]}}", "{name: threshold, grid: {q: [0.5]}, granularity: sequence}\n"
+        "  - {name: oracle}") + "bootstrap: 10\n")
+    monkeypatch.setenv("OURO_LAB_CACHE", str(tmp_path / "cache"))
+    out = run_cli(monkeypatch, capsys, "sweep", recipe, "tasks.limit=2", "--out", tmp_path / "run")
+    assert out.returncode == 0, out.stderr
+    err = " ".join(out.stderr.split())
+    said = "not run on loop_demo_gen (generation decodes live, and it"
+    assert f"threshold(q=0.5)/seq: {said} decides once per continuation" in err
+    assert f"oracle(): {said} selects a step per document" in err
