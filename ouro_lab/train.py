@@ -134,7 +134,12 @@ def load_recipe(path: str | Path) -> TrainRecipe:
         raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: must be a YAML mapping of fields (seed, model, stage1, ...)")
-    return recipe_from_dict(raw, source=str(path))
+    recipe = recipe_from_dict(raw, source=str(path))
+    # relative folders are the recipe's, as a sweep recipe's paths are: not the shell's
+    for name in ("work_dir", "export_dir"):
+        if getattr(recipe, name) is not None:
+            setattr(recipe, name, str((path.parent / getattr(recipe, name)).resolve()))
+    return recipe
 
 
 def recipe_from_dict(raw: dict, source: str = "<recipe>") -> TrainRecipe:

@@ -180,7 +180,9 @@ def test_the_committed_recipe_validates_and_its_first_line_runs_it():
     path = ROOT / "recipes" / "train-demo.yaml"
     recipe = T.load_recipe(path)
     assert path.read_text().splitlines()[0] == "# ouro-lab train recipes/train-demo.yaml"
-    assert recipe.export_dir == "ouro_lab/builtin/loop-demo" and recipe.stage2.label == "forward"
+    assert recipe.export_dir == str(ROOT / "ouro_lab" / "builtin" / "loop-demo")
+    assert recipe.stage2.label == "forward"
+    assert recipe.work_dir == str(ROOT / "results" / "train-demo")  # the recipe's folder's, not the shell's
 
 
 def test_cli_train_runs_a_recipe_and_reports_bad_ones_in_one_line(tmp_path, monkeypatch, capsys):
@@ -193,7 +195,8 @@ def test_cli_train_runs_a_recipe_and_reports_bad_ones_in_one_line(tmp_path, monk
         " total_ut_steps: 2}\n"
         "data: {kmax_start: 2, kmax_final: 2, dev_per_level: 16, test_per_level: 4}\n"
         "stage1: {max_steps: 3, batch_size: 16, eval_every: 2}\nstage2: {steps: 2, batch_size: 16}\n")
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # relative folders are the recipe's
     monkeypatch.setattr(sys, "argv", ["ouro-lab", "train", str(recipe)])
     with pytest.raises(SystemExit) as e:
         cli.main()
