@@ -75,6 +75,21 @@ def _flat(d, at: str = "") -> dict:
     return {k: v for key, sub in d.items() for k, v in _flat(sub, f"{at}.{key}" if at else str(key)).items()}
 
 
+def stray_samples(run_dir: Path, kept: set, console=None) -> list[str]:
+    """Sample folders under `run_dir/samples` that belong to no setting of this run (left by
+    an unfinished run of another recipe resumed here): kept, never deleted, but said (one
+    line) and listed, since metrics.csv does not hold them."""
+    root = run_dir / "samples"
+    found = sorted(str(d.relative_to(root)) for d in root.glob("*/*") if d.is_dir() and d not in kept)
+    if found and console is not None:
+        from ouro_lab.progress import log
+
+        log(console, f"samples/: {len(found)} folder(s) of settings not in this run, left by an earlier run "
+                     f"into this folder and not in metrics.csv: {', '.join(found[:3])}"
+                     + (f" and {len(found) - 3} more" if len(found) > 3 else ""))
+    return found
+
+
 def check_same_recipe(path: Path, recipe: Recipe, what: str) -> None:
     """A folder that holds a finished run (its provenance.json) of another recipe is not
     replaced: one line naming what differs. An unfinished one resumes (its stored

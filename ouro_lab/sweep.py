@@ -69,6 +69,7 @@ from ouro_lab.store import (
     jsonable,
     resumable_on_full_disk,
     run_dir_for,
+    stray_samples,
     timing_context,
     trace_cache,
     versions,
@@ -356,6 +357,8 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     prov.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 wall_s=round(time.perf_counter() - t_start, 2), settings=len(settings),
                 model_forward_calls=calls[0],
+                stray_samples=stray_samples(run_dir, {run.samples_dir(s, m) for s, m, _ in run.records},
+                                            console),
                 fitted={s.label: rec["fitted"] for s, _, rec in run.records if rec.get("fitted")},  # per fold
                 # stored settings reused from a run of other code (None: stored before code was recorded)
                 other_code=[{"setting": s.label, "run_mode": mode, "code": rec.get("code"),

@@ -528,3 +528,18 @@ def test_a_group_scored_apart_is_said_and_recorded(lab, run1, tmp_path, capsys):
     assert json.loads((run / "provenance.json").read_text())["groups_apart"] == ["tiny_mix"]
     assert "group tiny_mix: its tasks are scored apart" in " ".join(capsys.readouterr().err.split())
     assert set(pd.read_csv(run / "metrics.csv").task) == {"tiny_mc", "tiny_gen"}
+
+
+def test_samples_of_settings_not_in_the_run_are_said_and_listed(lab, run1, tmp_path):
+    """An unfinished run of one recipe resumed by another: the first one's samples JSONL of
+    settings the second lacks stay (nothing is deleted) but are said and listed."""
+    a = RECIPE.format(name="a.yaml").replace("tiny_mc, tiny_gen", "tiny_mc").replace(SPECULATIVE.format(), "")
+    (lab / "a.yaml").write_text(a)
+    (lab / "b.yaml").write_text(a.replace("  - {name: budget, grid: {mean_steps: [1.5, 2.5]}}\n", ""))
+    run = run_sweep(lab / "a.yaml", out=tmp_path / "run")
+    (run / "provenance.json").unlink()  # as if interrupted before its end
+    run_sweep(lab / "b.yaml", out=run)
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["stray_samples"] == ["replay/budget(mean_steps=1.5)", "replay/budget(mean_steps=2.5)"]
+    assert (run / "samples" / "replay" / "budget(mean_steps=1.5)" / "samples_tiny_mc.jsonl").is_file()
+    assert not pd.read_csv(run / "metrics.csv").strategy.eq("budget").any()
