@@ -253,6 +253,18 @@ def sweep(recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/demo
               dry_run=dry_run, require_cache=require_cache)
 
 
+def _check_eval_flags(kv_policy: str, steps: int | None, num_fewshot: int | None) -> None:
+    """`eval`'s flags, checked before the model loads (one line naming the flag)."""
+    from ouro_lab.errors import OuroLabError
+    from ouro_lab.live import KV_POLICIES
+
+    if kv_policy not in KV_POLICIES:
+        raise OuroLabError(f"eval: --kv-policy {kv_policy!r} unknown; use one of {', '.join(KV_POLICIES)}")
+    for flag, v, low in (("--steps", steps, 1), ("--num-fewshot", num_fewshot, 0)):
+        if v is not None and v < low:
+            raise OuroLabError(f"eval: {flag} {v}: give a whole number >= {low}")
+
+
 def _check_out(folder: Path, what: str = "--out") -> None:
     """An output folder that cannot be written is refused before any work (creating nothing)."""
     from ouro_lab.store import check_output
@@ -376,13 +388,7 @@ def eval_(model_dir: Path = typer.Argument(..., help="checkpoint folder (config,
 
     if log_samples and out is None:
         raise OuroLabError("eval: --log_samples writes files: give the folder with --output_path DIR")
-    from ouro_lab.live import KV_POLICIES  # flags are checked before the model loads
-
-    if kv_policy not in KV_POLICIES:
-        raise OuroLabError(f"eval: --kv-policy {kv_policy!r} unknown; use one of {', '.join(KV_POLICIES)}")
-    for flag, v, low in (("--steps", steps, 1), ("--num-fewshot", num_fewshot, 0)):
-        if v is not None and v < low:
-            raise OuroLabError(f"eval: {flag} {v}: give a whole number >= {low}")
+    _check_eval_flags(kv_policy, steps, num_fewshot)
     if out is not None:
         _check_out(out)
     params = _strategy_params(param, strategy)

@@ -117,7 +117,6 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
     import pandas as pd
 
     from ouro_lab.loading import fingerprint, load_model, load_tokenizer
-    from ouro_lab.progress import log as say
     from ouro_lab.progress import stage, stderr_console
 
     distributed.init(device)  # under torchrun / accelerate launch: shard batches over the ranks
@@ -166,9 +165,7 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
         metrics += m
         samples.append(s)
     live_names = gen + (ll if live else [])
-    for g in ts.groups_apart([[] if live else ll, live_names]):
-        say(console, f"eval: group {g}: its tasks are scored apart (replayed and live), so lm-eval's group "
-                     "aggregate is not reported; each task's rows are (--live scores them together)")
+    _say_groups_apart(ts, [[] if live else ll, live_names], console)
     if live_names:
         with stage(console, f"eval: live run of {len(live_names)} task(s) ({kv_policy} KV)"):
             m, s = evaluate_live(model, tok, ts, st, kv_policy, batch_size=batch_size, names=live_names,
@@ -178,6 +175,14 @@ def evaluate_tasks(model_dir, tasks, include_path=None, data_root=None, limit=No
         metrics += m
         samples.append(s)
     return metrics, pd.concat(samples, ignore_index=True) if samples else pd.DataFrame()
+
+
+def _say_groups_apart(ts, together: list, console) -> None:
+    from ouro_lab.progress import log
+
+    for g in ts.groups_apart(together):
+        log(console, f"eval: group {g}: its tasks are scored apart (replayed and live), so lm-eval's group "
+                     "aggregate is not reported; each task's rows are (--live scores them together)")
 
 
 def write_outputs(metrics: list[dict], samples, out, strategy=None, params=None, steps=None,
