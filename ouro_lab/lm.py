@@ -428,6 +428,11 @@ class OuroLM(TemplateLM):
                 raise HarnessError(f"generate_until: {', '.join(f'{k}={v}' for k, v in bad.items())} is not "
                                    "supported (greedy, or do_sample with temperature, top_p, top_k)")
             groups[(tuple(until), max_new, sampling)].append(i)
+        seen: dict = defaultdict(int)
+        clone = []  # each request's occurrence among identical ones (lm-eval's `repeats`)
+        for r in requests:
+            clone.append(seen[(r.task_name, r.doc_id, r.idx)])
+            seen[(r.task_name, r.doc_id, r.idx)] += 1
         done: list = [None] * len(requests)  # (text, record) per request
         plan: list[int] = []  # requests in the order their chunks run (records keep it)
         n_chunk = 0
@@ -443,8 +448,9 @@ class OuroLM(TemplateLM):
                 if not distributed.owns(n_chunk - 1):  # data parallel: whole chunks per rank
                     continue
                 prompts = [enc[i][-(self.max_length - max_new):] for i in part]
-                # draws (random rules, sampling) keyed by request, not by place in this call
-                ids = request_keys([(requests[i].task_name, requests[i].doc_id, requests[i].idx, -1)
+                # draws (random rules, sampling) keyed by request, not by place in this call;
+                # lm-eval's `repeats` clones of one request draw apart (their occurrence)
+                ids = request_keys([(requests[i].task_name, requests[i].doc_id, requests[i].idx, clone[i])
                                     for i in part])
                 kw = dict(until=list(until), max_new_tokens=max_new, steps=self.steps, seed=self.seed,
                           eos_token_id=self.eot_token_id, row_ids=ids, batch_size=self.batch_size)

@@ -162,13 +162,14 @@ def annotate_lm_eval_files(files: list[Path], compute: dict, extra: dict,
                            file_index: dict | None = None) -> None:
     """Add `ouro_lab` (extra + the doc's compute) to every line of lm-eval's own samples
     files (`samples_<task>_<date>.jsonl`); the task is read from the file name. Under
-    lm-eval's `--samples` ({task: [file index, ...]} as `file_index`) a line's doc_id is the
-    file's index while requests (and `compute`) count the chosen documents 0..n-1 in file order."""
+    lm-eval's `--samples` ({task: [file index, ...]} as `file_index`) requests (and
+    `compute`) count the chosen documents 0..n-1 in file order, and lm-eval labels the k-th
+    one with the k-th index as given (`evaluator.evaluate`): a label is read back the same way."""
     for f in files:
         lines = []
         task = Path(f).name.removeprefix("samples_").rsplit("_", 1)[0]
-        chosen = sorted(set((file_index or {}).get(task) or []))
-        position = {d: i for i, d in enumerate(chosen)}
+        chosen = list((file_index or {}).get(task) or [])
+        position = {d: k for k, d in enumerate(chosen)}
         for line in Path(f).read_text().splitlines():
             if not line.strip():
                 continue

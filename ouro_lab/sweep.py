@@ -528,7 +528,7 @@ def _live(model, tok, taskset, task: str, s: Setting, recipe: Recipe, log: dict 
                 max_gen_toks=recipe.live.max_gen_toks, draft_len=s.draft_len)
     results = run_evaluate(lm, taskset, [task], recipe.bootstrap)
     if log is not None:
-        log.update(results=results, tasks=taskset.tasks)
+        log.update(results=results, tasks=taskset.tasks, file_index=taskset.samples)
     comp = live_per_doc(lm.records, task)
     tot = comp[list(LIVE_SUMS)].sum() if len(comp) else None
     rows = [{**row, **(live_row(tot) if tot is not None else {})} for row in metric_rows(results)

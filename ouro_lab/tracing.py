@@ -37,7 +37,7 @@ from ouro_lab.trace import Trace, TraceDamagedError
 # 2: trace files carry a content checksum
 # 3: each distinct prefix computed once (ouro_lab.prefix): the same signals, computed in another
 # arithmetic order (float32 values within 1e-5 relative of format 2's); work counts in meta.
-TRACE_FORMAT = 3
+TRACE_FORMAT = 4
 
 
 class TraceCacheError(OuroLabError):

@@ -175,6 +175,11 @@ def test_random_generation_draws_per_request_not_per_batch_place(env):
         return lm.generate_until(rs), lm.records
 
     texts, recs = run(reqs)
+    # lm-eval's `repeats` clones of one sampled request (self-consistency) draw apart
+    lm = OuroLM(model=env["model"], tokenizer=env["tok"], batch_size=2)
+    gk = {"until": ["."], "max_gen_toks": 6, "do_sample": True, "temperature": 1.0}
+    sampled = Instance("generate_until", {}, (prompts[0], gk), 0, ("t", 0, 4))
+    assert len(set(lm.generate_until([sampled] * 4))) > 1
     alone, alone_recs = run(reqs[3:])
     assert alone[0] == texts[3]
     assert alone_recs[("t", 3, 0)]["steps_used"] == recs[("t", 3, 0)]["steps_used"]
@@ -331,25 +336,27 @@ def test_lm_eval_cli_wrapper_registers_ouro_lab(env, monkeypatch, capsys, tmp_pa
 
 
 def test_lm_eval_cli_samples_files_name_each_documents_compute(env, monkeypatch, tmp_path):
-    """Under lm-eval's --samples a line's doc_id is the file's index while requests count the
-    chosen documents 0..n-1: each line still gets its own document's compute (its tokens
-    are its continuations' tokens)."""
+    """Under lm-eval's --samples (here unsorted: [5, 1]) requests count the chosen documents
+    0..n-1 in file order and lm-eval labels the k-th one with the k-th index given: each
+    line still gets the compute of the document it holds (tiny_ppl's texts differ in length:
+    its tokens are its text's tokens)."""
     import json
 
     from ouro_lab.lm_eval_cli import MADE, main
 
     monkeypatch.chdir(tmp_path)
     main(["--model", "ouro-lab", "--model_args", f"path={env['mdir']},strategy=threshold,q=0.5",
-          "--tasks", "tiny_mc", "--include_path", str(env["root"] / "tasks"), "--samples",
-          json.dumps({"tiny_mc": [5, 1]}), "--batch_size", "2", "--output_path", str(tmp_path / "out"),
+          "--tasks", "tiny_ppl", "--include_path", str(env["root"] / "tasks"), "--samples",
+          json.dumps({"tiny_ppl": [5, 1]}), "--batch_size", "2", "--output_path", str(tmp_path / "out"),
           "--log_samples"])
-    (f,) = (tmp_path / "out").rglob("samples_tiny_mc_*.jsonl")
+    (f,) = (tmp_path / "out").rglob("samples_tiny_ppl_*.jsonl")
     lines = [json.loads(x) for x in f.read_text().splitlines()]
     assert sorted(x["doc_id"] for x in lines) == [1, 5]
     lm = MADE[-1]
-    for x in lines:
-        want = sum(len(lm.encode_request(a["arg_0"], a["arg_1"])[1]) for a in x["arguments"].values())
-        assert x["ouro_lab"]["tokens"] == want, x["doc_id"]
+    sizes = [len(lm.tok_encode(x["doc"]["text"])) for x in lines]
+    assert len(set(sizes)) == 2  # the two documents can be told apart by their compute
+    for x, n in zip(lines, sizes, strict=True):
+        assert x["ouro_lab"]["tokens"] == n, x["doc_id"]
 
 
 def test_scorer_generic_path_matches_fast_path(env, traced):

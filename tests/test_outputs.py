@@ -219,12 +219,13 @@ def test_lm_eval_samples_files_gain_compute(tmp_path):
     assert a["ouro_lab"] == {"live": True, "tokens": 4, "steps_used": 2.0, "steps_executed": 3.0,
                              "flops_total_per_token": 10.0, "seconds": 2} and a["acc"] == 1.0
     assert b["ouro_lab"] == {"live": True}
-    # lm-eval's --samples: lines name the file's documents (here 5 and 9), requests count 0..n-1
+    # lm-eval's --samples [9, 5]: requests count the chosen documents 0..n-1, and lm-eval labels
+    # the k-th of them with the k-th index given (9 for request doc 0, 5 for request doc 1)
     f.write_text(json.dumps({"doc_id": 9}) + "\n" + json.dumps({"doc_id": 5}) + "\n")
     records = {("tiny_mc", 0, 0): one, ("tiny_mc", 1, 0): {**one, "tokens": 1}}
     annotate_lm_eval_files([f], record_compute(records), {}, {"tiny_mc": [9, 5]})
     nine, five = _lines(f)
-    assert (five["ouro_lab"]["tokens"], nine["ouro_lab"]["tokens"]) == (2, 1)  # file order: 5 is first
+    assert (nine["ouro_lab"]["tokens"], five["ouro_lab"]["tokens"]) == (2, 1)
 
 
 def test_cli_speaks_lm_eval(run1, monkeypatch, capsys):
