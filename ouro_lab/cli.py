@@ -129,7 +129,7 @@ def _inspect_text(model, model_dir: Path, text: str) -> list[dict]:
     from ouro_lab.model import exit_distribution
 
     if any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        ids = list(load_tokenizer(model_dir)(text).input_ids)  # a broken tokenizer: one line
+        ids = list(load_tokenizer(model_dir)(text, add_special_tokens=False).input_ids)  # as trace --text
     else:  # no tokenizer: the text is token ids
         try:
             ids = [int(t) for t in text.replace(",", " ").split()]

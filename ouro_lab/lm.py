@@ -65,7 +65,8 @@ def _head_scores(model, h: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
     """Target log-prob and greedy flag of hidden states h (N, H) for targets `tgt` (N,) or
     (N, K) (K targets per state, one readout) — the very arithmetic of
     `ouro_lab.trace.step_signals` (same chunks, same float32 log-softmax, same argmax), so a
-    plain k-step run and a replay of the trace at step k agree bit for bit."""
+    plain k-step run and a replay of the trace at step k agree bit for bit on one plan (the
+    module docstring says when plans differ)."""
     N, V = h.shape[0], model.config.vocab_size
     lp = torch.empty(tgt.shape, dtype=torch.float32, device=h.device)
     greedy = torch.empty(tgt.shape, dtype=torch.bool, device=h.device)
@@ -421,7 +422,8 @@ class OuroLM(TemplateLM):
             if max_new >= self.max_length:  # no room for the prompt (HFLM refuses too)
                 raise HarnessError(f"generate_until: {requests[i].task_name or 'a task'} asks for {max_new} "
                                    f"new tokens, not below max_length {self.max_length}; cap them with the "
-                                   "recipe's live.max_gen_toks (lm-eval: model_args max_gen_toks=N)")
+                                   "task's max_gen_toks or the recipe's live.max_gen_toks (lm-eval: "
+                                   "model_args max_gen_toks=N)")
             sampling = Sampling.from_gen_kwargs(gk, self.seed)  # greedy unless the task asks to sample
             bad = {k: v for k, v in gk.items() if k in UNSUPPORTED_GEN and v not in UNSUPPORTED_GEN[k]}
             if bad:

@@ -61,12 +61,14 @@ def cannot_decode(s: Setting) -> str | None:
     return None
 
 
-def past_depth(name: str, obj, R: int, recipe: Recipe, src: RecipeSource, where: tuple, errors: list) -> bool:
+def past_depth(name: str, obj, R: int, recipe: Recipe, src: RecipeSource, where: tuple, errors: list,
+               given=()) -> bool:
     """A parameter counted in loop steps (`depth_params`: `fixed`'s step, `random`'s mean
     steps, ...) past the model's depth would run, and be reported as, what the model cannot
-    do: refused, naming the depth and where it comes from. `where` is the grid's location."""
+    do: refused, naming the depth and where it comes from. `where` is the grid's location;
+    only the parameters the grid gives (`given`) are checked (a default is the file's)."""
     params = obj.params()
-    for p in getattr(type(obj), "depth_params", ()):
+    for p in (p for p in getattr(type(obj), "depth_params", ()) if p in given):
         v = params.get(p)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= R:
             continue
@@ -126,7 +128,7 @@ def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
                 errors.append(src.error(("strategies", i, "live"), "live runs decide token by token; use "
                                         "granularity: token for live settings (or set live: false)"))
                 break
-            if past_depth(spec.name, obj, R, recipe, src, ("strategies", i, "grid"), errors):
+            if past_depth(spec.name, obj, R, recipe, src, ("strategies", i, "grid"), errors, spec.grid):
                 break
             add(Setting(spec.name, obj.params(), spec.granularity or recipe.granularity, i, spec.live,
                         False, type(obj).kind, fitted, obj, tuple(spec.grid)))
@@ -157,7 +159,8 @@ def _speculative(spec, i: int, dirs, src: RecipeSource, errors: list, recipe: Re
                                     "(it calibrates on data or reads the answer); use a rule that decides "
                                     "from the steps it ran, e.g. fixed or threshold"))
             return []
-        if past_depth(spec.draft.name, obj, R, recipe, src, ("speculative", i, "draft", "grid"), errors):
+        if past_depth(spec.draft.name, obj, R, recipe, src, ("speculative", i, "draft", "grid"), errors,
+                      spec.draft.grid):
             return []
         draft = Setting(spec.draft.name, obj.params(), "token", shown=tuple(spec.draft.grid)).label
         for n in lens:
@@ -221,7 +224,7 @@ def doc_outcomes(taskset, trace, strategy):
                                                               key=lambda f: (f != "none", f))[0]]
             got = {}
             for task, d in samples.groupby("task"):
-                col = primary_metric([c for c in d.columns if c not in NOT_METRICS])
+                col = primary_metric([c for c in d.columns if c not in NOT_METRICS and d[c].notna().any()])
                 _bounded_mean(taskset, task, col, d[col].to_numpy(np.float64), strategy)
                 got.update({(task, int(i)): float(v) for i, v in zip(d.doc_id, d[col], strict=True)})
             return torch.tensor(np.array([got[k] for k in docs], dtype=np.float64))
@@ -244,7 +247,7 @@ def _bounded_mean(taskset, task: str, metric: str, values, strategy) -> None:
     if agg is mean and np.all((values >= 0) & (values <= 1)):
         return
     what = (f"aggregated by {getattr(agg, '__name__', agg)}, not a mean over documents" if agg is not mean
-            else "with per-document values outside [0, 1]")
+            else "with per-document values missing or outside [0, 1]")
     raise OuroLabError(f"{origin(strategy)[0]}: calibrates on each document's score, but task {task}'s "
                         f"primary metric {metric} is {what}; use this rule on tasks scored per document "
                         "in [0, 1] (accuracy, exact match), or `budget` for the others")

@@ -122,8 +122,9 @@ class Signals:
     """Per-step signals for N tokens, steps 0..r (attribute access: `s.exit_cdf[r]`).
 
     `steps` is the model's full depth R (the last step always exits), `seed` a per-run
-    seed for randomized rules, `index` (N,) the tokens' indices in the trace (cross-fitting
-    reads which fold each one is in), `draw` (N,) their draw keys (stable ids for
+    seed for randomized rules, `index` (N,) the tokens' indices in the trace in replay
+    (cross-fitting reads which fold each one is in; live decoding passes its draw keys),
+    `draw` (N,) their draw keys (stable ids for
     deterministic randomness, the same in replay and live: see TOKEN_STRIDE; default
     `index`), `group` (N,) the sequence each token belongs to.
     Optional, for rules with a FLOPs budget: `ctx` (N,) keys each token attends to and

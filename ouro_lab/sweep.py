@@ -335,10 +335,10 @@ def _run(recipe: Recipe, src: RecipeSource, settings: list[Setting], run_dir: Pa
     calls = [0]
     hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     gen_tasks = taskset.names_of("generate_until")
-    prov["groups_apart"] = taskset.groups_apart([ll_tasks] + [[t] for t in gen_tasks])  # no aggregate
+    apart = taskset.sweep_groups_apart(ll_tasks, gen_tasks, any(s.live for s in settings))  # no aggregate
+    prov["groups_apart"] = sorted(apart)
     for g in prov["groups_apart"]:
-        log(console, f"group {g}: its tasks are scored apart (replayed, or live one task at a time), so "
-                     "lm-eval's group aggregate is not reported; each task's rows are")
+        log(console, apart[g])
     store = SettingStore(run_dir)
     with progress_bars(console) as progress:
         run = _Run(recipe, settings, model, tok, taskset, fp, store, console, progress, calls, prov, cache,

@@ -216,6 +216,19 @@ class TaskSet:
         return sorted(g for g in self.task_dict.get("groups", {})
                       if not any(set(leaf_members(group_map, g)) <= set(t) for t in together))
 
+    def sweep_groups_apart(self, ll: list[str], gen: list[str], live: bool) -> dict[str, str]:
+        """{group: the line saying why} for a sweep: replayed loglikelihood tasks are scored in
+        one call, generation tasks live one at a time, and `live` settings run loglikelihood
+        tasks live one at a time too (their replayed rows keep the aggregate)."""
+        said = {g: f"group {g}: its tasks are scored apart (replayed, or live one task at a time), so "
+                   "lm-eval's group aggregate is not reported; each task's rows are"
+                for g in self.groups_apart([ll] + [[t] for t in gen])}
+        if live:
+            said.update({g: f"group {g}: live settings score its tasks one at a time, so its live rows have "
+                            "no group aggregate (its replayed rows do)"
+                         for g in self.groups_apart([[t] for t in ll + gen]) if g not in said})
+        return said
+
     def use_tokenizer(self, tokenizer=None, chat_template=None, path=None) -> None:
         """Bind the model's tokenizer (loaded from checkpoint folder `path` when not given;
         none there: no chat) and a chat-template override (`ouro_lab.chat.ChatTemplate`);

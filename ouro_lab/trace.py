@@ -353,10 +353,10 @@ class Trace:
         decoding draws; a trace without a unit table draws by token index."""
         from ouro_lab.strategy import TOKEN_STRIDE, request_keys
 
-        units, draw = self.meta.get("units"), None
-        if units and all(isinstance(u, (list, tuple)) and len(u) == 4 for u in units):
+        units, draw = self.meta.get("units"), getattr(self, "_draw", None)
+        if draw is None and units and all(isinstance(u, (list, tuple)) and len(u) == 4 for u in units):
             keys = torch.tensor(request_keys(units), dtype=torch.long)
-            draw = keys[self.request.long()] * TOKEN_STRIDE + self.position.long()
+            draw = self._draw = keys[self.request.long()] * TOKEN_STRIDE + self.position.long()  # once
         return Signals(dict(self.signals), self.steps, torch.arange(self.n),
                        self.request if group is None else group, seed, self.ctx,
                        cost if cost is not None else self.cost(), self.n, draw=draw)

@@ -347,7 +347,9 @@ class _Loop:
     def restore(self, log_path: Path, work: Path) -> None:
         """Pick up the state an interrupted run left (same recipe only); drop log rows after it."""
         saved = torch.load(self.state_path, weights_only=True)
-        if saved["recipe"] != self.st["recipe"]:
+        where = ("work_dir", "export_dir")  # where the run lives is not what it computes (a moved checkout)
+        if {k: v for k, v in saved["recipe"].items() if k not in where} != \
+                {k: v for k, v in self.st["recipe"].items() if k not in where}:
             raise RecipeError(f"{self.state_path}: left by a different recipe; delete {work} or restore "
                               f"the recipe it was made with")
         self.model.load_state_dict(saved["model"])

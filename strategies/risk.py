@@ -62,7 +62,8 @@ class Strategy(ExitStrategy):
         R, sign = calibration.steps, DIRECTION[self.signal]
         if R == 1:  # one step: nothing to exit from; the guarantee holds trivially
             self._threshold = math.inf if sign > 0 else -math.inf
-            self._record = {"threshold": self._threshold, "docs": calibration.n, "certified": False,
+            docs = int(calibration.outcome(torch.zeros(calibration.n, dtype=torch.long)).numel())
+            self._record = {"threshold": self._threshold, "docs": docs, "certified": False,
                             "calibration_loss": 0.0, "p_value": None, "tested": 0, "delta": self.delta,
                             "alpha": self.alpha}
             return

@@ -139,6 +139,16 @@ def test_parameters_out_of_range_are_refused_by_validate(monkeypatch, capsys, tm
     one_line(run_cli(monkeypatch, capsys, "validate", recipe), words)
 
 
+def test_a_default_counted_in_steps_is_not_refused(monkeypatch, capsys, tmp_path):
+    """Only what the grid gives is checked against the depth: kl's default min_step 2 on a
+    model cut to one step runs (to full depth), it is not refused at a field the YAML lacks."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace(f"{{path: {DEMO}}}", f"{{path: {DEMO}, steps: 1}}")
+                      .replace("{name: threshold, grid: {q: [0.5]}}", "{name: kl}"))
+    out = run_cli(monkeypatch, capsys, "validate", recipe)
+    assert out.returncode == 0, out.stderr
+
+
 @pytest.mark.parametrize("args, words", [
     (["--kv-policy", "nope"], "eval: --kv-policy 'nope' unknown; use one of full, copy, last"),
     (["--steps", "0"], "eval: --steps 0: give a whole number >= 1"),

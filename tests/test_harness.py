@@ -484,6 +484,11 @@ def test_a_group_scored_apart_is_said_not_left_out(env, tmp_path, capsys):
     ts = TaskSet(["tiny_mix"], include_path=[tasks], limit=2)
     assert ts.groups_apart([["tiny_mc"], ["tiny_gen"]]) == ["tiny_mix"]
     assert ts.groups_apart([["tiny_mc", "tiny_gen"]]) == []
+    (tasks / "tiny_ll.yaml").write_text("group: tiny_ll\ntask: [tiny_mc, tiny_ppl]\n")  # replayed together
+    ll = TaskSet(["tiny_ll"], include_path=[tasks], limit=2)
+    assert ll.sweep_groups_apart(["tiny_mc", "tiny_ppl"], [], live=False) == {}
+    assert "live settings score its tasks one at a time" in \
+        ll.sweep_groups_apart(["tiny_mc", "tiny_ppl"], [], live=True)["tiny_ll"]
     m, _ = evaluate_tasks(env["mdir"], "tiny_mix", include_path=[tasks], limit=2, batch_size=4,
                           strategy="threshold", params={"q": 0.5}, console=stderr_console(),
                           cache_dir=tmp_path / "cache")
