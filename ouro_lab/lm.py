@@ -349,6 +349,16 @@ class OuroLM(TemplateLM):
                     else (cont[:1], cont[1:]))
         return self._encode_pair(context, continuation)
 
+    def unit(self, context: str, continuation: str, task=None, doc_id=None, idx: int = 0) -> Unit:
+        """A loglikelihood request as a Unit. A continuation longer than `max_length` is
+        refused, as HFLM refuses it: its score would be that of its last tokens only."""
+        c, x = self.encode_request(context, continuation)
+        if len(x) > self.max_length:
+            raise HarnessError(f"task {task or '?'}, document {doc_id}: its continuation has {len(x)} "
+                               f"tokens, more than the {self.max_length} the model reads (max_length); drop "
+                               "the task or shorten its continuations")
+        return Unit(tuple(c), tuple(x), task or "", -1 if doc_id is None else doc_id, idx)
+
     def rolling_units(self, string: str) -> list[tuple[list[int], list[int]]]:
         """Disjoint windows of a rolling-loglikelihood text, as lm-eval's HFLM makes them."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -384,8 +394,7 @@ class OuroLM(TemplateLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         units, keys = [], []
         for req in requests:
-            c, x = self.encode_request(*req.args)
-            units.append(Unit(tuple(c), tuple(x), req.task_name, req.doc_id, req.idx))
+            units.append(self.unit(*req.args, req.task_name, req.doc_id, req.idx))
             keys.append((req.task_name, req.doc_id, req.idx))
         return self._score_units(units, keys)
 

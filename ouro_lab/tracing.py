@@ -68,8 +68,7 @@ def build_units(taskset: TaskSet, lm: OuroLM) -> list[Unit]:
     for name in scorer.instances:
         for inst in scorer.instances[name]:
             if inst.request_type == "loglikelihood":
-                c, x = lm.encode_request(*inst.args)
-                units.append(Unit(tuple(c), tuple(x), name, inst.doc_id, inst.idx, -1))
+                units.append(lm.unit(*inst.args, name, inst.doc_id, inst.idx))
             elif inst.request_type == "loglikelihood_rolling":
                 for w, (c, x) in enumerate(lm.rolling_units(inst.args[0])):
                     units.append(Unit(tuple(c), tuple(x), name, inst.doc_id, inst.idx, w))

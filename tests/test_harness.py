@@ -249,6 +249,13 @@ def test_left_truncation_to_max_length(env):
     (lp_long, _), = lm._loglikelihood_tokens([(("", ""), ids, three)])
     (lp_cut, _), = lm._loglikelihood_tokens([(("", ""), ids[-8:], three)])
     assert lp_long == lp_cut and math.isfinite(lp_long)
+    # a continuation longer than max_length would be scored on its last tokens only: refused, as HFLM does
+    from lm_eval.api.instance import Instance
+
+    from ouro_lab.harness import HarnessError
+
+    with pytest.raises(HarnessError, match=r"^task t, document 3: its continuation has 9 tokens, more than"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("one", " two" * 9), 0, ("t", 3, 1))])
 
 
 def test_bad_model_args_are_one_line_errors(env):
