@@ -177,7 +177,8 @@ class Recipe(_Strict):
         default_factory=list, description="self-speculative decoding settings (generation tasks)")
     seed: int = Field(1234, description="seed for randomized strategies and the bootstrap")
     bootstrap: int = Field(1000, ge=0, le=100_000, description="paired-bootstrap resamples (0: none)")
-    tolerance: float = Field(1.0, ge=0, description="accuracy loss (points) allowed for 'compute saved'")
+    tolerance: float = Field(1.0, ge=0, allow_inf_nan=False,
+                             description="accuracy loss (points) allowed for 'compute saved'")
     batch_size: int | str = Field(8, description="rows a model call, or auto: the largest that fits on CUDA "
                                   "(found by trying), 8 elsewhere")
     log_samples: bool = Field(False, description="also write lm-eval's samples JSONL per task and setting "
@@ -186,7 +187,7 @@ class Recipe(_Strict):
     max_settings: int = Field(MAX_SETTINGS, ge=1, description="refuse grids that expand to more settings "
                               "than this (a guard against a typo in a grid; raise it on purpose)")
 
-    @field_validator("batch_size")
+    @field_validator("batch_size", mode="before")  # before: `true` would already be 1
     @classmethod
     def _batch(cls, v: int | str) -> int | str:
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):

@@ -175,7 +175,7 @@ class TaskSet:
     def selection(self, task: str) -> dict:
         """Which documents of `task` a run scores: how chosen, how many, out of how many."""
         n = len(self.tasks[task].eval_docs)
-        if self.samples is not None:
+        if self.samples is not None and len(self.samples[task]) < n:  # a sample of them all is them all
             return {"how": "sample", "documents": len(self.samples[task]), "of": n, "seed": self.sample_seed,
                     "indices": self.samples[task]}  # doc_id i is the file's document indices[i]
         from lm_eval.evaluator_utils import get_sample_size  # lm-eval's own count (0.3 of 10: 3)

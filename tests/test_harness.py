@@ -113,6 +113,9 @@ def test_a_fractional_limit_counts_documents_as_lm_eval_does(env):
     scored = {u.doc_id for u in build_units(ts, OuroLM(model=env["model"], tokenizer=env["tok"]))}
     assert ts.selection("tiny_mc") == {"how": "limit", "documents": math.ceil(0.35 * n), "of": n}
     assert len(scored) == ts.selection("tiny_mc")["documents"] and 0.35 * n % 1
+    # a "sample" of more documents than the task has is the whole task, and is called so
+    every = TaskSet(["tiny_mc"], include_path=[env["root"] / "tasks"], sample=10 * n)
+    assert every.selection("tiny_mc") == {"how": "all", "documents": n, "of": n}
 
 
 def test_generate_until_cuts_and_caps(env):

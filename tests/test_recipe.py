@@ -187,6 +187,18 @@ def test_non_finite_grid_values_are_refused(tmp_path, ckpt, value, words):
     assert words in e.value.errors[0]
 
 
+@pytest.mark.parametrize("line, words", [
+    ("batch_size: true", "batch_size: True is not allowed (allowed: a positive integer, or auto)"),
+    ("tolerance: .inf", "tolerance: Input should be a finite number"),
+])
+def test_a_flag_or_an_infinity_where_a_number_belongs(tmp_path, ckpt, line, words):
+    """YAML's `true` read as batch 1 and an infinite tolerance passed (everything "within" it)."""
+    f = write(tmp_path, GOOD + line + "\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(f)
+    assert len(e.value.errors) == 1 and words in e.value.errors[0]
+
+
 def test_fixed_step_past_the_models_depth_is_refused(tmp_path, ckpt):
     from ouro_lab.settings import expand_settings
 
