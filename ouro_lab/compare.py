@@ -22,6 +22,7 @@ CONFIG = (("model", ("recipe", "model", "path")), ("model fingerprint", ("model_
           ("max_gen_toks (live)", ("recipe", "live", "max_gen_toks")), ("seed", ("recipe", "seed")),
           ("calibration", ("recipe", "calibration")), ("granularity", ("recipe", "granularity")),
           ("tasks", ("recipe", "tasks", "names")), ("limit", ("recipe", "tasks", "limit")),
+          ("sample", ("recipe", "tasks", "sample")),
           ("num_fewshot", ("recipe", "tasks", "num_fewshot")), ("bootstrap", ("recipe", "bootstrap")),
           ("tolerance", ("recipe", "tolerance")), ("git", ("git_sha",)))
 

@@ -193,6 +193,7 @@ def test_compare_says_what_changed(run1, tmp_path):
     prov = json.loads((other / "provenance.json").read_text())
     prov["recipe"]["live"]["kv_policy"] = "last"
     prov["recipe"]["seed"] = 99
+    prov["recipe"]["tasks"]["sample"] = 6  # a sample is another set of documents: said too
     (other / "provenance.json").write_text(json.dumps(prov))
     s = pd.read_parquet(other / "samples.parquet")
     hit = (s.task == "tiny_mc") & (s.setting == "threshold(q=0.9)") & (s["run_mode"] == "replay")
@@ -209,6 +210,7 @@ def test_compare_says_what_changed(run1, tmp_path):
     assert code == 0, text
     config = text[text.index("## What differs in configuration"):text.index("## Summary")]
     assert '| KV policy (live) | "copy" | "last" |' in config and "| seed | 1234 | 99 |" in config
+    assert "| sample | null | 6 |" in config
     assert "Settings only in A (1): tiny_mc/budget(mean_steps=1.5) (replay)" in text
     diff = (float(s.loc[hit, "acc"].mean()) - before) * 100
     assert "## Summary: 1 of " in text and f"tiny_mc/threshold(q=0.9) (replay) {diff:+.2f}" in text
