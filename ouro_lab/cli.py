@@ -474,15 +474,27 @@ def main() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupted)
+    try:  # newer typer carries its own copy of click; its exceptions are that copy's
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
     try:
-        app()
+        rv = app(standalone_mode=False, prog_name="ouro-lab")  # refusals come here: one line each
+    except click_errors.NoArgsIsHelpError as e:  # bare `ouro-lab`: the help, as before
+        e.show()
+        sys.exit(2)
+    except click_errors.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "ouro-lab"
+        typer.echo(f"error: {where}: {e.format_message()} (see `{where} --help`)", err=True)
+        sys.exit(2)
     except OuroLabError as e:
         if os.environ.get("OURO_LAB_DEBUG") == "1":
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click_errors.Abort):
         sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

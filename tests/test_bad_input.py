@@ -84,6 +84,17 @@ def test_schema_out_that_is_a_folder(monkeypatch, capsys, tmp_path):
 # --------------------------------------------------------------------------- counts and flags
 
 
+@pytest.mark.parametrize("args, words", [
+    (["sweep", "r.yaml", "--seed", "abc"], "error: ouro-lab sweep: Invalid value for '--seed'"),
+    (["sweep"], "error: ouro-lab sweep: Missing argument 'recipe'. (see `ouro-lab sweep --help`)"),
+    (["nope"], "error: ouro-lab: No such command 'nope'."),
+])
+def test_the_cli_parsers_own_refusals_are_one_line(monkeypatch, capsys, args, words):
+    """typer's usage block (usage, a hint, a boxed error) is one line too, exit 2."""
+    one_line(run_cli(monkeypatch, capsys, *args), words)
+    assert run_cli(monkeypatch, capsys, "sweep", "--help").returncode == 0
+
+
 def test_schema_default_folder_is_made(monkeypatch, capsys, tmp_path):
     """The README's `ouro-lab schema` from a folder without recipes/ (it crashed)."""
     monkeypatch.chdir(tmp_path)
