@@ -492,7 +492,11 @@ def main() -> None:
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except (KeyboardInterrupt, click_errors.Abort):
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # click's or typer's Abort (their names differ across versions): Ctrl-C
+        if type(e).__name__ != "Abort":
+            raise
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)
 
