@@ -354,7 +354,9 @@ class Trace:
         from ouro_lab.strategy import TOKEN_STRIDE, request_keys
 
         units, draw = self.meta.get("units"), getattr(self, "_draw", None)
-        if draw is None and units and all(isinstance(u, (list, tuple)) and len(u) == 4 for u in units):
+        table = units and all(isinstance(u, (list, tuple)) and len(u) == 4 and isinstance(u[0], str)
+                              for u in units)
+        if draw is None and table:  # a unit table (not Trace.cat's list of them, which draws by index)
             keys = torch.tensor(request_keys(units), dtype=torch.long)
             draw = self._draw = keys[self.request.long()] * TOKEN_STRIDE + self.position.long()  # once
         return Signals(dict(self.signals), self.steps, torch.arange(self.n),

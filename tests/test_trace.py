@@ -166,6 +166,12 @@ def test_cat_and_groups():
         assert e[c.request == r].unique().numel() == 1
     with pytest.raises(TraceError, match="different signals or steps"):
         Trace.cat([a, make_trace(5, steps=3)])
+    # draw keys: by (request, position) from a unit table; by index where cat made a list of tables
+    units = lambda t: [[t, d, 0, -1] for d in range(4)]  # noqa: E731
+    one = make_trace(40, meta={"steps": 4, "units": units("x")})
+    assert not torch.equal(one.to_signals().draw, one.to_signals().index)
+    two = Trace.cat([one, make_trace(40, meta={"steps": 4, "units": units("y")})])
+    assert len(two.meta["units"]) == 2 and torch.equal(two.to_signals().draw, torch.arange(80))
 
 
 def test_trace_text_on_the_fixture(fixture_dir):
