@@ -31,17 +31,20 @@ class Generation:
     (continuous batching).
 
     Rows take prompts in order; a row stops at its first `until` string (the text is cut
-    there), at `eos_token_id` or after `max_new_tokens` predictions, and the next prompt
-    takes it. `texts` and `records` (per prompt) fill as rows finish; wall time is
-    measured apart for prefill (each call shared by its prompt tokens) and decode (each
-    tick shared by the rows it ran)."""
+    there), at `eos_token_id` (an id, or a list of them) or after `max_new_tokens`
+    predictions, and the next prompt takes it. `texts` and `records` (per prompt) fill as
+    rows finish; wall time is measured apart for prefill (each call shared by its prompt
+    tokens) and decode (each tick shared by the rows it ran)."""
 
     def __init__(self, tokenizer, prompts: list[list[int]], rows: int, until, max_new_tokens: int,
-                 eos_token_id: int | None, request_ids=None):
+                 eos_token_id: int | list[int] | None, request_ids=None):
         self.tok, self.prompts, self.B = tokenizer, prompts, rows
         self.ids = list(range(len(prompts))) if request_ids is None else list(request_ids)
         self.until = [u for u in (until or []) if u]
-        self.max_new, self.eos = max_new_tokens, eos_token_id
+        self.max_new = max_new_tokens
+        # the ids that end a sequence (one, or several, as a generation config may list)
+        self.eos = set() if eos_token_id is None else (
+            {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id})
         self.queue = list(range(len(prompts)))[::-1]  # next prompt last
         self.owner = [-1] * rows  # prompt held by each row (-1: free)
         self.gen: list[list[int]] = [[] for _ in prompts]
@@ -88,7 +91,7 @@ class Generation:
             rec["tokens"] += 1
             rec["steps_used"] += steps_per_token
             rec["exits"][steps_per_token] = rec["exits"].get(steps_per_token, 0) + 1
-            if self.eos is not None and t == self.eos:
+            if t in self.eos:
                 return True
             self.gen[i].append(t)
             text = self.tok.decode(self.gen[i], skip_special_tokens=True)

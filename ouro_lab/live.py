@@ -437,7 +437,7 @@ def _np(rows) -> np.ndarray:
 @torch.no_grad()
 def live_generate(model, tokenizer, prompts: list[list[int]], strategy=None, kv_policy: str = "copy",
                   until: list[str] | None = None, max_new_tokens: int = 32, steps: int | None = None,
-                  eos_token_id: int | None = None, seed: int = 0, row_ids=None,
+                  eos_token_id: int | list[int] | None = None, seed: int = 0, row_ids=None,
                   batch_size: int | None = None, sampling=None) -> tuple[list[str], list[dict]]:
     """Greedy decoding of prompts (token id lists) with live early exit, on `batch_size`
     rows (default: all prompts at once) with continuous batching; `sampling`

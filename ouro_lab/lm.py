@@ -203,7 +203,9 @@ class OuroLM(TemplateLM):
     the model's `max_position_embeddings`). `generate_until` decodes greedily or samples as
     the task's generation kwargs ask (do_sample, temperature, top_p, top_k: seeded by
     `seed`, per request and position: `ouro_lab.sampling`), cuts at the `until` strings
-    itself and honours `max_gen_toks`. `loglikelihood_rolling` returns bare floats.
+    itself, honours `max_gen_toks` and stops at every `stop_ids` id (the end-of-text token
+    and the checkpoint's generation_config eos ids, as HF's `generate` does).
+    `loglikelihood_rolling` returns bare floats.
     `chat_template` overrides the tokenizer's chat template (`ouro_lab.chat`).
 
     Live runs keep per-request compute in `self.records` (keyed by (task, doc_id, idx)).
@@ -299,6 +301,24 @@ class OuroLM(TemplateLM):
         if eos is None:
             eos = self.model.config.eos_token_id
         return eos[0] if isinstance(eos, list) else int(eos)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end a generation, as HF's `generate` stops: the end-of-text token and
+        every `eos_token_id` of the checkpoint's generation_config.json and config.json."""
+        if getattr(self, "_stop_ids", None) is None:
+            import contextlib
+            import json
+            from pathlib import Path
+
+            found = [self.eot_token_id, self.model.config.eos_token_id]
+            gc = Path(self.path) / "generation_config.json" if self.path else None
+            if gc is not None and gc.is_file():
+                with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable: eot still stops
+                    found.append(json.loads(gc.read_text()).get("eos_token_id"))
+            flat = [t for f in found for t in (f if isinstance(f, list) else [f])]
+            self._stop_ids = sorted({t for t in flat if isinstance(t, int) and not isinstance(t, bool)})
+        return self._stop_ids
 
     @property
     def tokenizer_name(self) -> str:
@@ -464,7 +484,7 @@ class OuroLM(TemplateLM):
                 ids = request_keys([(requests[i].task_name, requests[i].doc_id, requests[i].idx, clone[i])
                                     for i in part])
                 kw = dict(until=list(until), max_new_tokens=max_new, steps=self.steps, seed=self.seed,
-                          eos_token_id=self.eot_token_id, row_ids=ids, batch_size=self.batch_size)
+                          eos_token_id=self.stop_ids, row_ids=ids, batch_size=self.batch_size)
                 m, tok, st = self.model, self.tokenizer, self.strategy
                 texts, recs = (live_generate(m, tok, prompts, st, self.kv_policy, sampling=sampling, **kw)
                                if self.draft_len is None else

@@ -91,7 +91,7 @@ def speculative_round(run: LiveBatch, cur: Tensor, alive: Tensor, draft_len: int
 @torch.no_grad()
 def speculative_generate(model, tokenizer, prompts: list[list[int]], draft, draft_len: int = 4,
                          until: list[str] | None = None, max_new_tokens: int = 32, steps: int | None = None,
-                         eos_token_id: int | None = None, seed: int = 0, row_ids=None,
+                         eos_token_id: int | list[int] | None = None, seed: int = 0, row_ids=None,
                          batch_size: int | None = None) -> tuple[list[str], list[dict]]:
     """Greedy decoding that equals full-depth decoding token for token, drafting with the
     exit strategy `draft` (e.g. `fixed` step 1) `draft_len` tokens at a time, on

@@ -161,6 +161,36 @@ def test_generate_until_reads_lm_evals_cap_aliases_and_refuses_no_room(env):
         gen(max_gen_toks=64)
 
 
+def test_generation_stops_at_every_eos_id_of_the_generation_config(env, tmp_path):
+    """HF's `generate` (and so lm-eval's HFLM) stops at any id of generation_config.json's
+    `eos_token_id` list, not only at the tokenizer's end-of-text token."""
+    import json
+    import shutil
+
+    from lm_eval.api.instance import Instance
+
+    from ouro_lab.harness import OuroLM
+
+    def gen(path):
+        lm = OuroLM(path=str(path), batch_size=2)
+        args = ("what is one plus two", {"until": ["<x>"], "max_gen_toks": 6})
+        return lm, lm.generate_until([Instance("generate_until", {}, args, 0, ("t", 0, 1))])[0]
+
+    import torch
+
+    lm, text = gen(env["mdir"])
+    assert lm.stop_ids == [lm.eot_token_id]
+    ids = lm.model.generate(torch.tensor([lm.tok_encode("what is one plus two")]), max_new_tokens=6)[0, -6:]
+    ids = ids.tolist()
+    assert env["tok"].decode(ids, skip_special_tokens=True) == text  # greedy: the same tokens
+    k = next(i for i in range(1, 6) if ids[i] not in ids[:i])  # a later token, new there
+    ck = shutil.copytree(env["mdir"], tmp_path / "ck")
+    (ck / "generation_config.json").write_text(json.dumps({"eos_token_id": [lm.eot_token_id, ids[k]]}))
+    lm, cut = gen(ck)
+    assert lm.stop_ids == sorted({lm.eot_token_id, ids[k]})
+    assert cut == env["tok"].decode(ids[:k], skip_special_tokens=True) != text
+
+
 def test_random_generation_draws_per_request_not_per_batch_place(env):
     """A randomized rule's draws in generation are keyed by the request (task, document,
     index): a request decodes the same alone or behind other requests (other tasks)."""
