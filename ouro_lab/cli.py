@@ -492,6 +492,13 @@ def main() -> None:
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:  # a path the file system refuses (a special folder, a dead mount): one line
+        if os.environ.get("OURO_LAB_DEBUG") == "1":
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        typer.echo(f"error: {where}{e.strerror or e}; choose another path (OURO_LAB_DEBUG=1 shows the "
+                   "traceback)", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:  # click's or typer's Abort (their names differ across versions): Ctrl-C

@@ -95,6 +95,13 @@ def test_the_cli_parsers_own_refusals_are_one_line(monkeypatch, capsys, args, wo
     assert run_cli(monkeypatch, capsys, "sweep", "--help").returncode == 0
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux's /proc")
+def test_a_path_the_file_system_refuses_is_one_line(monkeypatch, capsys):
+    """/proc passes the writability check (root may write there) but refuses new folders."""
+    out = run_cli(monkeypatch, capsys, "trace", DEMO, "--ids", "1 2 3", "--out", "/proc/ouro-lab-test")
+    one_line(out, "error: /proc/ouro-lab-test: No such file or directory; choose another path")
+
+
 def test_schema_default_folder_is_made(monkeypatch, capsys, tmp_path):
     """The README's `ouro-lab schema` from a folder without recipes/ (it crashed)."""
     monkeypatch.chdir(tmp_path)
