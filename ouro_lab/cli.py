@@ -125,10 +125,10 @@ def _inspect_text(model, model_dir: Path, text: str) -> list[dict]:
     import torch
 
     from ouro_lab.errors import OuroLabError
-    from ouro_lab.loading import load_tokenizer
+    from ouro_lab.loading import has_tokenizer, load_tokenizer
     from ouro_lab.model import exit_distribution
 
-    if any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if has_tokenizer(model_dir):
         ids = list(load_tokenizer(model_dir)(text, add_special_tokens=False).input_ids)  # as trace --text
     else:  # no tokenizer: the text is token ids
         try:
@@ -210,13 +210,12 @@ def trace(model_dir: Path = typer.Argument(..., help="checkpoint folder (config.
     _check_out(out)
     from rich.console import Console
 
-    from ouro_lab.loading import fingerprint, load_model, load_tokenizer
+    from ouro_lab.loading import fingerprint, has_tokenizer, load_model, load_tokenizer
     from ouro_lab.plots import trace_heatmap
     from ouro_lab.trace import render_table, token_labels, trace_text
 
     model = load_model(model_dir, dtype=dtype, device=device)
-    has_tok = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tok = load_tokenizer(model_dir) if has_tok else None
+    tok = load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
     tr = trace_text(model, tok, text, steps=steps, ids=ids,
                     meta={"model": fingerprint(model_dir), "model_dir": str(model_dir)})
     ids_list = tr.meta["ids"]

@@ -181,6 +181,11 @@ def save_model(model: OuroForCausalLM, path: str | Path, tokenizer=None) -> Path
     return path
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether a checkpoint folder carries tokenizer files (tokenizer.json or its config)."""
+    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def load_tokenizer(path: str | Path, bos_token_id: int | None = None, eos_token_id: int | None = None,
                    pad_token_id: int | None = None):
     """transformers' AutoTokenizer from the checkpoint folder.

@@ -61,8 +61,7 @@ def cannot_decode(s: Setting) -> str | None:
     return None
 
 
-def past_depth(name: str, obj, R: int, recipe: Recipe, src: RecipeSource, where: tuple, errors: list,
-               given=()) -> bool:
+def past_depth(obj, R: int, recipe: Recipe, src: RecipeSource, where: tuple, errors: list, given=()) -> bool:
     """A parameter counted in loop steps (`depth_params`: `fixed`'s step, `random`'s mean
     steps, ...) past the model's depth would run, and be reported as, what the model cannot
     do: refused, naming the depth and where it comes from. `where` is the grid's location;
@@ -128,7 +127,7 @@ def expand_settings(recipe: Recipe, src: RecipeSource) -> list[Setting]:
                 errors.append(src.error(("strategies", i, "live"), "live runs decide token by token; use "
                                         "granularity: token for live settings (or set live: false)"))
                 break
-            if past_depth(spec.name, obj, R, recipe, src, ("strategies", i, "grid"), errors, spec.grid):
+            if past_depth(obj, R, recipe, src, ("strategies", i, "grid"), errors, spec.grid):
                 break
             add(Setting(spec.name, obj.params(), spec.granularity or recipe.granularity, i, spec.live,
                         False, type(obj).kind, fitted, obj, tuple(spec.grid)))
@@ -159,8 +158,7 @@ def _speculative(spec, i: int, dirs, src: RecipeSource, errors: list, recipe: Re
                                     "(it calibrates on data or reads the answer); use a rule that decides "
                                     "from the steps it ran, e.g. fixed or threshold"))
             return []
-        if past_depth(spec.draft.name, obj, R, recipe, src, ("speculative", i, "draft", "grid"), errors,
-                      spec.draft.grid):
+        if past_depth(obj, R, recipe, src, ("speculative", i, "draft", "grid"), errors, spec.draft.grid):
             return []
         draft = Setting(spec.draft.name, obj.params(), "token", shown=tuple(spec.draft.grid)).label
         for n in lens:

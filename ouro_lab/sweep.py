@@ -142,7 +142,7 @@ def _threads(n: int | None):
 
 def _load(recipe: Recipe, src: RecipeSource):
     """Model, tokenizer and tasks; each failure becomes one line naming the recipe field."""
-    from ouro_lab.loading import fingerprint, load_model, load_tokenizer
+    from ouro_lab.loading import fingerprint, has_tokenizer, load_model, load_tokenizer
 
     try:
         model = load_model(recipe.model.path, dtype=recipe.model.dtype,
@@ -159,8 +159,7 @@ def _load(recipe: Recipe, src: RecipeSource):
         from ouro_lab.lm import resolve_batch_size
         recipe.batch_size = resolve_batch_size("auto", model)
     try:  # lm-eval's tasks are text: the checkpoint's tokenizer reads them
-        if not any((Path(recipe.model.path) / f).is_file() for f in ("tokenizer.json",
-                                                                     "tokenizer_config.json")):
+        if not has_tokenizer(recipe.model.path):
             raise OuroLabError(f"{recipe.model.path}: no tokenizer.json or tokenizer_config.json; a sweep's "
                                "tasks are text: add the checkpoint's tokenizer files")
         tok = load_tokenizer(recipe.model.path)

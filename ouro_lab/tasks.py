@@ -235,10 +235,11 @@ class TaskSet:
         with `apply_chat_template`, the template is checked now (one line if there is none)."""
         from ouro_lab.chat import ChatTemplate
 
-        if tokenizer is None and path is not None and any(
-                (Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            from ouro_lab.loading import load_tokenizer
-            tokenizer = load_tokenizer(path)
+        if tokenizer is None and path is not None:
+            from ouro_lab.loading import has_tokenizer, load_tokenizer
+
+            if has_tokenizer(path):
+                tokenizer = load_tokenizer(path)
         if tokenizer is None:
             if self.apply_chat_template:
                 raise TaskError(f"tasks: apply_chat_template needs a tokenizer; {path} has none")
